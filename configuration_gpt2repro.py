@@ -1,0 +1,74 @@
+"""Configuration of gpt2repro's GPT-2: the single source of truth for the model's shape."""
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+
+@strict
+class GPT2ReproConfig(PreTrainedConfig):
+    r"""
+    GPT-2 as in "Language Models are Unsupervised Multitask Learners" (2019); the defaults are the 124M model.
+
+    Args:
+        vocab_size: number of real tokens (the tokenizer's size): 50257 = 256 bytes + 50000 merges + <|endoftext|>.
+        n_positions: context length (block size).
+        n_embd: width of the residual stream (C).
+        n_layer: number of transformer blocks.
+        n_head: attention heads per block; must divide `n_embd`.
+        vocab_pad_multiple: the embedding matrix gets `padded_vocab_size` rows, `vocab_size` rounded up to this
+            multiple (50257 -> 50304 = 393 * 128), which gives the lm_head matmul a kernel-friendly shape. The
+            padded rows are never a target and never reach a caller.
+        layer_norm_epsilon: LayerNorm epsilon (GPT-2 used 1e-5).
+        initializer_range: std of the normal init of Linear and Embedding weights; the two residual
+            projections of each block use initializer_range / sqrt(2 * n_layer).
+    """
+
+    model_type = "gpt2repro"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    attribute_map = {
+        "hidden_size": "n_embd",
+        "num_hidden_layers": "n_layer",
+        "num_attention_heads": "n_head",
+        "max_position_embeddings": "n_positions",
+    }
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    vocab_pad_multiple: int = 128
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    use_cache: bool = True
+    bos_token_id: int | None = 50256
+    eos_token_id: int | list[int] | None = 50256
+    pad_token_id: int | None = None
+    tie_word_embeddings: bool = True
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return -(-self.vocab_size // self.vocab_pad_multiple) * self.vocab_pad_multiple
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs) -> "GPT2ReproConfig":
+        # transformers only warns when a checkpoint of another architecture is loaded into this class, then fails
+        # later on mismatched shapes; say what is wrong at once.
+        model_type = config_dict.get("model_type", cls.model_type)
+        if model_type != cls.model_type:
+            hint = " Import OpenAI GPT-2 weights with GPT2ReproForCausalLM.from_gpt2(path)." if model_type == "gpt2" else ""
+            raise ValueError(f"The checkpoint holds a '{model_type}' model, not a '{cls.model_type}' one.{hint}")
+        return super().from_dict(config_dict, **kwargs)
+
+    def validate_architecture(self):
+        """Called by `@strict` validation on construction and load."""
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "vocab_pad_multiple"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"GPT2ReproConfig.{name} must be a positive integer, got {getattr(self, name)}.")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(
+                f"GPT2ReproConfig: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}) "
+                f"so every head gets n_embd // n_head channels."
+            )
+
+
+__all__ = ["GPT2ReproConfig"]

@@ -1,0 +1,347 @@
+"""GPT-2 as a transformers model, written to be read top to bottom.
+
+Shapes in comments: B batch, T new tokens, S = past + T key positions, C = n_embd, nh heads, hs = C // nh,
+V = vocab_size (50257), Vp = padded_vocab_size (50304).
+
+Parameter names equal OpenAI GPT-2's as transformers names them (`transformer.h.0.attn.c_attn.weight`, ...), with
+the four matmul weights in nn.Linear (out, in) layout, so nanoGPT/build-nanogpt state dicts map one to one;
+`from_gpt2` / `to_gpt2` convert to and from transformers' GPT2LMHeadModel (Conv1D, (in, out) layout).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+try:
+    from .configuration_gpt2repro import GPT2ReproConfig
+except ImportError:  # imported as a top-level module (a source checkout or `pip install`)
+    from configuration_gpt2repro import GPT2ReproConfig
+
+# The four matmuls that OpenAI GPT-2 (and transformers' Conv1D) stores as (in, out) and nn.Linear as (out, in).
+_CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPT2ReproConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx  # this layer's slot in the KV cache
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v of all heads in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_proj.is_residual_projection = True
+
+    def forward(self, x: torch.Tensor, past_key_values: Cache | None, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)  # (B, nh, S, hs)
+        if attn_mask is None:
+            # No padding and no chunk on top of a cache: the flash kernel's causal mask is exact (on CPU too).
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPT2ReproConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj.is_residual_projection = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # GPT-2 used the tanh approximation
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: GPT2ReproConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, past_key_values: Cache | None, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), past_key_values, attn_mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+def build_attention_mask(
+    attention_mask: torch.Tensor | None, q_len: int, past_len: int, device: torch.device
+) -> torch.Tensor | None:
+    """The boolean SDPA mask (B or 1, 1, T, S) for this call, or None when `is_causal` alone is exact.
+
+    `attention_mask` is the usual (B, S) 1/0 padding mask over past + new tokens (or an explicit 4-D mask, used
+    as given). SDPA's `is_causal` is aligned to the top-left corner, which is only right without a cache or
+    for a single new token, so a multi-token chunk on top of a cache needs the explicit mask too.
+    """
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return attention_mask
+    has_padding = attention_mask is not None and not bool(attention_mask.all())
+    if not has_padding and (past_len == 0 or q_len == 1):
+        return None
+    q_pos = torch.arange(past_len, past_len + q_len, device=device)[:, None]  # absolute positions of the queries
+    k_pos = torch.arange(past_len + q_len, device=device)[None, :]
+    mask = (k_pos <= q_pos)[None, None]  # (1, 1, T, S) causal
+    if has_padding:
+        mask = mask & attention_mask[:, None, None, :].bool()
+        # A padding query may see no key at all, and an all-masked row makes SDPA return NaN, which would then
+        # leak through later layers' values (0 * NaN). Letting every query see itself keeps every row finite.
+        mask = mask | (k_pos == q_pos)[None, None]
+    return mask
+
+
+class GPT2ReproPreTrainedModel(PreTrainedModel):
+    config_class = GPT2ReproConfig
+    config: GPT2ReproConfig
+    base_model_prefix = "transformer"
+    _no_split_modules = ["Block"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            if getattr(module, "is_residual_projection", False):
+                # Each block adds two projections to the residual stream; scaling them by 1/sqrt(2 * n_layer)
+                # keeps the stream's variance from growing with depth (GPT-2 paper, section 2.3).
+                std = std / math.sqrt(2 * self.config.n_layer)
+            if module is getattr(self, "lm_head", None) and self.config.tie_word_embeddings:
+                return  # the tied matrix is wte's, initialised once as an embedding
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+class GPT2ReproModel(GPT2ReproPreTrainedModel):
+    """The transformer without its head: token + position embeddings, n_layer blocks, a final LayerNorm."""
+
+    def __init__(self, config: GPT2ReproConfig):
+        super().__init__(config)
+        self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)  # rows >= vocab_size are padding
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.h = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.wte
+
+    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
+        self.wte = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        B, T = input_ids.shape
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if past_len + T > self.config.n_positions:
+            raise ValueError(
+                f"Sequence of {past_len + T} tokens ({past_len} cached + {T} new) is longer than the model's "
+                f"context of n_positions={self.config.n_positions} tokens; truncate or window the input."
+            )
+        if position_ids is None:
+            position_ids = torch.arange(past_len, past_len + T, device=input_ids.device)[None]  # (1, T)
+        attn_mask = build_attention_mask(attention_mask, T, past_len, input_ids.device)
+        x = self.wte(input_ids) + self.wpe(position_ids)  # (B, T, C)
+        for block in self.h:
+            x = block(x, past_key_values, attn_mask)
+        x = self.ln_f(x)
+        return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=past_key_values if use_cache else None)
+
+
+class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+
+    def __init__(self, config: GPT2ReproConfig):
+        super().__init__(config)
+        self.transformer = GPT2ReproModel(config)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.transformer.wte
+
+    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
+        self.transformer.wte = new_embeddings
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        labels: torch.LongTensor | None = None,
+        shift_labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        return_logits: bool = True,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        r"""
+        labels: (B, T) targets in the transformers convention: shifted inside (position t predicts labels[t+1]),
+            -100 ignored.
+        shift_labels: (B, T) targets already aligned with `input_ids` (position t predicts shift_labels[t]), the
+            (x, y) convention of nanoGPT's data loaders; -100 ignored.
+        logits_to_keep: an int n keeps the logits of the last n positions (0: all); a 1-D tensor keeps those positions.
+        return_logits: False returns the loss alone (`logits` None), so training never materialises a second
+            copy of the (B, T, Vp) logits.
+        """
+        if labels is not None and shift_labels is not None:
+            raise ValueError("Pass either `labels` (shifted inside) or `shift_labels` (already shifted), not both.")
+        if labels is not None:
+            shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100)  # the last position has no next token
+        if shift_labels is None and not return_logits:
+            raise ValueError("return_logits=False needs `labels` or `shift_labels`: there would be nothing to return.")
+        outputs = self.transformer(
+            input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, use_cache=use_cache,
+        )
+        hidden_states = outputs.last_hidden_state  # (B, T, C)
+        if shift_labels is None and isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        elif shift_labels is None and isinstance(logits_to_keep, torch.Tensor):
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)  # (B, T, Vp)
+
+        loss = None
+        if shift_labels is not None:
+            # The padded columns must carry no probability: an imported GPT-2 has zeros there, i.e. logits far
+            # above the real ones. -inf gives exactly the loss over the first V columns, without a copy.
+            logits[..., self.config.vocab_size:] = float("-inf")
+            loss = F.cross_entropy(logits.flatten(0, 1), shift_labels.flatten(), ignore_index=-100)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits[..., : self.config.vocab_size] if return_logits else None,  # (B, T, V): a view
+            past_key_values=outputs.past_key_values,
+        )
+
+    def num_parameters_for_flops(self) -> int:
+        """Parameters that do a multiply-add per token: all but the position embeddings (the tied wte counts once,
+        as the lm_head matmul)."""
+        return sum(p.numel() for p in self.parameters()) - self.transformer.wpe.weight.numel()
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token (forward + backward): 6 per parameter, plus attention's 12 * n_layer * C * T
+        (PaLM paper, appendix B)."""
+        return 6 * self.num_parameters_for_flops() + 12 * self.config.n_layer * self.config.n_embd * seq_len
+
+    @classmethod
+    def from_gpt2(cls, source: str | os.PathLike | PreTrainedModel, **from_pretrained_kwargs) -> "GPT2ReproForCausalLM":
+        """Import OpenAI GPT-2 weights (any size) from a Hub id ("openai-community/gpt2"), a local folder, or a
+        `transformers.GPT2LMHeadModel`. The padded embedding rows are zero; they never reach a caller."""
+        from transformers import GPT2LMHeadModel
+
+        if isinstance(source, PreTrainedModel):
+            gpt2 = source
+        else:
+            try:
+                gpt2 = GPT2LMHeadModel.from_pretrained(source, **from_pretrained_kwargs)
+            except OSError as err:
+                raise OSError(
+                    f"Could not load GPT-2 weights from '{source}': it needs a local folder holding a GPT-2 "
+                    f"checkpoint, or the Hugging Face Hub (or its local cache) for a Hub id ({err.__class__.__name__})."
+                ) from None
+        hf = gpt2.config
+        if hf.model_type != "gpt2":
+            raise ValueError(f"from_gpt2 imports OpenAI GPT-2 checkpoints; this one is a '{hf.model_type}' model.")
+        if hf.activation_function not in ("gelu_new", "gelu_pytorch_tanh") or hf.n_inner not in (None, 4 * hf.n_embd) \
+                or hf.scale_attn_by_inverse_layer_idx or hf.reorder_and_upcast_attn or hf.add_cross_attention \
+                or not hf.scale_attn_weights:
+            raise ValueError("from_gpt2 supports the stock GPT-2 architecture only (tanh-GELU, 4x MLP, standard attention).")
+        config = GPT2ReproConfig(
+            vocab_size=hf.vocab_size, n_positions=hf.n_positions, n_embd=hf.n_embd, n_layer=hf.n_layer,
+            n_head=hf.n_head, layer_norm_epsilon=hf.layer_norm_epsilon, initializer_range=hf.initializer_range,
+            bos_token_id=hf.bos_token_id, eos_token_id=hf.eos_token_id,
+        )
+        with torch.device("meta"):
+            model = cls(config)
+        state = {}
+        for name, tensor in gpt2.state_dict().items():
+            if name.endswith(_CONV1D_WEIGHTS):
+                tensor = tensor.t()
+            elif name == "transformer.wte.weight":
+                tensor = F.pad(tensor, (0, 0, 0, config.padded_vocab_size - config.vocab_size))  # (Vp, C)
+            if name != "lm_head.weight":  # tied to wte
+                state[name] = tensor.contiguous()
+        model.load_state_dict(state, strict=False, assign=True)
+        model.tie_weights()
+        missing = [n for n, p in model.named_parameters() if p.is_meta]
+        if missing:
+            raise ValueError(f"GPT-2 checkpoint lacks weights for {missing[:3]}...; is it a complete GPT2LMHeadModel?")
+        return model.to(gpt2.dtype).eval()
+
+    def to_gpt2(self) -> PreTrainedModel:
+        """Export to a stock `transformers.GPT2LMHeadModel` (padding rows dropped, matmuls in Conv1D layout), for
+        tools that only know GPT-2 (lm-evaluation-harness, vLLM, llama.cpp's converter)."""
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        c = self.config
+        hf_config = GPT2Config(
+            vocab_size=c.vocab_size, n_positions=c.n_positions, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
+            layer_norm_epsilon=c.layer_norm_epsilon, initializer_range=c.initializer_range,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # trained without dropout
+            bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
+        )
+        with torch.device("meta"):
+            gpt2 = GPT2LMHeadModel(hf_config)
+        state = {}
+        for name, tensor in self.state_dict().items():
+            tensor = tensor.detach()
+            if name.endswith(_CONV1D_WEIGHTS):
+                tensor = tensor.t()
+            elif name == "transformer.wte.weight":
+                tensor = tensor[: c.vocab_size]
+            if name != "lm_head.weight":
+                state[name] = tensor.clone().contiguous()
+        gpt2.load_state_dict(state, strict=False, assign=True)
+        gpt2.tie_weights()
+        return gpt2.eval()
+
+
+# `save_pretrained` writes auto_map and copies this file and the configuration next to the weights, so
+# `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` works where gpt2repro is not installed.
+GPT2ReproConfig.register_for_auto_class()
+GPT2ReproModel.register_for_auto_class("AutoModel")
+GPT2ReproForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+# Where gpt2repro is importable, the Auto classes know it without remote code.
+AutoConfig.register("gpt2repro", GPT2ReproConfig, exist_ok=True)
+AutoModel.register(GPT2ReproConfig, GPT2ReproModel, exist_ok=True)
+AutoModelForCausalLM.register(GPT2ReproConfig, GPT2ReproForCausalLM, exist_ok=True)
+
+__all__ = ["GPT2ReproForCausalLM", "GPT2ReproModel", "GPT2ReproPreTrainedModel"]

@@ -1,0 +1,27 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+
+
+@pytest.fixture
+def tiny_config():
+    from configuration_gpt2repro import GPT2ReproConfig
+
+    return GPT2ReproConfig(n_layer=2, n_head=4, n_embd=64, n_positions=64)
+
+
+@pytest.fixture
+def tiny_gpt2():
+    """A randomly initialised stock transformers GPT-2, our reference implementation."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(config).eval()

@@ -1,0 +1,319 @@
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, pipeline
+
+from configuration_gpt2repro import GPT2ReproConfig
+from modeling_gpt2repro import GPT2ReproForCausalLM
+from tokenization_gpt2repro import get_tokenizer
+
+V = 50257
+
+
+def ids(*shape, seed=0):
+    return torch.randint(0, V, shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ---- config -------------------------------------------------------------------------------------------------------
+
+def test_config_defaults_are_gpt2_124m():
+    c = GPT2ReproConfig()
+    assert (c.n_positions, c.n_layer, c.n_head, c.n_embd, c.vocab_size) == (1024, 12, 12, 768, 50257)
+    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.max_position_embeddings) == (768, 12, 12, 1024)
+    assert c.padded_vocab_size == 50304 and c.padded_vocab_size % 128 == 0
+    assert GPT2ReproConfig(vocab_pad_multiple=1).padded_vocab_size == 50257
+    assert GPT2ReproConfig(vocab_pad_multiple=256).padded_vocab_size == 50432
+
+
+def test_default_model_has_124m_parameters():
+    with torch.device("meta"):
+        model = GPT2ReproForCausalLM(GPT2ReproConfig())
+    assert model.transformer.wte.weight.shape == (50304, 768)
+    n_params = sum(p.numel() for p in model.parameters())  # tied lm_head counted once
+    assert n_params == 124_475_904  # GPT-2's 124,439,808 + 47 padded rows * 768
+
+
+def test_n_embd_not_divisible_by_n_head_is_refused():
+    with pytest.raises(Exception, match="n_embd \\(100\\) must be divisible by n_head \\(12\\)"):
+        GPT2ReproConfig(n_embd=100, n_head=12)
+
+
+# ---- equality with transformers' GPT-2 -----------------------------------------------------------------------------
+
+def test_import_from_gpt2_gives_equal_logits_and_loss(tiny_gpt2):
+    model = GPT2ReproForCausalLM.from_gpt2(tiny_gpt2)
+    x = ids(3, 40)
+    with torch.no_grad():
+        ref, ours = tiny_gpt2(x, labels=x), model(x, labels=x)
+    assert ours.logits.shape == (3, 40, V)
+    torch.testing.assert_close(ours.logits, ref.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.loss, ref.loss, atol=1e-5, rtol=0)
+
+
+def test_export_to_gpt2_gives_equal_logits(tiny_config):
+    torch.manual_seed(1)
+    model = GPT2ReproForCausalLM(tiny_config).eval()
+    gpt2 = model.to_gpt2()
+    assert type(gpt2) is GPT2LMHeadModel and gpt2.lm_head.weight is gpt2.transformer.wte.weight
+    x = ids(2, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(gpt2(x).logits, model(x).logits, atol=1e-5, rtol=0)
+    assert torch.equal(GPT2ReproForCausalLM.from_gpt2(gpt2).transformer.h[1].mlp.c_fc.weight,
+                       model.transformer.h[1].mlp.c_fc.weight)
+
+
+def test_imported_gpt2_loss_ignores_padded_vocab_rows(tiny_gpt2):
+    # Imported weights have zero padded rows, so the padded logits (0) exceed every real one here; they must
+    # carry no probability in the loss.
+    model = GPT2ReproForCausalLM.from_gpt2(tiny_gpt2)
+    with torch.no_grad():
+        u = torch.nn.functional.normalize(torch.randn(64), dim=0)
+        model.transformer.ln_f.weight.fill_(0.01)  # final hidden states ~= u ...
+        model.transformer.ln_f.bias.copy_(u)
+        model.transformer.wte.weight[:V] -= 3 * u  # ... so every real logit is ~ -3, below the padded zeros
+        x = ids(2, 16)
+        out = model(x, labels=x)
+        full = model.lm_head(model.transformer(x).last_hidden_state)  # (B, T, Vp)
+    assert full[..., V:].max() > full[..., :V].max()
+    expected = F.cross_entropy(full[:, :-1, :V].reshape(-1, V), x[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_labels_and_shift_labels_conventions(tiny_config):
+    torch.manual_seed(0)
+    model = GPT2ReproForCausalLM(tiny_config)
+    x = ids(2, 12)
+    labels = x.clone()
+    labels[0, 5] = -100
+    out = model(x, labels=labels)
+    logits = out.logits.detach()
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.loss.detach(), expected)
+    y = F.pad(labels[:, 1:], (0, 1), value=-100)
+    assert torch.equal(model(x, shift_labels=y).loss, out.loss)
+    lean = model(x, shift_labels=y, return_logits=False)
+    assert lean.logits is None and torch.equal(lean.loss, out.loss)
+    with pytest.raises(ValueError, match="not both"):
+        model(x, labels=labels, shift_labels=y)
+
+
+def test_logits_to_keep(tiny_config):
+    model = GPT2ReproForCausalLM(tiny_config).eval()
+    x = ids(2, 10)
+    with torch.no_grad():
+        full = model(x).logits
+        torch.testing.assert_close(model(x, logits_to_keep=1).logits, full[:, -1:])
+        torch.testing.assert_close(model(x, logits_to_keep=torch.tensor([2, 7])).logits, full[:, [2, 7]])
+
+
+# ---- KV cache and generation --------------------------------------------------------------------------------------
+
+def test_chunked_prefill_on_cache_equals_full_forward(tiny_config):
+    model = GPT2ReproForCausalLM(tiny_config).eval()
+    x = ids(2, 30)
+    with torch.no_grad():
+        full = model(x).logits
+        first = model(x[:, :11], use_cache=True)
+        second = model(x[:, 11:25], past_key_values=first.past_key_values, use_cache=True)  # multi-token chunk
+        third = model(x[:, 25:26], past_key_values=second.past_key_values, use_cache=True)  # one token
+    torch.testing.assert_close(torch.cat([first.logits, second.logits, third.logits], 1), full[:, :26], atol=1e-5, rtol=0)
+
+
+def test_greedy_generate_equals_gpt2(tiny_gpt2):
+    model = GPT2ReproForCausalLM.from_gpt2(tiny_gpt2)
+    prompt = ids(2, 6)
+    kw = dict(max_new_tokens=20, do_sample=False, pad_token_id=50256)
+    assert torch.equal(model.generate(prompt, **kw), tiny_gpt2.generate(prompt, **kw))
+
+
+def test_batched_left_padded_generate_equals_gpt2(tiny_gpt2):
+    model = GPT2ReproForCausalLM.from_gpt2(tiny_gpt2)
+    prompt = ids(3, 9, seed=3)
+    mask = torch.ones_like(prompt)
+    mask[0, :4] = 0
+    mask[2, :1] = 0
+    prompt[mask == 0] = 50256
+    kw = dict(attention_mask=mask, max_new_tokens=15, do_sample=False, pad_token_id=50256)
+    ours, ref = model.generate(prompt, **kw), tiny_gpt2.generate(prompt, **kw)
+    assert torch.equal(ours, ref)
+    # and each padded row continues exactly as its prompt would alone
+    alone = model.generate(prompt[:1, 4:], max_new_tokens=15, do_sample=False, pad_token_id=50256)
+    assert torch.equal(ours[0, 9:], alone[0, 5:])
+
+
+def test_sampling_never_returns_a_padded_id(tiny_config):
+    torch.manual_seed(0)
+    model = GPT2ReproForCausalLM(tiny_config).eval()
+    with torch.no_grad():  # make the padded rows the most likely tokens by far
+        u = torch.nn.functional.normalize(torch.randn(64), dim=0)
+        model.transformer.ln_f.weight.fill_(0.01)  # final hidden states ~= u ...
+        model.transformer.ln_f.bias.copy_(u)
+        model.transformer.wte.weight[V:] = 50 * u  # ... so every padded logit is ~50, real ones ~0
+    x = ids(4, 4)
+    with torch.no_grad():
+        full = model.lm_head(model.transformer(x).last_hidden_state)
+    assert full[..., V:].max() > full[..., :V].max() + 10
+    out = model.generate(x, max_new_tokens=40, do_sample=True, top_k=50, pad_token_id=50256)
+    assert out.max().item() < V
+    assert model(x).logits.shape[-1] == V
+
+
+# ---- training numerics ------------------------------------------------------------------------------------------
+
+def test_bf16_autocast_forward_backward(tiny_config):
+    model = GPT2ReproForCausalLM(tiny_config)
+    x = ids(2, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(x, labels=x, return_logits=False).loss
+    loss.backward()
+    assert math.isfinite(loss.item()) and abs(loss.item() - math.log(V)) < 1.0  # near-uniform at init
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert model.lm_head.weight.grad[V:].abs().max() == 0  # the padded rows get no gradient from the loss
+
+
+def test_init_statistics():
+    torch.manual_seed(0)
+    config = GPT2ReproConfig(n_layer=8, n_head=4, n_embd=256, n_positions=64)
+    model = GPT2ReproForCausalLM(config)
+    residual_std = 0.02 / math.sqrt(2 * 8)
+    for block in model.transformer.h:
+        for proj in (block.attn.c_proj, block.mlp.c_proj):
+            assert abs(proj.weight.std().item() - residual_std) / residual_std < 0.03
+            assert proj.bias.abs().max() == 0
+        assert abs(block.mlp.c_fc.weight.std().item() - 0.02) < 0.0005
+        assert torch.equal(block.ln_1.weight, torch.ones(256)) and block.ln_1.bias.abs().max() == 0
+    assert abs(model.transformer.wte.weight.std().item() - 0.02) < 0.0005
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_tied_matrix_is_initialised_once(monkeypatch):
+    initialised = []
+    real_normal = torch.nn.init.normal_
+    monkeypatch.setattr(torch.nn.init, "normal_", lambda t, *a, **k: initialised.append(t.data_ptr()) or real_normal(t, *a, **k))
+    model = GPT2ReproForCausalLM(GPT2ReproConfig(n_layer=1, n_head=2, n_embd=32, n_positions=16))
+    assert initialised.count(model.transformer.wte.weight.data_ptr()) == 1
+    assert len(initialised) == len(set(initialised))  # no parameter is drawn twice
+
+
+def test_flops_per_token_formula(tiny_config):
+    model = GPT2ReproForCausalLM(tiny_config)
+    n = sum(p.numel() for p in model.parameters()) - 64 * 64  # minus wpe
+    assert model.flops_per_token(64) == 6 * n + 12 * 2 * 64 * 64
+
+
+# ---- errors ---------------------------------------------------------------------------------------------------
+
+def test_sequence_longer_than_context_is_refused(tiny_config):
+    model = GPT2ReproForCausalLM(tiny_config)
+    with pytest.raises(ValueError, match="longer than the model's context of n_positions=64"):
+        model(ids(1, 65))
+    with torch.no_grad():
+        cache = model(ids(1, 60), use_cache=True).past_key_values
+    with pytest.raises(ValueError, match="60 cached \\+ 5 new"):
+        model(ids(1, 5), past_key_values=cache)
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path, tiny_gpt2):
+    tiny_gpt2.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="holds a 'gpt2' model.*from_gpt2"):
+        GPT2ReproForCausalLM.from_pretrained(tmp_path)
+
+
+def test_from_gpt2_offline_unknown_hub_id_says_what_it_needs(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(OSError, match="needs a local folder holding a GPT-2 checkpoint, or the Hugging Face Hub"):
+        GPT2ReproForCausalLM.from_gpt2("someone/not-cached-gpt2")
+
+
+# ---- save / load ------------------------------------------------------------------------------------------------
+
+FRESH_LOAD = textwrap.dedent("""
+    import json, sys, torch
+    class BlockOurModules:  # our modules must not be importable: only the checkpoint's copied code may be used
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("modeling_gpt2repro", "configuration_gpt2repro", "tokenization_gpt2repro"):
+                raise ImportError(name)
+    sys.meta_path.insert(0, BlockOurModules())
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+    x = torch.tensor(json.loads(sys.argv[2]))
+    with torch.no_grad():
+        logits = model(x).logits
+    torch.save(logits, sys.argv[3])
+    print(type(model).__module__, model.lm_head.weight is model.transformer.wte.weight)
+""")
+
+
+def fresh_process_logits(tmp_path, source, x, env=None):
+    out = tmp_path / "logits.pt"
+    result = subprocess.run(
+        [sys.executable, "-c", FRESH_LOAD, str(source), json.dumps(x.tolist()), str(out)],
+        cwd=tmp_path, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    module, tied = result.stdout.split()[-2:]
+    assert module.startswith("transformers_modules.") and tied == "True"
+    return torch.load(out)
+
+
+def test_save_then_fresh_process_auto_load_gives_equal_logits(tmp_path, tiny_config):
+    model = GPT2ReproForCausalLM(tiny_config).eval()
+    ckpt = tmp_path / "ckpt"
+    model.save_pretrained(ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_gpt2repro.GPT2ReproForCausalLM"
+    assert (ckpt / "model.safetensors").exists() and (ckpt / "configuration_gpt2repro.py").exists()
+    x = ids(2, 20)
+    with torch.no_grad():
+        expected = model(x).logits
+    assert torch.equal(fresh_process_logits(tmp_path, ckpt, x), expected)
+
+
+def test_hub_id_from_local_cache_loads_offline(tmp_path, tiny_config):
+    # The layout huggingface_hub writes: models--{org}--{name}/refs/main -> snapshots/{revision}/files
+    model = GPT2ReproForCausalLM(tiny_config).eval()
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--gpt2repro-tiny"
+    model.save_pretrained(repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    x = ids(1, 10)
+    with torch.no_grad():
+        expected = model(x).logits
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    assert torch.equal(fresh_process_logits(tmp_path, "someone/gpt2repro-tiny", x, env), expected)
+
+
+def test_from_gpt2_hub_id_from_local_cache(tmp_path, tiny_gpt2, monkeypatch):
+    revision = "89abcdef0123456789abcdef0123456789abcdef"
+    repo = tmp_path / "models--openai-community--gpt2"
+    tiny_gpt2.save_pretrained(repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    model = GPT2ReproForCausalLM.from_gpt2("openai-community/gpt2", cache_dir=str(tmp_path))
+    x = ids(1, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, tiny_gpt2(x).logits, atol=1e-5, rtol=0)
+
+
+def test_in_process_auto_classes_and_pipeline(tmp_path, tiny_config):
+    assert type(AutoConfig.for_model("gpt2repro")) is GPT2ReproConfig
+    model = GPT2ReproForCausalLM(tiny_config).eval()
+    model.save_pretrained(tmp_path)
+    get_tokenizer().save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(loaded) is GPT2ReproForCausalLM
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()
+    generator = pipeline("text-generation", model=str(tmp_path))
+    text = generator("Hello, I'm a language model,", max_new_tokens=8, do_sample=False)[0]["generated_text"]
+    assert text.startswith("Hello, I'm a language model,") and len(text) > len("Hello, I'm a language model,")
