@@ -1,0 +1,318 @@
+"""Token shards: the on-disk format shared by prepare_data.py (writer) and training (reader).
+
+A data folder holds one or more shards per split. A shard is a flat array of GPT-2 token ids, every
+document written as `[50256] + encode_ordinary(text)`, documents running on across shard boundaries:
+- `.npy`: numpy's format, uint16, 1-D (build-nanogpt's `{prefix}_val_000000.npy`, `{prefix}_train_000001.npy`, ...);
+- `.bin`: llm.c's format, a header of 256 int32 (magic 20240520, version 1, token count, zeros) then uint16 tokens.
+A shard belongs to a split when the split's name appears in its file name (build-nanogpt's rule), so an
+existing `edu_fineweb10B` folder or llm.c's `.bin` files load unchanged.
+
+How the loader cuts a split into training windows (so that nothing is lost):
+- The split's shards, in name order, are read as ONE continuous token stream of N tokens, so a window may
+  cross a shard boundary and the token after a shard's last token is still a target.
+- Window w is stream[w*T : w*T + T + 1] (inputs x = the first T, targets y = the last T); consecutive
+  windows overlap by one token, so every token from the second on is a target exactly once. When T does
+  not divide N - 1, one last window is aligned to the end of the stream (it overlaps its predecessor)
+  so the tail is not dropped: W = ceil((N - 1) / T) windows per epoch.
+- The loader walks an endless sequence of windows: epoch after epoch, each epoch all W windows in order,
+  or with `shuffle=True` the shards in a random order and the windows of each shard (grouped by the
+  shard their nominal start w*T falls in) in a random order, seeded by (seed, epoch) so every epoch
+  differs but every run agrees. A step takes the next B * world_size windows of that sequence, rank r
+  the r-th block of B, so ranks read disjoint windows and no window is ever skipped, not even at an
+  epoch's end (a step may take the last windows of one epoch and the first of the next).
+- The whole position is one integer, the index of the next window in that sequence, which is what
+  `state_dict()` saves: a resumed run reads exactly the windows an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+LLMC_MAGIC = 20240520  # llm.c's token-file magic number
+LLMC_VERSION = 1  # llm.c's version for uint16 GPT-2 tokens
+LLMC_HEADER_INTS = 256  # llm.c's header: 256 int32 = 1024 bytes
+LLMC_HEADER_BYTES = LLMC_HEADER_INTS * 4
+TOKEN_DTYPE = np.uint16  # GPT-2's 50257 ids fit in 16 bits, halving disk and memory against int32
+SHARD_SUFFIXES = (".npy", ".bin")
+IGNORE_INDEX = -100  # targets with this value are left out of the loss (torch cross_entropy's default)
+FILLER_TOKEN_ID = 50256  # <|endoftext|>, the input of validation filler positions (their targets are ignored)
+
+
+class ShardFormatError(ValueError):
+    """A token shard is missing, corrupt or not in a format the loader reads; the message says how to fix it."""
+
+
+def shard_name(prefix: str, split: str, index: int, suffix: str = ".npy") -> str:
+    """build-nanogpt's naming: shard 0 is `{prefix}_val_000000.npy`, then `{prefix}_train_000001.npy`, ..."""
+    return f"{prefix}_{split}_{index:06d}{suffix}"
+
+
+def list_shards(data_dir: str | Path, split: str) -> list[Path]:
+    """The `.npy`/`.bin` files of `data_dir` whose name contains `split`, in name order (= shard order)."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise ShardFormatError(
+            f"data folder {data_dir} does not exist: make it with `python prepare_data.py --output_dir {data_dir}`"
+        )
+    shards = sorted(p for p in data_dir.iterdir() if p.suffix in SHARD_SUFFIXES and split in p.name and p.is_file())
+    if not shards:
+        raise ShardFormatError(
+            f"no '{split}' shards (*.npy or *.bin files with '{split}' in the name) in {data_dir}: "
+            f"make them with `python prepare_data.py --output_dir {data_dir}`"
+        )
+    return shards
+
+
+def open_shard(path: str | Path) -> np.ndarray:
+    """A shard's tokens as a read-only memory-mapped 1-D uint16 array, after checking its format."""
+    path = Path(path)
+    rewrite_hint = "delete it and re-run prepare_data.py with the same arguments to rewrite it"
+    if path.suffix == ".bin":
+        return _open_llmc_bin(path, rewrite_hint)
+    try:
+        tokens = np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise ShardFormatError(f"shard {path} does not exist") from None
+    except (ValueError, OSError, EOFError) as error:
+        raise ShardFormatError(f"shard {path} is truncated or not a .npy file ({error}): {rewrite_hint}") from None
+    if tokens.dtype != TOKEN_DTYPE or tokens.ndim != 1:
+        raise ShardFormatError(
+            f"shard {path} holds a {tokens.ndim}-D {tokens.dtype} array, expected 1-D uint16 token ids: {rewrite_hint}"
+        )
+    return tokens
+
+
+def _open_llmc_bin(path: Path, rewrite_hint: str) -> np.ndarray:
+    try:
+        size = path.stat().st_size
+        header = np.fromfile(path, dtype="<i4", count=LLMC_HEADER_INTS)
+    except FileNotFoundError:
+        raise ShardFormatError(f"shard {path} does not exist") from None
+    if header.size < LLMC_HEADER_INTS:
+        raise ShardFormatError(f"shard {path} is {size} bytes, shorter than llm.c's 1024-byte header: {rewrite_hint}")
+    magic, version, num_tokens = (int(v) for v in header[:3])
+    if magic != LLMC_MAGIC:
+        raise ShardFormatError(
+            f"shard {path} has magic number {magic}, not llm.c's token-file magic {LLMC_MAGIC} "
+            f"(is it a checkpoint or another file?): {rewrite_hint}"
+        )
+    if version != LLMC_VERSION:
+        raise ShardFormatError(
+            f"shard {path} is llm.c token-file version {version}; only version {LLMC_VERSION} (uint16 GPT-2 tokens) "
+            f"is supported: re-tokenise the data with prepare_data.py"
+        )
+    expected_size = LLMC_HEADER_BYTES + num_tokens * TOKEN_DTYPE().itemsize
+    if size != expected_size:
+        raise ShardFormatError(
+            f"shard {path} is {size} bytes but its header promises {num_tokens} tokens ({expected_size} bytes): {rewrite_hint}"
+        )
+    return np.memmap(path, dtype="<u2", mode="r", offset=LLMC_HEADER_BYTES, shape=(num_tokens,))
+
+
+def to_token_array(token_ids) -> np.ndarray:
+    """Token ids as uint16, refusing any id that does not fit (a silent wrap-around would corrupt the data)."""
+    token_ids = np.asarray(token_ids)
+    if token_ids.size and (token_ids.min() < 0 or token_ids.max() >= 2**16):
+        bad = int(token_ids.max()) if token_ids.max() >= 2**16 else int(token_ids.min())
+        raise ShardFormatError(
+            f"token id {bad} does not fit in a uint16 shard (0..65535): shards hold GPT-2 ids (< 50257), "
+            f"so the tokens come from another tokenizer"
+        )
+    return token_ids.astype(TOKEN_DTYPE, copy=False)
+
+
+def write_shard(path: str | Path, token_ids) -> str:
+    """Write a shard atomically (temporary file, fsync, rename) and return its sha256.
+
+    The format follows the suffix (`.npy` or llm.c's `.bin`). An interrupted write leaves only the
+    temporary `.tmp` file, which no loader lists, never a shard that looks whole but is not.
+    """
+    path = Path(path)
+    tokens = to_token_array(token_ids)
+    if path.suffix not in SHARD_SUFFIXES:
+        raise ShardFormatError(f"shard name {path.name} must end in .npy or .bin")
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "wb") as f:
+        if path.suffix == ".bin":
+            header = np.zeros(LLMC_HEADER_INTS, dtype="<i4")
+            header[:3] = (LLMC_MAGIC, LLMC_VERSION, tokens.size)
+            f.write(header.tobytes())
+            f.write(tokens.astype("<u2", copy=False).tobytes())
+        else:
+            np.save(f, tokens)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+    return file_sha256(path)
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):  # 16 MB reads
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class TokenStream:
+    """The shards of one split read as one continuous memory-mapped stream of tokens."""
+
+    def __init__(self, data_dir: str | Path, split: str):
+        self.paths = list_shards(data_dir, split)
+        self.shards = [open_shard(p) for p in self.paths]
+        lengths = np.array([len(s) for s in self.shards], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(lengths)])  # shard i holds stream[starts[i]:starts[i+1]]
+        self.num_tokens = int(self.starts[-1])
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """stream[start:stop] as int64, gathered from as many shards as the range spans."""
+        pieces = []
+        shard = int(np.searchsorted(self.starts, start, side="right")) - 1
+        while start < stop:
+            end = min(stop, int(self.starts[shard + 1]))
+            offset = int(self.starts[shard])
+            pieces.append(self.shards[shard][start - offset : end - offset])
+            start, shard = end, shard + 1
+        return np.concatenate(pieces).astype(np.int64)
+
+
+def _windows_to_batch(rows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    windows = torch.from_numpy(np.stack(rows))  # (B, T+1)
+    return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()  # x, y: (B, T)
+
+
+class ShardedTokenLoader:
+    """Endless (x, y) training batches of shape (B, T) from a split's shards, disjoint across ranks.
+
+    See the module docstring for how windows are cut and ordered. `state_dict()` is one JSON-able
+    position (plus the settings it depends on, checked on load); resuming with another world size
+    or batch size is allowed and continues from the same place in the window sequence.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        split: str,
+        batch_size: int,
+        seq_len: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = False,
+        seed: int = 0,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+        self.batch_size, self.seq_len = batch_size, seq_len
+        self.rank, self.world_size = rank, world_size
+        self.shuffle, self.seed = shuffle, seed
+        self.stream = TokenStream(data_dir, split)
+        n, t = self.stream.num_tokens, seq_len
+        if n < t + 1:
+            raise ShardFormatError(
+                f"the '{split}' split of {data_dir} has {n} tokens, fewer than one window of seq_len + 1 = {t + 1}: "
+                f"use a shorter sequence length or more data"
+            )
+        self.windows_per_epoch = -(-(n - 1) // t)  # ceil((N - 1) / T): the last window is end-aligned
+        # Windows grouped by the shard their nominal start w*T falls in, for shuffling shard by shard:
+        # shard i owns windows first_window[i] .. first_window[i+1]-1.
+        self.first_window = np.minimum(-(-self.stream.starts // t), self.windows_per_epoch)
+        self.next_window = 0  # index into the endless window sequence of the next window this run takes
+        self._epoch_order: tuple[int, np.ndarray] | None = None  # (epoch, window ids in that epoch's order)
+
+    def _window_start(self, window: int) -> int:
+        return min(window * self.seq_len, self.stream.num_tokens - self.seq_len - 1)
+
+    def _window_at(self, position: int) -> int:
+        """The window id at a position of the endless sequence."""
+        epoch, index = divmod(position, self.windows_per_epoch)
+        if not self.shuffle:
+            return index
+        if self._epoch_order is None or self._epoch_order[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            order = [
+                rng.permutation(np.arange(self.first_window[s], self.first_window[s + 1]))
+                for s in rng.permutation(len(self.stream.shards))
+            ]
+            self._epoch_order = (epoch, np.concatenate(order))
+        return int(self._epoch_order[1][index])
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's next (x, y), both int64 of shape (B, T), y[:, i] being the token after x[:, i]."""
+        first = self.next_window + self.rank * self.batch_size
+        rows = []
+        for position in range(first, first + self.batch_size):
+            start = self._window_start(self._window_at(position))
+            rows.append(self.stream.read(start, start + self.seq_len + 1))
+        self.next_window += self.world_size * self.batch_size  # every rank advances past the whole step
+        return _windows_to_batch(rows)
+
+    @property
+    def epoch(self) -> float:
+        """Epochs completed so far (fractional)."""
+        return self.next_window / self.windows_per_epoch
+
+    def state_dict(self) -> dict:
+        return {
+            "next_window": self.next_window,
+            "seq_len": self.seq_len,
+            "num_tokens": self.stream.num_tokens,
+            "shuffle": self.shuffle,
+            "seed": self.seed,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        changed = [k for k in ("seq_len", "num_tokens", "shuffle", "seed") if state.get(k) != mine[k]]
+        if changed:
+            saved = {k: state.get(k) for k in changed}
+            now = {k: mine[k] for k in changed}
+            raise ValueError(
+                f"the saved data position was taken with {saved} but this loader has {now}: resume with the same "
+                f"data folder, sequence length, shuffle and seed"
+            )
+        self.next_window = int(state["next_window"])
+
+
+def validation_batches(
+    data_dir: str | Path,
+    batch_size: int,
+    seq_len: int,
+    num_tokens: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches covering exactly the first `num_tokens` tokens of the val split, whatever the world size.
+
+    The prefix is cut into windows of stride T (num_tokens - 1 targets in all; the last window is padded
+    with ignored targets). Each step deals B windows to every rank; once the windows run out, ranks get
+    filler rows (y = -100 everywhere) so every rank yields the same number of batches, and the union of
+    the real windows over all ranks is the same set on 1 or N processes. Callers sum loss * (y != -100)
+    counts and all-reduce.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+    stream = TokenStream(data_dir, "val")
+    if not 2 <= num_tokens <= stream.num_tokens:
+        raise ValueError(
+            f"validation wants {num_tokens} tokens but the val split of {data_dir} has {stream.num_tokens}: "
+            f"use a --val_tokens between 2 and {stream.num_tokens}"
+        )
+    num_windows = -(-(num_tokens - 1) // seq_len)  # ceil: the last window may be partial
+    windows_per_step = batch_size * world_size
+    for step_start in range(0, num_windows, windows_per_step):
+        x = torch.full((batch_size, seq_len), FILLER_TOKEN_ID, dtype=torch.long)
+        y = torch.full((batch_size, seq_len), IGNORE_INDEX, dtype=torch.long)
+        for row in range(batch_size):
+            window = step_start + rank * batch_size + row
+            if window >= num_windows:
+                break
+            start = window * seq_len
+            tokens = torch.from_numpy(stream.read(start, min(start + seq_len + 1, num_tokens)))
+            x[row, : len(tokens) - 1] = tokens[:-1]
+            y[row, : len(tokens) - 1] = tokens[1:]
+        yield x, y
