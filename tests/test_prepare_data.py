@@ -1,0 +1,222 @@
+"""prepare_data.py: the shard token stream against transformers' GPT-2 tokenizer, shard layout, resume, errors.
+
+The reference encoding is transformers' GPT2TokenizerFast (a BPE implementation independent of tiktoken,
+which prepare_data uses) built from the same OpenAI files; documents never contain "<|endoftext|>", on
+which the two tokenizers differ by design.
+"""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import prepare_data
+from prepare_data import main
+from tokenization_gpt2repro import get_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+EOT = 50256
+DOCUMENTS = [
+    "Hello, I'm a language model, and this is the first document.",
+    "Naïve café — “quotes”, emoji 🙂 and digits 12345.\n\nA second paragraph\twith a tab.",
+    "",  # an empty document still gets its <|endoftext|>
+    "   leading spaces and trailing newline\n",
+    "The quick brown fox jumps over the lazy dog. " * 12,
+    "short",
+    "Deutsch: Übermäßig große Straßen; 日本語のテキスト; русский текст.",
+]
+SMALL_SHARDS = ["--shard_size", "40", "--val_tokens", "23"]  # small enough that documents span shard boundaries
+
+
+@pytest.fixture(scope="module")
+def reference_tokens():
+    tokenizer = get_tokenizer()
+    return lambda documents: [t for doc in documents for t in [EOT] + tokenizer.encode(doc)]
+
+
+def read_stream(output_dir):
+    """(shard names in order, all their tokens) read with plain np.load."""
+    names = sorted(p.name for p in Path(output_dir).glob("*.npy"))
+    names.sort(key=lambda n: int(n.rsplit("_", 1)[1].split(".")[0]))
+    return names, [int(t) for n in names for t in np.load(Path(output_dir) / n)]
+
+
+def write_inputs(tmp_path, kind):
+    if kind == "txt":
+        for i, doc in enumerate(DOCUMENTS):
+            (tmp_path / f"doc_{i:02d}.txt").write_text(doc or "\n", encoding="utf-8")  # an empty file is refused
+        return [str(tmp_path / "doc_*.txt")], [doc or "\n" for doc in DOCUMENTS]
+    if kind == "jsonl":
+        half = len(DOCUMENTS) // 2
+        for name, docs in (("a.jsonl", DOCUMENTS[:half]), ("b.jsonl", DOCUMENTS[half:])):
+            (tmp_path / name).write_text("".join(json.dumps({"id": i, "body": d}) + "\n" for i, d in enumerate(docs)))
+        return [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")], DOCUMENTS
+    pq.write_table(pa.table({"body": DOCUMENTS, "score": list(range(len(DOCUMENTS)))}), tmp_path / "docs.parquet", row_group_size=3)
+    return [str(tmp_path / "docs.parquet")], DOCUMENTS
+
+
+@pytest.mark.parametrize("kind, num_proc", [("txt", 1), ("jsonl", 2), ("parquet", 2)])
+def test_shards_hold_gpt2_tokens_of_every_document_across_shard_boundaries(tmp_path, reference_tokens, kind, num_proc):
+    paths, documents = write_inputs(tmp_path, kind)
+    out = tmp_path / "out"
+    main(["--data_files", *paths, "--text_column", "body", "--output_dir", str(out), "--num_proc", str(num_proc), *SMALL_SHARDS])
+    names, tokens = read_stream(out)
+    expected = reference_tokens(documents)
+    assert tokens == expected
+    assert names[0] == "corpus_val_000000.npy" and names[1:] == [f"corpus_train_{i:06d}.npy" for i in range(1, len(names))]
+    sizes = [len(np.load(out / n)) for n in names]
+    assert sizes[0] == 23 and all(s == 40 for s in sizes[1:-1]) and 0 < sizes[-1] <= 40
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["total_tokens"] == len(expected) and manifest["documents"] == len(documents)
+    assert [s["name"] for s in manifest["shards"]] == names
+    for shard in manifest["shards"]:
+        assert shard["sha256"] == hashlib.sha256((out / shard["name"]).read_bytes()).hexdigest()
+        assert shard["tokens"] == len(np.load(out / shard["name"]))
+
+
+def test_bin_format_is_llmc_layout(tmp_path, reference_tokens):
+    paths, documents = write_inputs(tmp_path, "parquet")
+    out = tmp_path / "out"
+    main(["--data_files", *paths, "--text_column", "body", "--output_dir", str(out), "--format", "bin", "--num_proc", "1", *SMALL_SHARDS])
+    tokens = []
+    for path in sorted(out.glob("*.bin"), key=lambda p: p.name.rsplit("_", 1)[1]):
+        header = np.frombuffer(path.read_bytes()[:1024], dtype="<i4")
+        assert header[0] == 20240520 and header[1] == 1 and not header[3:].any()
+        body = np.frombuffer(path.read_bytes()[1024:], dtype="<u2")
+        assert len(body) == header[2]
+        tokens += body.tolist()
+    assert tokens == reference_tokens(documents)
+
+
+def test_interrupted_run_resumes_to_identical_shards(tmp_path, monkeypatch):
+    paths, _ = write_inputs(tmp_path, "jsonl")
+    args = ["--data_files", *paths, "--text_column", "body", "--num_proc", "1", *SMALL_SHARDS]
+    main([*args, "--output_dir", str(tmp_path / "whole")])
+
+    real_write_shard, calls = prepare_data.write_shard, []
+
+    def killed_on_third_shard(path, tokens):
+        calls.append(path)
+        if len(calls) == 3:  # a kill mid-write: a partial temporary file, no shard
+            Path(str(path) + ".tmp").write_bytes(b"\x93NUMPY partial")
+            raise KeyboardInterrupt
+        return real_write_shard(path, tokens)
+
+    monkeypatch.setattr(prepare_data, "write_shard", killed_on_third_shard)
+    with pytest.raises(KeyboardInterrupt):
+        main([*args, "--output_dir", str(tmp_path / "resumed")])
+    assert len(list((tmp_path / "resumed").glob("*.npy"))) == 2
+    monkeypatch.setattr(prepare_data, "write_shard", real_write_shard)
+
+    (tmp_path / "resumed" / "corpus_train_000001.npy").write_bytes(b"corrupted after the run")  # re-verified, rewritten
+    main([*args, "--output_dir", str(tmp_path / "resumed")])
+    whole, resumed = sorted((tmp_path / "whole").iterdir()), sorted((tmp_path / "resumed").glob("*.npy"))
+    assert [p.name for p in whole if p.suffix == ".npy"] == [p.name for p in resumed]
+    for path in resumed:
+        assert path.read_bytes() == (tmp_path / "whole" / path.name).read_bytes()
+    assert (tmp_path / "whole" / "manifest.json").read_text() == (tmp_path / "resumed" / "manifest.json").read_text()
+
+
+def test_embedded_corpus_makes_val_and_train_shards(tmp_path, reference_tokens):
+    out = tmp_path / "kjv"
+    main(["--dataset", "embedded", "--output_dir", str(out)])
+    names, tokens = read_stream(out)
+    assert names[0] == "kjv_val_000000.npy" and len(np.load(out / names[0])) == 2**16
+    assert len(names) >= 3 and all(len(np.load(out / n)) == 2**18 for n in names[1:-1])
+    first_chapter = reference_tokens(["Genesis 1\n\nIn the beginning God created the heaven and the earth."])
+    assert tokens[: len(first_chapter)] == first_chapter
+    assert tokens.count(EOT) == 1189  # one document per chapter of the King James Bible
+    assert 900_000 < len(tokens) < 1_100_000
+
+
+class HubStandIn:
+    """Replaces datasets.load_dataset for the Hub call: checks the arguments, streams a local parquet file."""
+
+    def __init__(self, parquet_path):
+        import datasets
+
+        self.parquet_path, self.real_load_dataset, self.calls = parquet_path, datasets.load_dataset, []
+
+    def __call__(self, path, name=None, split=None, streaming=False, columns=None):
+        self.calls.append((path, name, split, streaming, columns))
+        return self.real_load_dataset("parquet", data_files=[self.parquet_path], split=split, streaming=streaming, columns=columns)
+
+
+def test_fineweb_edu_streams_and_stops_at_max_tokens(tmp_path, monkeypatch, reference_tokens):
+    import datasets
+
+    pq.write_table(pa.table({"text": DOCUMENTS, "url": ["u"] * len(DOCUMENTS)}), tmp_path / "000_00000.parquet")
+    stand_in = HubStandIn(str(tmp_path / "000_00000.parquet"))
+    monkeypatch.setattr(datasets, "load_dataset", stand_in)
+    monkeypatch.setattr(prepare_data, "hub_reachable", lambda: True)
+    max_tokens = 100
+    main(["--dataset", "fineweb-edu", "--output_dir", str(tmp_path / "fw"), "--max_tokens", str(max_tokens), *SMALL_SHARDS])
+    assert stand_in.calls == [("HuggingFaceFW/fineweb-edu", "sample-10BT", "train", True, ["text"])]
+    names, tokens = read_stream(tmp_path / "fw")
+    assert names[0] == "edufineweb_val_000000.npy"
+    assert tokens == reference_tokens(DOCUMENTS)[:max_tokens]
+
+
+def run_cli(*args, **env):
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", **env}
+    return subprocess.run([sys.executable, str(REPO / "prepare_data.py"), *args], capture_output=True, text=True, env=environment, timeout=120)
+
+
+def test_fineweb_edu_offline_fails_with_one_sentence(tmp_path):
+    result = run_cli("--dataset", "fineweb-edu", "--output_dir", str(tmp_path / "fw"))
+    assert result.returncode != 0
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "Hugging Face Hub" in result.stderr and "offline" in result.stderr
+
+
+def test_help_lists_the_flags():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for flag in ("--dataset", "--data_files", "--fineweb_config", "--text_column", "--output_dir", "--prefix",
+                 "--shard_size", "--val_tokens", "--max_tokens", "--num_proc", "--format"):
+        assert flag in result.stdout
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("missing.txt", None, "does not exist"),
+        ("nothing_*.jsonl", None, "no file matches"),
+        ("empty.txt", b"", "is empty"),
+        ("a.csv", b"text\nx\n", r"is not .txt, .json, .jsonl or .parquet"),
+        ("latin1.txt", b"caf\xe9 au lait", "could not read .*utf-8"),
+        ("bad.parquet", b"not a parquet file at all", "could not read .*[Pp]arquet"),
+        ("a.jsonl", b'{"body": "x"}\n', "has no column 'text' .*pass --text_column"),
+        ("a.jsonl", b'{"text": null}\n', "not a string"),
+        ("a.jsonl", b'{"text": "tiny"}\n', "lower --val_tokens"),
+    ],
+)
+def test_bad_input_gives_one_clear_error(tmp_path, name, content, message):
+    if content is not None:
+        (tmp_path / name).write_bytes(content)
+    with pytest.raises(SystemExit, match=message):
+        main(["--data_files", str(tmp_path / name), "--output_dir", str(tmp_path / "out"), "--num_proc", "1"])
+
+
+def test_mixed_kinds_and_changed_settings_are_refused(tmp_path):
+    paths, _ = write_inputs(tmp_path, "jsonl")
+    (tmp_path / "c.txt").write_text("text")
+    with pytest.raises(SystemExit, match="mixes json and text files"):
+        main(["--data_files", *paths, str(tmp_path / "c.txt"), "--output_dir", str(tmp_path / "out")])
+    args = ["--data_files", *paths, "--text_column", "body", "--output_dir", str(tmp_path / "out"), "--num_proc", "1"]
+    main([*args, *SMALL_SHARDS])
+    with pytest.raises(SystemExit, match="made with other settings"):
+        main([*args, "--shard_size", "41", "--val_tokens", "23"])
+
+
+def test_cli_error_is_one_line_and_nonzero_exit(tmp_path):
+    result = run_cli("--data_files", str(tmp_path / "missing.jsonl"), "--output_dir", str(tmp_path / "out"))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"prepare_data.py: error: input file {tmp_path / 'missing.jsonl'} does not exist"]
