@@ -4,8 +4,9 @@ A data folder holds one or more shards per split. A shard is a flat array of GPT
 document written as `[50256] + encode_ordinary(text)`, documents running on across shard boundaries:
 - `.npy`: numpy's format, uint16, 1-D (build-nanogpt's `{prefix}_val_000000.npy`, `{prefix}_train_000001.npy`, ...);
 - `.bin`: llm.c's format, a header of 256 int32 (magic 20240520, version 1, token count, zeros) then uint16 tokens.
-A shard belongs to a split when the split's name appears in its file name (build-nanogpt's rule), so an
-existing `edu_fineweb10B` folder or llm.c's `.bin` files load unchanged.
+A shard belongs to a split when the split's name appears in its file name as a word (build-nanogpt's rule,
+made strict so that a prefix like "interval" is not read as "val"), so an existing `edu_fineweb10B`
+folder or llm.c's `.bin` files (`fineweb_val_000000.bin`, `tiny_shakespeare_val.bin`) load unchanged.
 
 How the loader cuts a split into training windows (so that nothing is lost):
 - The split's shards, in name order, are read as ONE continuous token stream of N tokens, so a window may
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,13 +55,14 @@ def shard_name(prefix: str, split: str, index: int, suffix: str = ".npy") -> str
 
 
 def list_shards(data_dir: str | Path, split: str) -> list[Path]:
-    """The `.npy`/`.bin` files of `data_dir` whose name contains `split`, in name order (= shard order)."""
+    """The `.npy`/`.bin` files of `data_dir` whose name contains the word `split`, in name order (= shard order)."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise ShardFormatError(
             f"data folder {data_dir} does not exist: make it with `python prepare_data.py --output_dir {data_dir}`"
         )
-    shards = sorted(p for p in data_dir.iterdir() if p.suffix in SHARD_SUFFIXES and split in p.name and p.is_file())
+    word = re.compile(rf"(?<![a-zA-Z]){re.escape(split)}(?![a-zA-Z])")
+    shards = sorted(p for p in data_dir.iterdir() if p.suffix in SHARD_SUFFIXES and word.search(p.stem) and p.is_file())
     if not shards:
         raise ShardFormatError(
             f"no '{split}' shards (*.npy or *.bin files with '{split}' in the name) in {data_dir}: "

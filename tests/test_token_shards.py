@@ -89,6 +89,14 @@ def test_corrupt_shards_give_clear_errors(tmp_path, contents, message):
         ShardedTokenLoader(tmp_path, "train", batch_size=1, seq_len=2)
 
 
+def test_split_is_matched_as_a_word_in_shard_names(tmp_path):
+    for name in ("edufineweb_val_000000.npy", "tiny_shakespeare_val.bin", "interval_train_000001.npy",
+                 "valid_000002.npy", "edufineweb_train_000003.npy.tmp", "notes_val.txt"):
+        (tmp_path / name).touch()
+    assert [p.name for p in list_shards(tmp_path, "val")] == ["edufineweb_val_000000.npy", "tiny_shakespeare_val.bin"]
+    assert [p.name for p in list_shards(tmp_path, "train")] == ["interval_train_000001.npy"]
+
+
 def test_missing_data_gives_clear_errors(tmp_path):
     with pytest.raises(ShardFormatError, match="does not exist: make it with `python prepare_data.py"):
         list_shards(tmp_path / "nowhere", "train")
