@@ -190,13 +190,12 @@ def dataset_documents(dataset, text_column: str, description: str) -> Iterator[l
 def encode_documents(texts: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
     """One worker task: (uint16 tokens of all documents, EOT first in each; tokens per document; UTF-8 bytes)."""
     encoding = get_tiktoken_encoding()
-    encoded = [encoding.encode_ordinary(text) for text in texts]
-    lengths = np.fromiter((len(ids) + 1 for ids in encoded), dtype=np.int64, count=len(encoded))  # +1: the EOT
-    tokens = np.empty(int(lengths.sum()), dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    tokens[starts] = EOT_TOKEN_ID
-    for start, ids in zip(starts, encoded):
-        tokens[start + 1 : start + 1 + len(ids)] = ids
+    tokens, lengths = [], np.empty(len(texts), dtype=np.int64)
+    for i, text in enumerate(texts):
+        ids = encoding.encode_ordinary(text)
+        tokens.append(EOT_TOKEN_ID)
+        tokens.extend(ids)
+        lengths[i] = len(ids) + 1  # +1: the EOT
     num_bytes = sum(len(text.encode("utf-8")) for text in texts)
     # uint16 halves what goes back through the pipe; the check turns an impossible id into an error, not a wrap
     return to_token_array(tokens), lengths, num_bytes
