@@ -243,8 +243,11 @@ class ShardWriter:
     def done(self) -> bool:
         return self.max_tokens is not None and self.tokens_written + self.filled >= self.max_tokens
 
-    def add(self, tokens: np.ndarray, lengths: np.ndarray, first_document: int, first_offset: int) -> None:
-        """Append the tokens of documents first_document, ..., except the first `first_offset`, already in a shard."""
+    def add(self, tokens: np.ndarray, lengths: np.ndarray, first_document: int, first_offset: int) -> int:
+        """Append the tokens of documents first_document, ..., except the first `first_offset`, already in a shard.
+
+        Returns how many of the documents went (wholly or partly) into shards: all, unless --max_tokens was reached.
+        """
         doc_ends = np.cumsum(lengths)  # token positions counted from the start of document first_document
         position = first_offset
         while position < doc_ends[-1] and not self.done:
@@ -258,6 +261,7 @@ class ShardWriter:
                 document = int(np.searchsorted(doc_ends, position, side="right"))
                 offset = position - (int(doc_ends[document - 1]) if document else 0)
                 self.flush(first_document + document, offset)
+        return int(np.searchsorted(doc_ends - lengths, position, side="left"))  # documents starting before `position`
 
     def flush(self, next_document: int, next_offset: int) -> None:
         """Write the buffer as the next shard; (next_document, next_offset) is where the following shard starts."""
@@ -408,10 +412,10 @@ def prepare(args: argparse.Namespace) -> None:
     progress = tqdm(desc=f"tokenising ({args.num_proc} proc)", unit="tok", unit_scale=True, total=args.max_tokens,
                     initial=writer.tokens_written)
     for tokens, lengths, batch_bytes in tokenize(batches, args.num_proc):
-        writer.add(tokens, lengths, documents, next_offset)
-        progress.update(int(lengths.sum()) - next_offset)
-        num_tokens += int(lengths.sum()) - next_offset
-        documents += len(lengths)
+        tokens_before = writer.tokens_written + writer.filled
+        documents += writer.add(tokens, lengths, documents, next_offset)
+        progress.update(writer.tokens_written + writer.filled - tokens_before)
+        num_tokens += writer.tokens_written + writer.filled - tokens_before
         num_bytes += batch_bytes
         next_offset = 0
         elapsed = max(time.time() - start_time, 1e-9)

@@ -162,6 +162,8 @@ def test_fineweb_edu_streams_and_stops_at_max_tokens(tmp_path, monkeypatch, refe
     names, tokens = read_stream(tmp_path / "fw")
     assert names[0] == "edufineweb_val_000000.npy"
     assert tokens == reference_tokens(DOCUMENTS)[:max_tokens]
+    documents_used = [len(reference_tokens(DOCUMENTS[:i])) < max_tokens for i in range(len(DOCUMENTS))].count(True)
+    assert json.loads((tmp_path / "fw" / "manifest.json").read_text())["documents"] == documents_used
 
 
 def run_cli(*args, **env):
