@@ -35,7 +35,6 @@ import multiprocessing
 import os
 import socket
 import sqlite3
-import sys
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -65,6 +64,11 @@ SOURCE_DEFAULTS = {
     "data_files": ("corpus", 10**8, None),
 }
 LOCAL_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (os.sched_getaffinity is Linux-only)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class PrepareDataError(Exception):
@@ -362,7 +366,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max_tokens", type=int, default=None, help="stop after this many tokens in all (default: the whole corpus)")
     parser.add_argument("--format", choices=["npy", "bin"], default="npy",
                         help="npy (default): numpy uint16, as build-nanogpt; bin: llm.c's token files (1024-byte header, uint16)")
-    parser.add_argument("--num_proc", type=int, default=len(os.sched_getaffinity(0)), help="tokeniser processes (default: all cores, %(default)s here)")
+    parser.add_argument("--num_proc", type=int, default=available_cores(), help="tokeniser processes (default: all cores, %(default)s here)")
     args = parser.parse_args(argv)
     kind = "data_files" if args.data_files else (args.dataset or "embedded")
     args.dataset = None if args.data_files else kind

@@ -11,13 +11,12 @@ includes starting its pool. Corpus: the embedded King James Bible repeated `--co
 """
 import argparse
 import multiprocessing
-import os
 import statistics
 import time
 
 import numpy as np
 
-from prepare_data import embedded_corpus, tokenize
+from prepare_data import available_cores, embedded_corpus, tokenize
 from tokenization_gpt2repro import EOT_TOKEN_ID, get_tiktoken_encoding
 
 
@@ -44,7 +43,7 @@ def run_single(documents: list[str], num_proc: int) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num_proc", type=int, default=len(os.sched_getaffinity(0)), help="worker processes (default: all cores)")
+    parser.add_argument("--num_proc", type=int, default=available_cores(), help="worker processes (default: all cores)")
     parser.add_argument("--copies", type=int, default=4, help="times the ~4.1 MB corpus is repeated (default: 4)")
     parser.add_argument("--repetitions", type=int, default=5, help="timed runs of each method (default: 5)")
     args = parser.parse_args()
