@@ -7,8 +7,10 @@ which the two tokenizers differ by design.
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +124,28 @@ def test_interrupted_run_resumes_to_identical_shards(tmp_path, monkeypatch):
     for path in resumed:
         assert path.read_bytes() == (tmp_path / "whole" / path.name).read_bytes()
     assert (tmp_path / "whole" / "manifest.json").read_text() == (tmp_path / "resumed" / "manifest.json").read_text()
+
+
+def test_killed_run_leaves_only_whole_shards_and_resumes_identically(tmp_path):
+    """SIGKILL (no cleanup) a real run of 2 processes mid-way; every shard on disk must already be final."""
+    args = ["--dataset", "embedded", "--shard_size", "8192", "--num_proc", "2"]  # ~120 shards: time to kill mid-run
+    main([*args, "--output_dir", str(tmp_path / "whole")])
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, str(REPO / "prepare_data.py"), *args, "--output_dir", str(killed)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 60
+    while process.poll() is None and len(list(killed.glob("*.npy"))) < 20 and time.time() < deadline:
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)  # the run and its worker processes
+    process.wait()
+    on_disk = sorted(killed.glob("*.npy"))
+    assert 0 < len(on_disk) < len(list((tmp_path / "whole").glob("*.npy")))  # it really stopped half-way
+    for path in on_disk:
+        assert path.read_bytes() == (tmp_path / "whole" / path.name).read_bytes()
+    main([*args, "--output_dir", str(killed)])
+    assert sorted(p.name for p in killed.glob("*.npy")) == sorted(p.name for p in (tmp_path / "whole").glob("*.npy"))
+    for path in killed.glob("*.npy"):
+        assert path.read_bytes() == (tmp_path / "whole" / path.name).read_bytes()
 
 
 def test_embedded_corpus_makes_val_and_train_shards(tmp_path, reference_tokens):
