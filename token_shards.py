@@ -173,7 +173,7 @@ class TokenStream:
         self.num_tokens = int(self.starts[-1])
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        """stream[start:stop] as int64, gathered from as many shards as the range spans."""
+        """stream[start:stop] (uint16), gathered from as many shards as the range spans."""
         pieces = []
         shard = int(np.searchsorted(self.starts, start, side="right")) - 1
         while start < stop:
@@ -181,12 +181,14 @@ class TokenStream:
             offset = int(self.starts[shard])
             pieces.append(self.shards[shard][start - offset : end - offset])
             start, shard = end, shard + 1
-        return np.concatenate(pieces).astype(np.int64)
+        return np.concatenate(pieces)
 
 
 def _windows_to_batch(rows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    windows = torch.from_numpy(np.stack(rows))  # (B, T+1)
-    return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()  # x, y: (B, T)
+    windows = np.stack(rows)  # (B, T+1) uint16
+    # numpy's astype makes the contiguous int64 copies: torch's .contiguous() of the same strided slices
+    # took 5-15 ms per 64x1024 batch on this 2-core CPU, numpy well under 1 ms
+    return torch.from_numpy(windows[:, :-1].astype(np.int64)), torch.from_numpy(windows[:, 1:].astype(np.int64))
 
 
 class ShardedTokenLoader:
@@ -315,7 +317,7 @@ def validation_batches(
             if window >= num_windows:
                 break
             start = window * seq_len
-            tokens = torch.from_numpy(stream.read(start, min(start + seq_len + 1, num_tokens)))
+            tokens = torch.from_numpy(stream.read(start, min(start + seq_len + 1, num_tokens)).astype(np.int64))
             x[row, : len(tokens) - 1] = tokens[:-1]
             y[row, : len(tokens) - 1] = tokens[1:]
         yield x, y
