@@ -1,0 +1,438 @@
+"""HellaSwag (validation, 10,042 examples) for any causal LM: ours, stock `gpt2`, any AutoModelForCausalLM.
+
+Each example is a context and 4 candidate endings; the model picks the ending it finds most likely.
+Two scoring styles:
+- completion (default; build-nanogpt, llm.c): context = `ctx`, ending = " " + ending; the loss is the
+  cross-entropy of the ending tokens only. acc picks the lowest summed loss, acc_norm the lowest loss per
+  ending token. OpenAI GPT-2 124M in fp32: acc 0.2859, acc_norm 0.2955.
+- harness (lm-evaluation-harness): context = "<activity_label>: <ctx_a> <Ctx_b>" with WikiHow markup cleaned
+  up; acc picks the highest summed log-likelihood, acc_norm the highest log-likelihood per character of the
+  ending. OpenAI GPT-2 124M: acc 28.92%, acc_norm 31.14%.
+
+The accuracies come from the `evaluate` metric in `hellaswag_accuracy.py` (loaded by path: offline).
+
+How an example is scored, fast: a context is run once with the KV cache on, the cache is repeated for the 4
+endings, and the endings are run on top of it, so the context costs 1/4 of what 4 full rows would; logits are
+computed only where an ending token is predicted. Several examples share each forward (right-padded and
+masked), sorted by length to keep padding small.
+
+    python eval_hellaswag.py --model openai-community/gpt2
+    python eval_hellaswag.py --model out/checkpoint --style harness --dtype bfloat16 --limit 1000 --seed 0
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 eval_hellaswag.py --model out/checkpoint
+
+From a training loop (every process calls it; each scores its share of the examples):
+
+    examples = load_hellaswag()
+    result = evaluate_hellaswag(model, tokenizer, examples, accelerator=accelerator)  # {"acc", "acc_norm", ...}
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import random
+import re
+import sys
+import urllib.request
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+HUB_DATASET = "Rowan/hellaswag"
+ORIGINAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
+ORIGINAL_SPLIT_NAMES = {"train": "train", "validation": "val", "test": "test"}  # the Hub's names -> the files'
+NUM_ENDINGS = 4
+TEXT_FIELDS = ("ctx", "activity_label", "ctx_a", "ctx_b")
+METRIC_PATH = Path(__file__).with_name("hellaswag_accuracy.py")  # a sibling module, in a checkout or installed
+STYLES = ("completion", "harness")
+
+
+class HellaSwagUnavailable(RuntimeError):
+    """No HellaSwag data could be found locally or fetched."""
+
+
+class HellaSwagFormatError(ValueError):
+    """A HellaSwag record is malformed; the message names the file and line (or row)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# data
+
+
+def normalize_example(record: object, where: str) -> dict:
+    """One HellaSwag record from either schema (label int or string) as {ctx, activity_label, ctx_a, ctx_b,
+    endings (4 strings), label (int 0-3)}. `where` ("file:line") goes into every error message."""
+    if not isinstance(record, dict):
+        raise HellaSwagFormatError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    endings = record.get("endings")
+    if not isinstance(endings, (list, tuple)) or len(endings) != NUM_ENDINGS \
+            or not all(isinstance(e, str) and e for e in endings):
+        raise HellaSwagFormatError(f"{where}: 'endings' must be a list of {NUM_ENDINGS} non-empty strings")
+    for field in TEXT_FIELDS:
+        if not isinstance(record.get(field), str):
+            raise HellaSwagFormatError(f"{where}: '{field}' must be a string")
+    if not record["ctx"].strip():
+        raise HellaSwagFormatError(f"{where}: 'ctx' is empty, so there is nothing to continue")
+    label = record.get("label")
+    # The original jsonl has int labels; the Hub copy has strings ("" in the unlabelled test split).
+    if isinstance(label, str) and label.strip().isdigit():
+        label = int(label)
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < NUM_ENDINGS:
+        raise HellaSwagFormatError(f"{where}: 'label' must be an ending index 0-{NUM_ENDINGS - 1}, got {label!r}")
+    return {**{field: record[field] for field in TEXT_FIELDS}, "endings": list(endings), "label": label}
+
+
+def read_hellaswag_file(path: str | os.PathLike) -> list[dict]:
+    """A local HellaSwag file, .jsonl (one record a line) or .parquet, in either schema."""
+    path = Path(path)
+    if not path.is_file():
+        raise HellaSwagUnavailable(f"HellaSwag data file {path} does not exist.")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(path).to_pylist()
+        return [normalize_example(row, f"{path}: row {i}") for i, row in enumerate(rows, start=1)]
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise HellaSwagFormatError(f"{path}:{line_number}: not valid JSON ({err.msg})") from None
+            examples.append(normalize_example(record, f"{path}:{line_number}"))
+    return examples
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gpt2repro" / "hellaswag"
+
+
+def load_hellaswag(data_file: str | None = None, split: str = "validation", cache_dir: str | None = None) -> list[dict]:
+    """HellaSwag examples, normalised (see `normalize_example`).
+
+    Sources, first found wins: `data_file` (jsonl or parquet); the original jsonl already downloaded into
+    `cache_dir`; the Hub dataset `Rowan/hellaswag` through `datasets` (its own cache works offline with
+    HF_HUB_OFFLINE=1); the original jsonl from GitHub, downloaded once into `cache_dir`.
+    """
+    if data_file is not None:
+        return read_hellaswag_file(data_file)
+    if split not in ORIGINAL_SPLIT_NAMES:
+        raise ValueError(f"split must be one of {list(ORIGINAL_SPLIT_NAMES)}, got {split!r}")
+    url = ORIGINAL_URL.format(split=ORIGINAL_SPLIT_NAMES[split])
+    cached_file = Path(cache_dir or default_cache_dir()) / url.rsplit("/", 1)[-1]
+    if cached_file.is_file():
+        return read_hellaswag_file(cached_file)
+
+    import datasets
+
+    try:
+        rows = datasets.load_dataset(HUB_DATASET, split=split)
+    except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError):
+        pass  # unreachable or not cached: try the original file
+    else:
+        return [normalize_example(row, f"{HUB_DATASET} ({split}) row {i}") for i, row in enumerate(rows, start=1)]
+
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            data = response.read()
+    except OSError:  # URLError, timeouts, refused connections
+        raise HellaSwagUnavailable(
+            f"HellaSwag {split} data is not available offline: pass --data_file with a local HellaSwag jsonl or "
+            f"parquet file, or go online so it can be fetched from the Hugging Face Hub ({HUB_DATASET}) or {url}."
+        ) from None
+    cached_file.parent.mkdir(parents=True, exist_ok=True)
+    partial_file = cached_file.with_name(f"{cached_file.name}.{os.getpid()}.partial")
+    partial_file.write_bytes(data)
+    partial_file.replace(cached_file)  # atomic: concurrent processes never see half a file
+    return read_hellaswag_file(cached_file)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# scoring
+
+
+def harness_preprocess(text: str) -> str:
+    """lm-evaluation-harness' HellaSwag text clean-up: WikiHow's " [title]" becomes a sentence break, other
+    [bracketed] markup goes, and the double spaces that leaves are halved."""
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def render_example(example: dict, style: str) -> tuple[str, list[str], list[int] | None]:
+    """(context, the 4 continuations as appended to it, each ending's length in characters for harness
+    acc_norm or None when acc_norm is per token)."""
+    if style == "completion":
+        return example["ctx"], [" " + ending for ending in example["endings"]], None
+    if style == "harness":
+        context = harness_preprocess(
+            example["activity_label"] + ": " + example["ctx_a"] + " " + example["ctx_b"].capitalize()
+        )
+        endings = [harness_preprocess(ending) for ending in example["endings"]]
+        # max(1, ...): an ending made only of markup would otherwise divide by zero.
+        return context, [" " + ending for ending in endings], [max(1, len(ending)) for ending in endings]
+    raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+
+
+def tokenize_examples(examples: list[dict], tokenizer, style: str) -> list[dict]:
+    """Per example: context token ids, the 4 endings' token ids, and the 4 acc_norm divisors."""
+    rendered = [render_example(example, style) for example in examples]
+    texts = [text for context, endings, _ in rendered for text in [context, *endings]]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    tokenized = []
+    for i, (_, _, char_lengths) in enumerate(rendered):
+        context_ids, *ending_ids = ids[i * (1 + NUM_ENDINGS): (i + 1) * (1 + NUM_ENDINGS)]
+        if not context_ids or not all(ending_ids):
+            raise ValueError(f"HellaSwag example {i}: the context and every ending must give at least one token")
+        norm_divisors = char_lengths or [len(e) for e in ending_ids]
+        tokenized.append({"context": context_ids, "endings": ending_ids, "norm_divisors": norm_divisors})
+    return tokenized
+
+
+def score_batch(model: torch.nn.Module, batch: list[dict], device: torch.device) -> torch.Tensor:
+    """Summed cross-entropy (nats) of each ending given its context: (B, 4), float32 on the CPU.
+
+    Pass 1 runs the contexts minus their last token, right-padded, and keeps the KV cache; the cache is then
+    repeated 4 times (one copy per ending). Pass 2 runs, per ending, [last context token] + ending[:-1] on top of
+    it: every position of pass 2 predicts one ending token, so no logit is computed for nothing but padding.
+    Padded cache slots are masked out in pass 2 (in pass 1 they lie after the real tokens, invisible to them
+    under the causal mask).
+    """
+    B = len(batch)
+    prefix_lengths = [len(ex["context"]) - 1 for ex in batch]
+    prefix_len = max(prefix_lengths)
+    prefix_ids = torch.zeros(B, prefix_len, dtype=torch.long)  # pad id 0: any valid id, it is masked
+    prefix_mask = torch.zeros(B, prefix_len, dtype=torch.long)
+    for i, (ex, n) in enumerate(zip(batch, prefix_lengths)):
+        prefix_ids[i, :n] = torch.tensor(ex["context"][:-1])
+        prefix_mask[i, :n] = 1
+
+    cache = None
+    if prefix_len > 0:
+        # Only the cache is needed: keep the logits of one position if the model lets us.
+        keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+        cache = model(prefix_ids.to(device), use_cache=True, **keep).past_key_values
+        if cache is None:
+            raise ValueError(f"{type(model).__name__} returned no KV cache; HellaSwag scoring needs use_cache=True")
+        cache.batch_repeat_interleave(NUM_ENDINGS)  # (B, ...) -> (4B, ...): example i's rows are 4i..4i+3
+
+    rows = [(ex["context"][-1:] + ending[:-1], ending) for ex in batch for ending in ex["endings"]]
+    ending_len = max(len(targets) for _, targets in rows)
+    input_ids = torch.zeros(NUM_ENDINGS * B, ending_len, dtype=torch.long)
+    targets = torch.zeros(NUM_ENDINGS * B, ending_len, dtype=torch.long)
+    ending_mask = torch.zeros(NUM_ENDINGS * B, ending_len, dtype=torch.bool)
+    for r, (inputs, ending) in enumerate(rows):
+        input_ids[r, : len(inputs)] = torch.tensor(inputs)
+        targets[r, : len(ending)] = torch.tensor(ending)
+        ending_mask[r, : len(ending)] = True
+    row_prefix_lengths = torch.tensor(prefix_lengths).repeat_interleave(NUM_ENDINGS)  # (4B,)
+    position_ids = row_prefix_lengths[:, None] + torch.arange(ending_len)  # (4B, Te): endings follow their context
+    attention_mask = torch.cat([prefix_mask.repeat_interleave(NUM_ENDINGS, dim=0), ending_mask.long()], dim=1)
+
+    logits = model(
+        input_ids.to(device), attention_mask=attention_mask.to(device), position_ids=position_ids.to(device),
+        past_key_values=cache, use_cache=False,
+    ).logits  # (4B, Te, V)
+    # Log-softmax only where an ending token is predicted, in fp32 whatever the model's dtype.
+    ending_mask = ending_mask.to(logits.device)
+    token_losses = F.cross_entropy(
+        logits[ending_mask].float(), targets.to(logits.device)[ending_mask], reduction="none"
+    )  # (N,) over the real ending tokens
+    row_of_token = ending_mask.nonzero()[:, 0]
+    losses = torch.zeros(NUM_ENDINGS * B, device=logits.device).index_add_(0, row_of_token, token_losses)
+    return losses.view(B, NUM_ENDINGS).cpu()
+
+
+def load_metric():
+    """The shipped `evaluate` metric, by path (no Hub), in memory (no cache files shared between processes)."""
+    import evaluate
+
+    return evaluate.load(str(METRIC_PATH), keep_in_memory=True)
+
+
+def evaluate_hellaswag(
+    model: torch.nn.Module,
+    tokenizer,
+    examples: list[dict],
+    *,
+    style: str = "completion",
+    batch_size: int = 8,
+    accelerator=None,
+    limit: int | None = None,
+    show_progress: bool = True,
+    return_predictions: bool = False,
+) -> dict:
+    """Score `examples` (from `load_hellaswag`) with a causal LM; returns the metric's dict: acc, acc_norm,
+    correct, correct_norm, count, plus `predictions` (one dict per example, in input order) if asked.
+
+    The model stays where and how the caller put it (device, dtype, autocast); it is put in eval mode and its
+    training mode restored afterwards. With an `accelerator`, every process must call this: each scores a
+    disjoint share of the examples and the results are gathered once per example, so every process returns
+    the same dict.
+    """
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    examples = examples[:limit] if limit is not None else examples
+    if not examples:
+        raise ValueError("no HellaSwag examples to evaluate")
+    if accelerator is not None:
+        model = accelerator.unwrap_model(model)  # no DDP forward: the processes run different numbers of batches
+        with accelerator.main_process_first():  # the first load copies the module into evaluate's cache
+            metric = load_metric()
+    else:
+        metric = load_metric()
+    device = next(model.parameters()).device
+
+    indices = list(range(len(examples)))
+    if accelerator is not None and accelerator.num_processes > 1:
+        # A contiguous, unpadded share each: no example is scored twice.
+        with accelerator.split_between_processes(indices) as share:
+            indices = list(share)
+    tokenized = tokenize_examples([examples[i] for i in indices], tokenizer, style)
+    # Longest first: similar lengths share a batch (little padding), and an out-of-memory shows up at once.
+    order = sorted(
+        range(len(indices)),
+        key=lambda j: (max(map(len, tokenized[j]["endings"])), len(tokenized[j]["context"])),
+        reverse=True,
+    )
+
+    is_main = accelerator is None or accelerator.is_local_main_process
+    records = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), tqdm(total=len(order), desc=f"HellaSwag ({style})", unit="example",
+                                          disable=not (show_progress and is_main)) as progress:
+            for start in range(0, len(order), batch_size):
+                batch_positions = order[start: start + batch_size]
+                batch = [tokenized[j] for j in batch_positions]
+                losses = score_batch(model, batch, device)  # (B, 4)
+                norm_losses = losses / torch.tensor([ex["norm_divisors"] for ex in batch], dtype=torch.float32)
+                for j, ex_losses, ex_norm_losses in zip(batch_positions, losses.tolist(), norm_losses.tolist()):
+                    index = indices[j]
+                    records.append({
+                        "index": index,
+                        "label": examples[index]["label"],
+                        "pred": min(range(NUM_ENDINGS), key=ex_losses.__getitem__),  # first of ties, like argmin
+                        "pred_norm": min(range(NUM_ENDINGS), key=ex_norm_losses.__getitem__),
+                        "ending_nll": ex_losses,
+                        "ending_nll_norm": ex_norm_losses,
+                    })
+                progress.update(len(batch))
+    finally:
+        model.train(was_training)
+
+    if accelerator is not None and accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        records = gather_object(records)
+    records.sort(key=lambda record: record["index"])
+    if [record["index"] for record in records] != list(range(len(examples))):
+        raise RuntimeError("HellaSwag results were not gathered exactly once per example")
+    result = metric.compute(
+        predictions=[r["pred"] for r in records],
+        predictions_norm=[r["pred_norm"] for r in records],
+        references=[r["label"] for r in records],
+    )
+    if return_predictions:
+        result["predictions"] = records
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def load_tokenizer(model_name: str):
+    """The model's own tokenizer, or GPT-2's (offline) when the model has none: a checkpoint folder saved
+    without one loads as an EMPTY tokenizer in transformers 5 rather than failing, hence the probe."""
+    from transformers import AutoTokenizer
+
+    from tokenization_gpt2repro import get_tokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_name, trust_remote_code=True)
+        if tokenizer("Hello world", add_special_tokens=False)["input_ids"]:
+            return tokenizer
+    except (OSError, ValueError):
+        pass
+    print(f"{model_name} has no usable tokenizer: using GPT-2's", file=sys.stderr)
+    return get_tokenizer()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="HellaSwag validation accuracy of a causal LM (completion or lm-evaluation-harness scoring).",
+        epilog="Multi-process: accelerate launch [--multi_gpu --num_processes N] eval_hellaswag.py --model ...",
+    )
+    parser.add_argument("--model", required=True, help="checkpoint folder or Hub id (e.g. openai-community/gpt2)")
+    parser.add_argument("--data_file", default=None,
+                        help="local HellaSwag .jsonl or .parquet (either schema); default: the Hub, else GitHub")
+    parser.add_argument("--cache_dir", default=None,
+                        help=f"where the GitHub jsonl is cached (default {default_cache_dir()})")
+    parser.add_argument("--style", choices=STYLES, default="completion",
+                        help="completion: build-nanogpt/llm.c scoring; harness: lm-evaluation-harness scoring")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights' dtype")
+    parser.add_argument("--batch_size", type=int, default=8, help="examples per forward (each is 4 endings)")
+    parser.add_argument("--limit", type=int, default=None, help="score only N examples (the first N, or see --seed)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="with --limit: score a random sample of N examples drawn with this seed")
+    parser.add_argument("--output_json", default=None, help="write the result and per-example predictions here")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error("--batch_size must be at least 1")
+    if args.limit is not None and args.limit < 1:
+        parser.error("--limit must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
+
+    accelerator = Accelerator()
+    error = None
+    with accelerator.main_process_first():  # one download, then the others read the cached file
+        try:  # caught inside, so that every process still reaches the barrier at the end of the block
+            examples = load_hellaswag(args.data_file, cache_dir=args.cache_dir)
+        except (HellaSwagUnavailable, HellaSwagFormatError) as err:
+            error = err
+    if error is not None:
+        accelerator.print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    if args.limit is not None and args.seed is not None:
+        examples = random.Random(args.seed).sample(examples, min(args.limit, len(examples)))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            args.model, dtype=getattr(torch, args.dtype), trust_remote_code=True
+        )
+    except OSError as err:
+        first_line = str(err).splitlines()[0]
+        accelerator.print(f"error: could not load the model '{args.model}' (a checkpoint folder, or a Hub id that "
+                          f"needs the network or the local Hub cache): {first_line}", file=sys.stderr)
+        sys.exit(2)
+    model.to(accelerator.device)
+    tokenizer = load_tokenizer(args.model)
+
+    result = evaluate_hellaswag(model, tokenizer, examples, style=args.style, batch_size=args.batch_size,
+                                accelerator=accelerator, limit=args.limit, return_predictions=True)
+    predictions = result.pop("predictions")
+    accelerator.print(f"HellaSwag {args.style} ({result['count']} examples, {args.dtype}): "
+                      f"acc {result['acc']:.4f}  acc_norm {result['acc_norm']:.4f}")
+    if args.output_json and accelerator.is_main_process:
+        report = {"model": args.model, "style": args.style, "dtype": args.dtype, "data_file": args.data_file,
+                  **result, "predictions": predictions}
+        Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output_json).write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
