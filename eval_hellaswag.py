@@ -11,10 +11,11 @@ Two scoring styles:
 
 The accuracies come from the `evaluate` metric in `hellaswag_accuracy.py` (loaded by path: offline).
 
-How an example is scored, fast: a context is run once with the KV cache on, the cache is repeated for the 4
-endings, and the endings are run on top of it, so the context costs 1/4 of what 4 full rows would; logits are
-computed only where an ending token is predicted. Several examples share each forward (right-padded and
-masked), sorted by length to keep padding small.
+How an example is scored, fast: its context and 4 endings are packed into one row, with an attention mask that
+lets each ending see only the context and itself, so the context costs 1/4 of what 4 full rows would; logits
+are computed only where an ending token is predicted. Several examples (padded and masked) share each forward,
+sorted by length to keep padding small. The model must accept position_ids and a custom 4-D attention mask, as
+transformers' models do.
 
     python eval_hellaswag.py --model openai-community/gpt2
     python eval_hellaswag.py --model out/checkpoint --style harness --dtype bfloat16 --limit 1000 --seed 0
@@ -197,55 +198,65 @@ def tokenize_examples(examples: list[dict], tokenizer, style: str) -> list[dict]
 def score_batch(model: torch.nn.Module, batch: list[dict], device: torch.device) -> torch.Tensor:
     """Summed cross-entropy (nats) of each ending given its context: (B, 4), float32 on the CPU.
 
-    Pass 1 runs the contexts minus their last token, right-padded, and keeps the KV cache; the cache is then
-    repeated 4 times (one copy per ending). Pass 2 runs, per ending, [last context token] + ending[:-1] on top of
-    it: every position of pass 2 predicts one ending token, so no logit is computed for nothing but padding.
-    Padded cache slots are masked out in pass 2 (in pass 1 they lie after the real tokens, invisible to them
-    under the causal mask).
+    One forward for the batch. Each example is one packed row, context then its 4 endings back to back; a 4-D
+    attention mask lets each ending see the context and its own earlier tokens only, and position ids restart
+    at len(context) for every ending, so each ending is scored exactly as the row context + ending would be,
+    while the context is computed once instead of 4 times. Rows are left-padded so that all endings sit in the
+    last positions, the only ones whose logits are computed (`logits_to_keep`). An ending's first token is
+    predicted by the last context token, each later one by the ending's previous token.
     """
     B = len(batch)
-    prefix_lengths = [len(ex["context"]) - 1 for ex in batch]
-    prefix_len = max(prefix_lengths)
-    prefix_ids = torch.zeros(B, prefix_len, dtype=torch.long)  # pad id 0: any valid id, it is masked
-    prefix_mask = torch.zeros(B, prefix_len, dtype=torch.long)
-    for i, (ex, n) in enumerate(zip(batch, prefix_lengths)):
-        prefix_ids[i, :n] = torch.tensor(ex["context"][:-1])
-        prefix_mask[i, :n] = 1
+    lengths = [len(ex["context"]) + sum(map(len, ex["endings"])) for ex in batch]
+    T = max(lengths)
+    input_ids = torch.zeros(B, T, dtype=torch.long)  # pad id 0: any valid id, it is masked
+    position_ids = torch.zeros(B, T, dtype=torch.long)
+    segment = torch.full((B, T), -1)  # per position: -1 padding, 0 context, j + 1 ending j
+    predictors, targets, ending_rows = [], [], []  # per ending token: (row, position predicting it), token, 4i + j
+    for i, ex in enumerate(batch):
+        context_len = len(ex["context"])
+        at = T - lengths[i]  # left padding
+        input_ids[i, at: at + context_len] = torch.tensor(ex["context"])
+        position_ids[i, at: at + context_len] = torch.arange(context_len)
+        segment[i, at: at + context_len] = 0
+        last_context_position = at + context_len - 1
+        at += context_len
+        for j, ending in enumerate(ex["endings"]):
+            n = len(ending)
+            input_ids[i, at: at + n] = torch.tensor(ending)
+            position_ids[i, at: at + n] = torch.arange(context_len, context_len + n)
+            segment[i, at: at + n] = j + 1
+            predictors += [(i, last_context_position)] + [(i, at + k) for k in range(n - 1)]
+            targets += ending
+            ending_rows += [NUM_ENDINGS * i + j] * n
+            at += n
 
-    cache = None
-    if prefix_len > 0:
-        # Only the cache is needed: keep the logits of one position if the model lets us.
-        keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-        cache = model(prefix_ids.to(device), use_cache=True, **keep).past_key_values
-        if cache is None:
-            raise ValueError(f"{type(model).__name__} returned no KV cache; HellaSwag scoring needs use_cache=True")
-        cache.batch_repeat_interleave(NUM_ENDINGS)  # (B, ...) -> (4B, ...): example i's rows are 4i..4i+3
+    positions = torch.arange(T)
+    causal = positions[None, :] <= positions[:, None]  # (T, T): key position <= query position
+    query_segment, key_segment = segment[:, :, None], segment[:, None, :]  # (B, T, 1), (B, 1, T)
+    allowed = causal & (key_segment != -1) & ((key_segment == 0) | (key_segment == query_segment))  # (B, T, T)
+    allowed |= torch.eye(T, dtype=torch.bool)  # padding queries see themselves: an all-masked row would be NaN
+    # Additive float mask (0 / most negative): what every attention implementation accepts as a custom 4-D mask
+    # (eager attention adds it to the scores; a boolean mask would be added as 0/1 there).
+    dtype = next(model.parameters()).dtype
+    attention_bias = torch.zeros(B, 1, T, T, dtype=dtype).masked_fill(~allowed[:, None], torch.finfo(dtype).min)
 
-    rows = [(ex["context"][-1:] + ending[:-1], ending) for ex in batch for ending in ex["endings"]]
-    ending_len = max(len(targets) for _, targets in rows)
-    input_ids = torch.zeros(NUM_ENDINGS * B, ending_len, dtype=torch.long)
-    targets = torch.zeros(NUM_ENDINGS * B, ending_len, dtype=torch.long)
-    ending_mask = torch.zeros(NUM_ENDINGS * B, ending_len, dtype=torch.bool)
-    for r, (inputs, ending) in enumerate(rows):
-        input_ids[r, : len(inputs)] = torch.tensor(inputs)
-        targets[r, : len(ending)] = torch.tensor(ending)
-        ending_mask[r, : len(ending)] = True
-    row_prefix_lengths = torch.tensor(prefix_lengths).repeat_interleave(NUM_ENDINGS)  # (4B,)
-    position_ids = row_prefix_lengths[:, None] + torch.arange(ending_len)  # (4B, Te): endings follow their context
-    attention_mask = torch.cat([prefix_mask.repeat_interleave(NUM_ENDINGS, dim=0), ending_mask.long()], dim=1)
-
+    # Keep the logits of the last positions only: every ending token and the last context token.
+    keep = max(length - len(ex["context"]) + 1 for length, ex in zip(lengths, batch))
+    keep_kwargs = {"logits_to_keep": keep} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    first_kept = T - keep if keep_kwargs else 0
     logits = model(
-        input_ids.to(device), attention_mask=attention_mask.to(device), position_ids=position_ids.to(device),
-        past_key_values=cache, use_cache=False,
-    ).logits  # (4B, Te, V)
+        input_ids.to(device), attention_mask=attention_bias.to(device), position_ids=position_ids.to(device),
+        **keep_kwargs,
+    ).logits  # (B, keep or T, V)
+    predictors = torch.tensor(predictors).to(logits.device)
     # Log-softmax only where an ending token is predicted, in fp32 whatever the model's dtype.
-    ending_mask = ending_mask.to(logits.device)
     token_losses = F.cross_entropy(
-        logits[ending_mask].float(), targets.to(logits.device)[ending_mask], reduction="none"
-    )  # (N,) over the real ending tokens
-    row_of_token = ending_mask.nonzero()[:, 0]
-    losses = torch.zeros(NUM_ENDINGS * B, device=logits.device).index_add_(0, row_of_token, token_losses)
-    return losses.view(B, NUM_ENDINGS).cpu()
+        logits[predictors[:, 0], predictors[:, 1] - first_kept].float(),
+        torch.tensor(targets, device=logits.device),
+        reduction="none",
+    ).cpu()  # (N,) over all ending tokens of the batch
+    losses = torch.zeros(NUM_ENDINGS * B).index_add_(0, torch.tensor(ending_rows), token_losses)
+    return losses.view(B, NUM_ENDINGS)
 
 
 def load_metric():
@@ -299,7 +310,7 @@ def evaluate_hellaswag(
     # Longest first: similar lengths share a batch (little padding), and an out-of-memory shows up at once.
     order = sorted(
         range(len(indices)),
-        key=lambda j: (max(map(len, tokenized[j]["endings"])), len(tokenized[j]["context"])),
+        key=lambda j: (sum(map(len, tokenized[j]["endings"])), len(tokenized[j]["context"])),
         reverse=True,
     )
 
@@ -380,7 +391,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--style", choices=STYLES, default="completion",
                         help="completion: build-nanogpt/llm.c scoring; harness: lm-evaluation-harness scoring")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights' dtype")
-    parser.add_argument("--batch_size", type=int, default=8, help="examples per forward (each is 4 endings)")
+    parser.add_argument("--batch_size", type=int, default=8,
+                        help="examples per forward (each one packed row: context + 4 endings)")
     parser.add_argument("--limit", type=int, default=None, help="score only N examples (the first N, or see --seed)")
     parser.add_argument("--seed", type=int, default=None,
                         help="with --limit: score a random sample of N examples drawn with this seed")
