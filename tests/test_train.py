@@ -1,0 +1,224 @@
+"""train_accelerate.py in-process: the recipe's numbers, one training step against a hand-written reference
+(torch's cross_entropy, clip_grad_norm_ and AdamW), user errors, non-finite stop, and pushes to the Hub with the
+Hugging Face client calls replaced."""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from accelerate.state import AcceleratorState, GradientState
+from huggingface_hub import HfApi
+from train_helpers import SEED, TINY_MODEL, TINY_RUN, final_weights, records, write_tiny_data
+
+import train_accelerate
+from configuration_gpt2repro import GPT2ReproConfig
+from modeling_gpt2repro import GPT2ReproForCausalLM
+from token_shards import ShardedTokenLoader, open_shard, list_shards
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """Each in-process run builds its own Accelerator: clear Accelerate's process-wide singletons around it.
+    One thread: the tiny model's ops are far faster without thread hand-offs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return write_tiny_data(tmp_path_factory.mktemp("tiny_data"))
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, str]:
+    """train_accelerate.main in this process: (exit status, stderr)."""
+    try:
+        train_accelerate.main(argv)
+        status = 0
+    except SystemExit as exit_:
+        status = exit_.code
+    return status, capsys.readouterr().err
+
+
+def test_lr_schedule_is_build_nanogpt_formula():
+    def lr(step):
+        return train_accelerate.get_lr(step, max_lr=6e-4, min_lr=6e-5, warmup_steps=715, max_steps=19073)
+
+    def cosine(step):  # the recipe's formula, written out
+        return 6e-5 + 0.5 * (1 + math.cos(math.pi * (step - 715) / (19073 - 715))) * (6e-4 - 6e-5)
+
+    assert lr(0) == pytest.approx(6e-4 / 715)  # warmup starts at max_lr / warmup, not 0
+    assert lr(357) == pytest.approx(6e-4 * 358 / 715)
+    assert lr(714) == pytest.approx(6e-4)  # last warmup step
+    assert lr(715) == pytest.approx(6e-4)  # the cosine starts at the top
+    assert lr(9894) == pytest.approx((6e-4 + 6e-5) / 2)  # half way: cos(pi / 2) = 0
+    for step in (1000, 5000, 12345, 19000):
+        assert lr(step) == pytest.approx(cosine(step))
+    assert lr(19072) == pytest.approx(6e-5, rel=1e-4)
+    assert lr(19073) == lr(50000) == 6e-5
+
+
+def test_gradient_accumulation_steps_is_total_over_micro_times_world():
+    assert train_accelerate.gradient_accumulation_steps(2**19, 64, 1024, 1) == 8  # build-nanogpt on one GPU
+    assert train_accelerate.gradient_accumulation_steps(2**19, 64, 1024, 8) == 1  # and on 8
+    with pytest.raises(train_accelerate.TrainingError, match="not a multiple"):
+        train_accelerate.gradient_accumulation_steps(2**19, 48, 1024, 1)
+
+
+def test_weight_decay_only_on_matrices_and_embeddings(tiny_config):
+    model = GPT2ReproForCausalLM(tiny_config)
+    optimizer = train_accelerate.configure_optimizer(model, 0.1, (0.9, 0.95), 1e-8, "cpu")
+    decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0.1 for p in g["params"]}
+    for name, p in model.named_parameters():  # named_parameters lists the tied wte/lm_head matrix once
+        assert (id(p) in decayed) == (p.dim() >= 2), name
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+    assert optimizer.defaults["betas"] == (0.9, 0.95) and optimizer.defaults["eps"] == 1e-8
+    assert optimizer.defaults["fused"]
+
+
+def test_one_step_equals_hand_computed_reference(tiny_data, tmp_path, capsys, fresh_accelerate):
+    """Step 0 (4 micro-batches of 2 x 32): loss, grad norm, the updated weights and the val loss before and
+    after, against torch's cross_entropy over 8 rows at once, clip_grad_norm_ and a plain AdamW step."""
+    data_dir, _ = tiny_data
+    max_lr, weight_decay = 1e-2, 0.5  # large, so a wrong LR or decay group shows far above float noise
+    status, err = run_main(TINY_MODEL + [
+        "--data_dir", str(data_dir), "--output_dir", str(tmp_path), "--micro_batch_size", "2",
+        "--total_batch_size", "256", "--max_steps", "1", "--warmup_steps", "1", "--max_lr", str(max_lr),
+        "--weight_decay", str(weight_decay), "--eval_every", "1", "--val_tokens", "1000", "--mixed_precision", "no",
+        "--seed", str(SEED), "--no-hellaswag", "--num_samples", "0"], capsys)
+    assert status == 0, err
+    [train_record] = records(tmp_path, "train")
+    evals = records(tmp_path, "eval")
+
+    torch.manual_seed(SEED)  # the run's initial weights are those its seed gives
+    model = GPT2ReproForCausalLM(GPT2ReproConfig(n_positions=32, n_layer=2, n_head=2, n_embd=64))
+    val = torch.from_numpy(open_shard(list_shards(data_dir, "val")[0])[:1000].astype("int64"))
+
+    def val_loss() -> float:  # first 1000 val tokens: 999 targets in windows of 32 (the last one short)
+        with torch.no_grad():
+            losses = [F.cross_entropy(model(input_ids=val[s:s + 32][None]).logits[0, : len(val[s + 1:s + 33])],
+                                      val[s + 1:s + 33], reduction="sum") for s in range(0, 999, 32)]
+        return (sum(losses) / 999).item()
+
+    assert evals[0]["val_loss"] == pytest.approx(val_loss(), rel=1e-5)
+    x, y = ShardedTokenLoader(data_dir, "train", 8, 32, shuffle=True, seed=SEED).next_batch()  # the step's 8 rows
+    logits = model(input_ids=x).logits  # (8, 32, 50257)
+    loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+    loss.backward()
+    assert train_record["loss"] == pytest.approx(loss.item(), rel=1e-6)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    assert train_record["grad_norm"] == pytest.approx(grad_norm.item(), rel=1e-5)
+    assert train_record["lr"] == max_lr  # warmup 1: step 0 runs at max_lr
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    vectors = [p for p in model.parameters() if p.dim() < 2]
+    torch.optim.AdamW([{"params": matrices, "weight_decay": weight_decay}, {"params": vectors, "weight_decay": 0.0}],
+                      lr=max_lr, betas=(0.9, 0.95), eps=1e-8, foreach=False, fused=False).step()
+    trained = final_weights(tmp_path, 1)
+    for name, p in model.named_parameters():
+        # Adam's first step moves a weight by lr * g / (|g| + eps): for gradients far above float noise that is
+        # the same in both; for noise-level gradients (e.g. the key biases, zero in exact arithmetic) any sign.
+        reliable = p.grad.abs() > 1e-6
+        torch.testing.assert_close(trained[name][reliable], p.detach()[reliable], rtol=0, atol=1e-6, msg=name)
+        assert (trained[name] - p.detach()).abs().max() <= 2 * max_lr * 1.001, name
+    assert evals[1]["step"] == 1 and evals[1]["val_loss"] == pytest.approx(val_loss(), rel=1e-5)
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--total_batch_size", "1000"], "not a multiple of micro_batch_size x seq_len x processes"),
+    (["--data_dir", "no/such/folder"], "does not exist"),
+])
+def test_user_errors_are_one_line_and_exit_1(change, message, tiny_data, tmp_path, capsys, fresh_accelerate):
+    data_dir, _ = tiny_data
+    argv = TINY_RUN + ["--data_dir", str(data_dir), "--output_dir", str(tmp_path / "out"), "--micro_batch_size", "2"]
+    status, err = run_main(argv + change, capsys)
+    assert status == 1
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_data, tmp_path, capsys, fresh_accelerate):
+    data_dir, _ = tiny_data
+    status, err = run_main(TINY_RUN + [
+        "--data_dir", str(data_dir), "--output_dir", str(tmp_path), "--micro_batch_size", "8",
+        "--max_lr", "1e30", "--warmup_steps", "1", "--checkpoint_every", "1", "--eval_every", "100",
+        "--no-hellaswag", "--num_samples", "0"], capsys)  # step 0 moves every weight by ~1e30
+    assert status == 1 and "is not finite" in err and "Traceback" not in err
+    trained_steps = len(records(tmp_path, "train"))
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert kept == [f"step_{trained_steps:06d}"]  # the checkpoint before the failing step, none after
+    assert f"Last good checkpoint: {tmp_path / 'checkpoints' / kept[0]}" in err
+
+
+class FakeHub:
+    """Stands in for the Hub: records HfApi calls; each upload copies the folder's file names."""
+
+    def __init__(self, tmp_path, whoami_error=None):
+        self.calls, self.uploads, self.whoami_error = [], [], whoami_error
+        self.output_dir, self.checkpoints = tmp_path, tmp_path / "checkpoints"
+
+    def whoami(self, *args, **kwargs):
+        self.calls.append(("whoami", (self.output_dir / "metrics.jsonl").exists()))
+        if self.whoami_error:
+            raise self.whoami_error
+        return {"name": "tester"}
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id))
+
+    def upload_folder(self, *, repo_id, folder_path, commit_message, **kwargs):
+        files = sorted(p.name for p in Path(folder_path).iterdir())
+        started = time.monotonic()
+        if not self.uploads:  # the first upload lasts until training has written the next checkpoint
+            while not (self.checkpoints / "step_000002").exists() and time.monotonic() - started < 60:
+                time.sleep(0.05)
+        self.uploads.append((repo_id, folder_path, commit_message, files,
+                             (self.checkpoints / "step_000002").exists()))
+
+
+def install_fake_hub(monkeypatch, hub: FakeHub) -> None:
+    for name in ("whoami", "create_repo", "upload_folder"):
+        monkeypatch.setattr(HfApi, name, lambda self, *a, _f=getattr(hub, name), **k: _f(*a, **k))
+
+
+def test_push_to_hub_uploads_every_checkpoint_in_the_background(tiny_data, tmp_path, capsys, monkeypatch,
+                                                                fresh_accelerate):
+    data_dir, _ = tiny_data
+    hub = FakeHub(tmp_path)
+    install_fake_hub(monkeypatch, hub)
+    status, err = run_main(TINY_MODEL + [
+        "--data_dir", str(data_dir), "--output_dir", str(tmp_path), "--micro_batch_size", "8",
+        "--total_batch_size", "256", "--max_steps", "2", "--checkpoint_every", "1", "--keep_checkpoints", "1",
+        "--eval_every", "100", "--val_tokens", "100", "--mixed_precision", "no", "--no-hellaswag",
+        "--num_samples", "0", "--push_to_hub", "--hub_model_id", "tester/tiny-gpt2repro"], capsys)
+    assert status == 0, err
+    # Checked before step 0 (no metrics yet), then one upload per checkpoint, in order.
+    assert hub.calls == [("whoami", False), ("create_repo", "tester/tiny-gpt2repro")]
+    assert [(u[0], u[1], u[2].split(":")[0]) for u in hub.uploads] == [
+        ("tester/tiny-gpt2repro", str(tmp_path / "checkpoints" / f"step_00000{s}" / "hf"), f"step {s}") for s in (1, 2)]
+    assert hub.uploads[0][4], "training waited for the first upload instead of going on to step 2"
+    for upload in hub.uploads:
+        assert {"config.json", "model.safetensors", "modeling_gpt2repro.py", "tokenizer.json", "README.md",
+                "generation_config.json"} <= set(upload[3])
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_000002"]  # pruned after its upload
+
+
+def test_push_to_hub_without_token_fails_before_training(tiny_data, tmp_path, capsys, monkeypatch, fresh_accelerate):
+    data_dir, _ = tiny_data
+    hub = FakeHub(tmp_path, whoami_error=OSError("Invalid user token.\nmore detail"))
+    install_fake_hub(monkeypatch, hub)
+    status, err = run_main(TINY_RUN + [
+        "--data_dir", str(data_dir), "--output_dir", str(tmp_path), "--micro_batch_size", "8",
+        "--push_to_hub", "--hub_model_id", "tester/tiny-gpt2repro"], capsys)
+    assert status == 1
+    assert err.strip() == ("error: --push_to_hub needs a Hugging Face token and a reachable Hub (run `hf auth login` "
+                           "or set HF_TOKEN): Invalid user token.")
+    assert hub.uploads == [] and not (tmp_path / "metrics.jsonl").exists()

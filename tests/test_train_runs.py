@@ -1,0 +1,139 @@
+"""train_accelerate.py as users launch it: the same 12-step tiny run (fp32) with gradient accumulation, as one
+big batch, on 2 processes through `accelerate launch` (gloo DDP), and killed then resumed; its checkpoints
+loaded by AutoModelForCausalLM in a fresh process."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from train_helpers import SEED, TINY_RUN, final_weights, records, run_training, training_command, write_tiny_data
+
+import train_accelerate
+
+MAX_STEPS = 12
+TIMING_KEYS = ("step_time", "tokens_per_sec", "mfu")  # wall-clock figures, the only fields that may differ
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_runs")
+    data_dir, hellaswag_file = write_tiny_data(root)
+    return root, TINY_RUN + ["--data_dir", str(data_dir), "--hellaswag_file", str(hellaswag_file)]
+
+
+@pytest.fixture(scope="module")
+def accumulated_run(workspace):
+    """One process, micro-batch 2: 4 accumulation steps of 2 x 32 per 256-token step."""
+    root, args = workspace
+    run_training(args + ["--output_dir", str(root / "accumulated"), "--micro_batch_size", "2"])
+    return root / "accumulated"
+
+
+def without_timing(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k not in TIMING_KEYS}
+
+
+def assert_runs_close(run, reference):
+    train, train_ref = records(run, "train"), records(reference, "train")
+    assert [r["step"] for r in train] == list(range(MAX_STEPS))
+    for key in ("loss", "grad_norm"):
+        assert [r[key] for r in train] == pytest.approx([r[key] for r in train_ref], rel=1e-5), key
+    assert [r["lr"] for r in train] == [r["lr"] for r in train_ref]
+    evals, evals_ref = records(run, "eval"), records(reference, "eval")
+    assert [r["step"] for r in evals] == [r["step"] for r in evals_ref] == [0, 6, 12]
+    assert [r["val_loss"] for r in evals] == pytest.approx([r["val_loss"] for r in evals_ref], rel=1e-5)
+    weights, weights_ref = final_weights(run, MAX_STEPS), final_weights(reference, MAX_STEPS)
+    assert weights.keys() == weights_ref.keys()
+    for name in weights:
+        torch.testing.assert_close(weights[name], weights_ref[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_run_outputs(accumulated_run):
+    train, evals = records(accumulated_run, "train"), records(accumulated_run, "eval")
+    for record in train:  # the LR actually set at each step is the schedule's
+        assert record["lr"] == train_accelerate.get_lr(record["step"], 6e-4, 6e-5, 2, MAX_STEPS)
+        assert record["tokens_per_sec"] > 0 and 0 < record["mfu"] < 1
+    for record in evals:
+        assert 0 <= record["hellaswag_acc_norm"] <= 1 and record["hellaswag_count"] == 3  # --hellaswag_limit 3
+        assert len(record["samples"]) == 4 and all(s.startswith("Hello, I'm a language model,") for s in record["samples"])
+    assert (accumulated_run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # checkpoints at 4, 8, 12; --keep_checkpoints 2 leaves the last two, no temporary folder
+    assert sorted(p.name for p in (accumulated_run / "checkpoints").iterdir()) == ["step_000008", "step_000012"]
+    card = (accumulated_run / "checkpoints" / "step_000012" / "hf" / "README.md").read_text()
+    assert f"| val loss (1,000 tokens, step 12) | {evals[-1]['val_loss']:.4f} |" in card
+
+
+def test_accumulation_equals_one_big_batch(workspace, accumulated_run):
+    root, args = workspace
+    run_training(args + ["--output_dir", str(root / "big_batch"), "--micro_batch_size", "8", "--num_samples", "0"])
+    assert_runs_close(root / "big_batch", accumulated_run)
+
+
+def test_two_processes_equal_one_with_twice_the_accumulation(workspace, accumulated_run):
+    root, args = workspace
+    result = run_training(args + ["--output_dir", str(root / "ddp"), "--micro_batch_size", "2"], processes=2)
+    assert "2 process(es) on cpu | 2 micro-steps of 2 x 32" in result.stdout
+    assert_runs_close(root / "ddp", accumulated_run)
+    ddp_samples = [r["samples"] for r in records(root / "ddp", "eval")]
+    assert ddp_samples[0] == records(accumulated_run, "eval")[0]["samples"]  # same seed, same initial weights
+
+
+def test_resume_after_kill_equals_uninterrupted_run(workspace, accumulated_run):
+    root, args = workspace
+    output_dir = root / "killed"
+    run_args = args + ["--output_dir", str(output_dir), "--micro_batch_size", "2"]
+    command, env = training_command(run_args)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (output_dir / "checkpoints" / "step_000004").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)  # mid-run: the eval at step 6 (with HellaSwag and samples) comes next
+    assert process.wait() == -signal.SIGKILL
+    assert not (output_dir / "checkpoints" / "step_000012").exists()
+
+    run_training(run_args + ["--resume_from_checkpoint", "latest"])
+    resumed, uninterrupted = records(output_dir, "train"), records(accumulated_run, "train")
+    assert list(map(without_timing, resumed)) == list(map(without_timing, uninterrupted))  # bitwise: floats as repr
+    assert records(output_dir, "eval") == records(accumulated_run, "eval")
+    weights, reference = final_weights(output_dir, MAX_STEPS), final_weights(accumulated_run, MAX_STEPS)
+    assert all(torch.equal(weights[name], reference[name]) for name in reference)
+
+
+LOAD_IN_FRESH_PROCESS = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+folder = sys.argv[1]
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained(folder)
+torch.save(model.state_dict(), sys.argv[2])
+print(json.dumps({"class": type(model).__name__, "module": type(model).__module__,
+                  "ids": tokenizer("Hello, I'm a language model,").input_ids,
+                  "top_k": GenerationConfig.from_pretrained(folder).top_k}))
+"""
+
+
+def test_checkpoint_loads_with_automodel_in_a_fresh_process(accumulated_run, tmp_path):
+    from safetensors.torch import load_file
+
+    checkpoint = accumulated_run / "checkpoints" / "step_000012"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH="")
+    result = subprocess.run([sys.executable, "-c", LOAD_IN_FRESH_PROCESS, str(checkpoint / "hf"), str(tmp_path / "sd.pt")],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = json.loads(result.stdout.splitlines()[-1])
+    assert loaded["class"] == "GPT2ReproForCausalLM"
+    assert loaded["module"].startswith("transformers_modules")  # the code saved in the folder, not the checkout
+    assert loaded["ids"] == [15496, 11, 314, 1101, 257, 3303, 2746, 11]  # GPT-2's ids (tiktoken "gpt2")
+    assert loaded["top_k"] == 50
+    state = torch.load(tmp_path / "sd.pt")
+    trained = load_file(checkpoint / "training_state" / "model.safetensors")  # Accelerate's copy of the weights
+    for name, tensor in trained.items():
+        assert torch.equal(state[name], tensor), name
+    assert torch.equal(state["lm_head.weight"], state["transformer.wte.weight"])

@@ -1,0 +1,82 @@
+"""Shared by the train_accelerate tests: tiny shards, a tiny HellaSwag file, launching runs, reading results."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from token_shards import shard_name, write_shard
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = str(REPO / "train_accelerate.py")
+SEED = 1234
+# A tiny GPT (2 layers, width 64, T = 32) in fp32; 12 steps of 256 tokens, evals at 0/6/12, checkpoints at 4/8/12.
+TINY_MODEL = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--seq_len", "32"]
+TINY_RUN = TINY_MODEL + [
+    "--total_batch_size", "256", "--max_steps", "12", "--warmup_steps", "2", "--eval_every", "6",
+    "--checkpoint_every", "4", "--keep_checkpoints", "2", "--val_tokens", "1000", "--eval_batch_size", "4",
+    "--mixed_precision", "no", "--seed", str(SEED), "--hellaswag_limit", "3",
+]
+VAL_TOKENS, TRAIN_TOKENS = 4000, 20000
+
+
+def write_tiny_data(folder: Path) -> tuple[Path, Path]:
+    """Random GPT-2 token shards (one val, one train) and a 4-example HellaSwag jsonl in the original schema."""
+    data_dir = folder / "data"
+    data_dir.mkdir()
+    rng = np.random.default_rng(0)
+    write_shard(data_dir / shard_name("tiny", "val", 0), rng.integers(0, 50257, VAL_TOKENS))
+    write_shard(data_dir / shard_name("tiny", "train", 1), rng.integers(0, 50257, TRAIN_TOKENS))
+    hellaswag_file = folder / "hellaswag_val.jsonl"
+    with open(hellaswag_file, "w") as f:
+        for i in range(4):
+            ctx_a, ctx_b = f"A man number {i} is standing in a kitchen.", "He"
+            f.write(json.dumps({
+                "ind": i, "activity_label": "Cooking", "ctx_a": ctx_a, "ctx_b": ctx_b, "ctx": f"{ctx_a} {ctx_b}",
+                "split": "val", "split_type": "indomain", "label": i % 4, "source_id": f"test~{i}",
+                "endings": ["cuts an onion.", "sings to the fridge.", "flies away.", "reads a long book slowly."],
+            }) + "\n")
+    return data_dir, hellaswag_file
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def training_command(args: list[str], processes: int = 1) -> tuple[list[str], dict]:
+    """The command line and environment of a CPU run: plain python, or `accelerate launch` with gloo DDP."""
+    # One thread per process: tiny ops are dominated by thread hand-offs, and a second thread of a busy machine
+    # makes every op wait for it (measured: 78 ms vs 181 ms per tiny forward + backward).
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    if processes == 1:
+        return [sys.executable, SCRIPT, *args], env
+    env.update(ACCELERATE_USE_CPU="true")
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(free_port())]
+    return [*launcher, SCRIPT, *args], env
+
+
+def run_training(args: list[str], processes: int = 1, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    command, env = training_command(args, processes)
+    result = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def records(output_dir: Path, record_type: str) -> list[dict]:
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["type"] == record_type]
+
+
+def final_weights(output_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(output_dir / "checkpoints" / f"step_{step:06d}" / "hf" / "model.safetensors")

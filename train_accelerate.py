@@ -1,0 +1,692 @@
+"""Train GPT-2 from scratch with a plain Hugging Face Accelerate loop: build-nanogpt's 124M recipe, plus
+exact resume, atomic checkpoints that load with `AutoModelForCausalLM`, and background pushes to the Hub.
+
+    python train_accelerate.py --preset cpu-demo                          # ~5 minutes on 2 CPU cores
+    accelerate launch --config_file accelerate_configs/8gpu_ddp_bf16.yaml train_accelerate.py --preset gpt2-124m
+
+One optimiser step sees `--total_batch_size` tokens: every process runs `gradient_accumulation_steps`
+micro-batches of (micro_batch_size, seq_len) and DDP averages the gradients once, on the last micro-step.
+The learning rate is set by hand before each optimiser step, so it follows the schedule on any number of
+processes. Every `--eval_every` steps: validation loss over a fixed number of tokens, HellaSwag when its data
+is there, and samples from `generate`. Every `--checkpoint_every` steps and at the end: the full training
+state (for `--resume_from_checkpoint`) and a Hugging Face model folder, written to a temporary folder and
+renamed into place, so a killed run never leaves a half-written checkpoint behind.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import is_tensorboard_available, is_wandb_available, set_seed
+from tqdm.auto import tqdm
+
+from configuration_gpt2repro import GPT2ReproConfig
+from eval_hellaswag import HellaSwagFormatError, HellaSwagUnavailable, evaluate_hellaswag, load_hellaswag
+from modeling_gpt2repro import GPT2ReproForCausalLM
+from token_shards import ShardedTokenLoader, ShardFormatError, list_shards, validation_batches
+from tokenization_gpt2repro import EOT_TOKEN_ID, get_tokenizer
+
+# Reference lines of the loss/HellaSwag plot (FineWeb-Edu val loss and HellaSwag acc_norm, see the README).
+GPT2_124M_VAL_LOSS = 3.2924
+GPT2_124M_HELLASWAG = 0.2955
+GPT3_124M_HELLASWAG = 0.337
+SAMPLE_PROMPT = "Hello, I'm a language model,"
+CHECKPOINT_PREFIX = "step_"
+# Dense bf16 peak FLOP/s of one GPU from the datasheets, for MFU; matched against torch's device name.
+GPU_PEAK_BF16_FLOPS = {"H100": 989e12, "A100": 312e12}
+
+# Every preset only changes defaults; any flag given on the command line wins.
+PRESETS = {
+    # build-nanogpt's GPT-2 124M run on FineWeb-Edu sample-10BT (the parser's defaults are this run).
+    "gpt2-124m": dict(data_dir="data/edu_fineweb10B", output_dir="runs/gpt2-124m"),
+    # A small GPT on the embedded corpus that shows a falling validation loss in ~5 minutes on 2 CPU cores.
+    "cpu-demo": dict(
+        data_dir="data/kjv", output_dir="runs/cpu-demo",
+        n_layer=4, n_head=4, n_embd=64, seq_len=128,  # the 50304 x 64 lm_head is most of the FLOPs
+        micro_batch_size=8, total_batch_size=8 * 128,  # one micro-batch per step: 1024 tokens
+        max_lr=3e-3, min_lr=3e-4,  # a small model takes a larger LR; min stays 10% of max as in the recipe
+        warmup_steps=20, max_steps=300,
+        eval_every=50, val_tokens=8 * 128 * 16, checkpoint_every=150,  # val: 16 batches of 8 x 128
+        mixed_precision="no",  # without AVX512-BF16/AMX, CPU bf16 matmuls are ~5x slower than fp32 (measured here)
+        hellaswag=False,  # 10,042 examples would take longer than the run, and a model this small scores chance
+    ),
+}
+
+
+class TrainingError(RuntimeError):
+    """A problem the user can fix; main() prints the message as one line and exits with status 1."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Arguments
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train GPT-2 from scratch with Hugging Face Accelerate (defaults: build-nanogpt's 124M run).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="a named set of defaults; explicit flags still win")
+    data = parser.add_argument_group("data and output")
+    data.add_argument("--data_dir", default="data/edu_fineweb10B", help="folder of train/val token shards (prepare_data.py)")
+    data.add_argument("--output_dir", default="runs/gpt2-124m", help="where checkpoints, metrics.jsonl and loss.png go")
+    data.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True,
+                      help="shuffle shards and windows every epoch (build-nanogpt reads in order, which shows as a "
+                           "periodic loss pattern)")
+    data.add_argument("--seed", type=int, default=1337, help="seed of the initialisation, data order and samples")
+    model = parser.add_argument_group("model")
+    model.add_argument("--n_layer", type=int, default=12)
+    model.add_argument("--n_head", type=int, default=12)
+    model.add_argument("--n_embd", type=int, default=768)
+    model.add_argument("--seq_len", type=int, default=1024, help="tokens per training row (T), also the context size")
+    batch = parser.add_argument_group("batch and schedule")
+    batch.add_argument("--total_batch_size", type=int, default=2**19, help="tokens per optimiser step over all processes")
+    batch.add_argument("--micro_batch_size", type=int, default=64, help="rows per forward pass per process (B)")
+    batch.add_argument("--max_steps", type=int, default=19073, help="optimiser steps (19073 x 2**19 = 10B tokens)")
+    batch.add_argument("--warmup_steps", type=int, default=715, help="linear warmup steps (715 x 2**19 = 375M tokens)")
+    batch.add_argument("--max_lr", type=float, default=6e-4)
+    batch.add_argument("--min_lr", type=float, default=6e-5, help="the cosine ends here at max_steps")
+    optim = parser.add_argument_group("optimiser")
+    optim.add_argument("--weight_decay", type=float, default=0.1, help="applied to parameters with dim >= 2 only")
+    optim.add_argument("--beta1", type=float, default=0.9)
+    optim.add_argument("--beta2", type=float, default=0.95)
+    optim.add_argument("--adam_eps", type=float, default=1e-8)
+    optim.add_argument("--grad_clip", type=float, default=1.0, help="max global grad norm")
+    optim.add_argument("--mixed_precision", choices=["no", "bf16"], default="bf16",
+                       help="bf16 autocast through Accelerate; fp32 master weights either way")
+    optim.add_argument("--compile", action="store_true", help="torch.compile the training forward (eval uses eager)")
+    evaluation = parser.add_argument_group("evaluation")
+    evaluation.add_argument("--eval_every", type=int, default=250, help="steps between evaluations")
+    evaluation.add_argument("--val_tokens", type=int, default=20 * 64 * 1024 * 8,
+                            help="validation tokens, the same on any number of processes "
+                                 "(default: build-nanogpt's 20 batches of 64 x 1024 on 8 GPUs)")
+    evaluation.add_argument("--eval_batch_size", type=int, help="rows per validation forward (default: micro_batch_size)")
+    evaluation.add_argument("--hellaswag", action=argparse.BooleanOptionalAction, default=True,
+                            help="score HellaSwag at each evaluation when its data can be found")
+    evaluation.add_argument("--hellaswag_file", help="HellaSwag val jsonl or parquet (default: the cache, the Hub, GitHub)")
+    evaluation.add_argument("--hellaswag_limit", type=int, help="score only the first N HellaSwag examples")
+    evaluation.add_argument("--num_samples", type=int, default=4, help="samples generated at each evaluation")
+    evaluation.add_argument("--sample_tokens", type=int, default=32, help="new tokens per sample")
+    evaluation.add_argument("--top_k", type=int, default=50, help="top-k of the sampling")
+    logging = parser.add_argument_group("logging")
+    logging.add_argument("--report_to", choices=["none", "tensorboard", "wandb", "all"], default="none",
+                         help="Accelerate trackers, besides metrics.jsonl and loss.png in --output_dir")
+    logging.add_argument("--peak_flops", type=float,
+                         help="peak FLOP/s of one device for MFU (default: datasheet bf16 peak of A100/H100; "
+                              "on CPU a large matmul measured at start-up in the training precision)")
+    ckpt = parser.add_argument_group("checkpoints and the Hub")
+    ckpt.add_argument("--checkpoint_every", type=int, default=1000, help="steps between checkpoints (one is also written at the end)")
+    ckpt.add_argument("--keep_checkpoints", type=int, default=2, help="keep only the newest N checkpoints")
+    ckpt.add_argument("--resume_from_checkpoint", metavar="latest|PATH",
+                      help="continue a run exactly: 'latest' in --output_dir (a fresh start when there is none) "
+                           "or a checkpoint folder")
+    ckpt.add_argument("--push_to_hub", action="store_true", help="upload the model folder of every checkpoint in the background")
+    ckpt.add_argument("--hub_model_id", help="Hub repository for --push_to_hub, e.g. user/gpt2-124m-repro")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    preset = parser.parse_known_args(argv)[0].preset
+    if preset:
+        parser.set_defaults(**PRESETS[preset])
+    args = parser.parse_args(argv)
+    if args.eval_batch_size is None:
+        args.eval_batch_size = args.micro_batch_size
+    positive = ["n_layer", "n_head", "n_embd", "seq_len", "total_batch_size", "micro_batch_size", "max_steps",
+                "eval_every", "checkpoint_every", "keep_checkpoints", "eval_batch_size", "val_tokens"]
+    for name in positive:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.push_to_hub and not args.hub_model_id:
+        parser.error("--push_to_hub needs --hub_model_id (e.g. your-name/gpt2-124m-repro)")
+    return args
+
+
+def gradient_accumulation_steps(total_batch_size: int, micro_batch_size: int, seq_len: int, world_size: int) -> int:
+    """Micro-steps per optimiser step: total / (B * T * world), which must divide exactly."""
+    tokens_per_micro_step = micro_batch_size * seq_len * world_size
+    if total_batch_size % tokens_per_micro_step:
+        raise TrainingError(
+            f"--total_batch_size {total_batch_size} is not a multiple of micro_batch_size x seq_len x processes = "
+            f"{micro_batch_size} x {seq_len} x {world_size} = {tokens_per_micro_step}: change one of them so that it divides"
+        )
+    return total_batch_size // tokens_per_micro_step
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Recipe: learning rate and optimiser
+
+
+def get_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
+    """LR of optimiser step `step` (0-based): linear warmup, cosine decay to min_lr at max_steps, then min_lr."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps  # step 0 already trains, at max_lr / warmup_steps
+    if step >= max_steps:
+        return min_lr
+    decay_ratio = (step - warmup_steps) / (max_steps - warmup_steps)  # 0 -> 1
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * decay_ratio)) * (max_lr - min_lr)
+
+
+def configure_optimizer(model: torch.nn.Module, weight_decay: float, betas: tuple[float, float], eps: float,
+                        device_type: str) -> torch.optim.AdamW:
+    """AdamW with weight decay on matmul and embedding weights (dim >= 2) only, never on biases or LayerNorms."""
+    params = [p for p in model.parameters() if p.requires_grad]  # the tied wte/lm_head matrix appears once
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    fused = device_type in ("cuda", "cpu")  # torch's fused AdamW kernel exists for these devices
+    return torch.optim.AdamW(groups, lr=0.0, betas=betas, eps=eps, fused=fused)  # lr is set before every step
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Device helpers (small and guarded)
+
+
+def pin_cpu_allocator() -> None:
+    """Keep freed large blocks in glibc's heap instead of returning them to the OS on every step.
+
+    glibc serves blocks over 32 MB with mmap and unmaps them on free, so each training step page-faults its
+    activations back in (measured here: 0.5-1.7 s of a 2-3 s GPT-2 step). This is what MALLOC_MMAP_MAX_=0 and
+    a huge MALLOC_TRIM_THRESHOLD_ do, set at run time through mallopt(3).
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc (e.g. musl)
+    m_trim_threshold, m_mmap_max = -1, -4  # mallopt parameter numbers from glibc's malloc.h
+    libc.mallopt(m_mmap_max, 0)
+    libc.mallopt(m_trim_threshold, 2**31 - 1)  # an int: the largest threshold mallopt accepts
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 1024, repeats: int = 3) -> float:
+    """FLOP/s of the best of a few (size x size) linear layers in `dtype`: a practical peak for MFU on CPU."""
+    x = torch.randn(size, size, device=device, dtype=dtype)
+    weight = torch.randn(size, size, device=device, dtype=dtype)
+    torch.nn.functional.linear(x, weight)  # warm-up (F.linear: the kernel training runs; torch.mm differs in bf16)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.nn.functional.linear(x, weight)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best  # one multiply and one add per inner-product term
+
+
+def peak_flops_per_device(device: torch.device, mixed_precision: str) -> float | None:
+    """A device's peak FLOP/s for MFU: a datasheet figure on known GPUs, a measured matmul on CPU, else None."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((flops for key, flops in GPU_PEAK_BF16_FLOPS.items() if key in name), None)
+    if device.type == "cpu":
+        return measure_matmul_flops(device, torch.bfloat16 if mixed_precision == "bf16" else torch.float32)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Metrics: metrics.jsonl and the loss/HellaSwag plot
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(temporary, path)
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line, {"type": "train"|"eval", "step": ..., ...}; main process only.
+
+    A train record's step is the 0-based optimiser step it took; an eval record's step is the number of
+    optimiser steps done when it ran. On resume from step s the file keeps only what the checkpoint had
+    seen: train records before s and evals up to s.
+    """
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        records = []
+        if resume_step is not None and path.exists():
+            records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            records = [r for r in records if r["step"] < resume_step or (r["type"] == "eval" and r["step"] == resume_step)]
+        self.records = records
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text("".join(json.dumps(r) + "\n" for r in records))
+        os.replace(temporary, path)
+
+    def append(self, record: dict) -> None:
+        self.records.append(record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def latest(self, record_type: str) -> dict | None:
+        return next((r for r in reversed(self.records) if r["type"] == record_type), None)
+
+    def plot(self, path: Path) -> None:
+        """Train and val loss against GPT-2 124M's val loss; HellaSwag against GPT-2 and GPT-3 124M."""
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, no display
+        import matplotlib.pyplot as plt
+
+        train = [r for r in self.records if r["type"] == "train"]
+        evals = [r for r in self.records if r["type"] == "eval"]
+        hellaswag = [r for r in evals if "hellaswag_acc_norm" in r]
+        fig, (ax_loss, ax_hs) = plt.subplots(1, 2, figsize=(14, 5))
+        ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], lw=0.8, label="train loss")
+        ax_loss.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val loss")
+        ax_loss.axhline(GPT2_124M_VAL_LOSS, color="r", ls="--", label=f"GPT-2 124M val loss ({GPT2_124M_VAL_LOSS})")
+        ax_loss.set(xlabel="step", ylabel="loss", yscale="log", title="loss")
+        ax_loss.legend()
+        ax_hs.plot([r["step"] for r in hellaswag], [r["hellaswag_acc_norm"] for r in hellaswag], "o-", label="this run")
+        ax_hs.axhline(GPT2_124M_HELLASWAG, color="r", ls="--", label=f"GPT-2 124M ({GPT2_124M_HELLASWAG})")
+        ax_hs.axhline(GPT3_124M_HELLASWAG, color="g", ls="--", label=f"GPT-3 124M ({GPT3_124M_HELLASWAG})")
+        ax_hs.set(xlabel="step", ylabel="acc_norm", title="HellaSwag")
+        ax_hs.legend()
+        fig.tight_layout()
+        temporary = path.with_name("tmp_" + path.name)  # keeps the .png suffix matplotlib reads the format from
+        fig.savefig(temporary, dpi=100)
+        plt.close(fig)
+        os.replace(temporary, path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The Hub
+
+
+class HubPusher:
+    """Uploads model folders to a Hub repository in a background thread, so training never waits for it.
+
+    The constructor checks the token and that the Hub is reachable (whoami, create_repo), so a long run
+    fails before step 0 rather than at its end. Upload failures are reported, not fatal.
+    """
+
+    def __init__(self, repo_id: str):
+        from huggingface_hub import HfApi
+
+        self.api = HfApi()
+        self.repo_id = repo_id
+        try:
+            self.api.whoami()
+        except Exception as error:
+            raise TrainingError(
+                f"--push_to_hub needs a Hugging Face token and a reachable Hub (run `hf auth login` or set HF_TOKEN): "
+                f"{_first_line(error)}"
+            ) from None
+        try:
+            self.api.create_repo(repo_id, repo_type="model", exist_ok=True)
+        except Exception as error:
+            raise TrainingError(f"cannot create or access the Hub repository {repo_id}: {_first_line(error)}") from None
+        self.executor = ThreadPoolExecutor(max_workers=1)  # uploads run in order, one at a time
+        self.uploads: dict[Path, Future] = {}
+
+    def push(self, folder: Path, commit_message: str) -> None:
+        self.uploads[folder] = self.executor.submit(
+            self.api.upload_folder, repo_id=self.repo_id, folder_path=str(folder), commit_message=commit_message
+        )
+
+    def wait(self, folder: Path | None = None) -> list[str]:
+        """Wait for the upload of `folder` (all uploads when None); returns one message per failed upload."""
+        failures = []
+        for path in [folder] if folder is not None else list(self.uploads):
+            future = self.uploads.pop(path, None)
+            if future is not None and future.exception() is not None:
+                failures.append(f"upload of {path} to {self.repo_id} failed: {_first_line(future.exception())}")
+        return failures
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary folders of interrupted writes are skipped)."""
+    root = output_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def write_model_card(folder: Path, args: argparse.Namespace, step: int, tokens_seen: int, metrics: MetricsLog) -> None:
+    last_train, last_eval = metrics.latest("train"), metrics.latest("eval")
+    rows = [("optimiser steps", f"{step}"), ("tokens seen", f"{tokens_seen:,}")]
+    if last_train:
+        rows.append(("train loss (last step)", f"{last_train['loss']:.4f}"))
+    if last_eval:
+        rows.append((f"val loss ({args.val_tokens:,} tokens, step {last_eval['step']})", f"{last_eval['val_loss']:.4f}"))
+        if "hellaswag_acc_norm" in last_eval:
+            rows.append((f"HellaSwag acc_norm ({last_eval['hellaswag_count']} examples)", f"{last_eval['hellaswag_acc_norm']:.4f}"))
+    table = "\n".join(f"| {name} | {value} |" for name, value in rows)
+    card = f"""---
+library_name: transformers
+license: mit
+tags: [gpt2, gpt2repro, causal-lm, from-scratch]
+---
+
+# gpt2repro: GPT-2 trained from scratch
+
+A GPT-2 ({args.n_layer} layers, {args.n_head} heads, width {args.n_embd}, context {args.seq_len}) trained with
+`train_accelerate.py` of gpt2repro on the token shards of `{args.data_dir}`.
+
+| | |
+|---|---|
+{table}
+
+Reference: GPT-2 124M scores val loss {GPT2_124M_VAL_LOSS} on FineWeb-Edu and HellaSwag acc_norm {GPT2_124M_HELLASWAG};
+GPT-3 124M scores HellaSwag {GPT3_124M_HELLASWAG}.
+
+Recipe: {args.total_batch_size:,} tokens per step, micro-batch {args.micro_batch_size} x {args.seq_len}, AdamW
+(betas {args.beta1}, {args.beta2}, eps {args.adam_eps}, weight decay {args.weight_decay} on matrices), LR
+{args.max_lr} -> {args.min_lr} (warmup {args.warmup_steps}, cosine to step {args.max_steps}), grad clip
+{args.grad_clip}, mixed precision {args.mixed_precision}, seed {args.seed}.
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("path/or/hub-id", trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained("path/or/hub-id")
+```
+"""
+    (folder / "README.md").write_text(card)
+
+
+def save_hf_folder(model: GPT2ReproForCausalLM, tokenizer, folder: Path, args: argparse.Namespace, step: int,
+                   tokens_seen: int, metrics: MetricsLog) -> None:
+    """A folder `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` loads: weights, config with
+    auto_map, the model code, tokenizer, generation config and a model card."""
+    model.generation_config.update(do_sample=True, top_k=args.top_k, max_new_tokens=args.sample_tokens,
+                                   pad_token_id=EOT_TOKEN_ID)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    write_model_card(folder, args, step, tokens_seen, metrics)
+
+
+def save_checkpoint(accelerator: Accelerator, model, tokenizer, train_loader: ShardedTokenLoader, step: int,
+                    args: argparse.Namespace, metrics: MetricsLog | None, pusher: HubPusher | None) -> Path:
+    """Write checkpoints/step_NNNNNN/ = training_state/ (Accelerate's state: weights, optimiser, RNG of every rank),
+    loader_rank{r}.json, trainer_state.json and hf/ (the model folder). Everything goes to a temporary folder
+    first and is renamed into place, then older checkpoints beyond --keep_checkpoints are removed."""
+    root = Path(args.output_dir) / "checkpoints"
+    final = root / f"{CHECKPOINT_PREFIX}{step:06d}"
+    temporary = root / f"tmp_{final.name}"
+    if accelerator.is_main_process:
+        shutil.rmtree(temporary, ignore_errors=True)  # left over by a killed run
+        temporary.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(temporary / "training_state"))
+    write_json_atomic(temporary / f"loader_rank{accelerator.process_index}.json", train_loader.state_dict())
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        tokens_seen = step * args.total_batch_size
+        write_json_atomic(temporary / "trainer_state.json",
+                          {"step": step, "tokens_seen": tokens_seen, "world_size": accelerator.num_processes,
+                           "args": vars(args)})
+        unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+        save_hf_folder(unwrapped, tokenizer, temporary / "hf", args, step, tokens_seen, metrics)
+        if final.exists():  # written before by a run this one resumed from an earlier checkpoint of
+            shutil.rmtree(final)
+        os.replace(temporary, final)
+        for old in list_checkpoints(Path(args.output_dir))[: -args.keep_checkpoints]:
+            if pusher is not None:
+                for failure in pusher.wait(old / "hf"):  # never delete a folder while it uploads
+                    tqdm.write(f"warning: {failure}")
+            shutil.rmtree(old)
+        if pusher is not None:
+            pusher.push(final / "hf", f"step {step}: {tokens_seen:,} tokens")
+    accelerator.wait_for_everyone()
+    return final
+
+
+def find_resume_checkpoint(args: argparse.Namespace) -> Path | None:
+    if args.resume_from_checkpoint is None:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(Path(args.output_dir))
+        return checkpoints[-1] if checkpoints else None
+    path = Path(args.resume_from_checkpoint)
+    if not (path / "trainer_state.json").is_file():
+        raise TrainingError(f"--resume_from_checkpoint {path} is not a checkpoint folder (it has no trainer_state.json)")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def load_hellaswag_examples(args: argparse.Namespace, notify: bool) -> list[dict] | None:
+    """HellaSwag's validation examples, or None (with one notice) when no data was named and none is found."""
+    if not args.hellaswag:
+        return None
+    try:
+        return load_hellaswag(args.hellaswag_file)
+    except HellaSwagFormatError as error:
+        raise TrainingError(f"--hellaswag_file: {error}") from None
+    except HellaSwagUnavailable as error:
+        if args.hellaswag_file:  # asked for by name: a typo must not cost a long run its HellaSwag curve
+            raise TrainingError(str(error)) from None
+        if notify:
+            tqdm.write(f"notice: HellaSwag is skipped (--no-hellaswag silences this): {error}")
+        return None
+
+
+@torch.no_grad()
+def evaluate(accelerator: Accelerator, model: GPT2ReproForCausalLM, tokenizer, args: argparse.Namespace,
+             hellaswag_examples: list[dict] | None) -> dict:
+    """Val loss over the first --val_tokens val tokens (identical on any world size), HellaSwag, and samples.
+
+    `model` is the plain module (no DDP, no compile): evaluation never goes through the compiled graph.
+    """
+    model.eval()
+    device = accelerator.device
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    target_count = torch.zeros((), dtype=torch.float64, device=device)
+    batches = validation_batches(args.data_dir, args.eval_batch_size, args.seq_len, args.val_tokens,
+                                 accelerator.process_index, accelerator.num_processes)
+    with accelerator.autocast():
+        for x, y in batches:
+            count = int((y != -100).sum())
+            if count == 0:  # a filler batch: ranks yield equally many batches, some have nothing left to score
+                continue
+            loss = model(input_ids=x.to(device), shift_labels=y.to(device), return_logits=False).loss
+            loss_sum += loss.double() * count  # the mean over this batch's targets, back to a sum
+            target_count += count
+    totals = accelerator.reduce(torch.stack([loss_sum, target_count]), reduction="sum")
+    result = {"val_loss": (totals[0] / totals[1]).item()}
+
+    if hellaswag_examples:
+        with accelerator.autocast():
+            scores = evaluate_hellaswag(model, tokenizer, hellaswag_examples, style="completion",
+                                        batch_size=args.eval_batch_size, accelerator=accelerator,
+                                        limit=args.hellaswag_limit, show_progress=False)
+        result.update(hellaswag_acc=scores["acc"], hellaswag_acc_norm=scores["acc_norm"], hellaswag_count=scores["count"])
+
+    if accelerator.is_main_process and args.num_samples > 0:
+        prompt = tokenizer(SAMPLE_PROMPT, return_tensors="pt").input_ids.to(device)  # (1, 8)
+        # The samples draw from their own seeded RNG, so training's random state is the same with or without them.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), accelerator.autocast():
+            torch.manual_seed(args.seed)
+            max_new_tokens = min(args.sample_tokens, args.seq_len - prompt.shape[1])  # stay inside the context
+            output = model.generate(prompt, do_sample=True, top_k=args.top_k, max_new_tokens=max_new_tokens,
+                                    num_return_sequences=args.num_samples, pad_token_id=EOT_TOKEN_ID)
+        result["samples"] = tokenizer.batch_decode(output)
+    model.train()
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+
+
+def prepare_demo_data(accelerator: Accelerator, args: argparse.Namespace) -> None:
+    """The demo's data folder is built from the embedded corpus the first time (main process; others wait)."""
+    with accelerator.main_process_first():
+        if accelerator.is_main_process and not any(Path(args.data_dir).glob("*train*")):
+            import prepare_data
+
+            tqdm.write(f"preparing the embedded corpus in {args.data_dir} ...")
+            prepare_data.main(["--dataset", "embedded", "--output_dir", args.data_dir])
+
+
+def train(args: argparse.Namespace) -> Path:
+    """Run the whole training; returns the final checkpoint folder."""
+    if args.report_to in ("tensorboard", "all") and not is_tensorboard_available():
+        raise TrainingError("--report_to tensorboard needs the tensorboard package: pip install tensorboard")
+    if args.report_to == "wandb" and not is_wandb_available():
+        raise TrainingError("--report_to wandb needs the wandb package: pip install wandb")
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, project_dir=args.output_dir,
+                              log_with=None if args.report_to == "none" else args.report_to,
+                              dynamo_backend="inductor" if args.compile else None)  # None: the launch config decides
+    device, rank, world_size = accelerator.device, accelerator.process_index, accelerator.num_processes
+    is_main = accelerator.is_main_process
+    grad_accum = gradient_accumulation_steps(args.total_batch_size, args.micro_batch_size, args.seq_len, world_size)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast run as TF32 (~3x on A100)
+        torch.backends.cudnn.allow_tf32 = True
+    elif device.type == "cpu":
+        pin_cpu_allocator()
+
+    output_dir = Path(args.output_dir)
+    resume_from = find_resume_checkpoint(args)
+    if resume_from is None and list_checkpoints(output_dir):
+        raise TrainingError(f"{output_dir} already holds checkpoints: continue with --resume_from_checkpoint latest "
+                            f"or choose another --output_dir")
+    if args.preset == "cpu-demo":
+        prepare_demo_data(accelerator, args)
+    try:
+        list_shards(args.data_dir, "val")
+        train_loader = ShardedTokenLoader(args.data_dir, "train", args.micro_batch_size, args.seq_len, rank,
+                                          world_size, shuffle=args.shuffle, seed=args.seed)
+    except ShardFormatError as error:
+        raise TrainingError(str(error)) from None
+    pusher = HubPusher(args.hub_model_id) if args.push_to_hub and is_main else None  # fail now, not at the end
+    hellaswag_examples = load_hellaswag_examples(args, notify=is_main)  # every rank scores its share
+    tokenizer = get_tokenizer()
+
+    set_seed(args.seed)  # the same initial weights on every process
+    config = GPT2ReproConfig(n_positions=args.seq_len, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+    model = GPT2ReproForCausalLM(config)
+    flops_per_token = model.flops_per_token(args.seq_len)
+    optimizer = configure_optimizer(model, args.weight_decay, (args.beta1, args.beta2), args.adam_eps, device.type)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)  # for evaluation, sampling and saving
+
+    start_step = 0
+    if resume_from is not None:
+        trainer_state = json.loads((resume_from / "trainer_state.json").read_text())
+        if trainer_state["world_size"] != world_size:
+            raise TrainingError(f"{resume_from} was written by {trainer_state['world_size']} processes; "
+                                f"resume it with the same number (this launch has {world_size})")
+        accelerator.load_state(str(resume_from / "training_state"))
+        train_loader.load_state_dict(json.loads((resume_from / f"loader_rank{rank}.json").read_text()))
+        start_step = trainer_state["step"]
+    metrics = None
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        metrics = MetricsLog(output_dir / "metrics.jsonl", start_step if resume_from is not None else None)
+    if args.report_to != "none":
+        accelerator.init_trackers("gpt2repro", config={k: v for k, v in vars(args).items() if v is not None})
+    peak_flops = args.peak_flops or peak_flops_per_device(device, args.mixed_precision)
+    if is_main:
+        tqdm.write(f"{sum(p.numel() for p in raw_model.parameters()):,} parameters | {world_size} process(es) on "
+                   f"{device.type} | {grad_accum} micro-steps of {args.micro_batch_size} x {args.seq_len} per step "
+                   f"= {args.total_batch_size:,} tokens | mixed precision {args.mixed_precision}"
+                   + (f" | resuming at step {start_step} from {resume_from}" if resume_from else ""))
+
+    progress = tqdm(total=args.max_steps, initial=start_step, disable=not is_main, desc="training", dynamic_ncols=True)
+    final_checkpoint = None
+    for step in range(start_step, args.max_steps + 1):
+        # Evaluation at step s sees the weights after s optimiser steps; a resumed run already has its eval at s.
+        if (step % args.eval_every == 0 or step == args.max_steps) and not (resume_from is not None and step == start_step):
+            result = evaluate(accelerator, raw_model, tokenizer, args, hellaswag_examples)
+            if is_main:
+                metrics.append({"type": "eval", "step": step, **result})
+                metrics.plot(output_dir / "loss.png")
+                lines = [f"step {step}: val loss {result['val_loss']:.4f}"]
+                if "hellaswag_acc_norm" in result:
+                    lines[0] += f", HellaSwag acc_norm {result['hellaswag_acc_norm']:.4f} ({result['hellaswag_count']} examples)"
+                lines += [f"  sample: {text!r}" for text in result.get("samples", [])]
+                tqdm.write("\n".join(lines))
+            accelerator.log({f"eval/{k}": v for k, v in result.items() if k != "samples"}, step=step)
+        if step > start_step and (step % args.checkpoint_every == 0 or step == args.max_steps):
+            final_checkpoint = save_checkpoint(accelerator, model, tokenizer, train_loader, step, args, metrics, pusher)
+        if step == args.max_steps:
+            break
+
+        start = time.perf_counter()
+        lr = get_lr(step, args.max_lr, args.min_lr, args.warmup_steps, args.max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step_loss = torch.zeros((), device=device)
+        for micro_step in range(grad_accum):
+            x, y = train_loader.next_batch()  # (B, T) each
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            # DDP all-reduces gradients on the last micro-step only; the choice is made before the forward.
+            last_micro_step = micro_step == grad_accum - 1
+            with contextlib.nullcontext() if last_micro_step else accelerator.no_sync(model):
+                loss = model(input_ids=x, shift_labels=y, return_logits=False).loss
+                loss = loss / grad_accum  # the step's loss is the mean over its micro-batches, not their sum
+                step_loss += loss.detach()
+                accelerator.backward(loss)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
+        step_loss = accelerator.reduce(step_loss, reduction="mean").item()  # averaged over processes, for the log
+        grad_norm = grad_norm.item()
+        if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+            last_good = list_checkpoints(output_dir)
+            raise TrainingError(
+                f"step {step}: loss {step_loss} / grad norm {grad_norm} is not finite; stopped without updating the "
+                f"weights. Last good checkpoint: {last_good[-1] if last_good else 'none yet'} (try a lower --max_lr)"
+            )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_time = time.perf_counter() - start  # .item() above waited for the device
+        tokens_per_sec = args.total_batch_size / step_time
+        record = {"type": "train", "step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
+                  "step_time": step_time, "tokens_per_sec": tokens_per_sec}
+        if peak_flops:
+            record["mfu"] = flops_per_token * tokens_per_sec / (peak_flops * world_size)
+        if is_main:
+            metrics.append(record)
+            progress.update(1)
+            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", norm=f"{grad_norm:.3f}",
+                                 tok_s=f"{tokens_per_sec:,.0f}", mfu=f"{record.get('mfu', float('nan')):.1%}")
+        accelerator.log({f"train/{k}": v for k, v in record.items() if k not in ("type", "step")}, step=step)
+
+    progress.close()
+    if pusher is not None:
+        tqdm.write(f"waiting for the uploads to {args.hub_model_id} to finish ...")
+        for failure in pusher.wait():
+            tqdm.write(f"warning: {failure}")
+    accelerator.end_training()
+    if is_main and final_checkpoint is not None:
+        tqdm.write(f"done: model folder {final_checkpoint / 'hf'}")
+    return final_checkpoint
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        train(args)
+    except TrainingError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
