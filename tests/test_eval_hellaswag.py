@@ -267,6 +267,27 @@ def test_batched_equals_unbatched_and_training_mode_is_restored(model, tokenizer
     assert evaluate_hellaswag(model, tokenizer, examples, limit=3, show_progress=False)["count"] == 3
 
 
+def test_eager_attention_bf16_weights_and_autocast_score_alike(model, tokenizer, examples):
+    """The packed rows' custom mask must mean the same to eager attention as to SDPA; lower precision set by the
+    caller (bf16 weights, or fp32 weights under autocast) must only round."""
+    def nll(m) -> torch.Tensor:
+        result = evaluate_hellaswag(m, tokenizer, examples, show_progress=False, return_predictions=True)
+        return torch.tensor([p["ending_nll"] for p in result["predictions"]])
+
+    eager_config = GPT2Config(**model.config.to_dict())
+    eager_config._attn_implementation = "eager"
+    eager = GPT2LMHeadModel(eager_config).eval()
+    eager.load_state_dict(model.state_dict())
+    assert eager.config._attn_implementation == "eager"
+    expected = nll(model)
+    torch.testing.assert_close(nll(eager), expected, atol=2e-4, rtol=1e-5)
+    bf16 = GPT2LMHeadModel(model.config).to(torch.bfloat16).eval()
+    bf16.load_state_dict(model.state_dict())
+    torch.testing.assert_close(nll(bf16), expected, rtol=2e-3, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(nll(model), expected, rtol=2e-3, atol=0)
+
+
 def test_our_model_scores_like_transformers_gpt2(model, tokenizer, examples):
     from modeling_gpt2repro import GPT2ReproForCausalLM
 
