@@ -105,6 +105,54 @@ def build_attention_mask(
     return mask
 
 
+# Rows of logits the training loss holds at once: (4096, 50304) fp32 is 0.8 GB, where a whole micro-batch of
+# 64 x 1024 would be 13 GB (26 GB with its gradient).
+LOSS_CHUNK_ROWS = 4096
+
+
+class LMHeadCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of `hidden @ weight.T` over targets != -100, computed chunk by chunk.
+
+    The loss is the end of the graph, so its gradients with respect to `hidden` and `weight` are computed here
+    in forward, while each chunk's logits exist, and backward only scales them: no (N, Vp) logits or their
+    gradient ever live at once and no matmul is repeated. The padded vocabulary columns get -inf, i.e. no
+    probability and no gradient. Matmuls run in `hidden`'s dtype (bf16 under autocast), softmax in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, vocab_size: int, compute_grad: bool):
+        # hidden (N, C), weight (Vp, C), targets (N,)
+        weight_c = weight.to(hidden.dtype)  # the copy autocast would make for the lm_head matmul
+        n_targets = (targets != -100).sum().clamp(min=1)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        if compute_grad:
+            grad_hidden = torch.empty_like(hidden)
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        for start in range(0, hidden.shape[0], LOSS_CHUNK_ROWS):
+            h, t = hidden[start : start + LOSS_CHUNK_ROWS], targets[start : start + LOSS_CHUNK_ROWS]
+            logits = (h @ weight_c.t()).float()  # (n, Vp)
+            logits[:, vocab_size:] = float("-inf")
+            lse = torch.logsumexp(logits, dim=1)
+            ignored = t == -100
+            t = t.masked_fill(ignored, 0)
+            loss_sum += (lse - logits.gather(1, t[:, None]).squeeze(1)).masked_fill(ignored, 0.0).sum()
+            if compute_grad:
+                grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                grad_logits[torch.arange(len(t), device=t.device), t] -= 1.0  # d(-log p_t)/dlogits = p - onehot(t)
+                grad_logits[ignored] = 0.0
+                grad_logits = grad_logits.to(hidden.dtype)
+                grad_hidden[start : start + LOSS_CHUNK_ROWS] = grad_logits @ weight_c
+                grad_weight += grad_logits.t() @ h
+        if compute_grad:
+            ctx.save_for_backward(grad_hidden.div_(n_targets), grad_weight.div_(n_targets).to(weight.dtype))
+        return loss_sum / n_targets
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss, None, None, None
+
+
 class GPT2ReproPreTrainedModel(PreTrainedModel):
     config_class = GPT2ReproConfig
     config: GPT2ReproConfig
@@ -219,8 +267,8 @@ class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
         shift_labels: (B, T) targets already aligned with `input_ids` (position t predicts shift_labels[t]), the
             (x, y) convention of nanoGPT's data loaders; -100 ignored.
         logits_to_keep: an int n keeps the logits of the last n positions (0: all); a 1-D tensor keeps those positions.
-        return_logits: False returns the loss alone (`logits` None), so training never materialises a second
-            copy of the (B, T, Vp) logits.
+        return_logits: False returns the loss alone (`logits` None), computed by `LMHeadCrossEntropy` chunk by
+            chunk, so training never materialises the (B, T, Vp) logits.
         """
         if labels is not None and shift_labels is not None:
             raise ValueError("Pass either `labels` (shifted inside) or `shift_labels` (already shifted), not both.")
@@ -233,6 +281,13 @@ class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
             past_key_values=past_key_values, use_cache=use_cache,
         )
         hidden_states = outputs.last_hidden_state  # (B, T, C)
+        if not return_logits:
+            weight = self.lm_head.weight
+            compute_grad = torch.is_grad_enabled() and (hidden_states.requires_grad or weight.requires_grad)
+            loss = LMHeadCrossEntropy.apply(
+                hidden_states.flatten(0, 1), weight, shift_labels.flatten(), self.config.vocab_size, compute_grad
+            )
+            return CausalLMOutputWithPast(loss=loss, past_key_values=outputs.past_key_values)
         if shift_labels is None and isinstance(logits_to_keep, int) and logits_to_keep > 0:
             hidden_states = hidden_states[:, -logits_to_keep:]
         elif shift_labels is None and isinstance(logits_to_keep, torch.Tensor):
@@ -247,7 +302,7 @@ class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(logits.flatten(0, 1), shift_labels.flatten(), ignore_index=-100)
         return CausalLMOutputWithPast(
             loss=loss,
-            logits=logits[..., : self.config.vocab_size] if return_logits else None,  # (B, T, V): a view
+            logits=logits[..., : self.config.vocab_size],  # (B, T, V): a view, the padded columns never leave
             past_key_values=outputs.past_key_values,
         )
 

@@ -104,6 +104,41 @@ def test_labels_and_shift_labels_conventions(tiny_config):
         model(x, labels=labels, shift_labels=y)
 
 
+@pytest.mark.parametrize("chunk_rows", [4096, 7])  # one chunk, and several with a ragged last one
+def test_chunked_training_loss_equals_plain_cross_entropy(tiny_config, monkeypatch, chunk_rows):
+    import modeling_gpt2repro
+
+    monkeypatch.setattr(modeling_gpt2repro, "LOSS_CHUNK_ROWS", chunk_rows)
+    torch.manual_seed(0)
+    model = GPT2ReproForCausalLM(tiny_config)
+    with torch.no_grad():
+        model.transformer.wte.weight[V:] = 0.0  # padded logits 0, above many real ones: they must not count
+    x, y = ids(3, 16), ids(3, 16, seed=1)
+    y[1, 3:9] = -100
+
+    def loss_and_grads(**kwargs):
+        model.zero_grad()
+        loss = model(x, shift_labels=y, **kwargs).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain_loss, plain_grads = loss_and_grads()
+    fused_loss, fused_grads = loss_and_grads(return_logits=False)
+    with torch.no_grad():
+        logits = model(x).logits
+    reference = F.cross_entropy(logits.reshape(-1, V), y.reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(fused_loss, reference, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(plain_loss, reference, atol=1e-6, rtol=1e-6)
+    for name, grad in plain_grads.items():
+        assert (fused_grads[name] - grad).abs().max() <= 1e-5 * grad.abs().max(), name  # fp32 summation order
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, shift_labels=y, return_logits=False).loss, reference, atol=1e-6, rtol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 matmuls in both paths: equal to bf16 rounding
+        bf16_plain = model(x, shift_labels=y).loss
+        bf16_fused = model(x, shift_labels=y, return_logits=False).loss
+    torch.testing.assert_close(bf16_fused, bf16_plain, atol=2e-3, rtol=0)
+
+
 def test_logits_to_keep(tiny_config):
     model = GPT2ReproForCausalLM(tiny_config).eval()
     x = ids(2, 10)
