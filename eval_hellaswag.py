@@ -65,7 +65,8 @@ class HellaSwagFormatError(ValueError):
 
 def normalize_example(record: object, where: str) -> dict:
     """One HellaSwag record from either schema (label int or string) as {ctx, activity_label, ctx_a, ctx_b,
-    endings (4 strings), label (int 0-3)}. `where` ("file:line") goes into every error message."""
+    endings (4 strings), label (int 0-3)}, plus the dataset's own id `ind` when it has one. `where` ("file:line")
+    goes into every error message."""
     if not isinstance(record, dict):
         raise HellaSwagFormatError(f"{where}: expected a JSON object, got {type(record).__name__}")
     endings = record.get("endings")
@@ -83,7 +84,10 @@ def normalize_example(record: object, where: str) -> dict:
         label = int(label)
     if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < NUM_ENDINGS:
         raise HellaSwagFormatError(f"{where}: 'label' must be an ending index 0-{NUM_ENDINGS - 1}, got {label!r}")
-    return {**{field: record[field] for field in TEXT_FIELDS}, "endings": list(endings), "label": label}
+    example = {**{field: record[field] for field in TEXT_FIELDS}, "endings": list(endings), "label": label}
+    if "ind" in record:
+        example["ind"] = record["ind"]
+    return example
 
 
 def read_hellaswag_file(path: str | os.PathLike) -> list[dict]:
@@ -279,7 +283,10 @@ def evaluate_hellaswag(
     return_predictions: bool = False,
 ) -> dict:
     """Score `examples` (from `load_hellaswag`) with a causal LM; returns the metric's dict: acc, acc_norm,
-    correct, correct_norm, count, plus `predictions` (one dict per example, in input order) if asked.
+    correct, correct_norm, count, plus `predictions` if asked: per example, in input order, its `index` in
+    `examples`, the dataset's `ind`, `label`, `pred` (lowest summed loss), `pred_norm` (lowest normalised loss),
+    and the 4 endings' `ending_nll` (summed negative log-likelihood, nats) and `ending_nll_norm` (per token in
+    completion style, per character in harness style).
 
     The model stays where and how the caller put it (device, dtype, autocast); it is put in eval mode and its
     training mode restored afterwards. With an `accelerator`, every process must call this: each scores a
@@ -330,6 +337,7 @@ def evaluate_hellaswag(
                     index = indices[j]
                     records.append({
                         "index": index,
+                        "ind": examples[index].get("ind"),
                         "label": examples[index]["label"],
                         "pred": min(range(NUM_ENDINGS), key=ex_losses.__getitem__),  # first of ties, like argmin
                         "pred_norm": min(range(NUM_ENDINGS), key=ex_norm_losses.__getitem__),
@@ -421,7 +429,8 @@ def main(argv: list[str] | None = None) -> None:
         accelerator.print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     if args.limit is not None and args.seed is not None:
-        examples = random.Random(args.seed).sample(examples, min(args.limit, len(examples)))
+        sample = random.Random(args.seed).sample(range(len(examples)), min(args.limit, len(examples)))
+        examples = [examples[i] for i in sorted(sample)]  # in dataset order; `ind` in the output names them
     try:
         model = AutoModelForCausalLM.from_pretrained(
             args.model, dtype=getattr(torch, args.dtype), trust_remote_code=True

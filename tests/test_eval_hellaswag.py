@@ -301,8 +301,12 @@ def test_our_model_scores_like_transformers_gpt2(model, tokenizer, examples):
 
 
 def test_metric_loads_offline_from_an_installed_module(tmp_path):
-    """From a folder outside the checkout, with no Hub and an empty evaluate module cache."""
-    code = ("import eval_hellaswag, numpy as np; m = eval_hellaswag.load_metric(); "
+    """From a folder outside the checkout, with no Hub and an empty evaluate module cache: the module is found as
+    installed (setup.cfg's py_modules) next to eval_hellaswag, which loads it from there."""
+    code = ("import importlib.util as u, evaluate, numpy as np, pathlib; "
+            "path = pathlib.Path(u.find_spec('hellaswag_accuracy').origin); "
+            "assert path.parent == pathlib.Path(u.find_spec('eval_hellaswag').origin).parent, path; "
+            "m = evaluate.load(str(path), keep_in_memory=True); "
             "p, pn, r = [0, 1, 2, 3, 1], [0, 0, 2, 2, 1], [0, 1, 0, 3, 3]; "
             "out = m.compute(predictions=p, predictions_norm=pn, references=r); "
             "assert out['acc'] == np.mean(np.equal(p, r)) and out['acc_norm'] == np.mean(np.equal(pn, r)), out; "
@@ -312,6 +316,33 @@ def test_metric_loads_offline_from_an_installed_module(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_cli_random_sample_harness_bf16_with_the_checkpoint_tokenizer(tmp_path, model, model_dir, tokenizer):
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(model_dir, checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    data_file = write_jsonl(tmp_path / "val.jsonl", make_records(10))
+    output = tmp_path / "result.json"
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--model", str(checkpoint), "--data_file", str(data_file), "--style", "harness",
+         "--dtype", "bfloat16", "--limit", "4", "--seed", "3", "--output_json", str(output)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "no usable tokenizer" not in out.stderr
+    report = json.loads(output.read_text())
+    sampled = [p["ind"] for p in report["predictions"]]
+    assert report["count"] == 4 and len(set(sampled)) == 4 and sampled == sorted(sampled)
+    # The same 4 examples, scored here with the bf16 model, give the same result.
+    examples = [e for e in load_hellaswag(str(data_file)) if e["ind"] in sampled]
+    bf16 = GPT2LMHeadModel(model.config).to(torch.bfloat16).eval()
+    bf16.load_state_dict(model.state_dict())
+    expected = evaluate_hellaswag(bf16, tokenizer, examples, style="harness", show_progress=False,
+                                  return_predictions=True)
+    assert [(p["pred"], p["pred_norm"]) for p in report["predictions"]] == \
+        [(p["pred"], p["pred_norm"]) for p in expected["predictions"]]
+    assert (report["acc"], report["acc_norm"], report["style"]) == (expected["acc"], expected["acc_norm"], "harness")
 
 
 def free_port() -> int:
