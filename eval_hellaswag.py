@@ -431,6 +431,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.limit is not None and args.seed is not None:
         sample = random.Random(args.seed).sample(range(len(examples)), min(args.limit, len(examples)))
         examples = [examples[i] for i in sorted(sample)]  # in dataset order; `ind` in the output names them
+    if args.model.startswith(("/", ".", "~")) and not Path(args.model).expanduser().is_dir():
+        accelerator.print(f"error: the model folder {args.model} does not exist", file=sys.stderr)
+        sys.exit(2)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             args.model, dtype=getattr(torch, args.dtype), trust_remote_code=True
