@@ -137,8 +137,8 @@ def load_hellaswag(data_file: str | None = None, split: str = "validation", cach
 
     try:
         rows = datasets.load_dataset(HUB_DATASET, split=split)
-    except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError):
-        pass  # unreachable or not cached: try the original file
+    except (OSError, RuntimeError):
+        pass  # unreachable, not cached, or a Hub layout this `datasets` cannot read: try the original file
     else:
         return [normalize_example(row, f"{HUB_DATASET} ({split}) row {i}") for i, row in enumerate(rows, start=1)]
 
@@ -188,7 +188,7 @@ def tokenize_examples(examples: list[dict], tokenizer, style: str) -> list[dict]
     """Per example: context token ids, the 4 endings' token ids, and the 4 acc_norm divisors."""
     rendered = [render_example(example, style) for example in examples]
     texts = [text for context, endings, _ in rendered for text in [context, *endings]]
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []  # a process's share may be empty
     tokenized = []
     for i, (_, _, char_lengths) in enumerate(rendered):
         context_ids, *ending_ids = ids[i * (1 + NUM_ENDINGS): (i + 1) * (1 + NUM_ENDINGS)]
