@@ -139,7 +139,7 @@ class LMHeadCrossEntropy(torch.autograd.Function):
             if compute_grad:
                 grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in place
                 grad_logits[torch.arange(len(t), device=t.device), t] -= 1.0  # d(-log p_t)/dlogits = p - onehot(t)
-                grad_logits[ignored] = 0.0
+                grad_logits.masked_fill_(ignored[:, None], 0.0)
                 grad_logits = grad_logits.to(hidden.dtype)
                 grad_hidden[start : start + LOSS_CHUNK_ROWS] = grad_logits @ weight_c
                 grad_weight += grad_logits.t() @ h
@@ -208,7 +208,8 @@ class GPT2ReproModel(GPT2ReproPreTrainedModel):
         **kwargs,
     ) -> BaseModelOutputWithPast:
         B, T = input_ids.shape
-        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache is None:  # a cache serves generation; a training forward would only fill it for nothing
+            use_cache = self.config.use_cache and not self.training
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0

@@ -31,14 +31,14 @@ from configuration_gpt2repro import GPT2ReproConfig  # noqa: E402
 from modeling_gpt2repro import GPT2ReproForCausalLM  # noqa: E402
 
 
-def matmul_ceiling(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
-    """FLOP/s of a square matmul of the step's precision: the practical peak of this CPU."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b  # warm up
+def matmul_ceiling(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    """FLOP/s of a square matmul in nn.Linear's layout (x @ W.T) and the given precision: this CPU's practical peak."""
+    x, w = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    x @ w.t()  # warm up
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        a @ b
+        x @ w.t()
         times.append(time.perf_counter() - t0)
     return 2 * n**3 / statistics.median(times)
 
@@ -96,8 +96,11 @@ def main() -> None:
             step()
             times[name].append(time.perf_counter() - t0)
     ceiling = matmul_ceiling(dtype)
+    if dtype == torch.bfloat16 and ceiling < matmul_ceiling(torch.float32):
+        print(f"note: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16 matmul: bf16 is slower "
+              "than fp32 here; --dtype float32 measures what users of this CPU would run")
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, B={B} T={T}, "
+    print(f"torch {torch.__version__}, CPU {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads, {args.dtype}, B={B} T={T}, "
           f"compile={args.compile}, {args.steps} interleaved steps each")
     print(f"{args.dtype} matmul ceiling: {ceiling / 1e9:.0f} GFLOP/s = {ceiling / (flops_per_step / (B * T)):.0f} tokens/s")
     tokens_per_s = {}
