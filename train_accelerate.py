@@ -72,10 +72,23 @@ class TrainingError(RuntimeError):
 # Arguments
 
 
+def preset_as_flags(preset: dict) -> str:
+    return " ".join(f"--{key} {value}" if not isinstance(value, bool) else f"--{'' if value else 'no-'}{key}"
+                    for key, value in preset.items())
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except the unset ones (their help says what happens then)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Train GPT-2 from scratch with Hugging Face Accelerate (defaults: build-nanogpt's 124M run).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
+        epilog="presets: " + "; ".join(f"{name} = {preset_as_flags(preset)}" for name, preset in PRESETS.items()),
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), help="a named set of defaults; explicit flags still win")
     data = parser.add_argument_group("data and output")
@@ -86,22 +99,22 @@ def build_parser() -> argparse.ArgumentParser:
                            "periodic loss pattern)")
     data.add_argument("--seed", type=int, default=1337, help="seed of the initialisation, data order and samples")
     model = parser.add_argument_group("model")
-    model.add_argument("--n_layer", type=int, default=12)
-    model.add_argument("--n_head", type=int, default=12)
-    model.add_argument("--n_embd", type=int, default=768)
+    model.add_argument("--n_layer", type=int, default=12, help="transformer blocks")
+    model.add_argument("--n_head", type=int, default=12, help="attention heads per block")
+    model.add_argument("--n_embd", type=int, default=768, help="width of the residual stream (C)")
     model.add_argument("--seq_len", type=int, default=1024, help="tokens per training row (T), also the context size")
     batch = parser.add_argument_group("batch and schedule")
     batch.add_argument("--total_batch_size", type=int, default=2**19, help="tokens per optimiser step over all processes")
     batch.add_argument("--micro_batch_size", type=int, default=64, help="rows per forward pass per process (B)")
     batch.add_argument("--max_steps", type=int, default=19073, help="optimiser steps (19073 x 2**19 = 10B tokens)")
     batch.add_argument("--warmup_steps", type=int, default=715, help="linear warmup steps (715 x 2**19 = 375M tokens)")
-    batch.add_argument("--max_lr", type=float, default=6e-4)
+    batch.add_argument("--max_lr", type=float, default=6e-4, help="LR at the end of the warmup")
     batch.add_argument("--min_lr", type=float, default=6e-5, help="the cosine ends here at max_steps")
     optim = parser.add_argument_group("optimiser")
     optim.add_argument("--weight_decay", type=float, default=0.1, help="applied to parameters with dim >= 2 only")
-    optim.add_argument("--beta1", type=float, default=0.9)
-    optim.add_argument("--beta2", type=float, default=0.95)
-    optim.add_argument("--adam_eps", type=float, default=1e-8)
+    optim.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
+    optim.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2")
+    optim.add_argument("--adam_eps", type=float, default=1e-8, help="AdamW epsilon")
     optim.add_argument("--grad_clip", type=float, default=1.0, help="max global grad norm")
     optim.add_argument("--mixed_precision", choices=["no", "bf16"], default="bf16",
                        help="bf16 autocast through Accelerate; fp32 master weights either way")
@@ -110,11 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--eval_every", type=int, default=250, help="steps between evaluations")
     evaluation.add_argument("--val_tokens", type=int, default=20 * 64 * 1024 * 8,
                             help="validation tokens, the same on any number of processes "
-                                 "(default: build-nanogpt's 20 batches of 64 x 1024 on 8 GPUs)")
-    evaluation.add_argument("--eval_batch_size", type=int, help="rows per validation forward (default: micro_batch_size)")
+                                 "(10485760 = build-nanogpt's 20 batches of 64 x 1024 on 8 GPUs)")
+    evaluation.add_argument("--eval_batch_size", type=int, help="rows per validation forward; unset: --micro_batch_size")
     evaluation.add_argument("--hellaswag", action=argparse.BooleanOptionalAction, default=True,
                             help="score HellaSwag at each evaluation when its data can be found")
-    evaluation.add_argument("--hellaswag_file", help="HellaSwag val jsonl or parquet (default: the cache, the Hub, GitHub)")
+    evaluation.add_argument("--hellaswag_file", help="HellaSwag val jsonl or parquet; unset: the cache, then the Hub, then GitHub")
     evaluation.add_argument("--hellaswag_limit", type=int, help="score only the first N HellaSwag examples")
     evaluation.add_argument("--num_samples", type=int, default=4, help="samples generated at each evaluation")
     evaluation.add_argument("--sample_tokens", type=int, default=32, help="new tokens per sample")
@@ -123,8 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     logging.add_argument("--report_to", choices=["none", "tensorboard", "wandb", "all"], default="none",
                          help="Accelerate trackers, besides metrics.jsonl and loss.png in --output_dir")
     logging.add_argument("--peak_flops", type=float,
-                         help="peak FLOP/s of one device for MFU (default: datasheet bf16 peak of A100/H100; "
-                              "on CPU a large matmul measured at start-up in the training precision)")
+                         help="peak FLOP/s of one device for MFU; unset: the datasheet bf16 peak of A100/H100, "
+                              "on CPU threads x clock x FMA FLOPs per cycle")
     ckpt = parser.add_argument_group("checkpoints and the Hub")
     ckpt.add_argument("--checkpoint_every", type=int, default=1000, help="steps between checkpoints (one is also written at the end)")
     ckpt.add_argument("--keep_checkpoints", type=int, default=2, help="keep only the newest N checkpoints")
@@ -213,26 +226,26 @@ def pin_cpu_allocator() -> None:
     libc.mallopt(m_trim_threshold, 2**31 - 1)  # an int: the largest threshold mallopt accepts
 
 
-def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 1024, repeats: int = 3) -> float:
-    """FLOP/s of the best of a few (size x size) linear layers in `dtype`: a practical peak for MFU on CPU."""
-    x = torch.randn(size, size, device=device, dtype=dtype)
-    weight = torch.randn(size, size, device=device, dtype=dtype)
-    torch.nn.functional.linear(x, weight)  # warm-up (F.linear: the kernel training runs; torch.mm differs in bf16)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.nn.functional.linear(x, weight)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best  # one multiply and one add per inner-product term
+def cpu_peak_flops() -> float | None:
+    """Theoretical fp32 peak of the cores this process computes on: threads x clock x FLOPs per cycle of the
+    vector FMA units torch uses (2 FMA units x 8 fp32 lanes x 2 FLOPs = 32 on AVX2, 16 lanes: 64 on AVX-512).
+    CPUs without AVX512-BF16/AMX run bf16 no faster than this."""
+    flops_per_cycle = {"AVX512": 64, "AVX2": 32}.get(torch.backends.cpu.get_cpu_capability(), 16)
+    try:
+        with open("/proc/cpuinfo") as f:
+            mhz = max(float(line.split(":")[1]) for line in f if line.startswith("cpu MHz"))
+    except (OSError, ValueError):  # not Linux, or no clock listed
+        return None
+    return torch.get_num_threads() * mhz * 1e6 * flops_per_cycle
 
 
-def peak_flops_per_device(device: torch.device, mixed_precision: str) -> float | None:
-    """A device's peak FLOP/s for MFU: a datasheet figure on known GPUs, a measured matmul on CPU, else None."""
+def peak_flops_per_device(device: torch.device) -> float | None:
+    """A device's peak FLOP/s for MFU: the datasheet bf16 figure of known GPUs, the FMA peak on CPU, else None."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         return next((flops for key, flops in GPU_PEAK_BF16_FLOPS.items() if key in name), None)
     if device.type == "cpu":
-        return measure_matmul_flops(device, torch.bfloat16 if mixed_precision == "bf16" else torch.float32)
+        return cpu_peak_flops()
     return None
 
 
@@ -258,7 +271,11 @@ class MetricsLog:
         self.path = path
         records = []
         if resume_step is not None and path.exists():
-            records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            for line in path.read_text().splitlines():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:  # the last line of a killed run may be cut short
+                    continue
             records = [r for r in records if r["step"] < resume_step or (r["type"] == "eval" and r["step"] == resume_step)]
         self.records = records
         temporary = path.with_name(path.name + ".tmp")
@@ -283,13 +300,15 @@ class MetricsLog:
         train = [r for r in self.records if r["type"] == "train"]
         evals = [r for r in self.records if r["type"] == "eval"]
         hellaswag = [r for r in evals if "hellaswag_acc_norm" in r]
-        fig, (ax_loss, ax_hs) = plt.subplots(1, 2, figsize=(14, 5))
+        fig, (ax_loss, ax_hs) = plt.subplots(1, 2, figsize=(14, 5), sharex=True)
         ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], lw=0.8, label="train loss")
         ax_loss.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val loss")
         ax_loss.axhline(GPT2_124M_VAL_LOSS, color="r", ls="--", label=f"GPT-2 124M val loss ({GPT2_124M_VAL_LOSS})")
         ax_loss.set(xlabel="step", ylabel="loss", yscale="log", title="loss")
         ax_loss.legend()
         ax_hs.plot([r["step"] for r in hellaswag], [r["hellaswag_acc_norm"] for r in hellaswag], "o-", label="this run")
+        if not hellaswag:
+            ax_hs.text(0.5, 0.5, "not evaluated in this run", transform=ax_hs.transAxes, ha="center")
         ax_hs.axhline(GPT2_124M_HELLASWAG, color="r", ls="--", label=f"GPT-2 124M ({GPT2_124M_HELLASWAG})")
         ax_hs.axhline(GPT3_124M_HELLASWAG, color="g", ls="--", label=f"GPT-3 124M ({GPT3_124M_HELLASWAG})")
         ax_hs.set(xlabel="step", ylabel="acc_norm", title="HellaSwag")
@@ -374,6 +393,7 @@ def write_model_card(folder: Path, args: argparse.Namespace, step: int, tokens_s
         if "hellaswag_acc_norm" in last_eval:
             rows.append((f"HellaSwag acc_norm ({last_eval['hellaswag_count']} examples)", f"{last_eval['hellaswag_acc_norm']:.4f}"))
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
+    repo = args.hub_model_id or "path/to/this/folder"
     card = f"""---
 library_name: transformers
 license: mit
@@ -400,8 +420,8 @@ Recipe: {args.total_batch_size:,} tokens per step, micro-batch {args.micro_batch
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-model = AutoModelForCausalLM.from_pretrained("path/or/hub-id", trust_remote_code=True)
-tokenizer = AutoTokenizer.from_pretrained("path/or/hub-id")
+model = AutoModelForCausalLM.from_pretrained("{repo}", trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained("{repo}")
 ```
 """
     (folder / "README.md").write_text(card)
@@ -576,7 +596,8 @@ def train(args: argparse.Namespace) -> Path:
     except ShardFormatError as error:
         raise TrainingError(str(error)) from None
     pusher = HubPusher(args.hub_model_id) if args.push_to_hub and is_main else None  # fail now, not at the end
-    hellaswag_examples = load_hellaswag_examples(args, notify=is_main)  # every rank scores its share
+    with accelerator.main_process_first():  # one download into the cache, then every rank reads it
+        hellaswag_examples = load_hellaswag_examples(args, notify=is_main)  # every rank scores its share
     tokenizer = get_tokenizer()
 
     set_seed(args.seed)  # the same initial weights on every process
@@ -594,7 +615,10 @@ def train(args: argparse.Namespace) -> Path:
             raise TrainingError(f"{resume_from} was written by {trainer_state['world_size']} processes; "
                                 f"resume it with the same number (this launch has {world_size})")
         accelerator.load_state(str(resume_from / "training_state"))
-        train_loader.load_state_dict(json.loads((resume_from / f"loader_rank{rank}.json").read_text()))
+        try:
+            train_loader.load_state_dict(json.loads((resume_from / f"loader_rank{rank}.json").read_text()))
+        except ValueError as error:  # another data folder, sequence length, shuffle or seed
+            raise TrainingError(f"cannot resume from {resume_from}: {error}") from None
         start_step = trainer_state["step"]
     metrics = None
     if is_main:
@@ -602,7 +626,7 @@ def train(args: argparse.Namespace) -> Path:
         metrics = MetricsLog(output_dir / "metrics.jsonl", start_step if resume_from is not None else None)
     if args.report_to != "none":
         accelerator.init_trackers("gpt2repro", config={k: v for k, v in vars(args).items() if v is not None})
-    peak_flops = args.peak_flops or peak_flops_per_device(device, args.mixed_precision)
+    peak_flops = args.peak_flops or peak_flops_per_device(device)
     if is_main:
         tqdm.write(f"{sum(p.numel() for p in raw_model.parameters()):,} parameters | {world_size} process(es) on "
                    f"{device.type} | {grad_accum} micro-steps of {args.micro_batch_size} x {args.seq_len} per step "
