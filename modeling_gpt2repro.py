@@ -213,13 +213,20 @@ class GPT2ReproModel(GPT2ReproPreTrainedModel):
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if past_len + T > self.config.n_positions:
-            raise ValueError(
-                f"Sequence of {past_len + T} tokens ({past_len} cached + {T} new) is longer than the model's "
-                f"context of n_positions={self.config.n_positions} tokens; truncate or window the input."
-            )
         if position_ids is None:
+            if past_len + T > self.config.n_positions:
+                raise ValueError(
+                    f"Sequence of {past_len + T} tokens ({past_len} cached + {T} new) is longer than the model's "
+                    f"context of n_positions={self.config.n_positions} tokens; truncate or window the input."
+                )
             position_ids = torch.arange(past_len, past_len + T, device=input_ids.device)[None]  # (1, T)
+        elif position_ids.numel() and int(position_ids.max()) >= self.config.n_positions:
+            # Explicit positions (left padding, packed rows) may make a row longer than the context; only a
+            # position beyond it has no embedding.
+            raise ValueError(
+                f"Position id {int(position_ids.max())} is beyond the model's context of "
+                f"n_positions={self.config.n_positions} tokens; truncate or window the input."
+            )
         attn_mask = build_attention_mask(attention_mask, T, past_len, input_ids.device)
         x = self.wte(input_ids) + self.wpe(position_ids)  # (B, T, C)
         for block in self.h:

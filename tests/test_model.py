@@ -254,6 +254,9 @@ def test_sequence_longer_than_context_is_refused(tiny_config):
         cache = model(ids(1, 60), use_cache=True).past_key_values
     with pytest.raises(ValueError, match="60 cached \\+ 5 new"):
         model(ids(1, 5), past_key_values=cache)
+    with pytest.raises(ValueError, match="Position id 64 is beyond the model's context"):
+        model(ids(1, 3), position_ids=torch.tensor([[0, 1, 64]]))
+    model(ids(1, 80), position_ids=torch.arange(80)[None] % 40)  # a packed row: long, but every position fits
 
 
 def test_checkpoint_of_another_architecture_is_refused(tmp_path, tiny_gpt2):
