@@ -30,6 +30,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import is_tensorboard_available, is_wandb_available, set_seed
 from tqdm.auto import tqdm
+from transformers.utils import logging as transformers_logging
 
 from configuration_gpt2repro import GPT2ReproConfig
 from eval_hellaswag import HellaSwagFormatError, HellaSwagUnavailable, evaluate_hellaswag, load_hellaswag
@@ -433,7 +434,13 @@ def save_hf_folder(model: GPT2ReproForCausalLM, tokenizer, folder: Path, args: a
     auto_map, the model code, tokenizer, generation config and a model card."""
     model.generation_config.update(do_sample=True, top_k=args.top_k, max_new_tokens=args.sample_tokens,
                                    pad_token_id=EOT_TOKEN_ID)
-    model.save_pretrained(folder, safe_serialization=True)
+    bar_was_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # its one-file "Writing model shards" bar would break the training bar
+    try:
+        model.save_pretrained(folder, safe_serialization=True)
+    finally:
+        if bar_was_enabled:
+            transformers_logging.enable_progress_bar()
     tokenizer.save_pretrained(folder)
     write_model_card(folder, args, step, tokens_seen, metrics)
 
@@ -611,12 +618,16 @@ def train(args: argparse.Namespace) -> Path:
     start_step = 0
     if resume_from is not None:
         trainer_state = json.loads((resume_from / "trainer_state.json").read_text())
-        if trainer_state["world_size"] != world_size:
-            raise TrainingError(f"{resume_from} was written by {trainer_state['world_size']} processes; "
-                                f"resume it with the same number (this launch has {world_size})")
+        if trainer_state["world_size"] != world_size and is_main:
+            tqdm.write(f"notice: {resume_from} was written by {trainer_state['world_size']} processes and this launch "
+                       f"has {world_size}: the run continues from the same weights, optimiser state and data position, "
+                       f"but is no longer bitwise the run it would have been")
         accelerator.load_state(str(resume_from / "training_state"))
+        loader_file = resume_from / f"loader_rank{rank}.json"
+        if not loader_file.exists():  # a rank the checkpoint did not have: every rank saved the same window index
+            loader_file = resume_from / "loader_rank0.json"
         try:
-            train_loader.load_state_dict(json.loads((resume_from / f"loader_rank{rank}.json").read_text()))
+            train_loader.load_state_dict(json.loads(loader_file.read_text()))
         except ValueError as error:  # another data folder, sequence length, shuffle or seed
             raise TrainingError(f"cannot resume from {resume_from}: {error}") from None
         start_step = trainer_state["step"]

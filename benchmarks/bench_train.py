@@ -2,7 +2,7 @@
 (SDPA attention, dropout 0) in the same Accelerate training step (autocast, loss, backward, clip, fused AdamW),
 eager and torch.compile'd, steps interleaved across the variants, medians reported.
 
-    python benchmarks/bench_train.py                       # bf16, B x T = 1 x 64, eager and compiled
+    python benchmarks/bench_train.py                       # bf16, B x T = 1 x 32, eager and compiled
     python benchmarks/bench_train.py --mixed_precision no --batch_size 4 --seq_len 256 --compile off
 
 MFU uses each model's training FLOPs per token (6 per parameter that multiplies, plus attention) against
@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--batch_size", type=int, default=1)
-    parser.add_argument("--seq_len", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant")
+    parser.add_argument("--seq_len", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant (compilation happens here)")
     parser.add_argument("--mixed_precision", choices=["no", "bf16"], default="bf16")
     parser.add_argument("--compile", choices=["off", "on", "both"], default="both")
