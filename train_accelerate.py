@@ -35,7 +35,7 @@ from transformers.utils import logging as transformers_logging
 from configuration_gpt2repro import GPT2ReproConfig
 from eval_hellaswag import HellaSwagFormatError, HellaSwagUnavailable, evaluate_hellaswag, load_hellaswag
 from modeling_gpt2repro import GPT2ReproForCausalLM
-from token_shards import ShardedTokenLoader, ShardFormatError, list_shards, validation_batches
+from token_shards import ShardedTokenLoader, validation_batches
 from tokenization_gpt2repro import EOT_TOKEN_ID, get_tokenizer
 
 # Reference lines of the loss/HellaSwag plot (FineWeb-Edu val loss and HellaSwag acc_norm, see the README).
@@ -596,11 +596,11 @@ def train(args: argparse.Namespace) -> Path:
                             f"or choose another --output_dir")
     if args.preset == "cpu-demo":
         prepare_demo_data(accelerator, args)
-    try:
-        list_shards(args.data_dir, "val")
+    try:  # both splits are checked now, not at the first evaluation
+        next(validation_batches(args.data_dir, args.eval_batch_size, args.seq_len, args.val_tokens))
         train_loader = ShardedTokenLoader(args.data_dir, "train", args.micro_batch_size, args.seq_len, rank,
                                           world_size, shuffle=args.shuffle, seed=args.seed)
-    except ShardFormatError as error:
+    except ValueError as error:  # ShardFormatError included: missing or corrupt shards, too few val tokens
         raise TrainingError(str(error)) from None
     pusher = HubPusher(args.hub_model_id) if args.push_to_hub and is_main else None  # fail now, not at the end
     with accelerator.main_process_first():  # one download into the cache, then every rank reads it
