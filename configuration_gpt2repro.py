@@ -59,8 +59,13 @@ class GPT2ReproConfig(PreTrainedConfig):
             raise ValueError(f"The checkpoint holds a '{model_type}' model, not a '{cls.model_type}' one.{hint}")
         return super().from_dict(config_dict, **kwargs)
 
-    def validate_architecture(self):
-        """Called by `@strict` validation on construction and load."""
+    def __post_init__(self, **kwargs):
+        # Checked before transformers' own validation, which would wrap the ValueError in a non-ValueError.
+        self.check_shape()
+        super().__post_init__(**kwargs)
+
+    def check_shape(self) -> None:
+        """Raise a ValueError naming the setting that cannot make a GPT."""
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "vocab_pad_multiple"):
             if getattr(self, name) < 1:
                 raise ValueError(f"GPT2ReproConfig.{name} must be a positive integer, got {getattr(self, name)}.")

@@ -116,20 +116,24 @@ class LMHeadCrossEntropy(torch.autograd.Function):
     The loss is the end of the graph, so its gradients with respect to `hidden` and `weight` are computed here
     in forward, while each chunk's logits exist, and backward only scales them: no (N, Vp) logits or their
     gradient ever live at once and no matmul is repeated. The padded vocabulary columns get -inf, i.e. no
-    probability and no gradient. Matmuls run in `hidden`'s dtype (bf16 under autocast), softmax in fp32.
+    probability and no gradient. Matmuls run in autocast's dtype (else `hidden`'s), softmax in fp32.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, vocab_size: int, compute_grad: bool):
         # hidden (N, C), weight (Vp, C), targets (N,)
-        weight_c = weight.to(hidden.dtype)  # the copy autocast would make for the lm_head matmul
+        device_type = hidden.device.type
+        # The matmuls' dtype: autocast's where it is on (CUDA's LayerNorm hands us fp32 even then), cast once here
+        # rather than by autocast at every chunk's matmul.
+        compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+        weight_c = weight.to(compute_dtype)
         n_targets = (targets != -100).sum().clamp(min=1)
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         if compute_grad:
             grad_hidden = torch.empty_like(hidden)
             grad_weight = torch.zeros_like(weight, dtype=torch.float32)
         for start in range(0, hidden.shape[0], LOSS_CHUNK_ROWS):
-            h, t = hidden[start : start + LOSS_CHUNK_ROWS], targets[start : start + LOSS_CHUNK_ROWS]
+            h, t = hidden[start : start + LOSS_CHUNK_ROWS].to(compute_dtype), targets[start : start + LOSS_CHUNK_ROWS]
             logits = (h @ weight_c.t()).float()  # (n, Vp)
             logits[:, vocab_size:] = float("-inf")
             lse = torch.logsumexp(logits, dim=1)
@@ -140,7 +144,7 @@ class LMHeadCrossEntropy(torch.autograd.Function):
                 grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in place
                 grad_logits[torch.arange(len(t), device=t.device), t] -= 1.0  # d(-log p_t)/dlogits = p - onehot(t)
                 grad_logits.masked_fill_(ignored[:, None], 0.0)
-                grad_logits = grad_logits.to(hidden.dtype)
+                grad_logits = grad_logits.to(compute_dtype)
                 grad_hidden[start : start + LOSS_CHUNK_ROWS] = grad_logits @ weight_c
                 grad_weight += grad_logits.t() @ h
         if compute_grad:
@@ -282,6 +286,8 @@ class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
             raise ValueError("Pass either `labels` (shifted inside) or `shift_labels` (already shifted), not both.")
         if labels is not None:
             shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100)  # the last position has no next token
+        if use_cache is None and shift_labels is not None:
+            use_cache = False  # a loss (training, validation) needs no cache; an unused one holds every layer's K, V
         if shift_labels is None and not return_logits:
             raise ValueError("return_logits=False needs `labels` or `shift_labels`: there would be nothing to return.")
         outputs = self.transformer(

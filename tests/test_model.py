@@ -41,8 +41,10 @@ def test_default_model_has_124m_parameters():
 
 
 def test_n_embd_not_divisible_by_n_head_is_refused():
-    with pytest.raises(Exception, match="n_embd \\(100\\) must be divisible by n_head \\(12\\)"):
+    with pytest.raises(ValueError, match="n_embd \\(100\\) must be divisible by n_head \\(12\\)"):
         GPT2ReproConfig(n_embd=100, n_head=12)
+    with pytest.raises(ValueError, match="n_layer must be a positive integer, got 0"):
+        GPT2ReproConfig(n_layer=0)
 
 
 # ---- equality with transformers' GPT-2 -----------------------------------------------------------------------------
@@ -137,6 +139,40 @@ def test_chunked_training_loss_equals_plain_cross_entropy(tiny_config, monkeypat
         bf16_plain = model(x, shift_labels=y).loss
         bf16_fused = model(x, shift_labels=y, return_logits=False).loss
     torch.testing.assert_close(bf16_fused, bf16_plain, atol=2e-3, rtol=0)
+
+
+def test_chunked_loss_with_fp32_hidden_under_autocast(monkeypatch):
+    # On CUDA, LayerNorm under autocast returns fp32 (on CPU, bf16): the loss must take fp32 hidden states too and
+    # give fp32 gradients equal to a bf16-matmul reference, to bf16 rounding.
+    import modeling_gpt2repro
+
+    monkeypatch.setattr(modeling_gpt2repro, "LOSS_CHUNK_ROWS", 5)
+    torch.manual_seed(0)
+    hidden = torch.randn(12, 32, requires_grad=True)
+    weight = torch.nn.Parameter(0.1 * torch.randn(V + 47, 32))
+    targets = ids(12)
+    targets[3] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = modeling_gpt2repro.LMHeadCrossEntropy.apply(hidden, weight, targets, V, True)
+    loss.backward()
+    assert hidden.grad.dtype == weight.grad.dtype == torch.float32
+    h_ref, w_ref = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    logits = (h_ref.bfloat16() @ w_ref.bfloat16().t()).float()[:, :V]
+    reference = F.cross_entropy(logits, targets, ignore_index=-100)
+    reference.backward()
+    torch.testing.assert_close(loss, reference, atol=1e-5, rtol=0)
+    torch.testing.assert_close(hidden.grad, h_ref.grad, atol=2e-2 * h_ref.grad.abs().max().item(), rtol=0)
+    torch.testing.assert_close(weight.grad, w_ref.grad, atol=2e-2 * w_ref.grad.abs().max().item(), rtol=0)
+    assert weight.grad[V:].abs().max() == 0
+
+
+def test_a_loss_forward_builds_no_cache(tiny_config):
+    model = GPT2ReproForCausalLM(tiny_config).eval()
+    x = ids(1, 8)
+    with torch.no_grad():
+        assert model(x, labels=x).past_key_values is None
+        assert model(x, shift_labels=x, return_logits=False).past_key_values is None
+        assert model(x).past_key_values is not None  # eval without a loss: generation-style, cached
 
 
 def test_logits_to_keep(tiny_config):
