@@ -238,7 +238,9 @@ def score_batch(model: torch.nn.Module, batch: list[dict], device: torch.device)
     causal = positions[None, :] <= positions[:, None]  # (T, T): key position <= query position
     query_segment, key_segment = segment[:, :, None], segment[:, None, :]  # (B, T, 1), (B, 1, T)
     allowed = causal & (key_segment != -1) & ((key_segment == 0) | (key_segment == query_segment))  # (B, T, T)
-    allowed |= torch.eye(T, dtype=torch.bool)  # padding queries see themselves: an all-masked row would be NaN
+    # Padding queries see themselves: an all-masked row would be NaN. This also keeps the mask safe where autocast
+    # turns the fp32 minimum below into bf16 -inf: no row is all -inf.
+    allowed |= torch.eye(T, dtype=torch.bool)
     # Additive float mask (0 / most negative): what every attention implementation accepts as a custom 4-D mask
     # (eager attention adds it to the scores; a boolean mask would be added as 0/1 there).
     dtype = next(model.parameters()).dtype
@@ -250,7 +252,7 @@ def score_batch(model: torch.nn.Module, batch: list[dict], device: torch.device)
     first_kept = T - keep if keep_kwargs else 0
     logits = model(
         input_ids.to(device), attention_mask=attention_bias.to(device), position_ids=position_ids.to(device),
-        **keep_kwargs,
+        use_cache=False, **keep_kwargs,
     ).logits  # (B, keep or T, V)
     predictors = torch.tensor(predictors).to(logits.device)
     # Log-softmax only where an ending token is predicted, in fp32 whatever the model's dtype.
@@ -438,10 +440,11 @@ def main(argv: list[str] | None = None) -> None:
         model = AutoModelForCausalLM.from_pretrained(
             args.model, dtype=getattr(torch, args.dtype), trust_remote_code=True
         )
-    except OSError as err:
+    except (OSError, ValueError) as err:  # ValueError: a folder that holds no model config
         first_line = str(err).splitlines()[0]
-        accelerator.print(f"error: could not load the model '{args.model}' (a checkpoint folder, or a Hub id that "
-                          f"needs the network or the local Hub cache): {first_line}", file=sys.stderr)
+        accelerator.print(f"error: could not load the model '{args.model}' (a checkpoint folder, e.g. a training "
+                          f"checkpoint's hf/ folder, or a Hub id that needs the network or the local Hub cache): "
+                          f"{first_line}", file=sys.stderr)
         sys.exit(2)
     model.to(accelerator.device)
     tokenizer = load_tokenizer(args.model)
