@@ -370,16 +370,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     kind = "data_files" if args.data_files else (args.dataset or "embedded")
     args.dataset = None if args.data_files else kind
+    for flag in ("shard_size", "val_tokens", "max_tokens", "num_proc"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag} must be a positive integer, got {value}")
     default_prefix, default_shard_size, default_val_tokens = SOURCE_DEFAULTS[kind]
     args.prefix = args.prefix or default_prefix
     args.shard_size = args.shard_size or default_shard_size
     args.val_tokens = args.val_tokens or default_val_tokens or args.shard_size
     default_folder = FINEWEB_EDU_FOLDERS[args.fineweb_config] if kind == "fineweb-edu" else args.prefix
     args.output_dir = Path(args.output_dir or Path("data") / default_folder)
-    for flag in ("shard_size", "val_tokens", "max_tokens", "num_proc"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            parser.error(f"--{flag} must be a positive integer, got {value}")
     return args
 
 

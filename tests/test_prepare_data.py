@@ -246,3 +246,10 @@ def test_cli_error_is_one_line_and_nonzero_exit(tmp_path):
     result = run_cli("--data_files", str(tmp_path / "missing.jsonl"), "--output_dir", str(tmp_path / "out"))
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [f"prepare_data.py: error: input file {tmp_path / 'missing.jsonl'} does not exist"]
+
+
+@pytest.mark.parametrize("flag", ["--shard_size", "--val_tokens", "--num_proc"])
+def test_non_positive_sizes_are_refused(tmp_path, flag, capsys):
+    with pytest.raises(SystemExit):
+        main(["--output_dir", str(tmp_path / "out"), flag, "0"])
+    assert f"{flag} must be a positive integer, got 0" in capsys.readouterr().err
