@@ -57,8 +57,8 @@ PRESETS = {
         n_layer=4, n_head=4, n_embd=64, seq_len=128,  # the 50304 x 64 lm_head is most of the FLOPs
         micro_batch_size=8, total_batch_size=8 * 128,  # one micro-batch per step: 1024 tokens
         max_lr=3e-3, min_lr=3e-4,  # a small model takes a larger LR; min stays 10% of max as in the recipe
-        warmup_steps=20, max_steps=300,
-        eval_every=50, val_tokens=8 * 128 * 16, checkpoint_every=150,  # val: 16 batches of 8 x 128
+        warmup_steps=20, max_steps=800,  # 819,200 tokens, most of one epoch of the ~0.94M train tokens
+        eval_every=100, val_tokens=8 * 128 * 16, checkpoint_every=400,  # val: 16 batches of 8 x 128
         mixed_precision="no",  # without AVX512-BF16/AMX, CPU bf16 matmuls are ~5x slower than fp32 (measured here)
         hellaswag=False,  # 10,042 examples would take longer than the run, and a model this small scores chance
     ),
@@ -313,7 +313,7 @@ class MetricsLog:
         ax_hs.axhline(GPT2_124M_HELLASWAG, color="r", ls="--", label=f"GPT-2 124M ({GPT2_124M_HELLASWAG})")
         ax_hs.axhline(GPT3_124M_HELLASWAG, color="g", ls="--", label=f"GPT-3 124M ({GPT3_124M_HELLASWAG})")
         ax_hs.set(xlabel="step", ylabel="acc_norm", title="HellaSwag")
-        ax_hs.legend()
+        ax_hs.legend(loc="lower right")
         fig.tight_layout()
         temporary = path.with_name("tmp_" + path.name)  # keeps the .png suffix matplotlib reads the format from
         fig.savefig(temporary, dpi=100)
