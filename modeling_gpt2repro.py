@@ -131,7 +131,7 @@ class LMHeadCrossEntropy(torch.autograd.Function):
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         if compute_grad:
             grad_hidden = torch.empty_like(hidden)
-            grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+            grad_weight = None  # (Vp, C) fp32, the sum over chunks
         for start in range(0, hidden.shape[0], LOSS_CHUNK_ROWS):
             h, t = hidden[start : start + LOSS_CHUNK_ROWS].to(compute_dtype), targets[start : start + LOSS_CHUNK_ROWS]
             logits = (h @ weight_c.t()).float()  # (n, Vp)
@@ -146,15 +146,19 @@ class LMHeadCrossEntropy(torch.autograd.Function):
                 grad_logits.masked_fill_(ignored[:, None], 0.0)
                 grad_logits = grad_logits.to(compute_dtype)
                 grad_hidden[start : start + LOSS_CHUNK_ROWS] = grad_logits @ weight_c
-                grad_weight += grad_logits.t() @ h
+                chunk_grad_weight = grad_logits.t() @ h
+                grad_weight = chunk_grad_weight.float() if grad_weight is None else grad_weight.add_(chunk_grad_weight)
         if compute_grad:
             ctx.save_for_backward(grad_hidden.div_(n_targets), grad_weight.div_(n_targets).to(weight.dtype))
         return loss_sum / n_targets
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss, None, None, None
+        if getattr(ctx, "backward_done", False):  # the saved gradients were scaled in place by the first backward
+            raise RuntimeError("LMHeadCrossEntropy supports one backward pass per forward (retain_graph is not supported)")
+        ctx.backward_done = True
+        grad_hidden, grad_weight = ctx.saved_tensors  # used once: scaled in place, no new 0.15 GB (Vp, C) buffer
+        return grad_hidden.mul_(grad_loss.to(grad_hidden.dtype)), grad_weight.mul_(grad_loss), None, None, None
 
 
 class GPT2ReproPreTrainedModel(PreTrainedModel):
