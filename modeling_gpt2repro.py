@@ -168,6 +168,7 @@ class GPT2ReproPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["Block"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
+    _input_embed_layer = "wte"  # transformers' get/set_input_embeddings find it here, or through `transformer`
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -199,12 +200,6 @@ class GPT2ReproModel(GPT2ReproPreTrainedModel):
         self.h = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.wte
-
-    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
-        self.wte = new_embeddings
 
     def forward(
         self,
@@ -251,18 +246,6 @@ class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
         self.transformer = GPT2ReproModel(config)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.transformer.wte
-
-    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
-        self.transformer.wte = new_embeddings
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
-    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
-        self.lm_head = new_embeddings
 
     def forward(
         self,

@@ -388,6 +388,8 @@ def test_in_process_auto_classes_and_pipeline(tmp_path, tiny_config):
     assert type(loaded) is GPT2ReproForCausalLM
     assert loaded.lm_head.weight is loaded.transformer.wte.weight
     assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()
+    assert loaded.get_input_embeddings() is loaded.transformer.get_input_embeddings() is loaded.transformer.wte
+    assert loaded.get_output_embeddings() is loaded.lm_head
     generator = pipeline("text-generation", model=str(tmp_path))
     text = generator("Hello, I'm a language model,", max_new_tokens=8, do_sample=False)[0]["generated_text"]
     assert text.startswith("Hello, I'm a language model,") and len(text) > len("Hello, I'm a language model,")
