@@ -508,8 +508,9 @@ def load_hellaswag_examples(args: argparse.Namespace, notify: bool) -> list[dict
     except HellaSwagUnavailable as error:
         if args.hellaswag_file:  # asked for by name: a typo must not cost a long run its HellaSwag curve
             raise TrainingError(str(error)) from None
-        if notify:
-            tqdm.write(f"notice: HellaSwag is skipped (--no-hellaswag silences this): {error}")
+        if notify:  # the loader's own hint names eval_hellaswag's flag, so training says it in its own words
+            tqdm.write("notice: HellaSwag is skipped: its data is neither cached nor downloadable from here; pass "
+                       "--hellaswag_file with a local HellaSwag val jsonl or parquet file (--no-hellaswag silences this)")
         return None
 
 

@@ -16,6 +16,7 @@ from train_helpers import SEED, TINY_MODEL, TINY_RUN, final_weights, records, wr
 
 import train_accelerate
 from configuration_gpt2repro import GPT2ReproConfig
+from eval_hellaswag import HellaSwagUnavailable
 from modeling_gpt2repro import GPT2ReproForCausalLM
 from token_shards import ShardedTokenLoader, open_shard, list_shards
 
@@ -144,6 +145,16 @@ def test_user_errors_are_one_line_and_exit_1(change, message, tiny_data, tmp_pat
     assert status == 1
     assert err.startswith("error: ") and message in err and "Traceback" not in err
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_missing_hellaswag_notice_names_the_training_flag(monkeypatch, capsys):
+    def unavailable(data_file):
+        raise HellaSwagUnavailable("HellaSwag validation data is not available offline: pass --data_file ...")
+
+    monkeypatch.setattr(train_accelerate, "load_hellaswag", unavailable)
+    assert train_accelerate.load_hellaswag_examples(train_accelerate.parse_args([]), notify=True) is None
+    out = capsys.readouterr().out
+    assert out.startswith("notice: HellaSwag is skipped") and "--hellaswag_file" in out and "--data_file" not in out
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_data, tmp_path, capsys, fresh_accelerate):
