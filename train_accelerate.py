@@ -585,8 +585,7 @@ def train(args: argparse.Namespace) -> Path:
     is_main = accelerator.is_main_process
     grad_accum = gradient_accumulation_steps(args.total_batch_size, args.micro_batch_size, args.seq_len, world_size)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast run as TF32 (~3x on A100)
-        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")  # fp32 matmuls outside autocast run as TF32 (~3x on A100)
     elif device.type == "cpu":
         pin_cpu_allocator()
 
