@@ -584,6 +584,10 @@ def train(args: argparse.Namespace) -> Path:
     device, rank, world_size = accelerator.device, accelerator.process_index, accelerator.num_processes
     is_main = accelerator.is_main_process
     grad_accum = gradient_accumulation_steps(args.total_batch_size, args.micro_batch_size, args.seq_len, world_size)
+    try:
+        config = GPT2ReproConfig(n_positions=args.seq_len, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+    except ValueError as error:  # e.g. --n_embd not divisible by --n_head
+        raise TrainingError(str(error)) from None
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # fp32 matmuls outside autocast run as TF32 (~3x on A100)
     elif device.type == "cpu":
@@ -608,7 +612,6 @@ def train(args: argparse.Namespace) -> Path:
     tokenizer = get_tokenizer()
 
     set_seed(args.seed)  # the same initial weights on every process
-    config = GPT2ReproConfig(n_positions=args.seq_len, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
     model = GPT2ReproForCausalLM(config)
     flops_per_token = model.flops_per_token(args.seq_len)
     optimizer = configure_optimizer(model, args.weight_decay, (args.beta1, args.beta2), args.adam_eps, device.type)

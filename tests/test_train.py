@@ -137,6 +137,7 @@ def test_one_step_equals_hand_computed_reference(tiny_data, tmp_path, capsys, fr
     (["--total_batch_size", "1000"], "not a multiple of micro_batch_size x seq_len x processes"),
     (["--data_dir", "no/such/folder"], "does not exist"),
     (["--val_tokens", "999999"], "use a --val_tokens between 2 and 4000"),  # the tiny val shard has 4000 tokens
+    (["--n_embd", "100", "--n_head", "12"], "n_embd (100) must be divisible by n_head (12)"),
 ])
 def test_user_errors_are_one_line_and_exit_1(change, message, tiny_data, tmp_path, capsys, fresh_accelerate):
     data_dir, _ = tiny_data
