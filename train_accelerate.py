@@ -584,6 +584,10 @@ def train(args: argparse.Namespace) -> Path:
     device, rank, world_size = accelerator.device, accelerator.process_index, accelerator.num_processes
     is_main = accelerator.is_main_process
     grad_accum = gradient_accumulation_steps(args.total_batch_size, args.micro_batch_size, args.seq_len, world_size)
+    if accelerator.gradient_accumulation_steps != 1:  # accelerator.backward would divide the loss a second time
+        raise TrainingError(f"this script derives gradient accumulation from --total_batch_size ({grad_accum} micro-steps "
+                            f"per step here): drop accelerate launch's --gradient_accumulation_steps "
+                            f"{accelerator.gradient_accumulation_steps}")
     try:
         config = GPT2ReproConfig(n_positions=args.seq_len, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
     except ValueError as error:  # e.g. --n_embd not divisible by --n_head

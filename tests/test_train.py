@@ -148,6 +148,18 @@ def test_user_errors_are_one_line_and_exit_1(change, message, tiny_data, tmp_pat
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 
+def test_accelerate_gradient_accumulation_is_refused(tiny_data, tmp_path, capsys, monkeypatch, fresh_accelerate):
+    """`accelerate launch --gradient_accumulation_steps 4` sets this variable; the loss must not be divided twice."""
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
+    data_dir, _ = tiny_data
+    argv = TINY_RUN + ["--data_dir", str(data_dir), "--output_dir", str(tmp_path / "out"), "--micro_batch_size", "2"]
+    status, err = run_main(argv, capsys)
+    assert status == 1 and "Traceback" not in err
+    assert err == ("error: this script derives gradient accumulation from --total_batch_size (4 micro-steps per step "
+                   "here): drop accelerate launch's --gradient_accumulation_steps 4\n")
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_hellaswag_notice_names_the_training_flag(monkeypatch, capsys):
     def unavailable(data_file):
         raise HellaSwagUnavailable("HellaSwag validation data is not available offline: pass --data_file ...")
