@@ -44,8 +44,15 @@ GPT2_124M_HELLASWAG = 0.2955
 GPT3_124M_HELLASWAG = 0.337
 SAMPLE_PROMPT = "Hello, I'm a language model,"
 CHECKPOINT_PREFIX = "step_"
-# Dense bf16 peak FLOP/s of one GPU from the datasheets, for MFU; matched against torch's device name.
-GPU_PEAK_BF16_FLOPS = {"H100": 989e12, "A100": 312e12}
+# Dense (no sparsity) peak FLOP/s of one GPU from NVIDIA's datasheets, for MFU, by --mixed_precision: "no" runs
+# fp32 matmuls as TF32 (half the bf16 rate). Matched in order as a substring of torch's device name, so the
+# PCIe and NVL cards come before "H100" (the SXM part, e.g. "NVIDIA H100 80GB HBM3").
+GPU_PEAK_FLOPS = {
+    "H100 PCIe": {"bf16": 756e12, "no": 378e12},
+    "H100 NVL": {"bf16": 835e12, "no": 418e12},
+    "H100": {"bf16": 989e12, "no": 495e12},
+    "A100": {"bf16": 312e12, "no": 156e12},  # SXM and PCIe have the same peaks
+}
 
 # Every preset only changes defaults; any flag given on the command line wins.
 PRESETS = {
@@ -137,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     logging.add_argument("--report_to", choices=["none", "tensorboard", "wandb", "all"], default="none",
                          help="Accelerate trackers, besides metrics.jsonl and loss.png in --output_dir")
     logging.add_argument("--peak_flops", type=float,
-                         help="peak FLOP/s of one device for MFU; unset: the datasheet bf16 peak of A100/H100, "
+                         help="peak FLOP/s of one device for MFU; unset: the datasheet peak of A100/H100 at "
+                              "--mixed_precision (TF32 for 'no'), "
                               "on CPU threads x clock x FMA FLOPs per cycle")
     ckpt = parser.add_argument_group("checkpoints and the Hub")
     ckpt.add_argument("--checkpoint_every", type=int, default=1000, help="steps between checkpoints (one is also written at the end)")
@@ -240,11 +248,12 @@ def cpu_peak_flops() -> float | None:
     return torch.get_num_threads() * mhz * 1e6 * flops_per_cycle
 
 
-def peak_flops_per_device(device: torch.device) -> float | None:
-    """A device's peak FLOP/s for MFU: the datasheet bf16 figure of known GPUs, the FMA peak on CPU, else None."""
+def peak_flops_per_device(device: torch.device, mixed_precision: str) -> float | None:
+    """A device's peak FLOP/s for MFU: the datasheet figure of known GPUs at `mixed_precision` ("no" or "bf16"),
+    the FMA peak on CPU, else None."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        return next((flops for key, flops in GPU_PEAK_BF16_FLOPS.items() if key in name), None)
+        return next((peaks[mixed_precision] for key, peaks in GPU_PEAK_FLOPS.items() if key in name), None)
     if device.type == "cpu":
         return cpu_peak_flops()
     return None
@@ -644,7 +653,7 @@ def train(args: argparse.Namespace) -> Path:
         metrics = MetricsLog(output_dir / "metrics.jsonl", start_step if resume_from is not None else None)
     if args.report_to != "none":
         accelerator.init_trackers("gpt2repro", config={k: v for k, v in vars(args).items() if v is not None})
-    peak_flops = args.peak_flops or peak_flops_per_device(device)
+    peak_flops = args.peak_flops or peak_flops_per_device(device, args.mixed_precision)
     if is_main:
         tqdm.write(f"{sum(p.numel() for p in raw_model.parameters()):,} parameters | {world_size} process(es) on "
                    f"{device.type} | {grad_accum} micro-steps of {args.micro_batch_size} x {args.seq_len} per step "

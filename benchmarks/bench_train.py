@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     device = accelerator.device
     if device.type == "cpu":
         train_accelerate.pin_cpu_allocator()
-    peak_flops = train_accelerate.peak_flops_per_device(device)
+    peak_flops = train_accelerate.peak_flops_per_device(device, args.mixed_precision)
     compile_modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
 
     variants = []

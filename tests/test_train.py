@@ -75,6 +75,22 @@ def test_gradient_accumulation_steps_is_total_over_micro_times_world():
         train_accelerate.gradient_accumulation_steps(2**19, 48, 1024, 1)
 
 
+@pytest.mark.parametrize("device_name, bf16_peak, tf32_peak", [  # NVIDIA datasheets, dense TFLOP/s
+    ("NVIDIA A100-SXM4-80GB", 312, 156),
+    ("NVIDIA A100-PCIE-40GB", 312, 156),
+    ("NVIDIA H100 80GB HBM3", 989, 495),  # SXM: 989.4 / 494.7
+    ("NVIDIA H100 PCIe", 756, 378),
+    ("NVIDIA H100 NVL", 835, 418),  # 835.5 / 417.5 (the datasheet's 1671 / 835 are with sparsity)
+    ("NVIDIA GeForce RTX 4090", None, None),  # unknown: no MFU rather than a wrong one
+])
+def test_gpu_peak_flops_follow_the_name_and_precision(device_name, bf16_peak, tf32_peak, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: device_name)
+    cuda = torch.device("cuda", 0)
+    for precision, tflops in (("bf16", bf16_peak), ("no", tf32_peak)):
+        peak = train_accelerate.peak_flops_per_device(cuda, precision)
+        assert peak == (None if tflops is None else pytest.approx(tflops * 1e12, rel=2e-3)), precision
+
+
 def test_weight_decay_only_on_matrices_and_embeddings(tiny_config):
     model = GPT2ReproForCausalLM(tiny_config)
     optimizer = train_accelerate.configure_optimizer(model, 0.1, (0.9, 0.95), 1e-8, "cpu")
