@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from train_helpers import SEED, TINY_RUN, final_weights, records, run_training, training_command, write_tiny_data
+from train_helpers import REPO, SEED, TINY_RUN, final_weights, records, run_training, training_command, write_tiny_data
 
 import train_accelerate
 
@@ -82,6 +82,58 @@ def test_two_processes_equal_one_with_twice_the_accumulation(workspace, accumula
     assert_runs_close(root / "ddp", accumulated_run)
     ddp_samples = [r["samples"] for r in records(root / "ddp", "eval")]
     assert ddp_samples[0] == records(accumulated_run, "eval")[0]["samples"]  # same seed, same initial weights
+
+
+# train_accelerate.main with a DDP communication hook that counts gradient all-reduces (the hook sees each
+# bucket; a backward that syncs ends with the last bucket) between optimiser steps; writes them per rank.
+COUNT_GRADIENT_SYNCS = """
+import json, os, sys
+from accelerate import Accelerator
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+import train_accelerate
+
+syncs_per_step = [0]
+prepare = Accelerator.prepare
+
+def prepare_and_count(self, model, optimizer):
+    model, optimizer = prepare(self, model, optimizer)
+
+    def counting_allreduce(process_group, bucket):
+        syncs_per_step[-1] += bucket.is_last()
+        return allreduce_hook(process_group, bucket)
+
+    model.register_comm_hook(None, counting_allreduce)
+    step = optimizer.step
+
+    def step_and_start_counting(*args, **kwargs):
+        syncs_per_step.append(0)
+        return step(*args, **kwargs)
+
+    optimizer.step = step_and_start_counting
+    return model, optimizer
+
+Accelerator.prepare = prepare_and_count
+train_accelerate.main(sys.argv[2:])
+with open(f"{sys.argv[1]}.rank{os.environ['RANK']}", "w") as f:
+    json.dump(syncs_per_step[:-1], f)  # the last entry counts after the last step: nothing
+"""
+
+
+def test_ddp_syncs_gradients_once_per_optimizer_step(workspace, tmp_path):
+    """Averaging is linear, so syncing every micro-step gives the same weights: count the all-reduces instead."""
+    root, args = workspace
+    wrapper = tmp_path / "count_gradient_syncs.py"
+    wrapper.write_text(COUNT_GRADIENT_SYNCS)
+    steps = 3
+    run_args = args + ["--output_dir", str(tmp_path / "out"), "--micro_batch_size", "2", "--max_steps", str(steps),
+                       "--eval_every", "100", "--checkpoint_every", "100", "--no-hellaswag", "--num_samples", "0"]
+    command, env = training_command([str(tmp_path / "syncs"), *run_args], processes=2, script=str(wrapper))
+    env["PYTHONPATH"] = str(REPO)  # the wrapper lives in tmp_path and imports train_accelerate from the checkout
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "2 micro-steps of 2 x 32" in result.stdout  # accumulation is on: one micro-step must skip the sync
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"syncs.rank{rank}").read_text()) == [1] * steps
 
 
 def test_resume_after_kill_equals_uninterrupted_run(workspace, accumulated_run):

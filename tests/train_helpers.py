@@ -52,18 +52,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def training_command(args: list[str], processes: int = 1) -> tuple[list[str], dict]:
-    """The command line and environment of a CPU run: plain python, or `accelerate launch` with gloo DDP."""
+def training_command(args: list[str], processes: int = 1, script: str = SCRIPT) -> tuple[list[str], dict]:
+    """The command line and environment of a CPU run of `script` (train_accelerate.py or a wrapper of it): plain
+    python, or `accelerate launch` with gloo DDP."""
     # One thread per process: tiny ops are dominated by thread hand-offs, and a second thread of a busy machine
     # makes every op wait for it (measured: 78 ms vs 181 ms per tiny forward + backward).
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     if processes == 1:
-        return [sys.executable, SCRIPT, *args], env
+        return [sys.executable, script, *args], env
     env.update(ACCELERATE_USE_CPU="true")
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                 "--main_process_port", str(free_port())]
-    return [*launcher, SCRIPT, *args], env
+    return [*launcher, script, *args], env
 
 
 def run_training(args: list[str], processes: int = 1, cwd: Path | None = None) -> subprocess.CompletedProcess:
