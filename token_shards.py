@@ -256,11 +256,6 @@ class ShardedTokenLoader:
         self.next_window += self.world_size * self.batch_size  # every rank advances past the whole step
         return _windows_to_batch(rows)
 
-    @property
-    def epoch(self) -> float:
-        """Epochs completed so far (fractional)."""
-        return self.next_window / self.windows_per_epoch
-
     def state_dict(self) -> dict:
         return {
             "next_window": self.next_window,
