@@ -263,10 +263,14 @@ def peak_flops_per_device(device: torch.device, mixed_precision: str) -> float |
 # Metrics: metrics.jsonl and the loss/HellaSwag plot
 
 
-def write_json_atomic(path: Path, obj) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(obj, indent=2) + "\n")
+    temporary.write_text(text)
     os.replace(temporary, path)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 class MetricsLog:
@@ -288,9 +292,7 @@ class MetricsLog:
                     continue
             records = [r for r in records if r["step"] < resume_step or (r["type"] == "eval" and r["step"] == resume_step)]
         self.records = records
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text("".join(json.dumps(r) + "\n" for r in records))
-        os.replace(temporary, path)
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
 
     def append(self, record: dict) -> None:
         self.records.append(record)
