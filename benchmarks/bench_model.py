@@ -11,24 +11,18 @@ step time, tokens/s, the ratio, and MFU against a bf16 / fp32 matmul ceiling mea
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-# glibc hands freed blocks over 32 MB back to the OS and page-faults them in again on the next step, which adds a
-# different amount of system time to each model. Pin the allocator (it must be set before Python starts).
-PINNED_ALLOCATOR = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}  # 64 GiB: never trim
-if any(os.environ.get(k) != v for k, v in PINNED_ALLOCATOR.items()):
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **PINNED_ALLOCATOR})
-
-import torch  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from configuration_gpt2repro import GPT2ReproConfig  # noqa: E402
 from modeling_gpt2repro import GPT2ReproForCausalLM  # noqa: E402
+from train_accelerate import pin_cpu_allocator  # noqa: E402
 
 
 def matmul_ceiling(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
@@ -76,6 +70,9 @@ def main() -> None:
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     B, T = args.batch_size, args.seq_len
+    # glibc would hand each model's large freed blocks back to the OS and page-fault them in again, a different
+    # cost for each model: both run under the pinned allocator, as training does.
+    pin_cpu_allocator()
 
     torch.manual_seed(args.seed)
     ours = GPT2ReproForCausalLM(GPT2ReproConfig()).train()
