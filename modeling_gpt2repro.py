@@ -31,27 +31,50 @@ _CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight"
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPT2ReproConfig, layer_idx: int):
         super().__init__()
+        self.config = config  # read at each call: `set_attn_implementation` switches sdpa <-> eager on a live model
         self.layer_idx = layer_idx  # this layer's slot in the KV cache
         self.n_head = config.n_head
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v of all heads in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.c_proj.is_residual_projection = True
 
-    def forward(self, x: torch.Tensor, past_key_values: Cache | None, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: Cache | None, attn_mask: torch.Tensor | None, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)  # (B, nh, S, hs)
-        if attn_mask is None:
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)  # (B, nh, S, hs)
+        att = None
+        if self.config._attn_implementation == "eager":
+            y, att = eager_attention(q, k, v, attn_mask)
+        elif attn_mask is None:
             # No padding and no chunk on top of a cache: the flash kernel's causal mask is exact (on CPU too).
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
-        return self.c_proj(y)
+        return self.c_proj(y), att if output_attentions else None
+
+
+def eager_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention written out, softmax(q k^T / sqrt(hs)) v: what SDPA computes, with the probabilities kept
+    (`output_attentions`). `attn_mask` None means plain causal, aligned to the last query (a cache's new tokens)."""
+    T, S = q.shape[-2], k.shape[-2]
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, nh, T, S)
+    if attn_mask is None:
+        attn_mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    if attn_mask.dtype == torch.bool:
+        att = att.masked_fill(~attn_mask, float("-inf"))
+    else:  # an additive float mask, as SDPA takes it
+        att = att + attn_mask
+    att = att.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+    return att @ v, att  # (B, nh, T, hs), (B, nh, T, S)
 
 
 class MLP(nn.Module):
@@ -75,9 +98,12 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, past_key_values: Cache | None, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), past_key_values, attn_mask)
-        return x + self.mlp(self.ln_2(x))
+    def forward(
+        self, x: torch.Tensor, cache: Cache | None, attn_mask: torch.Tensor | None, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        y, att = self.attn(self.ln_1(x), cache, attn_mask, output_attentions)
+        x = x + y
+        return x + self.mlp(self.ln_2(x)), att
 
 
 def build_attention_mask(
@@ -103,6 +129,54 @@ def build_attention_mask(
         # leak through later layers' values (0 * NaN). Letting every query see itself keeps every row finite.
         mask = mask | (k_pos == q_pos)[None, None]
     return mask
+
+
+# transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache` (the old name still works
+# there, with a deprecation warning). Our forwards take either name and build outputs with the installed name.
+CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+SUPPORTED_ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+def resolve_cache_argument(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    if past_key_values is None:
+        return cache
+    if cache is not None:
+        raise TypeError("Pass the KV cache as `cache` or as `past_key_values` (its name before transformers 5.24), not both.")
+    return past_key_values
+
+
+def check_extra_kwargs(model: nn.Module, kwargs: dict) -> None:
+    """`**kwargs` only exists for `cache_position` (see `check_cache_position`): anything else is a caller's mistake
+    that would otherwise be ignored without a word."""
+    unexpected = [name for name in kwargs if name != "cache_position"]
+    if unexpected:
+        raise TypeError(f"{type(model).__name__}.forward() got an unexpected keyword argument '{unexpected[0]}'")
+
+
+def check_cache_position(cache_position: torch.Tensor | None, past_len: int, q_len: int) -> None:
+    """transformers < 5.24 passes `cache_position` (the new tokens' slots in the cache). Our cache only appends, so
+    it must be past_len, ..., past_len + T - 1; any other value asks for something this model does not do."""
+    if cache_position is None:
+        return
+    expected = torch.arange(past_len, past_len + q_len, device=cache_position.device)
+    if not torch.equal(cache_position.flatten(), expected):
+        raise ValueError(
+            f"cache_position must follow the cache ({past_len}..{past_len + q_len - 1}): this model only appends to a "
+            f"DynamicCache; pass position_ids for other positions."
+        )
+
+
+def check_attn_implementation(config: GPT2ReproConfig, output_attentions: bool) -> None:
+    if config._attn_implementation not in SUPPORTED_ATTN_IMPLEMENTATIONS:
+        raise ValueError(
+            f"attn_implementation={config._attn_implementation!r} is not supported by gpt2repro; use 'sdpa' (the "
+            f"default) or 'eager'."
+        )
+    if output_attentions and config._attn_implementation != "eager":
+        raise ValueError(
+            "output_attentions=True needs the eager attention (SDPA never forms the probabilities): load the model "
+            "with attn_implementation='eager' or call model.set_attn_implementation('eager')."
+        )
 
 
 # Rows of logits the training loss holds at once: (4096, 50304) fp32 is 0.8 GB, where a whole micro-batch of
@@ -166,9 +240,16 @@ class GPT2ReproPreTrainedModel(PreTrainedModel):
     config: GPT2ReproConfig
     base_model_prefix = "transformer"
     _no_split_modules = ["Block"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
+    accepts_loss_kwargs = False  # Trainer: our loss is a mean over the call's targets; it takes no num_items_in_batch
     _input_embed_layer = "wte"  # transformers' get/set_input_embeddings find it here, or through `transformer`
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        # transformers guesses this from the module's source and would say no (our attention is not its
+        # AttentionInterface), ignoring `set_attn_implementation`; our layers read config._attn_implementation per call.
+        return True
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -203,26 +284,50 @@ class GPT2ReproModel(GPT2ReproPreTrainedModel):
 
     def forward(
         self,
-        input_ids: torch.LongTensor,
+        input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast:
-        B, T = input_ids.shape
+    ) -> BaseModelOutputWithPast | tuple:
+        r"""
+        cache: the KV cache to extend (a `DynamicCache`); `past_key_values` is its name before transformers 5.24, and
+            either name works (not both).
+        inputs_embeds: (B, T, C) token embeddings to use instead of `input_ids` (exactly one of the two).
+        output_attentions: each layer's attention probabilities (B, nh, T, S); needs `attn_implementation="eager"`.
+        output_hidden_states: the residual stream after the embeddings and after each block (the last one after ln_f).
+        kwargs: only `cache_position`, which `generate` of transformers < 5.24 passes; it must be the positions that
+            follow the cache. Any other keyword raises a TypeError.
+        """
+        cache = resolve_cache_argument(cache, past_key_values)
+        check_extra_kwargs(self, kwargs)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
+        B, T = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
+        device = input_ids.device if input_ids is not None else inputs_embeds.device
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        check_attn_implementation(self.config, output_attentions)
         if use_cache is None:  # a cache serves generation; a training forward would only fill it for nothing
             use_cache = self.config.use_cache and not self.training
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past_len = cache.get_seq_length() if cache is not None else 0
+        check_cache_position(kwargs.get("cache_position"), past_len, T)
         if position_ids is None:
             if past_len + T > self.config.n_positions:
                 raise ValueError(
                     f"Sequence of {past_len + T} tokens ({past_len} cached + {T} new) is longer than the model's "
                     f"context of n_positions={self.config.n_positions} tokens; truncate or window the input."
                 )
-            position_ids = torch.arange(past_len, past_len + T, device=input_ids.device)[None]  # (1, T)
+            position_ids = torch.arange(past_len, past_len + T, device=device)[None]  # (1, T)
         elif position_ids.numel() and int(position_ids.max()) >= self.config.n_positions:
             # Explicit positions (left padding, packed rows) may make a row longer than the context; only a
             # position beyond it has no embedding.
@@ -230,12 +335,26 @@ class GPT2ReproModel(GPT2ReproPreTrainedModel):
                 f"Position id {int(position_ids.max())} is beyond the model's context of "
                 f"n_positions={self.config.n_positions} tokens; truncate or window the input."
             )
-        attn_mask = build_attention_mask(attention_mask, T, past_len, input_ids.device)
-        x = self.wte(input_ids) + self.wpe(position_ids)  # (B, T, C)
-        for block in self.h:
-            x = block(x, past_key_values, attn_mask)
+        attn_mask = build_attention_mask(attention_mask, T, past_len, device)
+        if inputs_embeds is None:
+            inputs_embeds = self.wte(input_ids)
+        x = inputs_embeds + self.wpe(position_ids)  # (B, T, C)
+        all_hidden_states = (x,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for i, block in enumerate(self.h):
+            x, att = block(x, cache, attn_mask, output_attentions)
+            if output_attentions:
+                all_attentions += (att,)
+            if output_hidden_states and i < len(self.h) - 1:
+                all_hidden_states += (x,)
         x = self.ln_f(x)
-        return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=past_key_values if use_cache else None)
+        if output_hidden_states:  # as transformers' GPT-2: the last entry is the final LayerNorm's output
+            all_hidden_states += (x,)
+        outputs = BaseModelOutputWithPast(
+            last_hidden_state=x, hidden_states=all_hidden_states, attentions=all_attentions,
+            **{CACHE_FIELD: cache if use_cache else None},
+        )
+        return outputs if return_dict else outputs.to_tuple()
 
 
 class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
@@ -249,26 +368,35 @@ class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
 
     def forward(
         self,
-        input_ids: torch.LongTensor,
+        input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         labels: torch.LongTensor | None = None,
         shift_labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         return_logits: bool = True,
+        inputs_embeds: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> CausalLMOutputWithPast | tuple:
         r"""
         labels: (B, T) targets in the transformers convention: shifted inside (position t predicts labels[t+1]),
             -100 ignored.
         shift_labels: (B, T) targets already aligned with `input_ids` (position t predicts shift_labels[t]), the
             (x, y) convention of nanoGPT's data loaders; -100 ignored.
         logits_to_keep: an int n keeps the logits of the last n positions (0: all); a 1-D tensor keeps those positions.
+            Not with a loss, which needs every position.
         return_logits: False returns the loss alone (`logits` None), computed by `LMHeadCrossEntropy` chunk by
             chunk, so training never materialises the (B, T, Vp) logits.
+        The other arguments are `GPT2ReproModel.forward`'s.
         """
+        cache = resolve_cache_argument(cache, past_key_values)
+        check_extra_kwargs(self, kwargs)
         if labels is not None and shift_labels is not None:
             raise ValueError("Pass either `labels` (shifted inside) or `shift_labels` (already shifted), not both.")
         if labels is not None:
@@ -277,35 +405,39 @@ class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
             use_cache = False  # a loss (training, validation) needs no cache; an unused one holds every layer's K, V
         if shift_labels is None and not return_logits:
             raise ValueError("return_logits=False needs `labels` or `shift_labels`: there would be nothing to return.")
+        if shift_labels is not None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+            raise ValueError("`logits_to_keep` cannot be used with `labels`/`shift_labels`: the loss needs every position.")
+        return_dict = self.config.return_dict if return_dict is None else return_dict
         outputs = self.transformer(
-            input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, use_cache=use_cache,
+            input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=use_cache,
+            inputs_embeds=inputs_embeds, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states, return_dict=True, **kwargs,
         )
         hidden_states = outputs.last_hidden_state  # (B, T, C)
+        loss = logits = None
         if not return_logits:
             weight = self.lm_head.weight
             compute_grad = torch.is_grad_enabled() and (hidden_states.requires_grad or weight.requires_grad)
             loss = LMHeadCrossEntropy.apply(
                 hidden_states.flatten(0, 1), weight, shift_labels.flatten(), self.config.vocab_size, compute_grad
             )
-            return CausalLMOutputWithPast(loss=loss, past_key_values=outputs.past_key_values)
-        if shift_labels is None and isinstance(logits_to_keep, int) and logits_to_keep > 0:
-            hidden_states = hidden_states[:, -logits_to_keep:]
-        elif shift_labels is None and isinstance(logits_to_keep, torch.Tensor):
-            hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states)  # (B, T, Vp)
-
-        loss = None
-        if shift_labels is not None:
-            # The padded columns must carry no probability: an imported GPT-2 has zeros there, i.e. logits far
-            # above the real ones. -inf gives exactly the loss over the first V columns, without a copy.
-            logits[..., self.config.vocab_size:] = float("-inf")
-            loss = F.cross_entropy(logits.flatten(0, 1), shift_labels.flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(
-            loss=loss,
-            logits=logits[..., : self.config.vocab_size],  # (B, T, V): a view, the padded columns never leave
-            past_key_values=outputs.past_key_values,
+        else:
+            if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+                hidden_states = hidden_states[:, -logits_to_keep:]
+            elif isinstance(logits_to_keep, torch.Tensor):
+                hidden_states = hidden_states[:, logits_to_keep]
+            logits = self.lm_head(hidden_states)  # (B, T, Vp)
+            if shift_labels is not None:
+                # The padded columns must carry no probability: an imported GPT-2 has zeros there, i.e. logits far
+                # above the real ones. -inf gives exactly the loss over the first V columns, without a copy.
+                logits[..., self.config.vocab_size:] = float("-inf")
+                loss = F.cross_entropy(logits.flatten(0, 1), shift_labels.flatten(), ignore_index=-100)
+            logits = logits[..., : self.config.vocab_size]  # (B, T, V): a view, the padded columns never leave
+        result = CausalLMOutputWithPast(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
         )
+        return result if return_dict else result.to_tuple()
 
     def num_parameters_for_flops(self) -> int:
         """Parameters that do a multiply-add per token: all but the position embeddings (the tied wte counts once,

@@ -1,4 +1,5 @@
 import json
+import logging
 import math
 import os
 import subprocess
@@ -9,9 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, pipeline
+from transformers.cache_utils import DynamicCache
 
 from configuration_gpt2repro import GPT2ReproConfig
-from modeling_gpt2repro import GPT2ReproForCausalLM
+from modeling_gpt2repro import CACHE_FIELD, GPT2ReproForCausalLM, GPT2ReproModel
 from tokenization_gpt2repro import get_tokenizer
 
 V = 50257
@@ -19,6 +21,11 @@ V = 50257
 
 def ids(*shape, seed=0):
     return torch.randint(0, V, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def cache_of(output):
+    """The output's KV cache under the installed transformers' field name (`cache` from 5.24, else `past_key_values`)."""
+    return getattr(output, CACHE_FIELD)
 
 
 # ---- config -------------------------------------------------------------------------------------------------------
@@ -170,9 +177,9 @@ def test_a_loss_forward_builds_no_cache(tiny_config):
     model = GPT2ReproForCausalLM(tiny_config).eval()
     x = ids(1, 8)
     with torch.no_grad():
-        assert model(x, labels=x).past_key_values is None
-        assert model(x, shift_labels=x, return_logits=False).past_key_values is None
-        assert model(x).past_key_values is not None  # eval without a loss: generation-style, cached
+        assert cache_of(model(x, labels=x)) is None
+        assert cache_of(model(x, shift_labels=x, return_logits=False)) is None
+        assert cache_of(model(x)) is not None  # eval without a loss: generation-style, cached
 
 
 def test_logits_to_keep(tiny_config):
@@ -192,8 +199,8 @@ def test_chunked_prefill_on_cache_equals_full_forward(tiny_config):
     with torch.no_grad():
         full = model(x).logits
         first = model(x[:, :11], use_cache=True)
-        second = model(x[:, 11:25], past_key_values=first.past_key_values, use_cache=True)  # multi-token chunk
-        third = model(x[:, 25:26], past_key_values=second.past_key_values, use_cache=True)  # one token
+        second = model(x[:, 11:25], cache=cache_of(first), use_cache=True)  # multi-token chunk
+        third = model(x[:, 25:26], past_key_values=cache_of(second), use_cache=True)  # one token, the pre-5.24 name
     torch.testing.assert_close(torch.cat([first.logits, second.logits, third.logits], 1), full[:, :26], atol=1e-5, rtol=0)
 
 
@@ -234,6 +241,104 @@ def test_sampling_never_returns_a_padded_id(tiny_config):
     out = model.generate(x, max_new_tokens=40, do_sample=True, top_k=50, pad_token_id=50256)
     assert out.max().item() < V
     assert model(x).logits.shape[-1] == V
+
+
+# ---- the forward contract: every argument works or raises -----------------------------------------------------
+
+@pytest.mark.parametrize("cls", [GPT2ReproModel, GPT2ReproForCausalLM])
+def test_unknown_keyword_raises_type_error_naming_it(tiny_config, cls):
+    model = cls(tiny_config).eval()
+    with pytest.raises(TypeError, match="unexpected keyword argument 'past_key_value'"):
+        model(ids(1, 4), past_key_value=None)  # a typo of the cache's name must not pass unnoticed
+    with pytest.raises(TypeError, match="unexpected keyword argument 'token_type_ids'"):
+        model(ids(1, 4), token_type_ids=ids(1, 4))
+    with pytest.raises(TypeError, match="not both"):
+        model(ids(1, 4), cache=DynamicCache(config=tiny_config), past_key_values=DynamicCache(config=tiny_config))
+
+
+def test_cache_position_is_checked_not_ignored(tiny_config):
+    model = GPT2ReproForCausalLM(tiny_config).eval()
+    with torch.no_grad():
+        cache = cache_of(model(ids(1, 5), cache_position=torch.arange(5)))
+        model(ids(1, 2), cache=cache, cache_position=torch.tensor([5, 6]))
+        with pytest.raises(ValueError, match="cache_position must follow the cache \\(7..7\\)"):
+            model(ids(1, 1), cache=cache, cache_position=torch.tensor([3]))
+
+
+def test_generate_logs_no_deprecation_warning(tiny_gpt2, caplog):
+    model = GPT2ReproForCausalLM.from_gpt2(tiny_gpt2)
+    logging.Logger.warning_once.cache_clear()  # transformers' once-per-process warnings: let them fire again here
+    with caplog.at_level(logging.WARNING):
+        out = model.generate(ids(2, 5), max_new_tokens=6, do_sample=False, pad_token_id=50256,
+                             return_dict_in_generate=True)
+        model(ids(1, 3), cache=cache_of(model(ids(1, 3))))
+    assert out.sequences.shape == (2, 11)
+    assert not [r.getMessage() for r in caplog.records if "deprecat" in r.getMessage().lower()]
+
+
+def test_return_dict_false_gives_a_tuple(tiny_config):
+    model = GPT2ReproForCausalLM(tiny_config).eval()
+    x = ids(1, 6)
+    with torch.no_grad():
+        out = model(x, labels=x)
+        loss, logits = model(x, labels=x, return_dict=False)
+    assert torch.equal(loss, out.loss) and torch.equal(logits, out.logits)
+    assert isinstance(model.transformer(x, return_dict=False), tuple)
+
+
+def test_eager_attention_equals_sdpa(tiny_config):
+    torch.manual_seed(0)
+    model = GPT2ReproForCausalLM(tiny_config).eval()
+    x = ids(3, 20)
+    mask = torch.ones_like(x)
+    mask[0, :5] = 0  # left padding: the explicit-mask path
+    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+
+    def run():
+        with torch.no_grad():
+            plain = model(x).logits
+            padded = model(x, attention_mask=mask, position_ids=position_ids).logits
+            first = model(x[:, :12], use_cache=True)
+            chunk = model(x[:, 12:], cache=cache_of(first)).logits  # a multi-token chunk on top of a cache
+        return plain, padded[mask.bool()], chunk
+
+    assert model.config._attn_implementation == "sdpa"
+    sdpa = run()
+    model.set_attn_implementation("eager")
+    assert model.config._attn_implementation == "eager"
+    for ours, ref in zip(run(), sdpa):
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+
+
+def test_hidden_states_and_attentions_equal_gpt2(tmp_path, tiny_gpt2):
+    tiny_gpt2.save_pretrained(tmp_path)
+    gpt2 = GPT2LMHeadModel.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    GPT2ReproForCausalLM.from_gpt2(tiny_gpt2).save_pretrained(tmp_path / "ours")
+    model = GPT2ReproForCausalLM.from_pretrained(tmp_path / "ours", attn_implementation="eager").eval()
+    assert model.config._attn_implementation == "eager"
+    x = ids(2, 12)
+    with torch.no_grad():
+        ref = gpt2(x, output_hidden_states=True, output_attentions=True)
+        ours = model(x, output_hidden_states=True, output_attentions=True)
+    assert len(ours.hidden_states) == len(ref.hidden_states) == 3 and len(ours.attentions) == 2
+    for a, b in zip(ours.hidden_states + ours.attentions, ref.hidden_states + ref.attentions):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    out = model.generate(x[:, :4], max_new_tokens=3, do_sample=False, pad_token_id=50256, return_dict_in_generate=True,
+                         output_hidden_states=True, output_attentions=True)
+    assert len(out.hidden_states) == 3 and len(out.attentions[0]) == 2 and out.attentions[-1][0].shape == (2, 4, 1, 6)
+
+
+def test_output_attentions_under_sdpa_and_unknown_attention_are_refused(tmp_path, tiny_config):
+    model = GPT2ReproForCausalLM(tiny_config).eval()
+    with pytest.raises(ValueError, match="output_attentions=True needs the eager attention"):
+        model(ids(1, 4), output_attentions=True)
+    model.save_pretrained(tmp_path)
+    for name in ("flash_attention_2", "flex_attention"):  # refused by transformers' own loader check
+        with pytest.raises(ValueError, match="(?i)" + name.split("_")[0]):
+            GPT2ReproForCausalLM.from_pretrained(tmp_path, attn_implementation=name)
+    model.config._attn_implementation_internal = "paged|eager"  # what no loader check stops
+    with pytest.raises(ValueError, match="'paged\\|eager' is not supported by gpt2repro; use 'sdpa'"):
+        model(ids(1, 4))
 
 
 # ---- training numerics ------------------------------------------------------------------------------------------
@@ -287,9 +392,9 @@ def test_sequence_longer_than_context_is_refused(tiny_config):
     with pytest.raises(ValueError, match="longer than the model's context of n_positions=64"):
         model(ids(1, 65))
     with torch.no_grad():
-        cache = model(ids(1, 60), use_cache=True).past_key_values
+        cache = cache_of(model(ids(1, 60), use_cache=True))
     with pytest.raises(ValueError, match="60 cached \\+ 5 new"):
-        model(ids(1, 5), past_key_values=cache)
+        model(ids(1, 5), cache=cache)
     with pytest.raises(ValueError, match="Position id 64 is beyond the model's context"):
         model(ids(1, 3), position_ids=torch.tensor([[0, 1, 64]]))
     model(ids(1, 80), position_ids=torch.arange(80)[None] % 40)  # a packed row: long, but every position fits
