@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from hardware import resolve_dtype
+
 HUB_DATASET = "Rowan/hellaswag"
 ORIGINAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
 ORIGINAL_SPLIT_NAMES = {"train": "train", "validation": "val", "test": "test"}  # the Hub's names -> the files'
@@ -400,7 +402,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"where the GitHub jsonl is cached (default {default_cache_dir()})")
     parser.add_argument("--style", choices=STYLES, default="completion",
                         help="completion: build-nanogpt/llm.c scoring; harness: lm-evaluation-harness scoring")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights' dtype")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="weights' dtype; auto: bfloat16 on GPUs that support it and CPUs with native bf16 "
+                             "(AVX512-BF16/AMX), else float32")
     parser.add_argument("--batch_size", type=int, default=8,
                         help="examples per forward (each one packed row: context + 4 endings)")
     parser.add_argument("--limit", type=int, default=None, help="score only N examples (the first N, or see --seed)")
@@ -421,6 +425,8 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM
 
     accelerator = Accelerator()
+    args.dtype, precision_line = resolve_dtype(args.dtype, accelerator.device)
+    accelerator.print(precision_line, file=sys.stderr)
     error = None
     with accelerator.main_process_first():  # one download, then the others read the cached file
         try:  # caught inside, so that every process still reaches the barrier at the end of the block

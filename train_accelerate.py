@@ -27,7 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import is_tensorboard_available, is_wandb_available, set_seed
 from tqdm.auto import tqdm
 from transformers.utils import logging as transformers_logging
@@ -35,7 +35,8 @@ from transformers.utils import logging as transformers_logging
 from configuration_gpt2repro import GPT2ReproConfig
 from eval_hellaswag import HellaSwagFormatError, HellaSwagUnavailable, evaluate_hellaswag, load_hellaswag
 from modeling_gpt2repro import GPT2ReproForCausalLM
-from token_shards import ShardedTokenLoader, validation_batches
+from hardware import resolve_mixed_precision
+from token_shards import ShardedTokenLoader, TokenStream, validation_batches
 from tokenization_gpt2repro import EOT_TOKEN_ID, get_tokenizer
 
 # Reference lines of the loss/HellaSwag plot (FineWeb-Edu val loss and HellaSwag acc_norm, see the README).
@@ -43,6 +44,7 @@ GPT2_124M_VAL_LOSS = 3.2924
 GPT2_124M_HELLASWAG = 0.2955
 GPT3_124M_HELLASWAG = 0.337
 SAMPLE_PROMPT = "Hello, I'm a language model,"
+RECIPE_VAL_TOKENS = 20 * 64 * 1024 * 8  # 10,485,760: build-nanogpt's 20 val batches of 64 x 1024 on 8 GPUs
 CHECKPOINT_PREFIX = "step_"
 # Dense (no sparsity) peak FLOP/s of one GPU from NVIDIA's datasheets, for MFU, by --mixed_precision: "no" runs
 # fp32 matmuls as TF32 (half the bf16 rate). Matched in order as a substring of torch's device name, so the
@@ -66,7 +68,6 @@ PRESETS = {
         max_lr=3e-3, min_lr=3e-4,  # a small model takes a larger LR; min stays 10% of max as in the recipe
         warmup_steps=20, max_steps=800,  # 819,200 tokens, most of one epoch of the ~0.94M train tokens
         eval_every=100, val_tokens=8 * 128 * 16, checkpoint_every=400,  # val: 16 batches of 8 x 128
-        mixed_precision="no",  # without AVX512-BF16/AMX, CPU bf16 matmuls are ~5x slower than fp32 (measured here)
         hellaswag=False,  # 10,042 examples would take longer than the run, and a model this small scores chance
     ),
 }
@@ -124,14 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2")
     optim.add_argument("--adam_eps", type=float, default=1e-8, help="AdamW epsilon")
     optim.add_argument("--grad_clip", type=float, default=1.0, help="max global grad norm")
-    optim.add_argument("--mixed_precision", choices=["no", "bf16"], default="bf16",
-                       help="bf16 autocast through Accelerate; fp32 master weights either way")
+    optim.add_argument("--mixed_precision", choices=["auto", "no", "bf16"], default="auto",
+                       help="bf16 autocast through Accelerate, fp32 master weights either way; 'auto': bf16 on GPUs "
+                            "that support it and CPUs with native bf16 (AVX512-BF16/AMX), else fp32")
     optim.add_argument("--compile", action="store_true", help="torch.compile the training forward (eval uses eager)")
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--eval_every", type=int, default=250, help="steps between evaluations")
-    evaluation.add_argument("--val_tokens", type=int, default=20 * 64 * 1024 * 8,
-                            help="validation tokens, the same on any number of processes "
-                                 "(10485760 = build-nanogpt's 20 batches of 64 x 1024 on 8 GPUs)")
+    evaluation.add_argument("--val_tokens", type=int,
+                            help=f"validation tokens, the same on any number of processes; unset: {RECIPE_VAL_TOKENS} "
+                                 f"(build-nanogpt's 20 batches of 64 x 1024 on 8 GPUs) or the whole val split if smaller")
     evaluation.add_argument("--eval_batch_size", type=int, help="rows per validation forward; unset: --micro_batch_size")
     evaluation.add_argument("--hellaswag", action=argparse.BooleanOptionalAction, default=True,
                             help="score HellaSwag at each evaluation when its data can be found")
@@ -169,7 +171,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     positive = ["n_layer", "n_head", "n_embd", "seq_len", "total_batch_size", "micro_batch_size", "max_steps",
                 "eval_every", "checkpoint_every", "keep_checkpoints", "eval_batch_size", "val_tokens"]
     for name in positive:
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id (e.g. your-name/gpt2-124m-repro)")
@@ -185,6 +187,18 @@ def gradient_accumulation_steps(total_batch_size: int, micro_batch_size: int, se
             f"{micro_batch_size} x {seq_len} x {world_size} = {tokens_per_micro_step}: change one of them so that it divides"
         )
     return total_batch_size // tokens_per_micro_step
+
+
+def choose_val_tokens(args: argparse.Namespace, notify: bool) -> None:
+    """Unset --val_tokens: the recipe's number, or the whole val split of a smaller corpus (with a notice). An explicit
+    value larger than the split stays an error (validation_batches says so)."""
+    if args.val_tokens is not None:
+        return
+    split_tokens = TokenStream(args.data_dir, "val").num_tokens
+    args.val_tokens = min(RECIPE_VAL_TOKENS, split_tokens)
+    if args.val_tokens < RECIPE_VAL_TOKENS and notify:
+        tqdm.write(f"notice: validation uses the whole val split of {args.data_dir} ({split_tokens:,} tokens), fewer "
+                   f"than the recipe's {RECIPE_VAL_TOKENS:,}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -589,6 +603,8 @@ def train(args: argparse.Namespace) -> Path:
         raise TrainingError("--report_to tensorboard needs the tensorboard package: pip install tensorboard")
     if args.report_to == "wandb" and not is_wandb_available():
         raise TrainingError("--report_to wandb needs the wandb package: pip install wandb")
+    # The device decides what `auto` means, and Accelerate's process state knows it before the Accelerator exists.
+    args.mixed_precision, precision_line = resolve_mixed_precision(args.mixed_precision, PartialState().device)
     accelerator = Accelerator(mixed_precision=args.mixed_precision, project_dir=args.output_dir,
                               log_with=None if args.report_to == "none" else args.report_to,
                               dynamo_backend="inductor" if args.compile else None)  # None: the launch config decides
@@ -616,6 +632,7 @@ def train(args: argparse.Namespace) -> Path:
     if args.preset == "cpu-demo":
         prepare_demo_data(accelerator, args)
     try:  # both splits are checked now, not at the first evaluation
+        choose_val_tokens(args, notify=is_main)
         next(validation_batches(args.data_dir, args.eval_batch_size, args.seq_len, args.val_tokens))
         train_loader = ShardedTokenLoader(args.data_dir, "train", args.micro_batch_size, args.seq_len, rank,
                                           world_size, shuffle=args.shuffle, seed=args.seed)
@@ -657,6 +674,7 @@ def train(args: argparse.Namespace) -> Path:
         accelerator.init_trackers("gpt2repro", config={k: v for k, v in vars(args).items() if v is not None})
     peak_flops = args.peak_flops or peak_flops_per_device(device, args.mixed_precision)
     if is_main:
+        tqdm.write(precision_line)
         tqdm.write(f"{sum(p.numel() for p in raw_model.parameters()):,} parameters | {world_size} process(es) on "
                    f"{device.type} | {grad_accum} micro-steps of {args.micro_batch_size} x {args.seq_len} per step "
                    f"= {args.total_batch_size:,} tokens | mixed precision {args.mixed_precision}"

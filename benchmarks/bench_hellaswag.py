@@ -32,6 +32,7 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from configuration_gpt2repro import GPT2ReproConfig  # noqa: E402
 from eval_hellaswag import evaluate_hellaswag, render_example  # noqa: E402
+from hardware import resolve_dtype  # noqa: E402
 from modeling_gpt2repro import GPT2ReproForCausalLM  # noqa: E402
 from tokenization_gpt2repro import get_tokenizer  # noqa: E402
 
@@ -84,12 +85,15 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=5,
                         help="the examples are timed in this many chunks, both methods interleaved chunk by chunk")
     parser.add_argument("--batch_size", type=int, default=8, help="evaluate_hellaswag's examples per forward")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights' dtype, both")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="weights' dtype, both; auto: bfloat16 where this CPU has native bf16, else float32")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if not 1 <= args.chunks <= args.examples:
         parser.error("--chunks must be between 1 and --examples")
 
+    args.dtype, precision_line = resolve_dtype(args.dtype, torch.device("cpu"))
+    print(precision_line)
     torch.manual_seed(args.seed)
     model = GPT2ReproForCausalLM(GPT2ReproConfig()).to(getattr(torch, args.dtype)).eval()  # GPT-2 124M shape
     tokenizer = get_tokenizer()

@@ -5,7 +5,7 @@ Both models run in this process, interleaved step by step (the machine is shared
 allocator and precision, eager against eager (or compiled against compiled with --compile). Prints the median
 step time, tokens/s, the ratio, and MFU against a bf16 / fp32 matmul ceiling measured in the same run.
 
-    python benchmarks/bench_model.py                      # bf16 autocast, B=4, T=256
+    python benchmarks/bench_model.py                      # auto precision (bf16 only where native), B=4, T=256
     python benchmarks/bench_model.py --dtype float32 --steps 6
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from configuration_gpt2repro import GPT2ReproConfig  # noqa: E402
+from hardware import resolve_dtype  # noqa: E402
 from modeling_gpt2repro import GPT2ReproForCausalLM  # noqa: E402
 from train_accelerate import pin_cpu_allocator  # noqa: E402
 
@@ -64,10 +65,13 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--seq_len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=8, help="timed steps per model (after 2 warm-up steps)")
-    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                        help="auto: bfloat16 autocast where this CPU has native bf16, else float32")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    args.dtype, precision_line = resolve_dtype(args.dtype, torch.device("cpu"))
+    print(precision_line)
     dtype = getattr(torch, args.dtype)
     B, T = args.batch_size, args.seq_len
     # glibc would hand each model's large freed blocks back to the OS and page-fault them in again, a different

@@ -18,11 +18,12 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import train_accelerate  # noqa: E402
+from hardware import resolve_mixed_precision  # noqa: E402
 from configuration_gpt2repro import GPT2ReproConfig  # noqa: E402
 from modeling_gpt2repro import GPT2ReproForCausalLM  # noqa: E402
 
@@ -63,11 +64,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq_len", type=int, default=32)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant (compilation happens here)")
-    parser.add_argument("--mixed_precision", choices=["no", "bf16"], default="bf16")
+    parser.add_argument("--mixed_precision", choices=["auto", "no", "bf16"], default="auto",
+                        help="auto: bf16 on GPUs that support it and CPUs with native bf16, else fp32")
     parser.add_argument("--compile", choices=["off", "on", "both"], default="both")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
+    args.mixed_precision, precision_line = resolve_mixed_precision(args.mixed_precision, PartialState().device)
+    print(precision_line)
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     device = accelerator.device
     if device.type == "cpu":

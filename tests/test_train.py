@@ -14,6 +14,7 @@ from accelerate.state import AcceleratorState, GradientState
 from huggingface_hub import HfApi
 from train_helpers import SEED, TINY_MODEL, TINY_RUN, final_weights, records, write_tiny_data
 
+import hardware
 import train_accelerate
 from configuration_gpt2repro import GPT2ReproConfig
 from eval_hellaswag import HellaSwagUnavailable
@@ -147,6 +148,22 @@ def test_one_step_equals_hand_computed_reference(tiny_data, tmp_path, capsys, fr
         torch.testing.assert_close(trained[name][reliable], p.detach()[reliable], rtol=0, atol=1e-6, msg=name)
         assert (trained[name] - p.detach()).abs().max() <= 2 * max_lr * 1.001, name
     assert evals[1]["step"] == 1 and evals[1]["val_loss"] == pytest.approx(val_loss(), rel=1e-5)
+
+
+def test_defaults_fit_the_cpu_and_a_small_corpus(tiny_data, tmp_path, capsys, monkeypatch, fresh_accelerate):
+    """No --mixed_precision and no --val_tokens: fp32 on a CPU without native bf16, and validation over the whole
+    4,000-token val split (the recipe's 10,485,760 would not fit), each said in one line."""
+    monkeypatch.setattr(hardware, "cpu_bf16_flags", lambda: ())
+    data_dir, _ = tiny_data
+    argv = [a for a in TINY_RUN if a not in ("--val_tokens", "1000", "--mixed_precision", "no")]
+    assert len(argv) == len(TINY_RUN) - 4
+    train_accelerate.main(argv + ["--data_dir", str(data_dir), "--output_dir", str(tmp_path), "--micro_batch_size",
+                                  "2", "--max_steps", "1", "--no-hellaswag", "--num_samples", "0"])
+    out = capsys.readouterr().out
+    assert "precision: fp32 (auto: this CPU" in out and "| mixed precision no" in out
+    assert f"notice: validation uses the whole val split of {data_dir} (4,000 tokens)" in out
+    card = (tmp_path / "checkpoints" / "step_000001" / "hf" / "README.md").read_text()
+    assert "val loss (4,000 tokens" in card
 
 
 @pytest.mark.parametrize("change, message", [
