@@ -414,27 +414,35 @@ def test_from_gpt2_offline_unknown_hub_id_says_what_it_needs(monkeypatch, tmp_pa
 
 # ---- save / load ------------------------------------------------------------------------------------------------
 
-FRESH_LOAD = textwrap.dedent("""
-    import json, sys, torch
-    class BlockOurModules:  # our modules must not be importable: only the checkpoint's copied code may be used
+# Our modules must not be importable in a fresh process that loads a checkpoint: only its copied code may be used.
+BLOCK_OUR_MODULES = textwrap.dedent("""
+    import sys
+    class BlockOurModules:
         def find_spec(self, name, path=None, target=None):
             if name.split(".")[0] in ("modeling_gpt2repro", "configuration_gpt2repro", "tokenization_gpt2repro"):
                 raise ImportError(name)
     sys.meta_path.insert(0, BlockOurModules())
+""")
+
+FRESH_LOAD = BLOCK_OUR_MODULES + textwrap.dedent("""
+    import json, torch
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
-    x = torch.tensor(json.loads(sys.argv[2]))
+    x, mask = (torch.tensor(v) for v in json.loads(sys.argv[2]))
     with torch.no_grad():
         logits = model(x).logits
-    torch.save(logits, sys.argv[3])
+    greedy = model.generate(x, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=50256)
+    torch.save((logits, greedy), sys.argv[3])
     print(type(model).__module__, model.lm_head.weight is model.transformer.wte.weight)
 """)
 
 
-def fresh_process_logits(tmp_path, source, x, env=None):
-    out = tmp_path / "logits.pt"
+def fresh_process_run(tmp_path, source, x, mask=None, env=None):
+    """(logits of x, greedy generation from x with `mask`) by `AutoModelForCausalLM` in a fresh process."""
+    out = tmp_path / "out.pt"
+    mask = torch.ones_like(x) if mask is None else mask
     result = subprocess.run(
-        [sys.executable, "-c", FRESH_LOAD, str(source), json.dumps(x.tolist()), str(out)],
+        [sys.executable, "-c", FRESH_LOAD, str(source), json.dumps([x.tolist(), mask.tolist()]), str(out)],
         cwd=tmp_path, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -443,17 +451,24 @@ def fresh_process_logits(tmp_path, source, x, env=None):
     return torch.load(out)
 
 
-def test_save_then_fresh_process_auto_load_gives_equal_logits(tmp_path, tiny_config):
-    model = GPT2ReproForCausalLM(tiny_config).eval()
+def test_save_then_fresh_process_auto_load_gives_equal_logits_and_generation(tmp_path, tiny_gpt2):
+    model = GPT2ReproForCausalLM.from_gpt2(tiny_gpt2)
     ckpt = tmp_path / "ckpt"
     model.save_pretrained(ckpt)
     config = json.loads((ckpt / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_gpt2repro.GPT2ReproForCausalLM"
     assert (ckpt / "model.safetensors").exists() and (ckpt / "configuration_gpt2repro.py").exists()
-    x = ids(2, 20)
+    x = ids(2, 9)
+    mask = torch.ones_like(x)
+    mask[1, :3] = 0  # a left-padded row
+    x[mask == 0] = 50256
     with torch.no_grad():
         expected = model(x).logits
-    assert torch.equal(fresh_process_logits(tmp_path, ckpt, x), expected)
+    logits, greedy = fresh_process_run(tmp_path, ckpt, x, mask)
+    assert torch.equal(logits, expected)
+    # transformers' own GPT-2 on the same weights: the copied code decodes with the cache under this transformers
+    assert torch.equal(greedy, tiny_gpt2.generate(x, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                                                  pad_token_id=50256))
 
 
 def test_hub_id_from_local_cache_loads_offline(tmp_path, tiny_config):
@@ -468,7 +483,7 @@ def test_hub_id_from_local_cache_loads_offline(tmp_path, tiny_config):
     with torch.no_grad():
         expected = model(x).logits
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
-    assert torch.equal(fresh_process_logits(tmp_path, "someone/gpt2repro-tiny", x, env), expected)
+    assert torch.equal(fresh_process_run(tmp_path, "someone/gpt2repro-tiny", x, env=env)[0], expected)
 
 
 def test_from_gpt2_hub_id_from_local_cache(tmp_path, tiny_gpt2, monkeypatch):

@@ -12,9 +12,12 @@ import time
 
 import pytest
 import torch
+from test_model import BLOCK_OUR_MODULES
 from train_helpers import REPO, SEED, TINY_RUN, final_weights, records, run_training, training_command, write_tiny_data
 
 import train_accelerate
+from configuration_gpt2repro import GPT2ReproConfig
+from modeling_gpt2repro import GPT2ReproForCausalLM
 
 MAX_STEPS = 12
 TIMING_KEYS = ("step_time", "tokens_per_sec", "mfu")  # wall-clock figures, the only fields that may differ
@@ -158,16 +161,17 @@ def test_resume_after_kill_equals_uninterrupted_run(workspace, accumulated_run):
     assert all(torch.equal(weights[name], reference[name]) for name in reference)
 
 
-LOAD_IN_FRESH_PROCESS = """
-import json, sys, torch
+LOAD_IN_FRESH_PROCESS = BLOCK_OUR_MODULES + """
+import json, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 folder = sys.argv[1]
 model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
 tokenizer = AutoTokenizer.from_pretrained(folder)
+prompt = tokenizer("Hello, I'm a language model,", return_tensors="pt")
+greedy = model.generate(**prompt, max_new_tokens=16, do_sample=False)
 torch.save(model.state_dict(), sys.argv[2])
-print(json.dumps({"class": type(model).__name__, "module": type(model).__module__,
-                  "ids": tokenizer("Hello, I'm a language model,").input_ids,
-                  "top_k": GenerationConfig.from_pretrained(folder).top_k}))
+print(json.dumps({"class": type(model).__name__, "module": type(model).__module__, "ids": prompt.input_ids[0].tolist(),
+                  "greedy": greedy[0].tolist(), "top_k": GenerationConfig.from_pretrained(folder).top_k}))
 """
 
 
@@ -189,3 +193,9 @@ def test_checkpoint_loads_with_automodel_in_a_fresh_process(accumulated_run, tmp
     for name, tensor in trained.items():
         assert torch.equal(state[name], tensor), name
     assert torch.equal(state["lm_head.weight"], state["transformer.wte.weight"])
+    # greedy decoding through the folder's own code equals transformers' GPT-2 on the same weights
+    model = GPT2ReproForCausalLM(GPT2ReproConfig.from_pretrained(checkpoint / "hf"))
+    model.load_state_dict(state)
+    prompt = torch.tensor([loaded["ids"]])
+    assert loaded["greedy"] == model.to_gpt2().generate(prompt, max_new_tokens=16, do_sample=False,
+                                                        pad_token_id=50256)[0].tolist()
