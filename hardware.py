@@ -66,3 +66,14 @@ def resolve_dtype(requested: str, device: torch.device) -> tuple[str, str]:
     out (the weights' dtype), with the line that says why."""
     precision, line = resolve_mixed_precision({"float32": "no", "bfloat16": "bf16"}.get(requested, requested), device)
     return ("bfloat16" if precision == "bf16" else "float32"), line.replace("bf16 autocast", "bf16")
+
+
+def accelerate_device() -> torch.device:
+    """The device the Accelerator of this launch will use, known before it is built (its precision depends on it).
+
+    Accelerate's process state is created here; like AcceleratorState (and unlike a bare PartialState) it honours
+    ACCELERATE_USE_CPU, which `accelerate launch --cpu` and CPU DDP runs set."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).device

@@ -27,7 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.utils import is_tensorboard_available, is_wandb_available, set_seed
 from tqdm.auto import tqdm
 from transformers.utils import logging as transformers_logging
@@ -35,7 +35,7 @@ from transformers.utils import logging as transformers_logging
 from configuration_gpt2repro import GPT2ReproConfig
 from eval_hellaswag import HellaSwagFormatError, HellaSwagUnavailable, evaluate_hellaswag, load_hellaswag
 from modeling_gpt2repro import GPT2ReproForCausalLM
-from hardware import resolve_mixed_precision
+from hardware import accelerate_device, resolve_mixed_precision
 from token_shards import ShardedTokenLoader, TokenStream, validation_batches
 from tokenization_gpt2repro import EOT_TOKEN_ID, get_tokenizer
 
@@ -603,8 +603,8 @@ def train(args: argparse.Namespace) -> Path:
         raise TrainingError("--report_to tensorboard needs the tensorboard package: pip install tensorboard")
     if args.report_to == "wandb" and not is_wandb_available():
         raise TrainingError("--report_to wandb needs the wandb package: pip install wandb")
-    # The device decides what `auto` means, and Accelerate's process state knows it before the Accelerator exists.
-    args.mixed_precision, precision_line = resolve_mixed_precision(args.mixed_precision, PartialState().device)
+    # The device decides what `auto` means.
+    args.mixed_precision, precision_line = resolve_mixed_precision(args.mixed_precision, accelerate_device())
     accelerator = Accelerator(mixed_precision=args.mixed_precision, project_dir=args.output_dir,
                               log_with=None if args.report_to == "none" else args.report_to,
                               dynamo_backend="inductor" if args.compile else None)  # None: the launch config decides

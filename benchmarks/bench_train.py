@@ -18,12 +18,12 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import train_accelerate  # noqa: E402
-from hardware import resolve_mixed_precision  # noqa: E402
+from hardware import accelerate_device, resolve_mixed_precision  # noqa: E402
 from configuration_gpt2repro import GPT2ReproConfig  # noqa: E402
 from modeling_gpt2repro import GPT2ReproForCausalLM  # noqa: E402
 
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    args.mixed_precision, precision_line = resolve_mixed_precision(args.mixed_precision, PartialState().device)
+    args.mixed_precision, precision_line = resolve_mixed_precision(args.mixed_precision, accelerate_device())
     print(precision_line)
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     device = accelerator.device
