@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 try:
@@ -88,8 +89,11 @@ class MLP(nn.Module):
         return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # GPT-2 used the tanh approximation
 
 
-class Block(nn.Module):
-    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+class Block(GradientCheckpointingLayer):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x)).
+
+    With activation checkpointing on (`model.gradient_checkpointing_enable()`), the layer base class keeps only the
+    block's input and recomputes its activations in backward."""
 
     def __init__(self, config: GPT2ReproConfig, layer_idx: int):
         super().__init__()
@@ -113,17 +117,18 @@ def build_attention_mask(
 
     `attention_mask` is the usual (B, S) 1/0 padding mask over past + new tokens (or an explicit 4-D mask, used
     as given). SDPA's `is_causal` is aligned to the top-left corner, which is only right without a cache or
-    for a single new token, so a multi-token chunk on top of a cache needs the explicit mask too.
+    for a single new token, so a multi-token chunk on top of a cache needs the explicit mask too. The mask's values
+    are never read on the host (no device sync, and `torch.export` can trace it): a given padding mask is always
+    applied, even when it is all ones.
     """
     if attention_mask is not None and attention_mask.dim() == 4:
         return attention_mask
-    has_padding = attention_mask is not None and not bool(attention_mask.all())
-    if not has_padding and (past_len == 0 or q_len == 1):
+    if attention_mask is None and (past_len == 0 or q_len == 1):
         return None
     q_pos = torch.arange(past_len, past_len + q_len, device=device)[:, None]  # absolute positions of the queries
     k_pos = torch.arange(past_len + q_len, device=device)[None, :]
     mask = (k_pos <= q_pos)[None, None]  # (1, 1, T, S) causal
-    if has_padding:
+    if attention_mask is not None:
         mask = mask & attention_mask[:, None, None, :].bool()
         # A padding query may see no key at all, and an all-masked row makes SDPA return NaN, which would then
         # leak through later layers' values (0 * NaN). Letting every query see itself keeps every row finite.
@@ -242,6 +247,7 @@ class GPT2ReproPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["Block"]
     _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
+    supports_gradient_checkpointing = True  # per Block
     accepts_loss_kwargs = False  # Trainer: our loss is a mean over the call's targets; it takes no num_items_in_batch
     _input_embed_layer = "wte"  # transformers' get/set_input_embeddings find it here, or through `transformer`
 
@@ -250,6 +256,64 @@ class GPT2ReproPreTrainedModel(PreTrainedModel):
         # transformers guesses this from the module's source and would say no (our attention is not its
         # AttentionInterface), ignoring `set_attn_implementation`; our layers read config._attn_implementation per call.
         return True
+
+    def resize_token_embeddings(
+        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True
+    ) -> nn.Embedding:
+        """Resize the vocabulary to `new_num_tokens` real tokens (e.g. after adding tokens to the tokenizer).
+
+        The matrix keeps its padding: `new_num_tokens` rounded up to `vocab_pad_multiple` rows (`pad_to_multiple_of`
+        replaces that multiple), `config.vocab_size` becomes `new_num_tokens`, and the padded rows stay invisible.
+        Kept rows are copied; added rows are drawn around the old rows' mean with 1e-9 x their covariance, as
+        transformers does, so their logits start near the old average (`mean_resizing=False`: the normal init).
+        """
+        if new_num_tokens is None and pad_to_multiple_of is None:
+            return self.get_input_embeddings()
+        if pad_to_multiple_of is not None:
+            if pad_to_multiple_of < 1:
+                raise ValueError(f"pad_to_multiple_of must be a positive integer, got {pad_to_multiple_of}")
+            self.config.vocab_pad_multiple = pad_to_multiple_of
+        new_num_tokens = self.config.vocab_size if new_num_tokens is None else new_num_tokens
+        if new_num_tokens < 1:
+            raise ValueError(f"new_num_tokens must be a positive integer, got {new_num_tokens}")
+        old_num_tokens, self.config.vocab_size = self.config.vocab_size, new_num_tokens  # padded_vocab_size follows
+        wte = self._resized_rows(self.get_input_embeddings(), old_num_tokens, mean_resizing)
+        self.set_input_embeddings(wte)
+        head = self.get_output_embeddings()
+        if head is not None:
+            if self.config.tie_word_embeddings:
+                head = nn.Linear(wte.embedding_dim, wte.num_embeddings, bias=False, device="meta")
+                head.weight = wte.weight
+            else:
+                head = self._resized_rows(head, old_num_tokens, mean_resizing)
+            self.set_output_embeddings(head)
+        return wte
+
+    def _resized_rows(self, module: nn.Embedding | nn.Linear, old_num_tokens: int, mean_resizing: bool) -> nn.Module:
+        """A copy of `module` (wte, or an untied lm_head) with `padded_vocab_size` rows: min(old, new) rows kept, added
+        real rows initialised, padding rows zero."""
+        old = module.weight.detach()
+        new_num_tokens, padded, width = self.config.vocab_size, self.config.padded_vocab_size, old.shape[1]
+        if isinstance(module, nn.Embedding):
+            resized = nn.Embedding(padded, width, device=old.device, dtype=old.dtype)
+        else:
+            resized = nn.Linear(width, padded, bias=False, device=old.device, dtype=old.dtype)
+        weight = resized.weight.data.zero_()
+        kept = min(old_num_tokens, new_num_tokens)
+        weight[:kept] = old[:kept]
+        added = new_num_tokens - kept
+        if added > 0 and mean_resizing:
+            real = old[:old_num_tokens].float()
+            mean = real.mean(dim=0)
+            covariance = (real - mean).T @ (real - mean) / old_num_tokens
+            try:
+                rows = torch.distributions.MultivariateNormal(mean, covariance_matrix=1e-9 * covariance).sample((added,))
+            except ValueError:  # not positive definite (fewer tokens than channels, or degenerate rows): the mean
+                rows = mean.expand(added, -1)
+            weight[kept:new_num_tokens] = rows.to(old.dtype)
+        elif added > 0:
+            nn.init.normal_(weight[kept:new_num_tokens], mean=0.0, std=self.config.initializer_range)
+        return resized
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -341,6 +405,9 @@ class GPT2ReproModel(GPT2ReproPreTrainedModel):
         x = inputs_embeds + self.wpe(position_ids)  # (B, T, C)
         all_hidden_states = (x,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
+        if self.training and cache is not None and any(block.gradient_checkpointing for block in self.h):
+            raise ValueError("Activation checkpointing recomputes blocks in backward, which would write the KV cache "
+                             "twice: train with use_cache=False (the default in training mode).")
         for i, block in enumerate(self.h):
             x, att = block(x, cache, attn_mask, output_attentions)
             if output_attentions:

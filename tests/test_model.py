@@ -15,6 +15,7 @@ from transformers.cache_utils import DynamicCache
 from configuration_gpt2repro import GPT2ReproConfig
 from modeling_gpt2repro import CACHE_FIELD, GPT2ReproForCausalLM, GPT2ReproModel
 from tokenization_gpt2repro import get_tokenizer
+from train_accelerate import enable_activation_checkpointing
 
 V = 50257
 
@@ -339,6 +340,96 @@ def test_output_attentions_under_sdpa_and_unknown_attention_are_refused(tmp_path
     model.config._attn_implementation_internal = "paged|eager"  # what no loader check stops
     with pytest.raises(ValueError, match="'paged\\|eager' is not supported by gpt2repro; use 'sdpa'"):
         model(ids(1, 4))
+
+
+def test_inputs_embeds_forward_and_generate_equal_gpt2(tiny_gpt2):
+    model = GPT2ReproForCausalLM.from_gpt2(tiny_gpt2)
+    x = ids(2, 7)
+    embeds = model.get_input_embeddings()(x)
+    with torch.no_grad():
+        torch.testing.assert_close(model(inputs_embeds=embeds).logits, model(x).logits, atol=0, rtol=0)
+        torch.testing.assert_close(model(inputs_embeds=embeds).logits, tiny_gpt2(inputs_embeds=embeds).logits,
+                                   atol=1e-5, rtol=0)
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=50256)
+    assert torch.equal(model.generate(inputs_embeds=embeds, **kw), tiny_gpt2.generate(inputs_embeds=embeds, **kw))
+    with pytest.raises(ValueError, match="exactly one of `input_ids` and `inputs_embeds`"):
+        model(x, inputs_embeds=embeds)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_resize_token_embeddings_keeps_the_padding_and_round_trips(tmp_path, tied):
+    torch.manual_seed(0)
+    config = GPT2ReproConfig(vocab_size=99, vocab_pad_multiple=64, n_layer=1, n_head=2, n_embd=32, n_positions=16,
+                             tie_word_embeddings=tied, eos_token_id=0, bos_token_id=0)
+    model = GPT2ReproForCausalLM(config).eval()
+    x = torch.randint(0, 99, (2, 10))
+    with torch.no_grad():
+        before = model(x).logits
+    old_rows = model.transformer.wte.weight[:99].detach().clone()
+    model.resize_token_embeddings(109)
+    wte = model.transformer.wte.weight
+    assert model.config.vocab_size == 109 and wte.shape == (128, 32) and model.lm_head.weight.shape == (128, 32)
+    assert (model.lm_head.weight is wte) == tied
+    assert torch.equal(wte[:99], old_rows) and wte[109:].abs().max() == 0
+    # the added rows sit at the old rows' mean (transformers' mean resizing)
+    torch.testing.assert_close(wte[99:109], old_rows.mean(0).expand(10, -1), atol=1e-3, rtol=0)
+    with torch.no_grad():
+        after = model(x).logits
+    assert after.shape == (2, 10, 109)
+    torch.testing.assert_close(after[..., :99], before, atol=1e-6, rtol=0)  # the old tokens' logits are unchanged
+    model.save_pretrained(tmp_path)
+    loaded = GPT2ReproForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.vocab_size == 109 and loaded.config.padded_vocab_size == 128
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, after)
+    model.resize_token_embeddings(50)  # shrinking keeps the first rows
+    assert model.transformer.wte.weight.shape == (64, 32) and torch.equal(model.transformer.wte.weight[:50], old_rows[:50])
+
+
+def test_resize_matches_gpt2_on_the_kept_tokens(tiny_gpt2):
+    model = GPT2ReproForCausalLM.from_gpt2(tiny_gpt2)
+    model.resize_token_embeddings(50260, mean_resizing=False)
+    tiny_gpt2.resize_token_embeddings(50260, mean_resizing=False)
+    assert model.config.padded_vocab_size == 50304 and model.get_output_embeddings().weight.shape == (50304, 64)
+    x = ids(1, 12)
+    with torch.no_grad():
+        ours, ref = model(x).logits, tiny_gpt2(x).logits
+    assert ours.shape == ref.shape == (1, 12, 50260)
+    torch.testing.assert_close(ours[..., :V], ref[..., :V], atol=1e-5, rtol=0)
+
+
+def test_gradient_checkpointing_gives_equal_gradients(tiny_config):
+    torch.manual_seed(0)
+    model = GPT2ReproForCausalLM(tiny_config).train()
+    x = ids(2, 16)
+
+    def grads():
+        model.zero_grad()
+        model(x, labels=x, return_logits=False).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain = grads()
+    enable_activation_checkpointing(model)
+    assert all(block.gradient_checkpointing for block in model.transformer.h)
+    for name, grad in grads().items():
+        torch.testing.assert_close(grad, plain[name], atol=1e-6, rtol=1e-5, msg=name)
+    with pytest.raises(ValueError, match="use_cache=False"):
+        model(x, use_cache=True)
+
+
+def test_torch_export_with_a_padding_mask(tiny_config):
+    # The mask is built without reading tensor values on the host, so export can trace it (no data-dependent branch).
+    model = GPT2ReproForCausalLM(tiny_config).eval()
+    x = ids(2, 10)
+    mask = torch.ones_like(x)
+    mask[0, :3] = 0
+    kwargs = dict(attention_mask=mask, use_cache=False)
+    exported = torch.export.export(model, (x,), kwargs)
+    other_mask = torch.ones_like(x)  # another mask through the same graph: no value was baked in
+    with torch.no_grad():
+        for m in (mask, other_mask):
+            torch.testing.assert_close(exported.module()(x, attention_mask=m, use_cache=False).logits,
+                                       model(x, attention_mask=m, use_cache=False).logits, atol=1e-5, rtol=0)
 
 
 # ---- training numerics ------------------------------------------------------------------------------------------

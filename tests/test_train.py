@@ -166,6 +166,22 @@ def test_defaults_fit_the_cpu_and_a_small_corpus(tiny_data, tmp_path, capsys, mo
     assert "val loss (4,000 tokens" in card
 
 
+def test_gradient_checkpointing_trains_the_same_weights(tiny_data, tmp_path, capsys, fresh_accelerate):
+    data_dir, _ = tiny_data
+    argv = TINY_RUN + ["--data_dir", str(data_dir), "--micro_batch_size", "2", "--max_steps", "2", "--no-hellaswag",
+                       "--num_samples", "0"]
+    for name, extra in (("plain", []), ("checkpointed", ["--gradient_checkpointing"])):
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        status, err = run_main(argv + ["--output_dir", str(tmp_path / name), *extra], capsys)
+        assert status == 0, err
+    assert [r["loss"] for r in records(tmp_path / "plain", "train")] == \
+        [r["loss"] for r in records(tmp_path / "checkpointed", "train")]
+    plain, checkpointed = final_weights(tmp_path / "plain", 2), final_weights(tmp_path / "checkpointed", 2)
+    for name, tensor in plain.items():
+        torch.testing.assert_close(checkpointed[name], tensor, atol=1e-7, rtol=0, msg=name)
+
+
 @pytest.mark.parametrize("change, message", [
     (["--total_batch_size", "1000"], "not a multiple of micro_batch_size x seq_len x processes"),
     (["--data_dir", "no/such/folder"], "does not exist"),
