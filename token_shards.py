@@ -4,9 +4,13 @@ A data folder holds one or more shards per split. A shard is a flat array of GPT
 document written as `[50256] + encode_ordinary(text)`, documents running on across shard boundaries:
 - `.npy`: numpy's format, uint16, 1-D (build-nanogpt's `{prefix}_val_000000.npy`, `{prefix}_train_000001.npy`, ...);
 - `.bin`: llm.c's format, a header of 256 int32 (magic 20240520, version 1, token count, zeros) then uint16 tokens.
-A shard belongs to a split when the split's name appears in its file name as a word (build-nanogpt's rule,
-made strict so that a prefix like "interval" is not read as "val"), so an existing `edu_fineweb10B`
-folder or llm.c's `.bin` files (`fineweb_val_000000.bin`, `tiny_shakespeare_val.bin`) load unchanged.
+A shard belongs to a split when its file name ends in the split's name, optionally followed by `_` and a shard
+index (`{prefix}_{split}_{index}`; build-nanogpt's rule, made strict so that neither a prefix like "interval" nor
+one like "train_data" names a split), so an existing `edu_fineweb10B` folder or llm.c's `.bin` files
+(`fineweb_val_000000.bin`, `tiny_shakespeare_val.bin`) load unchanged.
+When the folder holds prepare_data.py's `manifest.json`, every shard of a split must be one it describes, with the
+token count it recorded (always checked: it is free) and, on request, its sha256; and every token read is checked
+to be a real token id, so a corrupt or foreign shard is named with the offset of the bad token.
 
 How the loader cuts a split into training windows (so that nothing is lost):
 - The split's shards, in name order, are read as ONE continuous token stream of N tokens, so a window may
@@ -27,6 +31,7 @@ How the loader cuts a split into training windows (so that nothing is lost):
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from collections.abc import Iterator
@@ -43,6 +48,8 @@ TOKEN_DTYPE = np.uint16  # GPT-2's 50257 ids fit in 16 bits, halving disk and me
 SHARD_SUFFIXES = (".npy", ".bin")
 IGNORE_INDEX = -100  # targets with this value are left out of the loss (torch cross_entropy's default)
 FILLER_TOKEN_ID = 50256  # <|endoftext|>, the input of validation filler positions (their targets are ignored)
+GPT2_VOCAB_SIZE = 50257  # token ids a shard may hold: 256 bytes + 50000 merges + <|endoftext|>
+MANIFEST_NAME = "manifest.json"  # written by prepare_data.py beside the shards it made
 
 
 class ShardFormatError(ValueError):
@@ -55,17 +62,17 @@ def shard_name(prefix: str, split: str, index: int, suffix: str = ".npy") -> str
 
 
 def list_shards(data_dir: str | Path, split: str) -> list[Path]:
-    """The `.npy`/`.bin` files of `data_dir` whose name contains the word `split`, in name order (= shard order)."""
+    """The `.npy`/`.bin` files of `data_dir` whose name ends in `split` (+ `_index`), in name order (= shard order)."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise ShardFormatError(
             f"data folder {data_dir} does not exist: make it with `python prepare_data.py --output_dir {data_dir}`"
         )
-    word = re.compile(rf"(?<![a-zA-Z]){re.escape(split)}(?![a-zA-Z])")
-    shards = sorted(p for p in data_dir.iterdir() if p.suffix in SHARD_SUFFIXES and word.search(p.stem) and p.is_file())
+    named = re.compile(rf"(?:^|[_.-]){re.escape(split)}(?:_\d+)?$")  # the end of the name: split, then its index
+    shards = sorted(p for p in data_dir.iterdir() if p.suffix in SHARD_SUFFIXES and named.search(p.stem) and p.is_file())
     if not shards:
         raise ShardFormatError(
-            f"no '{split}' shards (*.npy or *.bin files with '{split}' in the name) in {data_dir}: "
+            f"no '{split}' shards (*.npy or *.bin files named like prefix_{split}_000001) in {data_dir}: "
             f"make them with `python prepare_data.py --output_dir {data_dir}`"
         )
     return shards
@@ -163,11 +170,16 @@ def file_sha256(path: str | Path) -> str:
 
 
 class TokenStream:
-    """The shards of one split read as one continuous memory-mapped stream of tokens."""
+    """The shards of one split read as one continuous memory-mapped stream of tokens.
 
-    def __init__(self, data_dir: str | Path, split: str):
+    Shards are checked against the folder's manifest.json when there is one (see the module docstring), and every
+    read is checked to hold ids below `vocab_size`."""
+
+    def __init__(self, data_dir: str | Path, split: str, vocab_size: int = GPT2_VOCAB_SIZE, verify_checksums: bool = False):
         self.paths = list_shards(data_dir, split)
         self.shards = [open_shard(p) for p in self.paths]
+        self.vocab_size = vocab_size
+        check_against_manifest(Path(data_dir), self.paths, [len(s) for s in self.shards], verify_checksums)
         lengths = np.array([len(s) for s in self.shards], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(lengths)])  # shard i holds stream[starts[i]:starts[i+1]]
         self.num_tokens = int(self.starts[-1])
@@ -176,12 +188,49 @@ class TokenStream:
         """stream[start:stop] (uint16), gathered from as many shards as the range spans."""
         pieces = []
         shard = int(np.searchsorted(self.starts, start, side="right")) - 1
-        while start < stop:
+        position = start
+        while position < stop:
             end = min(stop, int(self.starts[shard + 1]))
             offset = int(self.starts[shard])
-            pieces.append(self.shards[shard][start - offset : end - offset])
-            start, shard = end, shard + 1
-        return np.concatenate(pieces)
+            pieces.append(self.shards[shard][position - offset : end - offset])
+            position, shard = end, shard + 1
+        tokens = np.concatenate(pieces)
+        if tokens.size and int(tokens.max()) >= self.vocab_size:  # one reduction over B x T ids: free next to a step
+            self._raise_bad_token(start + int(np.argmax(tokens >= self.vocab_size)))
+        return tokens
+
+    def _raise_bad_token(self, position: int) -> None:
+        shard = int(np.searchsorted(self.starts, position, side="right")) - 1
+        offset = position - int(self.starts[shard])
+        raise ShardFormatError(
+            f"shard {self.paths[shard]} holds token id {int(self.shards[shard][offset])} at offset {offset}, beyond the "
+            f"vocabulary of {self.vocab_size} tokens: the shard is corrupt or was made with another tokenizer; "
+            f"re-run prepare_data.py"
+        )
+
+
+def check_against_manifest(data_dir: Path, paths: list[Path], lengths: list[int], verify_checksums: bool) -> None:
+    """Refuse shards that prepare_data.py's manifest does not describe, or whose token count (or, when asked, sha256)
+    differs from what it recorded. Folders without a manifest (build-nanogpt's, llm.c's) are read as they are."""
+    manifest_path = data_dir / MANIFEST_NAME
+    if not manifest_path.is_file():
+        return
+    try:
+        recorded = {shard["name"]: shard for shard in json.loads(manifest_path.read_text())["shards"]}
+    except (ValueError, KeyError, TypeError) as error:
+        raise ShardFormatError(f"{manifest_path} is not a readable prepare_data.py manifest ({error}): re-run "
+                               f"prepare_data.py, or remove it to train on the shards unchecked") from None
+    for path, length in zip(paths, lengths):
+        shard = recorded.get(path.name)
+        if shard is None:
+            raise ShardFormatError(f"shard {path} is not in {manifest_path}: the folder mixes shards of another "
+                                   f"preparation; move it out or re-run prepare_data.py into an empty folder")
+        if length != shard["tokens"]:
+            raise ShardFormatError(f"shard {path} holds {length} tokens but {manifest_path} recorded {shard['tokens']}: "
+                                   f"it changed after preparation; re-run prepare_data.py with the same arguments")
+        if verify_checksums and file_sha256(path) != shard["sha256"]:
+            raise ShardFormatError(f"shard {path} does not match the sha256 in {manifest_path}: it changed after "
+                                   f"preparation; re-run prepare_data.py with the same arguments")
 
 
 def _windows_to_batch(rows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,13 +258,15 @@ class ShardedTokenLoader:
         world_size: int = 1,
         shuffle: bool = False,
         seed: int = 0,
+        vocab_size: int = GPT2_VOCAB_SIZE,
+        verify_checksums: bool = False,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
         self.batch_size, self.seq_len = batch_size, seq_len
         self.rank, self.world_size = rank, world_size
         self.shuffle, self.seed = shuffle, seed
-        self.stream = TokenStream(data_dir, split)
+        self.stream = TokenStream(data_dir, split, vocab_size, verify_checksums)
         n, t = self.stream.num_tokens, seq_len
         if n < t + 1:
             raise ShardFormatError(
@@ -285,6 +336,8 @@ def validation_batches(
     num_tokens: int,
     rank: int = 0,
     world_size: int = 1,
+    vocab_size: int = GPT2_VOCAB_SIZE,
+    verify_checksums: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches covering exactly the first `num_tokens` tokens of the val split, whatever the world size.
 
@@ -296,7 +349,7 @@ def validation_batches(
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
-    stream = TokenStream(data_dir, "val")
+    stream = TokenStream(data_dir, "val", vocab_size, verify_checksums)
     if not 2 <= num_tokens <= stream.num_tokens:
         raise ValueError(
             f"validation wants {num_tokens} tokens but the val split of {data_dir} has {stream.num_tokens}: "

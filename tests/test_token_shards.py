@@ -97,6 +97,56 @@ def test_split_is_matched_as_a_word_in_shard_names(tmp_path):
     assert [p.name for p in list_shards(tmp_path, "train")] == ["interval_train_000001.npy"]
 
 
+def test_a_prefix_that_contains_a_split_name_does_not_move_shards_between_splits(tmp_path):
+    # prepare_data.py --prefix train_data: the val shard's name holds "train" as a word, but not in the split's place
+    for name in ("train_data_val_000000.npy", "train_data_train_000001.npy", "val_set_train_000002.npy"):
+        (tmp_path / name).touch()
+    assert [p.name for p in list_shards(tmp_path, "val")] == ["train_data_val_000000.npy"]
+    assert [p.name for p in list_shards(tmp_path, "train")] == ["train_data_train_000001.npy", "val_set_train_000002.npy"]
+
+
+def write_manifest(data_dir, names):
+    from token_shards import file_sha256
+
+    shards = [{"name": n, "tokens": len(open_shard(data_dir / n)), "sha256": file_sha256(data_dir / n)} for n in names]
+    (data_dir / "manifest.json").write_text(json.dumps({"shards": shards}))
+
+
+def test_shards_are_checked_against_the_manifest(tmp_path):
+    make_split(tmp_path, "train", [50, 60])
+    names = ["test_train_000000.npy", "test_train_000001.npy"]
+    write_manifest(tmp_path, names)
+    ShardedTokenLoader(tmp_path, "train", 1, 8, verify_checksums=True)  # as prepared: accepted
+    # the same number of tokens, one changed in place: only the checksum sees it
+    tokens = np.array(open_shard(tmp_path / names[1]))
+    tokens[7] += 1
+    write_shard(tmp_path / names[1], tokens)
+    ShardedTokenLoader(tmp_path, "train", 1, 8)
+    with pytest.raises(ShardFormatError, match="test_train_000001.npy does not match the sha256"):
+        ShardedTokenLoader(tmp_path, "train", 1, 8, verify_checksums=True)
+    write_shard(tmp_path / names[1], tokens[:-3])  # cut short: always seen
+    with pytest.raises(ShardFormatError, match="test_train_000001.npy holds 57 tokens but .*manifest.json recorded 60"):
+        ShardedTokenLoader(tmp_path, "train", 1, 8)
+    write_manifest(tmp_path, names)
+    write_shard(tmp_path / "other_train_000009.npy", tokens)  # another preparation's shard in the same folder
+    with pytest.raises(ShardFormatError, match="other_train_000009.npy is not in .*manifest.json"):
+        ShardedTokenLoader(tmp_path, "train", 1, 8)
+
+
+def test_a_token_id_beyond_the_vocabulary_names_its_shard_and_offset(tmp_path):
+    make_split(tmp_path, "train", [40, 40])
+    tokens = np.array(open_shard(tmp_path / "test_train_000001.npy"))
+    tokens[13] = 60000  # fits uint16, but is no GPT-2 token
+    write_shard(tmp_path / "test_train_000001.npy", tokens)
+    loader = ShardedTokenLoader(tmp_path, "train", 2, 8)
+    loader.next_batch()  # windows 0 and 1: clean
+    with pytest.raises(ShardFormatError, match="test_train_000001.npy holds token id 60000 at offset 13"):
+        for _ in range(5):
+            loader.next_batch()
+    make_split(tmp_path, "val", [30])
+    assert len(list(validation_batches(tmp_path, 2, 8, 30))) == 2
+
+
 def test_missing_data_gives_clear_errors(tmp_path):
     with pytest.raises(ShardFormatError, match="does not exist: make it with `python prepare_data.py"):
         list_shards(tmp_path / "nowhere", "train")
