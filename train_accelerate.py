@@ -20,8 +20,10 @@ import ctypes
 import json
 import math
 import os
+import re
 import shutil
 import sys
+import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -36,7 +38,7 @@ from configuration_gpt2repro import GPT2ReproConfig
 from eval_hellaswag import HellaSwagFormatError, HellaSwagUnavailable, evaluate_hellaswag, load_hellaswag
 from modeling_gpt2repro import GPT2ReproForCausalLM
 from hardware import accelerate_device, resolve_mixed_precision
-from token_shards import ShardedTokenLoader, TokenStream, validation_batches
+from token_shards import ShardedTokenLoader, ShardFormatError, TokenStream, file_sha256, validation_batches
 from tokenization_gpt2repro import EOT_TOKEN_ID, get_tokenizer
 
 # Reference lines of the loss/HellaSwag plot (FineWeb-Edu val loss and HellaSwag acc_norm, see the README).
@@ -77,6 +79,14 @@ class TrainingError(RuntimeError):
     """A problem the user can fix; main() prints the message as one line and exits with status 1."""
 
 
+class TrainingInterrupted(Exception):
+    """Ctrl-C during the training loop, at optimiser step `step`."""
+
+    def __init__(self, step: int):
+        super().__init__(f"interrupted at step {step}")
+        self.step = step
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Arguments
 
@@ -107,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="shuffle shards and windows every epoch (build-nanogpt reads in order, which shows as a "
                            "periodic loss pattern)")
     data.add_argument("--seed", type=int, default=1337, help="seed of the initialisation, data order and samples")
+    data.add_argument("--verify_data", action="store_true",
+                      help="check every shard's sha256 against prepare_data.py's manifest.json before training "
+                           "(token counts are always checked)")
     model = parser.add_argument_group("model")
     model.add_argument("--n_layer", type=int, default=12, help="transformer blocks")
     model.add_argument("--n_head", type=int, default=12, help="attention heads per block")
@@ -176,6 +189,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in positive:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    for name in ("warmup_steps", "weight_decay", "grad_clip", "max_lr", "min_lr"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must not be negative, got {getattr(args, name)}")
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id (e.g. your-name/gpt2-124m-repro)")
     return args
@@ -417,7 +433,8 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     root = output_dir / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)]
+    # Exactly step_NNNNNN: temporary folders and the user's own copies (step_000006_backup) are not checkpoints.
+    found = [p for p in root.iterdir() if p.is_dir() and re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name)]
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
@@ -501,7 +518,7 @@ def save_checkpoint(accelerator: Accelerator, model, tokenizer, train_loader: Sh
         tokens_seen = step * args.total_batch_size
         write_json_atomic(temporary / "trainer_state.json",
                           {"step": step, "tokens_seen": tokens_seen, "world_size": accelerator.num_processes,
-                           "args": vars(args)})
+                           "args": vars(args), "files": describe_checkpoint_files(temporary)})
         unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
         save_hf_folder(unwrapped, tokenizer, temporary / "hf", args, step, tokens_seen, metrics)
         if final.exists():  # written before by a run this one resumed from an earlier checkpoint of
@@ -518,16 +535,89 @@ def save_checkpoint(accelerator: Accelerator, model, tokenizer, train_loader: Sh
     return final
 
 
-def find_resume_checkpoint(args: argparse.Namespace) -> Path | None:
+# Files up to this size (RNG states, loader positions) are checksummed in trainer_state.json; larger ones (weights,
+# optimiser state) only have their size recorded, which catches truncation without hashing gigabytes at every save.
+CHECKSUMMED_FILE_BYTES = 1 << 20
+
+
+def describe_checkpoint_files(folder: Path) -> dict[str, dict]:
+    """{relative path: {"bytes", "sha256" for small files}} of what a resume reads: training_state/ and the loaders."""
+    described = {}
+    for path in sorted([*folder.glob("training_state/**/*"), *folder.glob("loader_rank*.json")]):
+        if path.is_file():
+            size = path.stat().st_size
+            described[str(path.relative_to(folder))] = (
+                {"bytes": size, "sha256": file_sha256(path)} if size <= CHECKSUMMED_FILE_BYTES else {"bytes": size})
+    return described
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why `folder` cannot be resumed from, in words naming the file; None when it is whole."""
+    state_file = folder / "trainer_state.json"
+    try:
+        state = json.loads(state_file.read_text())
+        int(state["step"])
+    except FileNotFoundError:
+        return f"it has no trainer_state.json (not a checkpoint folder)"
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"{state_file} is unreadable ({_first_line(error)})"
+    for name, recorded in state.get("files", {}).items():  # checkpoints written before the file list: unchecked
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != recorded["bytes"]:
+            return f"{path} is {path.stat().st_size} bytes but was {recorded['bytes']} when written (truncated?)"
+        if "sha256" in recorded and file_sha256(path) != recorded["sha256"]:
+            return f"{path} changed since it was written (its sha256 differs)"
+    return None
+
+
+def find_resume_checkpoint(args: argparse.Namespace, notify: bool) -> Path | None:
+    """The checkpoint to resume from: the named one, or with `latest` the newest whole one in --output_dir (None:
+    a fresh start). A damaged checkpoint is one error line naming its bad file; `latest` falls back past it."""
     if args.resume_from_checkpoint is None:
         return None
     if args.resume_from_checkpoint == "latest":
         checkpoints = list_checkpoints(Path(args.output_dir))
-        return checkpoints[-1] if checkpoints else None
+        for checkpoint in reversed(checkpoints):
+            problem = checkpoint_problem(checkpoint)
+            if problem is None:
+                return checkpoint
+            if notify:
+                tqdm.write(f"notice: skipping checkpoint {checkpoint}: {problem}")
+        if checkpoints:
+            raise TrainingError(f"no checkpoint in {Path(args.output_dir) / 'checkpoints'} can be resumed from (see the "
+                                f"notices above); move them away to start afresh")
+        return None
     path = Path(args.resume_from_checkpoint)
-    if not (path / "trainer_state.json").is_file():
-        raise TrainingError(f"--resume_from_checkpoint {path} is not a checkpoint folder (it has no trainer_state.json)")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise TrainingError(f"cannot resume from --resume_from_checkpoint {path}: {problem}")
     return path
+
+
+def check_resume(args: argparse.Namespace, resume_from: Path | None, output_dir: Path) -> None:
+    """Refuse what would overwrite another run or silently do nothing."""
+    checkpoints = list_checkpoints(output_dir)
+    if resume_from is None:
+        if checkpoints:
+            raise TrainingError(f"{output_dir} already holds checkpoints: continue with --resume_from_checkpoint latest "
+                                f"or choose another --output_dir")
+        return
+    own = resume_from.resolve().parent == (output_dir / "checkpoints").resolve()
+    if not own and (checkpoints or (output_dir / "metrics.jsonl").exists()):
+        raise TrainingError(f"--output_dir {output_dir} holds another run's checkpoints or metrics, which resuming "
+                            f"{resume_from} there would overwrite: resume into an empty --output_dir")
+    state = json.loads((resume_from / "trainer_state.json").read_text())
+    saved = state.get("args", {})
+    shape = ("n_layer", "n_head", "n_embd", "seq_len")
+    changed = [f"--{k} {getattr(args, k)} (checkpoint: {saved[k]})" for k in shape if k in saved and saved[k] != getattr(args, k)]
+    if changed:
+        raise TrainingError(f"cannot resume from {resume_from}: the model shape differs: {', '.join(changed)}; "
+                            f"pass the checkpoint's values")
+    if state["step"] > args.max_steps:
+        raise TrainingError(f"{resume_from} is at step {state['step']}, beyond --max_steps {args.max_steps}: raise "
+                            f"--max_steps to train on")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -599,6 +689,17 @@ def evaluate(accelerator: Accelerator, model: GPT2ReproForCausalLM, tokenizer, a
 # Training
 
 
+def check_output_dir(output_dir: Path) -> None:
+    """--output_dir must be a folder this process can write, checked before anything is computed."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise TrainingError(f"--output_dir {output_dir} is a file, not a folder")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=output_dir).close()
+    except OSError as error:
+        raise TrainingError(f"--output_dir {output_dir} is not writable: {error.strerror or error}") from None
+
+
 def prepare_demo_data(accelerator: Accelerator, args: argparse.Namespace) -> None:
     """The demo's data folder is built from the embedded corpus the first time (main process; others wait)."""
     with accelerator.main_process_first():
@@ -637,17 +738,18 @@ def train(args: argparse.Namespace) -> Path:
         pin_cpu_allocator()
 
     output_dir = Path(args.output_dir)
-    resume_from = find_resume_checkpoint(args)
-    if resume_from is None and list_checkpoints(output_dir):
-        raise TrainingError(f"{output_dir} already holds checkpoints: continue with --resume_from_checkpoint latest "
-                            f"or choose another --output_dir")
+    check_output_dir(output_dir)
+    resume_from = find_resume_checkpoint(args, notify=is_main)
+    check_resume(args, resume_from, output_dir)
     if args.preset == "cpu-demo":
         prepare_demo_data(accelerator, args)
     try:  # both splits are checked now, not at the first evaluation
         choose_val_tokens(args, notify=is_main)
-        next(validation_batches(args.data_dir, args.eval_batch_size, args.seq_len, args.val_tokens))
+        next(validation_batches(args.data_dir, args.eval_batch_size, args.seq_len, args.val_tokens,
+                                verify_checksums=args.verify_data))
         train_loader = ShardedTokenLoader(args.data_dir, "train", args.micro_batch_size, args.seq_len, rank,
-                                          world_size, shuffle=args.shuffle, seed=args.seed)
+                                          world_size, shuffle=args.shuffle, seed=args.seed,
+                                          verify_checksums=args.verify_data)
     except ValueError as error:  # ShardFormatError included: missing or corrupt shards, too few val tokens
         raise TrainingError(str(error)) from None
     pusher = HubPusher(args.hub_model_id) if args.push_to_hub and is_main else None  # fail now, not at the end
@@ -671,7 +773,10 @@ def train(args: argparse.Namespace) -> Path:
             tqdm.write(f"notice: {resume_from} was written by {trainer_state['world_size']} processes and this launch "
                        f"has {world_size}: the run continues from the same weights, optimiser state and data position, "
                        f"but is no longer bitwise the run it would have been")
-        accelerator.load_state(str(resume_from / "training_state"))
+        try:
+            accelerator.load_state(str(resume_from / "training_state"))
+        except Exception as error:  # whatever torch, safetensors or pickle raise on a damaged file
+            raise TrainingError(f"cannot load {resume_from / 'training_state'}: {_first_line(error)}") from None
         loader_file = resume_from / f"loader_rank{rank}.json"
         if not loader_file.exists():  # a rank the checkpoint did not have: every rank saved the same window index
             loader_file = resume_from / "loader_rank0.json"
@@ -680,6 +785,9 @@ def train(args: argparse.Namespace) -> Path:
         except ValueError as error:  # another data folder, sequence length, shuffle or seed
             raise TrainingError(f"cannot resume from {resume_from}: {error}") from None
         start_step = trainer_state["step"]
+        if start_step == args.max_steps and is_main:
+            tqdm.write(f"notice: {resume_from} is already at --max_steps {args.max_steps}: nothing to train (raise "
+                       f"--max_steps to train on)")
     metrics = None
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -696,64 +804,68 @@ def train(args: argparse.Namespace) -> Path:
 
     progress = tqdm(total=args.max_steps, initial=start_step, disable=not is_main, desc="training", dynamic_ncols=True)
     final_checkpoint = None
-    for step in range(start_step, args.max_steps + 1):
-        # Evaluation at step s sees the weights after s optimiser steps; a resumed run already has its eval at s.
-        if (step % args.eval_every == 0 or step == args.max_steps) and not (resume_from is not None and step == start_step):
-            result = evaluate(accelerator, raw_model, tokenizer, args, hellaswag_examples)
+    step = start_step
+    try:
+        for step in range(start_step, args.max_steps + 1):
+            # Evaluation at step s sees the weights after s optimiser steps; a resumed run already has its eval at s.
+            if (step % args.eval_every == 0 or step == args.max_steps) and not (resume_from is not None and step == start_step):
+                result = evaluate(accelerator, raw_model, tokenizer, args, hellaswag_examples)
+                if is_main:
+                    metrics.append({"type": "eval", "step": step, **result})
+                    metrics.plot(output_dir / "loss.png")
+                    lines = [f"step {step}: val loss {result['val_loss']:.4f}"]
+                    if "hellaswag_acc_norm" in result:
+                        lines[0] += f", HellaSwag acc_norm {result['hellaswag_acc_norm']:.4f} ({result['hellaswag_count']} examples)"
+                    lines += [f"  sample: {text!r}" for text in result.get("samples", [])]
+                    tqdm.write("\n".join(lines))
+                accelerator.log({f"eval/{k}": v for k, v in result.items() if k != "samples"}, step=step)
+            if step > start_step and (step % args.checkpoint_every == 0 or step == args.max_steps):
+                final_checkpoint = save_checkpoint(accelerator, model, tokenizer, train_loader, step, args, metrics, pusher)
+            if step == args.max_steps:
+                break
+
+            start = time.perf_counter()
+            lr = get_lr(step, args.max_lr, args.min_lr, args.warmup_steps, args.max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_loss = torch.zeros((), device=device)
+            for micro_step in range(grad_accum):
+                x, y = train_loader.next_batch()  # (B, T) each
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                # DDP all-reduces gradients on the last micro-step only; the choice is made before the forward.
+                last_micro_step = micro_step == grad_accum - 1
+                with contextlib.nullcontext() if last_micro_step else accelerator.no_sync(model):
+                    loss = model(input_ids=x, shift_labels=y, return_logits=False).loss
+                    loss = loss / grad_accum  # the step's loss is the mean over its micro-batches, not their sum
+                    step_loss += loss.detach()
+                    accelerator.backward(loss)
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
+            step_loss = accelerator.reduce(step_loss, reduction="mean").item()  # averaged over processes, for the log
+            grad_norm = grad_norm.item()
+            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+                last_good = list_checkpoints(output_dir)
+                raise TrainingError(
+                    f"step {step}: loss {step_loss} / grad norm {grad_norm} is not finite; stopped without updating the "
+                    f"weights. Last good checkpoint: {last_good[-1] if last_good else 'none yet'} (try a lower --max_lr)"
+                )
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step_time = time.perf_counter() - start  # .item() above waited for the device
+            tokens_per_sec = args.total_batch_size / step_time
+            record = {"type": "train", "step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
+                      "step_time": step_time, "tokens_per_sec": tokens_per_sec}
+            if peak_flops:
+                record["mfu"] = flops_per_token * tokens_per_sec / (peak_flops * world_size)
             if is_main:
-                metrics.append({"type": "eval", "step": step, **result})
-                metrics.plot(output_dir / "loss.png")
-                lines = [f"step {step}: val loss {result['val_loss']:.4f}"]
-                if "hellaswag_acc_norm" in result:
-                    lines[0] += f", HellaSwag acc_norm {result['hellaswag_acc_norm']:.4f} ({result['hellaswag_count']} examples)"
-                lines += [f"  sample: {text!r}" for text in result.get("samples", [])]
-                tqdm.write("\n".join(lines))
-            accelerator.log({f"eval/{k}": v for k, v in result.items() if k != "samples"}, step=step)
-        if step > start_step and (step % args.checkpoint_every == 0 or step == args.max_steps):
-            final_checkpoint = save_checkpoint(accelerator, model, tokenizer, train_loader, step, args, metrics, pusher)
-        if step == args.max_steps:
-            break
-
-        start = time.perf_counter()
-        lr = get_lr(step, args.max_lr, args.min_lr, args.warmup_steps, args.max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_loss = torch.zeros((), device=device)
-        for micro_step in range(grad_accum):
-            x, y = train_loader.next_batch()  # (B, T) each
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            # DDP all-reduces gradients on the last micro-step only; the choice is made before the forward.
-            last_micro_step = micro_step == grad_accum - 1
-            with contextlib.nullcontext() if last_micro_step else accelerator.no_sync(model):
-                loss = model(input_ids=x, shift_labels=y, return_logits=False).loss
-                loss = loss / grad_accum  # the step's loss is the mean over its micro-batches, not their sum
-                step_loss += loss.detach()
-                accelerator.backward(loss)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
-        step_loss = accelerator.reduce(step_loss, reduction="mean").item()  # averaged over processes, for the log
-        grad_norm = grad_norm.item()
-        if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
-            last_good = list_checkpoints(output_dir)
-            raise TrainingError(
-                f"step {step}: loss {step_loss} / grad norm {grad_norm} is not finite; stopped without updating the "
-                f"weights. Last good checkpoint: {last_good[-1] if last_good else 'none yet'} (try a lower --max_lr)"
-            )
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step_time = time.perf_counter() - start  # .item() above waited for the device
-        tokens_per_sec = args.total_batch_size / step_time
-        record = {"type": "train", "step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
-                  "step_time": step_time, "tokens_per_sec": tokens_per_sec}
-        if peak_flops:
-            record["mfu"] = flops_per_token * tokens_per_sec / (peak_flops * world_size)
-        if is_main:
-            metrics.append(record)
-            progress.update(1)
-            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", norm=f"{grad_norm:.3f}",
-                                 tok_s=f"{tokens_per_sec:,.0f}", mfu=f"{record.get('mfu', float('nan')):.1%}")
-        accelerator.log({f"train/{k}": v for k, v in record.items() if k not in ("type", "step")}, step=step)
-
-    progress.close()
+                metrics.append(record)
+                progress.update(1)
+                progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", norm=f"{grad_norm:.3f}",
+                                     tok_s=f"{tokens_per_sec:,.0f}", mfu=f"{record.get('mfu', float('nan')):.1%}")
+            accelerator.log({f"train/{k}": v for k, v in record.items() if k not in ("type", "step")}, step=step)
+    except KeyboardInterrupt:  # Ctrl-C: one line in main(), naming where the run can continue from
+        raise TrainingInterrupted(step) from None
+    finally:
+        progress.close()  # ends the bar's line, so that an error message gets a line of its own
     if pusher is not None:
         tqdm.write(f"waiting for the uploads to {args.hub_model_id} to finish ...")
         for failure in pusher.wait():
@@ -768,9 +880,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         train(args)
-    except TrainingError as error:
+    except (TrainingError, ShardFormatError) as error:  # a shard may turn out corrupt mid-run
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+    except (KeyboardInterrupt, TrainingInterrupted) as interruption:
+        interrupted_at = interruption.step if isinstance(interruption, TrainingInterrupted) else None
+        if os.environ.get("RANK", "0") == "0":  # one line for the whole job, not one per process
+            checkpoints = list_checkpoints(Path(args.output_dir))
+            print(f"interrupted{f' at step {interrupted_at}' if interrupted_at is not None else ' before training'}; "
+                  f"continue with the same command and --resume_from_checkpoint latest "
+                  f"(from {checkpoints[-1] if checkpoints else 'the start: no checkpoint yet'})", file=sys.stderr)
+        sys.exit(130)  # 128 + SIGINT, the shell's convention
 
 
 if __name__ == "__main__":

@@ -1,0 +1,223 @@
+"""train_accelerate.py against bad input and damaged files: each is one `error:` line and a non-zero exit, and no
+valid file changes; a damaged newest checkpoint with `latest` falls back to the one before."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from train_helpers import TINY_RUN, records, training_command, write_tiny_data
+
+import train_accelerate
+from token_shards import file_sha256, open_shard, shard_name, write_shard
+
+STEPS = 6
+RUN = TINY_RUN + ["--micro_batch_size", "8", "--checkpoint_every", "2", "--keep_checkpoints", "3", "--eval_every",
+                  "100", "--no-hellaswag", "--num_samples", "0"]
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, str]:
+    AcceleratorState._reset_state(True)  # each in-process run builds its own Accelerator
+    GradientState._reset_state()
+    try:
+        train_accelerate.main(argv)
+        status = 0
+    except SystemExit as exit_:
+        status = exit_.code
+    captured = capsys.readouterr()
+    return status, captured.err
+
+
+def tree_checksums(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_one_error_line(status: int, err: str, *fragments: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert status == 1 and "Traceback" not in err, err[-3000:]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1, err[-3000:]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A 6-step run with checkpoints at steps 2, 4 and 6."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    data_dir, _ = write_tiny_data(root)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        train_accelerate.main(RUN + ["--data_dir", str(data_dir), "--output_dir", str(root / "run"),
+                                     "--max_steps", str(STEPS)])
+    finally:
+        torch.set_num_threads(threads)
+    return root, data_dir
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    """A private copy of the finished run, and the flags that continue it."""
+    root, data_dir = finished_run
+    shutil.copytree(root / "run", tmp_path / "run")
+    return tmp_path / "run", RUN + ["--data_dir", str(data_dir), "--output_dir", str(tmp_path / "run")]
+
+
+def test_resuming_into_a_folder_of_another_run_is_refused(finished_run, run_copy, tmp_path, capsys):
+    root, _ = finished_run
+    other_run, argv = run_copy
+    before = tree_checksums(other_run)
+    status, err = run_main(argv + ["--max_steps", "8", "--resume_from_checkpoint",
+                                   str(root / "run" / "checkpoints" / "step_000004")], capsys)
+    assert_one_error_line(status, err, "holds another run's checkpoints or metrics")
+    assert tree_checksums(other_run) == before
+
+
+@pytest.mark.parametrize("damaged, how", [
+    ("training_state/model.safetensors", "truncate"),
+    ("training_state/optimizer.bin", "truncate"),
+    ("training_state/random_states_0.pkl", "truncate"),
+    ("training_state/random_states_0.pkl", "flip"),  # same size: only its checksum tells (resume would not be exact)
+    ("loader_rank0.json", "flip"),
+    ("trainer_state.json", "truncate"),
+])
+def test_a_damaged_checkpoint_is_named_and_latest_falls_back(run_copy, capsys, damaged, how):
+    run, argv = run_copy
+    newest = run / "checkpoints" / "step_000006"
+    path = newest / damaged
+    data = bytearray(path.read_bytes())
+    if how == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    before = tree_checksums(run)
+    status, err = run_main(argv + ["--max_steps", str(STEPS), "--resume_from_checkpoint", str(newest)], capsys)
+    assert_one_error_line(status, err, f"cannot resume from --resume_from_checkpoint {newest}", str(path))
+    assert tree_checksums(run) == before
+
+    status, err = run_main(argv + ["--max_steps", str(STEPS), "--resume_from_checkpoint", "latest"], capsys)
+    assert status == 0, err
+    # steps 4 and 5 were trained again from the step-4 checkpoint, which replaced the damaged one
+    assert [r["step"] for r in records(run, "train")] == list(range(STEPS))
+    assert train_accelerate.checkpoint_problem(newest) is None
+
+
+def test_fallback_notice_names_the_damaged_file(run_copy, capsys):
+    run, argv = run_copy
+    newest = run / "checkpoints" / "step_000006"
+    (newest / "training_state" / "optimizer.bin").write_bytes(b"")
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    train_accelerate.main(argv + ["--max_steps", str(STEPS), "--resume_from_checkpoint", "latest"])
+    out = capsys.readouterr().out
+    assert f"notice: skipping checkpoint {newest}: {newest / 'training_state' / 'optimizer.bin'} is 0 bytes" in out
+
+
+def test_a_stray_folder_in_checkpoints_is_ignored(run_copy, capsys):
+    run, argv = run_copy
+    backup = run / "checkpoints" / "step_000006_backup"
+    shutil.copytree(run / "checkpoints" / "step_000006", backup)
+    before = tree_checksums(backup)
+    status, err = run_main(argv + ["--max_steps", "8", "--resume_from_checkpoint", "latest"], capsys)
+    assert status == 0, err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "step_000004", "step_000006", "step_000006_backup", "step_000008"]  # rotation kept 3 and left the copy alone
+    assert tree_checksums(backup) == before
+
+
+@pytest.mark.parametrize("change, fragments", [
+    (["--n_embd", "32", "--max_steps", "8"], ["model shape differs", "--n_embd 32 (checkpoint: 64)"]),
+    (["--seq_len", "16", "--max_steps", "8"], ["--seq_len 16 (checkpoint: 32)"]),
+    (["--max_steps", "3"], ["is at step 6, beyond --max_steps 3"]),
+])
+def test_resume_with_other_flags_is_refused(run_copy, capsys, change, fragments):
+    run, argv = run_copy
+    before = tree_checksums(run)
+    status, err = run_main(argv + change + ["--resume_from_checkpoint", "latest"], capsys)
+    assert_one_error_line(status, err, *fragments)
+    assert tree_checksums(run) == before
+
+
+def test_a_finished_run_resumed_says_there_is_nothing_to_do(run_copy, capsys):
+    run, argv = run_copy
+    before = tree_checksums(run / "checkpoints")
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    train_accelerate.main(argv + ["--max_steps", str(STEPS), "--resume_from_checkpoint", "latest"])
+    assert "is already at --max_steps 6: nothing to train" in capsys.readouterr().out
+    assert tree_checksums(run / "checkpoints") == before
+
+
+def test_output_dir_that_is_a_file_is_refused(finished_run, tmp_path, capsys):
+    _, data_dir = finished_run
+    target = tmp_path / "taken"
+    target.write_text("not a folder")
+    status, err = run_main(RUN + ["--data_dir", str(data_dir), "--output_dir", str(target)], capsys)
+    assert_one_error_line(status, err, f"--output_dir {target} is a file")
+    assert target.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("flag, value", [("--warmup_steps", "-1"), ("--max_lr", "-0.1"), ("--grad_clip", "-1")])
+def test_negative_values_are_usage_errors(finished_run, tmp_path, capsys, flag, value):
+    _, data_dir = finished_run
+    status, err = run_main(RUN + ["--data_dir", str(data_dir), "--output_dir", str(tmp_path / "o"), flag, value], capsys)
+    assert status == 2 and f"{flag} must not be negative" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_shards_are_named(finished_run, tmp_path, capsys):
+    _, data_dir = finished_run
+    bad = tmp_path / "bad_data"
+    shutil.copytree(data_dir, bad)
+    train_shard = bad / shard_name("tiny", "train", 1)
+    tokens = np.array(open_shard(train_shard))
+    tokens[777] = 65000  # a uint16, but no GPT-2 token
+    write_shard(train_shard, tokens)
+    status, err = run_main(RUN + ["--data_dir", str(bad), "--output_dir", str(tmp_path / "o"), "--no-shuffle"], capsys)
+    # in order, offset 777 is in window 24 (777 // 32), read at step 3 (8 windows per step)
+    assert_one_error_line(status, err, f"{train_shard} holds token id 65000 at offset 777")
+    assert [r["step"] for r in records(tmp_path / "o", "train")] == [0, 1, 2]
+
+    # with a manifest, a shard changed in place after preparation: --verify_data names it
+    tokens[777] = 100
+    write_shard(train_shard, tokens)
+    val_shard = bad / shard_name("tiny", "val", 0)
+    manifest = {"shards": [{"name": p.name, "tokens": len(open_shard(p)), "sha256": file_sha256(p)}
+                           for p in (val_shard, train_shard)]}
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    tokens[778] = 101
+    write_shard(train_shard, tokens)
+    status, err = run_main(RUN + ["--data_dir", str(bad), "--output_dir", str(tmp_path / "o2"), "--verify_data"],
+                           capsys)
+    assert_one_error_line(status, err, f"{train_shard} does not match the sha256")
+
+
+def test_ctrl_c_is_one_line_naming_how_to_continue(finished_run, tmp_path):
+    _, data_dir = finished_run
+    output_dir = tmp_path / "interrupted"
+    command, env = training_command(RUN + ["--data_dir", str(data_dir), "--output_dir", str(output_dir),
+                                           "--max_steps", "100000"])
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (output_dir / "checkpoints" / "step_000002").exists():
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err[-3000:]
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted at step ") and "--resume_from_checkpoint latest" in last
+    assert str(output_dir / "checkpoints") in last
