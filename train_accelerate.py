@@ -17,11 +17,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import datetime
 import json
 import math
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -30,7 +32,8 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import is_tensorboard_available, is_wandb_available, set_seed
+from accelerate.utils import (InitProcessGroupKwargs, broadcast_object_list, is_tensorboard_available, is_wandb_available,
+                             set_seed)
 from tqdm.auto import tqdm
 from transformers.utils import logging as transformers_logging
 
@@ -48,10 +51,14 @@ GPT3_124M_HELLASWAG = 0.337
 SAMPLE_PROMPT = "Hello, I'm a language model,"
 RECIPE_VAL_TOKENS = 20 * 64 * 1024 * 8  # 10,485,760: build-nanogpt's 20 val batches of 64 x 1024 on 8 GPUs
 CHECKPOINT_PREFIX = "step_"
+EXIT_PREEMPTED = 75  # sysexits.h's EX_TEMPFAIL: a temporary failure; the same command with --resume_from_checkpoint continues
 # Dense (no sparsity) peak FLOP/s of one GPU from NVIDIA's datasheets, for MFU, by --mixed_precision: "no" runs
 # fp32 matmuls as TF32 (half the bf16 rate). Matched in order as a substring of torch's device name, so the
-# PCIe and NVL cards come before "H100" (the SXM part, e.g. "NVIDIA H100 80GB HBM3").
+# PCIe and NVL cards come before "H100" (the SXM part, e.g. "NVIDIA H100 80GB HBM3"). "H200" also matches the
+# GH200 superchip ("NVIDIA GH200 480GB"), whose GPU has the H100/H200 SXM peaks.
 GPU_PEAK_FLOPS = {
+    "H200 NVL": {"bf16": 835e12, "no": 418e12},  # the datasheet's 1,671 / 835 TFLOPS are with sparsity
+    "H200": {"bf16": 989e12, "no": 495e12},  # SXM: 1,979 / 989 with sparsity
     "H100 PCIe": {"bf16": 756e12, "no": 378e12},
     "H100 NVL": {"bf16": 835e12, "no": 418e12},
     "H100": {"bf16": 989e12, "no": 495e12},
@@ -77,6 +84,14 @@ PRESETS = {
 
 class TrainingError(RuntimeError):
     """A problem the user can fix; main() prints the message as one line and exits with status 1."""
+
+
+class TrainingPreempted(Exception):
+    """A preemption signal reached the run; `checkpoint` holds the state at `step`."""
+
+    def __init__(self, step: int, checkpoint: Path, signal_name: str | None):
+        super().__init__(f"preempted at step {step}")
+        self.step, self.checkpoint, self.signal_name = step, checkpoint, signal_name
 
 
 class TrainingInterrupted(Exception):
@@ -162,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     logging.add_argument("--report_to", choices=["none", "tensorboard", "wandb", "all"], default="none",
                          help="Accelerate trackers, besides metrics.jsonl and loss.png in --output_dir")
     logging.add_argument("--peak_flops", type=float,
-                         help="peak FLOP/s of one device for MFU; unset: the datasheet peak of A100/H100 at "
+                         help="peak FLOP/s of one device for MFU; unset: the datasheet peak of A100/H100/H200 at "
                               "--mixed_precision (TF32 for 'no'), "
                               "on CPU threads x clock x FMA FLOPs per cycle")
     ckpt = parser.add_argument_group("checkpoints and the Hub")
@@ -171,6 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     ckpt.add_argument("--resume_from_checkpoint", metavar="latest|PATH",
                       help="continue a run exactly: 'latest' in --output_dir (a fresh start when there is none) "
                            "or a checkpoint folder")
+    ckpt.add_argument("--save_on_signals", default="SIGTERM,SIGUSR1",
+                      help="signals on which every process finishes its step, a checkpoint is written and the run exits "
+                           f"with status {EXIT_PREEMPTED} (clusters send SIGTERM to preempt; SLURM's --signal sends SIGUSR1 "
+                           "ahead of the time limit); 'none' leaves the signals' default action")
+    ckpt.add_argument("--ddp_timeout", type=int, default=1800,
+                      help="seconds a process waits in a collective (e.g. for rank 0 writing a checkpoint) before the "
+                           "job fails")
     ckpt.add_argument("--push_to_hub", action="store_true", help="upload the model folder of every checkpoint in the background")
     ckpt.add_argument("--hub_model_id", help="Hub repository for --push_to_hub, e.g. user/gpt2-124m-repro")
     return parser
@@ -185,16 +207,58 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.eval_batch_size is None:
         args.eval_batch_size = args.micro_batch_size
     positive = ["n_layer", "n_head", "n_embd", "seq_len", "total_batch_size", "micro_batch_size", "max_steps",
-                "eval_every", "checkpoint_every", "keep_checkpoints", "eval_batch_size", "val_tokens"]
+                "eval_every", "checkpoint_every", "keep_checkpoints", "eval_batch_size", "val_tokens", "ddp_timeout"]
     for name in positive:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     for name in ("warmup_steps", "weight_decay", "grad_clip", "max_lr", "min_lr"):
         if getattr(args, name) < 0:
             parser.error(f"--{name} must not be negative, got {getattr(args, name)}")
+    try:
+        args.save_on_signals = parse_signals(args.save_on_signals)
+    except ValueError as error:
+        parser.error(f"--save_on_signals: {error}")
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id (e.g. your-name/gpt2-124m-repro)")
     return args
+
+
+def parse_signals(text: str) -> list[signal.Signals]:
+    """'SIGTERM,SIGUSR1' (or 'TERM,USR1') -> the signals; 'none' -> []."""
+    if text.strip().lower() == "none":
+        return []
+    found = []
+    for name in (part.strip().upper() for part in text.split(",") if part.strip()):
+        try:
+            found.append(signal.Signals[name if name.startswith("SIG") else "SIG" + name])
+        except KeyError:
+            raise ValueError(f"unknown signal {name!r}; name signals like SIGTERM,SIGUSR1, or 'none'") from None
+    return found
+
+
+class PreemptionWatch:
+    """Records a preemption signal in its handler; all ranks ask together, once per step, whether any got one, so
+    they stop at the same step (one small all-reduce per step, none when no signal is watched)."""
+
+    def __init__(self, signals: list[signal.Signals]):
+        self.signals, self.received = signals, None
+        self.previous = {sig: signal.signal(sig, self._record) for sig in signals}
+
+    def close(self) -> None:
+        """Give the signals back their handlers of before (train() may run inside a longer-lived process)."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _record(self, signum: int, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def requested(self, accelerator: Accelerator) -> bool:
+        if not self.signals:
+            return False
+        flag = torch.tensor(float(self.received is not None), device=accelerator.device)
+        if accelerator.num_processes > 1:
+            flag = accelerator.reduce(flag, reduction="sum")
+        return flag.item() > 0
 
 
 def gradient_accumulation_steps(total_batch_size: int, micro_batch_size: int, seq_len: int, world_size: int) -> int:
@@ -409,6 +473,11 @@ class HubPusher:
             self.api.upload_folder, repo_id=self.repo_id, folder_path=str(folder), commit_message=commit_message
         )
 
+    def busy(self, folder: Path) -> bool:
+        """Whether `folder` is still queued or uploading."""
+        future = self.uploads.get(folder)
+        return future is not None and not future.done()
+
     def wait(self, folder: Path | None = None) -> list[str]:
         """Wait for the upload of `folder` (all uploads when None); returns one message per failed upload."""
         failures = []
@@ -524,11 +593,7 @@ def save_checkpoint(accelerator: Accelerator, model, tokenizer, train_loader: Sh
         if final.exists():  # written before by a run this one resumed from an earlier checkpoint of
             shutil.rmtree(final)
         os.replace(temporary, final)
-        for old in list_checkpoints(Path(args.output_dir))[: -args.keep_checkpoints]:
-            if pusher is not None:
-                for failure in pusher.wait(old / "hf"):  # never delete a folder while it uploads
-                    tqdm.write(f"warning: {failure}")
-            shutil.rmtree(old)
+        prune_checkpoints(Path(args.output_dir), args.keep_checkpoints, pusher)
         if pusher is not None:
             pusher.push(final / "hf", f"step {step}: {tokens_seen:,} tokens")
     accelerator.wait_for_everyone()
@@ -570,6 +635,19 @@ def checkpoint_problem(folder: Path) -> str | None:
         if "sha256" in recorded and file_sha256(path) != recorded["sha256"]:
             return f"{path} changed since it was written (its sha256 differs)"
     return None
+
+
+def prune_checkpoints(output_dir: Path, keep: int, pusher: HubPusher | None) -> None:
+    """Remove all but the newest `keep` checkpoints, except those still uploading: they go at a later checkpoint or
+    at the end. Rank 0 must never wait for the network here, while the other ranks wait for it in a barrier (an
+    upload slower than the process-group timeout would abort the job)."""
+    for old in list_checkpoints(output_dir)[:-keep]:
+        if pusher is not None:
+            if pusher.busy(old / "hf"):
+                continue
+            for failure in pusher.wait(old / "hf"):  # done: only collects its outcome
+                tqdm.write(f"warning: {failure}")
+        shutil.rmtree(old)
 
 
 def find_resume_checkpoint(args: argparse.Namespace, notify: bool) -> Path | None:
@@ -639,6 +717,24 @@ def load_hellaswag_examples(args: argparse.Namespace, notify: bool) -> list[dict
             tqdm.write("notice: HellaSwag is skipped: its data is neither cached nor downloadable from here; pass "
                        "--hellaswag_file with a local HellaSwag val jsonl or parquet file (--no-hellaswag silences this)")
         return None
+
+
+def load_hellaswag_on_rank0(accelerator: Accelerator, args: argparse.Namespace) -> list[dict] | None:
+    """HellaSwag's examples on every rank as rank 0 found them: ranks that decided for themselves could disagree
+    (a node without the cached file and without network) and the ones with data would wait in the scoring's
+    collectives until the process-group timeout. An error on rank 0 becomes the same error on every rank."""
+    outcome = [None]
+    if accelerator.is_main_process:
+        try:
+            outcome[0] = ("examples", load_hellaswag_examples(args, notify=True))
+        except TrainingError as error:
+            outcome[0] = ("error", str(error))
+    if accelerator.num_processes > 1:
+        broadcast_object_list(outcome, from_process=0)
+    kind, value = outcome[0]
+    if kind == "error":
+        raise TrainingError(value)
+    return value
 
 
 @torch.no_grad()
@@ -720,7 +816,8 @@ def train(args: argparse.Namespace) -> Path:
     args.mixed_precision, precision_line = resolve_mixed_precision(args.mixed_precision, accelerate_device())
     accelerator = Accelerator(mixed_precision=args.mixed_precision, project_dir=args.output_dir,
                               log_with=None if args.report_to == "none" else args.report_to,
-                              dynamo_backend="inductor" if args.compile else None)  # None: the launch config decides
+                              dynamo_backend="inductor" if args.compile else None,  # None: the launch config decides
+                              kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=args.ddp_timeout))])
     device, rank, world_size = accelerator.device, accelerator.process_index, accelerator.num_processes
     is_main = accelerator.is_main_process
     grad_accum = gradient_accumulation_steps(args.total_batch_size, args.micro_batch_size, args.seq_len, world_size)
@@ -753,8 +850,7 @@ def train(args: argparse.Namespace) -> Path:
     except ValueError as error:  # ShardFormatError included: missing or corrupt shards, too few val tokens
         raise TrainingError(str(error)) from None
     pusher = HubPusher(args.hub_model_id) if args.push_to_hub and is_main else None  # fail now, not at the end
-    with accelerator.main_process_first():  # one download into the cache, then every rank reads it
-        hellaswag_examples = load_hellaswag_examples(args, notify=is_main)  # every rank scores its share
+    hellaswag_examples = load_hellaswag_on_rank0(accelerator, args)  # every rank scores its share
     tokenizer = get_tokenizer()
 
     set_seed(args.seed)  # the same initial weights on every process
@@ -804,6 +900,7 @@ def train(args: argparse.Namespace) -> Path:
 
     progress = tqdm(total=args.max_steps, initial=start_step, disable=not is_main, desc="training", dynamic_ncols=True)
     final_checkpoint = None
+    preemption = PreemptionWatch(args.save_on_signals)
     step = start_step
     try:
         for step in range(start_step, args.max_steps + 1):
@@ -823,6 +920,13 @@ def train(args: argparse.Namespace) -> Path:
                 final_checkpoint = save_checkpoint(accelerator, model, tokenizer, train_loader, step, args, metrics, pusher)
             if step == args.max_steps:
                 break
+            if preemption.requested(accelerator):  # after this step's evaluation, before its training
+                if step == start_step and resume_from is not None:
+                    final_checkpoint = resume_from  # the state of this very step
+                elif final_checkpoint is None or final_checkpoint.name != f"{CHECKPOINT_PREFIX}{step:06d}":
+                    final_checkpoint = save_checkpoint(accelerator, model, tokenizer, train_loader, step, args, metrics,
+                                                       pusher)
+                raise TrainingPreempted(step, final_checkpoint, preemption.received)
 
             start = time.perf_counter()
             lr = get_lr(step, args.max_lr, args.min_lr, args.warmup_steps, args.max_steps)
@@ -831,6 +935,8 @@ def train(args: argparse.Namespace) -> Path:
             step_loss = torch.zeros((), device=device)
             for micro_step in range(grad_accum):
                 x, y = train_loader.next_batch()  # (B, T) each
+                if device.type == "cuda":  # page-locked, so the copy below really runs beside the compute
+                    x, y = x.pin_memory(), y.pin_memory()
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 # DDP all-reduces gradients on the last micro-step only; the choice is made before the forward.
                 last_micro_step = micro_step == grad_accum - 1
@@ -866,10 +972,12 @@ def train(args: argparse.Namespace) -> Path:
         raise TrainingInterrupted(step) from None
     finally:
         progress.close()  # ends the bar's line, so that an error message gets a line of its own
-    if pusher is not None:
+        preemption.close()
+    if pusher is not None:  # rank 0 alone, after the last collective
         tqdm.write(f"waiting for the uploads to {args.hub_model_id} to finish ...")
         for failure in pusher.wait():
             tqdm.write(f"warning: {failure}")
+        prune_checkpoints(output_dir, args.keep_checkpoints, None)  # those kept while they uploaded
     accelerator.end_training()
     if is_main and final_checkpoint is not None:
         tqdm.write(f"done: model folder {final_checkpoint / 'hf'}")
@@ -883,6 +991,12 @@ def main(argv: list[str] | None = None) -> None:
     except (TrainingError, ShardFormatError) as error:  # a shard may turn out corrupt mid-run
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+    except TrainingPreempted as preempted:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"preempted{f' by {preempted.signal_name}' if preempted.signal_name else ''} at step {preempted.step}: "
+                  f"checkpoint {preempted.checkpoint} written; continue with the same command and "
+                  f"--resume_from_checkpoint latest", file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
     except (KeyboardInterrupt, TrainingInterrupted) as interruption:
         interrupted_at = interruption.step if isinstance(interruption, TrainingInterrupted) else None
         if os.environ.get("RANK", "0") == "0":  # one line for the whole job, not one per process

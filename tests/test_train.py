@@ -82,6 +82,9 @@ def test_gradient_accumulation_steps_is_total_over_micro_times_world():
     ("NVIDIA H100 80GB HBM3", 989, 495),  # SXM: 989.4 / 494.7
     ("NVIDIA H100 PCIe", 756, 378),
     ("NVIDIA H100 NVL", 835, 418),  # 835.5 / 417.5 (the datasheet's 1671 / 835 are with sparsity)
+    ("NVIDIA H200", 989, 495),  # SXM: 989.5 / 494.5 (1979 / 989 with sparsity)
+    ("NVIDIA H200 NVL", 835, 418),  # 835.5 / 417.5
+    ("NVIDIA GH200 480GB", 989, 495),  # the superchip's GPU: H100/H200 SXM peaks
     ("NVIDIA GeForce RTX 4090", None, None),  # unknown: no MFU rather than a wrong one
 ])
 def test_gpu_peak_flops_follow_the_name_and_precision(device_name, bf16_peak, tf32_peak, monkeypatch):

@@ -1,0 +1,148 @@
+"""What only shows on clusters, reproduced with 1 and 2 CPU processes (gloo) and a short process-group timeout:
+preemption by SIGTERM saves and resumes exactly, a slow Hub upload never blocks rank 0 inside a barrier, and
+HellaSwag is decided on rank 0 for every rank."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from train_helpers import REPO, TINY_RUN, final_weights, records, run_training, training_command, write_tiny_data
+
+import train_accelerate
+
+STEPS = 8
+QUIET = ["--max_steps", str(STEPS), "--num_samples", "0", "--eval_every", "100", "--checkpoint_every", "4"]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cluster")
+    data_dir, hellaswag_file = write_tiny_data(root)
+    return root, TINY_RUN + ["--data_dir", str(data_dir)], hellaswag_file
+
+
+def without_timing(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k not in ("step_time", "tokens_per_sec", "mfu")}
+
+
+def wait_for_train_step(output_dir: Path, step: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        metrics = output_dir / "metrics.jsonl"
+        if metrics.exists() and any(json.loads(line)["step"] >= step for line in metrics.read_text().splitlines()
+                                    if '"train"' in line):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the run did not reach step {step} (exit status {process.poll()})")
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sigterm_saves_a_checkpoint_and_resume_is_exact(workspace, processes):
+    root, args, _ = workspace
+    micro = ["--micro_batch_size", str(8 // processes), "--no-hellaswag"] + QUIET
+    reference = root / f"uninterrupted_{processes}"
+    run_training(args + micro + ["--output_dir", str(reference)], processes=processes)
+
+    output_dir = root / f"preempted_{processes}"
+    command, env = training_command(args + micro + ["--output_dir", str(output_dir)], processes)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    wait_for_train_step(output_dir, 1, process)
+    os.killpg(process.pid, signal.SIGTERM)  # to every process of the job, as a scheduler does
+    _, err = process.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if line.startswith("preempted by SIGTERM at step ")]
+    assert len(lines) == 1, err[-3000:]
+    step = int(lines[0].split("at step ")[1].split(":")[0])
+    assert 0 < step < STEPS
+    if processes == 1:  # (accelerate's launcher reports the SIGTERM it got itself, with a traceback of its own)
+        assert process.returncode == train_accelerate.EXIT_PREEMPTED and "Traceback" not in err
+    checkpoint = output_dir / "checkpoints" / f"step_{step:06d}"
+    assert f"checkpoint {checkpoint} written" in lines[0] and (checkpoint / "trainer_state.json").is_file()
+
+    run_training(args + micro + ["--output_dir", str(output_dir), "--resume_from_checkpoint", "latest"],
+                 processes=processes)
+    assert list(map(without_timing, records(output_dir, "train"))) == \
+        list(map(without_timing, records(reference, "train")))
+    weights, expected = final_weights(output_dir, STEPS), final_weights(reference, STEPS)
+    assert all(torch.equal(weights[name], expected[name]) for name in expected)
+
+
+SLOW_HUB = """
+import json, os, sys, time
+from pathlib import Path
+import huggingface_hub
+
+class SlowHub:  # stands in for HfApi: every upload takes longer than the process-group timeout
+    def __init__(self, *args, **kwargs): pass
+    def whoami(self, *args, **kwargs): return {"name": "tester"}
+    def create_repo(self, *args, **kwargs): pass
+    def upload_folder(self, *, repo_id, folder_path, commit_message, **kwargs):
+        time.sleep(float(os.environ["UPLOAD_SECONDS"]))
+        with open(sys.argv[1], "a") as log:
+            log.write(json.dumps({"folder": folder_path, "there_when_done": Path(folder_path).is_dir()}) + "\\n")
+
+huggingface_hub.HfApi = SlowHub
+import train_accelerate
+train_accelerate.main(sys.argv[2:])
+"""
+
+
+def test_a_slow_upload_never_blocks_a_barrier(workspace, tmp_path):
+    root, args, _ = workspace
+    wrapper = tmp_path / "slow_hub.py"
+    wrapper.write_text(SLOW_HUB)
+    output_dir, log = tmp_path / "out", tmp_path / "uploads.jsonl"
+    run_args = args + ["--output_dir", str(output_dir), "--micro_batch_size", "4", "--max_steps", "6",
+                       "--checkpoint_every", "2", "--keep_checkpoints", "1", "--ddp_timeout", "5", "--push_to_hub",
+                       "--hub_model_id", "tester/tiny", "--no-hellaswag", "--num_samples", "0", "--eval_every", "100"]
+    command, env = training_command([str(log), *run_args], processes=2, script=str(wrapper))
+    env.update(PYTHONPATH=str(REPO), UPLOAD_SECONDS="8")  # 8 s uploads against a 5 s collective timeout
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-4000:]
+    uploads = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [Path(u["folder"]).parent.name for u in uploads] == ["step_000002", "step_000004", "step_000006"]
+    assert all(u["there_when_done"] for u in uploads)  # no folder was deleted while it uploaded
+    assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == ["step_000006"]  # pruned at the end
+
+
+RANK0_ONLY_HELLASWAG = """
+import os, sys
+import eval_hellaswag, train_accelerate
+
+if os.environ["RANK"] != "0":  # this node has neither the file nor the network
+    def unavailable(*args, **kwargs):
+        raise eval_hellaswag.HellaSwagUnavailable("no HellaSwag data on this node")
+    train_accelerate.load_hellaswag = unavailable
+train_accelerate.main(sys.argv[1:])
+"""
+
+
+def test_hellaswag_that_only_rank0_can_read_is_scored_by_all(workspace, tmp_path):
+    root, args, hellaswag_file = workspace
+    wrapper = tmp_path / "rank0_only.py"
+    wrapper.write_text(RANK0_ONLY_HELLASWAG)
+    output_dir = tmp_path / "out"
+    run_args = args + ["--output_dir", str(output_dir), "--micro_batch_size", "4", "--max_steps", "2",
+                       "--eval_every", "2", "--hellaswag_file", str(hellaswag_file), "--num_samples", "0",
+                       "--ddp_timeout", "20"]
+    command, env = training_command(run_args, processes=2, script=str(wrapper))
+    env["PYTHONPATH"] = str(REPO)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert [r["hellaswag_count"] for r in records(output_dir, "eval")] == [3, 3]  # --hellaswag_limit 3
+
+
+def test_signal_names_are_checked(capsys):
+    assert train_accelerate.parse_signals("SIGTERM, usr1") == [signal.SIGTERM, signal.SIGUSR1]
+    assert train_accelerate.parse_signals("none") == []
+    with pytest.raises(ValueError, match="unknown signal 'SIGFOO'"):
+        train_accelerate.parse_signals("SIGFOO")
+    with pytest.raises(SystemExit) as exit_:
+        train_accelerate.parse_args(["--save_on_signals", "TERM,FOO"])
+    assert exit_.value.code == 2 and "--save_on_signals: unknown signal 'FOO'" in capsys.readouterr().err
