@@ -15,7 +15,9 @@ How an example is scored, fast: its context and 4 endings are packed into one ro
 lets each ending see only the context and itself, so the context costs 1/4 of what 4 full rows would; logits
 are computed only where an ending token is predicted. Several examples (padded and masked) share each forward,
 sorted by length to keep padding small. The model must accept position_ids and a custom 4-D attention mask, as
-transformers' models do.
+transformers' models do. An example longer than the model's context (n_positions or max_position_embeddings)
+loses the start of its context, as in lm-evaluation-harness; one whose ending alone fills the context is skipped;
+the result counts both (`truncated`, `skipped`).
 
     python eval_hellaswag.py --model openai-community/gpt2
     python eval_hellaswag.py --model out/checkpoint --style harness --dtype bfloat16 --limit 1000 --seed 0
@@ -31,12 +33,15 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import os
 import random
 import re
 import sys
+import tempfile
 import urllib.request
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -93,26 +98,55 @@ def normalize_example(record: object, where: str) -> dict:
 
 
 def read_hellaswag_file(path: str | os.PathLike) -> list[dict]:
-    """A local HellaSwag file, .jsonl (one record a line) or .parquet, in either schema."""
+    """A local HellaSwag file, .jsonl (one record a line) or .parquet, in either schema; at least one record."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise HellaSwagUnavailable(f"HellaSwag data file {path} does not exist.")
-    if path.suffix == ".parquet":
+    if not path.is_file():
+        raise HellaSwagUnavailable(f"HellaSwag data file {path} is not a file (a jsonl or parquet file is needed).")
+    if path.suffix.lower() == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        rows = pq.read_table(path).to_pylist()
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except pa.ArrowInvalid:  # no parquet footer: another format, or cut short
+            raise HellaSwagFormatError(f"{path}: not a parquet file, or a damaged one") from None
+        except (pa.ArrowException, OSError) as err:
+            raise HellaSwagFormatError(f"{path}: cannot be read as parquet ({first_line(err)})") from None
+        if not rows:
+            raise HellaSwagFormatError(f"{path}: no HellaSwag records (the parquet table has no rows)")
         return [normalize_example(row, f"{path}: row {i}") for i, row in enumerate(rows, start=1)]
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise HellaSwagFormatError(f"{path}:{line_number}: not valid JSON ({err.msg})") from None
-            examples.append(normalize_example(record, f"{path}:{line_number}"))
+    blank_lines = 0
+    try:
+        with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is named like any other bad line
+            for line_number, raw_line in enumerate(f, start=1):
+                try:
+                    line = raw_line.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise HellaSwagFormatError(f"{path}:{line_number}: not UTF-8 text (is this a jsonl file?)") \
+                        from None
+                if not line.strip():
+                    blank_lines += 1
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise HellaSwagFormatError(f"{path}:{line_number}: not valid JSON ({err.msg})") from None
+                examples.append(normalize_example(record, f"{path}:{line_number}"))
+    except OSError as err:  # e.g. no permission to read it
+        raise HellaSwagUnavailable(f"HellaSwag data file {path} cannot be read: {err.strerror}") from None
+    if not examples:
+        raise HellaSwagFormatError(
+            f"{path}: no HellaSwag records ({'only blank lines' if blank_lines else 'the file is empty'})"
+        )
     return examples
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message, first line only: library messages can run to many lines."""
+    return (str(error).strip() or type(error).__name__).splitlines()[0]
 
 
 def default_cache_dir() -> Path:
@@ -152,10 +186,18 @@ def load_hellaswag(data_file: str | None = None, split: str = "validation", cach
             f"HellaSwag {split} data is not available offline: pass --data_file with a local HellaSwag jsonl or "
             f"parquet file, or go online so it can be fetched from the Hugging Face Hub ({HUB_DATASET}) or {url}."
         ) from None
-    cached_file.parent.mkdir(parents=True, exist_ok=True)
     partial_file = cached_file.with_name(f"{cached_file.name}.{os.getpid()}.partial")
-    partial_file.write_bytes(data)
-    partial_file.replace(cached_file)  # atomic: concurrent processes never see half a file
+    try:
+        cached_file.parent.mkdir(parents=True, exist_ok=True)
+        partial_file.write_bytes(data)
+        partial_file.replace(cached_file)  # atomic: concurrent processes never see half a file
+    except OSError as err:
+        if partial_file.exists():  # False too where the cache "folder" is a file
+            partial_file.unlink()
+        raise HellaSwagUnavailable(
+            f"HellaSwag {split} data was downloaded but cannot be cached in {cached_file.parent} ({err.strerror}): "
+            f"pass --cache_dir with a writable folder."
+        ) from None
     return read_hellaswag_file(cached_file)
 
 
@@ -201,18 +243,44 @@ def tokenize_examples(examples: list[dict], tokenizer, style: str) -> list[dict]
     return tokenized
 
 
+def context_window(model: torch.nn.Module) -> int | None:
+    """How many positions the model embeds: `n_positions` (GPT-2, ours) or `max_position_embeddings` (most other
+    transformers models); None when its config names neither, and then nothing is cut."""
+    config = getattr(model, "config", None)
+    for name in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def fit_to_context(example: dict, max_positions: int | None) -> dict | None:
+    """`example` (from `tokenize_examples`) fitted to a context of `max_positions`, as lm-evaluation-harness fits
+    its rows: the endings stay whole and the context keeps its last tokens, as many as fit beside the longest
+    ending. An ending's last token is never an input, so context + ending may take max_positions + 1 tokens. The 4
+    endings share one context, cut for the longest: a shorter ending may see fewer context tokens than the
+    harness, which cuts each row alone, would give it. Adds `context_tokens_dropped`; None when not even one
+    context token fits (an ending alone fills the context), so that the example cannot be scored."""
+    room = len(example["context"]) if max_positions is None else max_positions + 1 - max(map(len, example["endings"]))
+    if room < 1:
+        return None
+    context = example["context"][-room:]
+    return {**example, "context": context, "context_tokens_dropped": len(example["context"]) - len(context)}
+
+
 def score_batch(model: torch.nn.Module, batch: list[dict], device: torch.device) -> torch.Tensor:
     """Summed cross-entropy (nats) of each ending given its context: (B, 4), float32 on the CPU.
 
-    One forward for the batch. Each example is one packed row, context then its 4 endings back to back; a 4-D
-    attention mask lets each ending see the context and its own earlier tokens only, and position ids restart
-    at len(context) for every ending, so each ending is scored exactly as the row context + ending would be,
-    while the context is computed once instead of 4 times. Rows are left-padded so that all endings sit in the
-    last positions, the only ones whose logits are computed (`logits_to_keep`). An ending's first token is
-    predicted by the last context token, each later one by the ending's previous token.
+    One forward for the batch. Each example is one packed row, context then its 4 endings back to back, each
+    ending without its last token (an input that predicts nothing scored); a 4-D attention mask lets each ending
+    see the context and its own earlier tokens only, and position ids restart at len(context) for every ending, so
+    each ending is scored exactly as the row context + ending would be, while the context is computed once
+    instead of 4 times. The highest position is len(context) + len(longest ending) - 2. Rows are left-padded so
+    that all endings sit in the last positions, the only ones whose logits are computed (`logits_to_keep`). An
+    ending's first token is predicted by the last context token, each later one by the ending's previous token.
     """
     B = len(batch)
-    lengths = [len(ex["context"]) + sum(map(len, ex["endings"])) for ex in batch]
+    lengths = [len(ex["context"]) + sum(len(ending) - 1 for ending in ex["endings"]) for ex in batch]
     T = max(lengths)
     input_ids = torch.zeros(B, T, dtype=torch.long)  # pad id 0: any valid id, it is masked
     position_ids = torch.zeros(B, T, dtype=torch.long)
@@ -227,13 +295,13 @@ def score_batch(model: torch.nn.Module, batch: list[dict], device: torch.device)
         last_context_position = at + context_len - 1
         at += context_len
         for j, ending in enumerate(ex["endings"]):
-            n = len(ending)
-            input_ids[i, at: at + n] = torch.tensor(ending)
+            n = len(ending) - 1  # inputs: all but the last token
+            input_ids[i, at: at + n] = torch.tensor(ending[:-1], dtype=torch.long)
             position_ids[i, at: at + n] = torch.arange(context_len, context_len + n)
             segment[i, at: at + n] = j + 1
-            predictors += [(i, last_context_position)] + [(i, at + k) for k in range(n - 1)]
+            predictors += [(i, last_context_position)] + [(i, at + k) for k in range(n)]
             targets += ending
-            ending_rows += [NUM_ENDINGS * i + j] * n
+            ending_rows += [NUM_ENDINGS * i + j] * len(ending)
             at += n
 
     positions = torch.arange(T)
@@ -248,7 +316,7 @@ def score_batch(model: torch.nn.Module, batch: list[dict], device: torch.device)
     dtype = next(model.parameters()).dtype
     attention_bias = torch.zeros(B, 1, T, T, dtype=dtype).masked_fill(~allowed[:, None], torch.finfo(dtype).min)
 
-    # Keep the logits of the last positions only: every ending token and the last context token.
+    # Keep the logits of the last positions only: every ending input and the last context token.
     keep = max(length - len(ex["context"]) + 1 for length, ex in zip(lengths, batch))
     keep_kwargs = {"logits_to_keep": keep} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     first_kept = T - keep if keep_kwargs else 0
@@ -287,10 +355,16 @@ def evaluate_hellaswag(
     return_predictions: bool = False,
 ) -> dict:
     """Score `examples` (from `load_hellaswag`) with a causal LM; returns the metric's dict: acc, acc_norm,
-    correct, correct_norm, count, plus `predictions` if asked: per example, in input order, its `index` in
-    `examples`, the dataset's `ind`, `label`, `pred` (lowest summed loss), `pred_norm` (lowest normalised loss),
-    and the 4 endings' `ending_nll` (summed negative log-likelihood, nats) and `ending_nll_norm` (per token in
-    completion style, per character in harness style).
+    correct, correct_norm, count (the examples scored), plus `truncated` and `skipped`, and `predictions` if
+    asked: per example, in input order, its `index` in `examples`, the dataset's `ind`, `label`, `skipped`,
+    `context_tokens_dropped`, `pred` (lowest summed loss), `pred_norm` (lowest normalised loss), and the 4
+    endings' `ending_nll` (summed negative log-likelihood, nats) and `ending_nll_norm` (per token in completion
+    style, per character in harness style); a skipped example has None in the last five.
+
+    An example longer than the model's context (`context_window`) has its context cut from the left to fit
+    (`fit_to_context`) and counts as `truncated`; one whose ending alone fills the context is not scored and
+    counts as `skipped`. When every example is skipped, acc and acc_norm are NaN and count is 0: a training
+    run's evaluation reports that rather than stopping the run.
 
     The model stays where and how the caller put it (device, dtype, autocast); it is put in eval mode and its
     training mode restored afterwards. With an `accelerator`, every process must call this: each scores a
@@ -317,16 +391,21 @@ def evaluate_hellaswag(
         # A contiguous, unpadded share each: no example is scored twice.
         with accelerator.split_between_processes(indices) as share:
             indices = list(share)
-    tokenized = tokenize_examples([examples[i] for i in indices], tokenizer, style)
+    max_positions = context_window(model)
+    tokenized = [fit_to_context(ex, max_positions)
+                 for ex in tokenize_examples([examples[i] for i in indices], tokenizer, style)]
+    records = [{"index": indices[j], "ind": examples[indices[j]].get("ind"), "label": examples[indices[j]]["label"],
+                "skipped": True, "context_tokens_dropped": None, "pred": None, "pred_norm": None,
+                "ending_nll": None, "ending_nll_norm": None}
+               for j, ex in enumerate(tokenized) if ex is None]
     # Longest first: similar lengths share a batch (little padding), and an out-of-memory shows up at once.
     order = sorted(
-        range(len(indices)),
+        (j for j, ex in enumerate(tokenized) if ex is not None),
         key=lambda j: (sum(map(len, tokenized[j]["endings"])), len(tokenized[j]["context"])),
         reverse=True,
     )
 
     is_main = accelerator is None or accelerator.is_local_main_process
-    records = []
     was_training = model.training
     model.eval()
     try:
@@ -343,6 +422,8 @@ def evaluate_hellaswag(
                         "index": index,
                         "ind": examples[index].get("ind"),
                         "label": examples[index]["label"],
+                        "skipped": False,
+                        "context_tokens_dropped": tokenized[j]["context_tokens_dropped"],
                         "pred": min(range(NUM_ENDINGS), key=ex_losses.__getitem__),  # first of ties, like argmin
                         "pred_norm": min(range(NUM_ENDINGS), key=ex_norm_losses.__getitem__),
                         "ending_nll": ex_losses,
@@ -359,11 +440,17 @@ def evaluate_hellaswag(
     records.sort(key=lambda record: record["index"])
     if [record["index"] for record in records] != list(range(len(examples))):
         raise RuntimeError("HellaSwag results were not gathered exactly once per example")
-    result = metric.compute(
-        predictions=[r["pred"] for r in records],
-        predictions_norm=[r["pred_norm"] for r in records],
-        references=[r["label"] for r in records],
-    )
+    scored = [r for r in records if not r["skipped"]]
+    if scored:
+        result = metric.compute(
+            predictions=[r["pred"] for r in scored],
+            predictions_norm=[r["pred_norm"] for r in scored],
+            references=[r["label"] for r in scored],
+        )
+    else:  # the metric refuses an empty list
+        result = {"acc": math.nan, "acc_norm": math.nan, "correct": 0, "correct_norm": 0, "count": 0}
+    result["truncated"] = sum(1 for r in scored if r["context_tokens_dropped"])
+    result["skipped"] = len(records) - len(scored)
     if return_predictions:
         result["predictions"] = records
     return result
@@ -416,17 +503,67 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--batch_size must be at least 1")
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be at least 1")
+    if args.seed is not None and args.limit is None:
+        parser.error("--seed needs --limit: it draws the random sample of --limit examples")
     return args
+
+
+def output_problem(output: Path, data_file: str | None) -> str | None:
+    """Why the result could not be written to `output` (--output_json), or None. Checked before the scoring, whose
+    result would otherwise be lost."""
+    if output.is_dir():
+        return f"--output_json {output} is a folder: name a file, e.g. {output / 'hellaswag.json'}"
+    if output.exists() and not output.is_file():
+        return f"--output_json {output} is not a regular file"
+    if data_file is not None and output.is_file() and Path(data_file).is_file() and output.samefile(data_file):
+        return f"--output_json {output} is the --data_file: the result would overwrite the data"
+    folder = output.absolute().parent
+    while not folder.exists():  # folders still to be made: the nearest existing one must take them
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"--output_json {output}: {folder} is a file, so no folder can be made in it"
+    try:
+        tempfile.TemporaryFile(dir=folder).close()  # the sure test: root passes every os.access check
+    except OSError as err:
+        return f"--output_json {output}: cannot write in {folder} ({err.strerror})"
+    return None
+
+
+def write_json_atomically(path: Path, data: dict) -> None:
+    """`data` as indented JSON at `path`, through a temporary file in the same folder renamed over it: a crash or
+    a full disk leaves the previous file (or none), never half a file."""
+    path = path.resolve()  # through a symlink: the file it names is replaced, the link stays
+    text = json.dumps(data, indent=1) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        with open(partial, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it the file
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def exit_with_error(accelerator, message: str) -> NoReturn:
+    """One `error:` line (from the main process) and exit status 2: every process stops alike."""
+    accelerator.print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from accelerate import Accelerator
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     accelerator = Accelerator()
-    args.dtype, precision_line = resolve_dtype(args.dtype, accelerator.device)
-    accelerator.print(precision_line, file=sys.stderr)
+    # The user's inputs are all checked before the model loads and the scoring runs: a mistake costs seconds.
+    output = None if args.output_json is None else Path(args.output_json)
+    if output is not None and (problem := output_problem(output, args.data_file)):
+        exit_with_error(accelerator, problem)
     error = None
     with accelerator.main_process_first():  # one download, then the others read the cached file
         try:  # caught inside, so that every process still reaches the barrier at the end of the block
@@ -434,37 +571,51 @@ def main(argv: list[str] | None = None) -> None:
         except (HellaSwagUnavailable, HellaSwagFormatError) as err:
             error = err
     if error is not None:
-        accelerator.print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        exit_with_error(accelerator, str(error))
+    if args.limit is not None and args.limit > len(examples):
+        exit_with_error(accelerator, f"--limit {args.limit} is more than the {len(examples)} examples of "
+                                     f"{args.data_file or 'the HellaSwag validation split'}")
     if args.limit is not None and args.seed is not None:
-        sample = random.Random(args.seed).sample(range(len(examples)), min(args.limit, len(examples)))
+        sample = random.Random(args.seed).sample(range(len(examples)), args.limit)
         examples = [examples[i] for i in sorted(sample)]  # in dataset order; `ind` in the output names them
-    if args.model.startswith(("/", ".", "~")) and not Path(args.model).expanduser().is_dir():
-        accelerator.print(f"error: the model folder {args.model} does not exist", file=sys.stderr)
-        sys.exit(2)
+    model_path = Path(args.model).expanduser()
+    if args.model.startswith(("/", ".", "~")) and not model_path.is_dir():
+        exit_with_error(accelerator, f"the model folder {args.model} "
+                                     f"{'is a file, not a folder' if model_path.exists() else 'does not exist'}")
+    args.dtype, precision_line = resolve_dtype(args.dtype, accelerator.device)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             args.model, dtype=getattr(torch, args.dtype), trust_remote_code=True
         )
-    except (OSError, ValueError) as err:  # ValueError: a folder that holds no model config
-        first_line = str(err).splitlines()[0]
-        accelerator.print(f"error: could not load the model '{args.model}' (a checkpoint folder, e.g. a training "
-                          f"checkpoint's hf/ folder, or a Hub id that needs the network or the local Hub cache): "
-                          f"{first_line}", file=sys.stderr)
-        sys.exit(2)
+    # ValueError: a folder that holds no model config; SafetensorError: truncated or corrupt weights.
+    except (OSError, ValueError, SafetensorError) as err:
+        exit_with_error(accelerator, f"could not load the model '{args.model}' (a checkpoint folder, e.g. a training "
+                                     f"checkpoint's hf/ folder, or a Hub id that needs the network or the local Hub "
+                                     f"cache): {first_line(err)}")
+    accelerator.print(precision_line, file=sys.stderr)  # once the model loaded: an error stays the only line
     model.to(accelerator.device)
     tokenizer = load_tokenizer(args.model)
 
     result = evaluate_hellaswag(model, tokenizer, examples, style=args.style, batch_size=args.batch_size,
                                 accelerator=accelerator, limit=args.limit, return_predictions=True)
     predictions = result.pop("predictions")
+    max_positions = context_window(model)
+    if result["count"] == 0:
+        exit_with_error(accelerator, f"none of the {result['skipped']} examples fits the model's context of "
+                                     f"{max_positions} tokens: in each, an ending alone fills it")
+    fitted = ""
+    if result["truncated"] or result["skipped"]:
+        fitted = (f"; longer than the model's context of {max_positions} tokens: {result['truncated']} cut from "
+                  f"the left, {result['skipped']} skipped (an ending alone fills it)")
     accelerator.print(f"HellaSwag {args.style} ({result['count']} examples, {args.dtype}): "
-                      f"acc {result['acc']:.4f}  acc_norm {result['acc_norm']:.4f}")
-    if args.output_json and accelerator.is_main_process:
+                      f"acc {result['acc']:.4f}  acc_norm {result['acc_norm']:.4f}{fitted}")
+    if output is not None and accelerator.is_main_process:
         report = {"model": args.model, "style": args.style, "dtype": args.dtype, "data_file": args.data_file,
                   **result, "predictions": predictions}
-        Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output_json).write_text(json.dumps(report, indent=1) + "\n")
+        try:
+            write_json_atomically(output, report)
+        except OSError as err:  # e.g. the disk filled up: the previous file, if any, is intact
+            exit_with_error(accelerator, f"could not write --output_json {output}: {err.strerror or first_line(err)}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """eval_hellaswag.py and its evaluate metric, on small HellaSwag-format files written here, with a tiny random GPT-2
 and the real GPT-2 tokenizer. References: tiktoken's GPT-2 encoding and transformers' GPT-2 run one row at a time."""
+import errno
 import json
+import math
 import os
 import random
 import shutil
@@ -13,17 +15,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from accelerate.state import AcceleratorState, GradientState
+from safetensors import SafetensorError, safe_open
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import eval_hellaswag
 from eval_hellaswag import (
     HellaSwagFormatError,
     HellaSwagUnavailable,
     evaluate_hellaswag,
+    fit_to_context,
     harness_preprocess,
     load_hellaswag,
     render_example,
 )
+from modeling_gpt2repro import GPT2ReproForCausalLM
 from tokenization_gpt2repro import get_tiktoken_encoding, get_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -95,6 +101,60 @@ def examples():
     return [eval_hellaswag.normalize_example(r, "test") for r in make_records(8)]
 
 
+SHORT_CONTEXT = 32  # n_positions of the models that HellaSwag rows overflow
+LONG_CONTEXT = " ".join(["The man walks into the kitchen and picks up a knife."] * 4)  # 48 tokens
+ENDINGS = ["cuts a red tomato slowly.", "smiles.", "throws the knife over the wall.", "walks away."]
+
+
+def example_record(ctx: str, endings: list[str], label: int) -> dict:
+    return {"activity_label": "Cooking", "ctx_a": ctx, "ctx_b": "", "ctx": ctx, "endings": endings, "label": label}
+
+
+def overflowing_records() -> list[dict]:
+    """For a context of SHORT_CONTEXT tokens: a long context to cut, a short example that fits, and an example with
+    an ending of 40 tokens, which no context fits."""
+    return [example_record(LONG_CONTEXT, ENDINGS, 2), example_record("A man walks.", ENDINGS, 0),
+            example_record("A man walks.", ["ball " * 40, *ENDINGS[1:]], 1)]
+
+
+@pytest.fixture(scope="module")
+def short_models(model) -> dict:
+    """Models of a SHORT_CONTEXT context: transformers' GPT-2 and ours (the context in n_positions), and a Llama
+    (in max_position_embeddings)."""
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(**{**model.config.to_dict(), "n_positions": SHORT_CONTEXT})).eval()
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=gpt2.config.vocab_size, hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4,
+                                         max_position_embeddings=SHORT_CONTEXT)).eval()
+    return {"gpt2": gpt2, "ours": GPT2ReproForCausalLM.from_gpt2(gpt2).eval(), "llama": llama}
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """Each in-process run of main builds its own Accelerator: clear Accelerate's process-wide singletons around it."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
+    """eval_hellaswag.main in this process: (exit status, stdout, stderr)."""
+    try:
+        eval_hellaswag.main(argv)
+        status = 0
+    except SystemExit as exit_:
+        status = exit_.code
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+def file_contents(folder: Path) -> dict[str, bytes | None]:
+    """Every path under `folder` with its bytes (None for a folder): what a run must leave as it was."""
+    return {str(path): None if path.is_dir() else path.read_bytes() for path in sorted(folder.rglob("*"))}
+
+
 def reference_nll(model, context: str, continuations: list[str]) -> list[float]:
     """Summed negative log-likelihood of each continuation after `context`: one full row per forward, tokens from
     tiktoken, the loss read off a plain log_softmax."""
@@ -155,6 +215,43 @@ def test_bad_json_and_bad_parquet_row_are_named(tmp_path):
         load_hellaswag(str(write_hub_parquet(tmp_path / "bad.parquet", records)))
 
 
+# Files that hold no HellaSwag record or are not what their name says: (name, bytes, the error; None: a parquet table
+# with no rows).
+A_RECORD = json.dumps(make_records(1)[0]).encode() + b"\n"
+UNREADABLE_FILES = {
+    "empty file": ("val.jsonl", b"", "{path}: no HellaSwag records (the file is empty)"),
+    "blank lines": ("val.jsonl", b"\n  \n\t\n", "{path}: no HellaSwag records (only blank lines)"),
+    "not UTF-8": ("val.jsonl", A_RECORD + b"\xff\xfe{}\n", "{path}:2: not UTF-8 text (is this a jsonl file?)"),
+    "not parquet": ("val.parquet", A_RECORD, "{path}: not a parquet file, or a damaged one"),
+    "parquet without rows": ("val.parquet", None, "{path}: no HellaSwag records (the parquet table has no rows)"),
+}
+
+
+def write_unreadable_file(folder: Path, case: str) -> tuple[Path, str]:
+    """UNREADABLE_FILES[case] written into `folder`: its path and the error that names it."""
+    name, content, error = UNREADABLE_FILES[case]
+    path = folder / name
+    if content is None:
+        write_hub_parquet(path, [])
+    else:
+        path.write_bytes(content)
+    return path, error.format(path=path)
+
+
+@pytest.mark.parametrize("case", UNREADABLE_FILES)
+def test_file_without_records_or_of_another_format_is_named(tmp_path, case):
+    path, error = write_unreadable_file(tmp_path, case)
+    with pytest.raises(HellaSwagFormatError) as err:
+        load_hellaswag(str(path))
+    assert str(err.value) == error
+
+
+def test_data_file_that_is_a_folder_is_named(tmp_path):
+    with pytest.raises(HellaSwagUnavailable) as err:
+        load_hellaswag(str(tmp_path))
+    assert str(err.value) == f"HellaSwag data file {tmp_path} is not a file (a jsonl or parquet file is needed)."
+
+
 def test_hub_dataset_is_read_from_the_datasets_cache_offline(tmp_path):
     """The Hub path through `datasets`, offline: a `Rowan/hellaswag` cache as `datasets` leaves it after a
     download (built here by datasets' own parquet builder), read in a process with HF_HUB_OFFLINE=1."""
@@ -197,14 +294,28 @@ def test_original_jsonl_is_downloaded_once_then_read_from_cache(tmp_path, monkey
         load_hellaswag(cache_dir=str(tmp_path / "other_cache"))
 
 
+def test_download_that_cannot_be_cached_says_so(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    write_jsonl(tmp_path / "hellaswag_val.jsonl", make_records(3))
+    monkeypatch.setattr(eval_hellaswag, "ORIGINAL_URL", f"file://{tmp_path}/hellaswag_{{split}}.jsonl")
+    not_a_folder = tmp_path / "cache"
+    not_a_folder.write_text("a file")
+    with pytest.raises(HellaSwagUnavailable) as err:
+        load_hellaswag(cache_dir=str(not_a_folder))
+    assert str(err.value) == (f"HellaSwag validation data was downloaded but cannot be cached in {not_a_folder} "
+                              f"(File exists): pass --cache_dir with a writable folder.")
+    assert not_a_folder.read_text() == "a file"
+
+
 def test_cli_offline_without_data_says_what_it_needs(tmp_path, model_dir):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "empty"),
            "XDG_CACHE_HOME": str(tmp_path / "xdg")}
     out = subprocess.run([sys.executable, str(SCRIPT), "--model", str(model_dir)], env=env, capture_output=True,
                          text=True, timeout=120)
-    assert out.returncode == 2
-    error_lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 1 and "pass --data_file" in error_lines[0] and "Traceback" not in out.stderr
+    assert out.returncode == 2 and len(out.stderr.splitlines()) == 1
+    assert out.stderr.startswith("error: HellaSwag validation data is not available offline: pass --data_file")
 
 
 def test_cli_malformed_file_is_one_error_line(tmp_path, model_dir):
@@ -213,8 +324,112 @@ def test_cli_malformed_file_is_one_error_line(tmp_path, model_dir):
     path = write_jsonl(tmp_path / "bad.jsonl", records)
     out = subprocess.run([sys.executable, str(SCRIPT), "--model", str(model_dir), "--data_file", str(path)],
                          capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert f"error: {path}:2: 'endings' must be a list of 4" in out.stderr
+    assert out.returncode == 2
+    assert out.stderr == f"error: {path}:2: 'endings' must be a list of 4 non-empty strings\n"
+
+
+def good_cli_run(tmp_path: Path, model_dir: Path) -> dict[str, str]:
+    """The arguments of a run that would succeed: it reads tmp_path/val.jsonl (3 examples) and writes
+    tmp_path/result.json, which a previous run left."""
+    write_jsonl(tmp_path / "val.jsonl", make_records(3))
+    (tmp_path / "result.json").write_text('{"acc": 0.25}\n')
+    return {"--model": str(model_dir), "--data_file": str(tmp_path / "val.jsonl"),
+            "--output_json": str(tmp_path / "result.json")}
+
+
+def command_line(arguments: dict[str, str]) -> list[str]:
+    return [item for pair in arguments.items() for item in pair]
+
+
+def run_bad_cli(arguments: dict[str, str], folder: Path, capsys) -> tuple[int, str, str]:
+    """main with `arguments`; it must leave every file under `folder` as it was."""
+    before = file_contents(folder)
+    outcome = run_main(command_line(arguments), capsys)
+    assert file_contents(folder) == before
+    return outcome
+
+
+@pytest.mark.parametrize("case", UNREADABLE_FILES)
+def test_cli_unreadable_data_file_is_one_error_line(tmp_path, model_dir, capsys, fresh_accelerate, case):
+    arguments = good_cli_run(tmp_path, model_dir)
+    (tmp_path / "data").mkdir()  # beside the good run's val.jsonl
+    path, error = write_unreadable_file(tmp_path / "data", case)
+    arguments["--data_file"] = str(path)
+    assert run_bad_cli(arguments, tmp_path, capsys) == (2, "", f"error: {error}\n")
+
+
+# Per case: the arguments that replace a good run's and the one error line, "{tmp}" standing for the run's folder.
+BAD_CLI_ARGUMENTS = {
+    "data file is a folder": (
+        {"--data_file": "{tmp}"}, "HellaSwag data file {tmp} is not a file (a jsonl or parquet file is needed)."),
+    "limit beyond the data": ({"--limit": "4"}, "--limit 4 is more than the 3 examples of {tmp}/val.jsonl"),
+    "output is a folder": (
+        {"--output_json": "{tmp}"}, "--output_json {tmp} is a folder: name a file, e.g. {tmp}/hellaswag.json"),
+    "output under a file": (
+        {"--output_json": "{tmp}/result.json/out/r.json"},
+        "--output_json {tmp}/result.json/out/r.json: {tmp}/result.json is a file, so no folder can be made in it"),
+    "output is the data file": (
+        {"--output_json": "{tmp}/val.jsonl"},
+        "--output_json {tmp}/val.jsonl is the --data_file: the result would overwrite the data"),
+    "output is a device": ({"--output_json": os.devnull}, f"--output_json {os.devnull} is not a regular file"),
+    # sysfs takes no new file, from root either: a folder no one can write in.
+    "output folder not writable": (
+        {"--output_json": "/sys/hellaswag.json"},
+        "--output_json /sys/hellaswag.json: cannot write in /sys (Permission denied)"),
+    "model is a file": ({"--model": "{tmp}/val.jsonl"}, "the model folder {tmp}/val.jsonl is a file, not a folder"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CLI_ARGUMENTS)
+def test_cli_bad_argument_is_one_error_line_before_scoring(tmp_path, model_dir, capsys, fresh_accelerate, case):
+    if case == "output folder not writable" and not os.path.isdir("/sys"):
+        pytest.skip("no sysfs here")
+    arguments = good_cli_run(tmp_path, model_dir)
+    replacements, error = BAD_CLI_ARGUMENTS[case]
+    arguments.update({key: value.format(tmp=tmp_path) for key, value in replacements.items()})
+    assert run_bad_cli(arguments, tmp_path, capsys) == (2, "", f"error: {error.format(tmp=tmp_path)}\n")
+
+
+def test_cli_corrupt_model_weights_are_one_error_line(tmp_path, model_dir, capsys, fresh_accelerate):
+    arguments = good_cli_run(tmp_path, model_dir)
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(model_dir, checkpoint)
+    (checkpoint / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    with pytest.raises(SafetensorError) as reason:
+        safe_open(str(checkpoint / "model.safetensors"), framework="pt")
+    arguments["--model"] = str(checkpoint)
+    assert run_bad_cli(arguments, tmp_path, capsys) == (2, "", (
+        f"error: could not load the model '{checkpoint}' (a checkpoint folder, e.g. a training checkpoint's hf/ "
+        f"folder, or a Hub id that needs the network or the local Hub cache): {reason.value}\n"))
+
+
+def test_cli_seed_without_limit_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        eval_hellaswag.parse_args(["--model", "m", "--seed", "3"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        "error: --seed needs --limit: it draws the random sample of --limit examples")
+
+
+def test_cli_result_is_written_whole_or_not_at_all(tmp_path, model_dir, capsys, fresh_accelerate, monkeypatch):
+    """A write that fails (here: the disk fills up at the flush) leaves the previous result as it was, no partial
+    file, and one error line; a write that succeeds replaces the previous result."""
+    arguments = good_cli_run(tmp_path, model_dir)
+
+    def disk_full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fsync", disk_full)
+        status, _, err = run_bad_cli(arguments, tmp_path, capsys)
+    assert status == 2
+    assert [line for line in err.splitlines() if "error" in line] == \
+        [f"error: could not write --output_json {tmp_path / 'result.json'}: No space left on device"]
+    AcceleratorState._reset_state(True)
+    status, _, err = run_main(command_line(arguments), capsys)
+    assert status == 0, err
+    assert json.loads((tmp_path / "result.json").read_text())["count"] == 3
+    assert sorted(os.listdir(tmp_path)) == ["result.json", "val.jsonl"]  # no partial file left
 
 
 # ---- scoring ------------------------------------------------------------------------------------------------------
@@ -289,8 +504,6 @@ def test_eager_attention_bf16_weights_and_autocast_score_alike(model, tokenizer,
 
 
 def test_our_model_scores_like_transformers_gpt2(model, tokenizer, examples):
-    from modeling_gpt2repro import GPT2ReproForCausalLM
-
     ours = GPT2ReproForCausalLM.from_gpt2(model)
     expected = evaluate_hellaswag(model, tokenizer, examples, show_progress=False, return_predictions=True)
     got = evaluate_hellaswag(ours, tokenizer, examples, show_progress=False, return_predictions=True)
@@ -298,6 +511,90 @@ def test_our_model_scores_like_transformers_gpt2(model, tokenizer, examples):
         assert (a["pred"], a["pred_norm"]) == (b["pred"], b["pred_norm"])
         torch.testing.assert_close(a["ending_nll"], b["ending_nll"], atol=2e-4, rtol=1e-5)
     assert got == expected
+
+
+def test_fit_to_context_keeps_the_endings_and_the_last_context_tokens():
+    example = {"context": list(range(10)), "endings": [[1] * 5, [2] * 3, [3], [4] * 2], "norm_divisors": [5, 3, 1, 2]}
+    assert fit_to_context(example, None) == {**example, "context_tokens_dropped": 0}
+    assert fit_to_context(example, 14) == {**example, "context_tokens_dropped": 0}  # 10 + 5 = 14 + 1: fits
+    assert fit_to_context(example, 12) == {**example, "context": list(range(2, 10)), "context_tokens_dropped": 2}
+    assert fit_to_context(example, 5) == {**example, "context": [9], "context_tokens_dropped": 9}
+    assert fit_to_context(example, 4) is None  # the 5-token ending leaves no room for a context token
+
+
+def harness_nll(model, context_ids: list[int], ending_ids: list[int]) -> float:
+    """lm-evaluation-harness' loglikelihood of one ending (negated): its input is the last max_length + 1 tokens of
+    context + ending less the last one, and the ending is read off the last len(ending) predictions."""
+    tokens = (context_ids + ending_ids)[-(SHORT_CONTEXT + 1):]
+    with torch.no_grad():
+        logits = model(torch.tensor([tokens[:-1]])).logits[0, -len(ending_ids):]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    return -sum(logprobs[k, token].item() for k, token in enumerate(ending_ids))
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "ours", "llama"])
+def test_context_longer_than_the_model_is_cut_from_the_left(short_models, tokenizer, kind):
+    """Scored as the same example with its context cut by hand, to the tokens lm-evaluation-harness keeps for the
+    longest ending; an ending longer than the whole context is skipped; both counted."""
+    model = short_models[kind]
+    enc = get_tiktoken_encoding()
+    context_ids = enc.encode_ordinary(LONG_CONTEXT)
+    ending_ids = [enc.encode_ordinary(" " + ending) for ending in ENDINGS]
+    longest = max(range(4), key=lambda j: len(ending_ids[j]))
+    kept = context_ids[-(SHORT_CONTEXT + 1 - len(ending_ids[longest])):]
+    assert (len(context_ids), len(kept)) == (48, 26)
+    cut_by_hand = example_record(enc.decode(kept), ENDINGS, 2)
+    assert enc.encode_ordinary(cut_by_hand["ctx"]) == kept
+
+    records = overflowing_records()
+    examples = [eval_hellaswag.normalize_example(r, "test") for r in records]
+    result = evaluate_hellaswag(model, tokenizer, examples, batch_size=2, show_progress=False, return_predictions=True)
+    by_hand = evaluate_hellaswag(model, tokenizer, [eval_hellaswag.normalize_example(r, "test")
+                                                    for r in [cut_by_hand, *records[1:]]],
+                                 batch_size=2, show_progress=False, return_predictions=True)
+    predictions, expected = result.pop("predictions"), by_hand.pop("predictions")
+    assert by_hand["truncated"] == 0 and result == {**by_hand, "truncated": 1}
+    assert result["count"] == 2 and result["skipped"] == 1
+    assert predictions[0] == {**expected[0], "context_tokens_dropped": 48 - 26}
+    assert predictions[1:] == expected[1:]
+    assert predictions[2] == {"index": 2, "ind": None, "label": 1, "skipped": True, "context_tokens_dropped": None,
+                              "pred": None, "pred_norm": None, "ending_nll": None, "ending_nll_norm": None}
+    torch.testing.assert_close(predictions[0]["ending_nll"][longest],
+                               harness_nll(model, context_ids, ending_ids[longest]), atol=2e-4, rtol=1e-5)
+
+
+def test_when_no_example_fits_the_result_says_so(short_models, tokenizer):
+    overlong = [eval_hellaswag.normalize_example(overflowing_records()[2], "test")]
+    result = evaluate_hellaswag(short_models["ours"], tokenizer, overlong, show_progress=False)
+    assert math.isnan(result.pop("acc")) and math.isnan(result.pop("acc_norm"))
+    assert result == {"correct": 0, "correct_norm": 0, "count": 0, "truncated": 0, "skipped": 1}
+
+
+def test_cli_counts_cut_and_skipped_examples(tmp_path, short_models, tokenizer, capsys, fresh_accelerate):
+    checkpoint = tmp_path / "short"
+    short_models["gpt2"].save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    data_file = write_jsonl(tmp_path / "val.jsonl", overflowing_records())
+    output = tmp_path / "result.json"
+    status, out, err = run_main(["--model", str(checkpoint), "--data_file", str(data_file), "--dtype", "float32",
+                                 "--batch_size", "2", "--output_json", str(output)], capsys)
+    assert status == 0, err
+    expected = evaluate_hellaswag(short_models["gpt2"], tokenizer, load_hellaswag(str(data_file)), batch_size=2,
+                                  show_progress=False, return_predictions=True)
+    assert out.splitlines()[-1] == (
+        f"HellaSwag completion (2 examples, float32): acc {expected['acc']:.4f}  acc_norm {expected['acc_norm']:.4f}; "
+        f"longer than the model's context of 32 tokens: 1 cut from the left, 1 skipped (an ending alone fills it)")
+    report = json.loads(output.read_text())
+    assert {key: report[key] for key in expected} == expected
+
+    write_jsonl(data_file, overflowing_records()[2:])
+    AcceleratorState._reset_state(True)
+    status, out, err = run_main(["--model", str(checkpoint), "--data_file", str(data_file), "--output_json",
+                                 str(output)], capsys)
+    assert status == 2
+    assert [line for line in err.splitlines() if "error" in line] == \
+        ["error: none of the 1 examples fits the model's context of 32 tokens: in each, an ending alone fills it"]
+    assert json.loads(output.read_text()) == report  # the previous result stays
 
 
 def test_metric_loads_offline_from_an_installed_module(tmp_path):
