@@ -68,12 +68,13 @@ def resolve_dtype(requested: str, device: torch.device) -> tuple[str, str]:
     return ("bfloat16" if precision == "bf16" else "float32"), line.replace("bf16 autocast", "bf16")
 
 
-def accelerate_device() -> torch.device:
+def accelerate_device(**process_group_kwargs) -> torch.device:
     """The device the Accelerator of this launch will use, known before it is built (its precision depends on it).
 
-    Accelerate's process state is created here; like AcceleratorState (and unlike a bare PartialState) it honours
-    ACCELERATE_USE_CPU, which `accelerate launch --cpu` and CPU DDP runs set."""
+    Accelerate's process state, and with it the process group, is created here: `process_group_kwargs` (e.g.
+    `timeout`) must be the ones the Accelerator gets, which can no longer change them. Like AcceleratorState (and
+    unlike a bare PartialState) it honours ACCELERATE_USE_CPU, which `accelerate launch --cpu` and CPU DDP runs set."""
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).device
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), **process_group_kwargs).device

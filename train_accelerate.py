@@ -813,11 +813,13 @@ def train(args: argparse.Namespace) -> Path:
     if args.report_to == "wandb" and not is_wandb_available():
         raise TrainingError("--report_to wandb needs the wandb package: pip install wandb")
     # The device decides what `auto` means.
-    args.mixed_precision, precision_line = resolve_mixed_precision(args.mixed_precision, accelerate_device())
+    process_group = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=args.ddp_timeout))
+    args.mixed_precision, precision_line = resolve_mixed_precision(
+        args.mixed_precision, accelerate_device(**process_group.to_kwargs()))
     accelerator = Accelerator(mixed_precision=args.mixed_precision, project_dir=args.output_dir,
                               log_with=None if args.report_to == "none" else args.report_to,
                               dynamo_backend="inductor" if args.compile else None,  # None: the launch config decides
-                              kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=args.ddp_timeout))])
+                              kwargs_handlers=[process_group])
     device, rank, world_size = accelerator.device, accelerator.process_index, accelerator.num_processes
     is_main = accelerator.is_main_process
     grad_accum = gradient_accumulation_steps(args.total_batch_size, args.micro_batch_size, args.seq_len, world_size)

@@ -78,12 +78,14 @@ import json, os, sys, time
 from pathlib import Path
 import huggingface_hub
 
-class SlowHub:  # stands in for HfApi: every upload takes longer than the process-group timeout
+class SlowHub:  # stands in for HfApi: no upload finishes before the run's last checkpoint exists
     def __init__(self, *args, **kwargs): pass
     def whoami(self, *args, **kwargs): return {"name": "tester"}
     def create_repo(self, *args, **kwargs): pass
     def upload_folder(self, *, repo_id, folder_path, commit_message, **kwargs):
-        time.sleep(float(os.environ["UPLOAD_SECONDS"]))
+        release, deadline = Path(os.environ["UPLOADS_END_WHEN"]), time.monotonic() + 120
+        while not release.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
         with open(sys.argv[1], "a") as log:
             log.write(json.dumps({"folder": folder_path, "there_when_done": Path(folder_path).is_dir()}) + "\\n")
 
@@ -94,6 +96,8 @@ train_accelerate.main(sys.argv[2:])
 
 
 def test_a_slow_upload_never_blocks_a_barrier(workspace, tmp_path):
+    # Before the fix, rank 0 waited for step 2's upload when pruning it at step 4, while rank 1 waited in the
+    # checkpoint's barrier: with uploads this slow, the barrier timed out (--ddp_timeout 5) and the job died.
     root, args, _ = workspace
     wrapper = tmp_path / "slow_hub.py"
     wrapper.write_text(SLOW_HUB)
@@ -102,7 +106,7 @@ def test_a_slow_upload_never_blocks_a_barrier(workspace, tmp_path):
                        "--checkpoint_every", "2", "--keep_checkpoints", "1", "--ddp_timeout", "5", "--push_to_hub",
                        "--hub_model_id", "tester/tiny", "--no-hellaswag", "--num_samples", "0", "--eval_every", "100"]
     command, env = training_command([str(log), *run_args], processes=2, script=str(wrapper))
-    env.update(PYTHONPATH=str(REPO), UPLOAD_SECONDS="8")  # 8 s uploads against a 5 s collective timeout
+    env.update(PYTHONPATH=str(REPO), UPLOADS_END_WHEN=str(output_dir / "checkpoints" / "step_000006"))
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-4000:]
     uploads = [json.loads(line) for line in log.read_text().splitlines()]
