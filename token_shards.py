@@ -36,9 +36,12 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 LLMC_MAGIC = 20240520  # llm.c's token-file magic number
 LLMC_VERSION = 1  # llm.c's version for uint16 GPT-2 tokens
@@ -234,6 +237,8 @@ def check_against_manifest(data_dir: Path, paths: list[Path], lengths: list[int]
 
 
 def _windows_to_batch(rows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch  # here, not at the top: prepare_data.py writes shards without torch, and importing it costs 2-4 s
+
     windows = np.stack(rows)  # (B, T+1) uint16
     # numpy's astype makes the contiguous int64 copies: torch's .contiguous() of the same strided slices
     # took 5-15 ms per 64x1024 batch on this 2-core CPU, numpy well under 1 ms
@@ -347,6 +352,8 @@ def validation_batches(
     the real windows over all ranks is the same set on 1 or N processes. Callers sum loss * (y != -100)
     counts and all-reduce.
     """
+    import torch  # see _windows_to_batch
+
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
     stream = TokenStream(data_dir, "val", vocab_size, verify_checksums)

@@ -2,7 +2,8 @@
 
 The reference encoding is transformers' GPT2TokenizerFast (a BPE implementation independent of tiktoken,
 which prepare_data uses) built from the same OpenAI files; documents never contain "<|endoftext|>", on
-which the two tokenizers differ by design.
+which the two tokenizers differ by design. Only the tests of prepare_data's own faster paths (token arrays
+without Python ints, book-sized tasks) compare with tiktoken's `encode_ordinary` itself, which they must equal.
 """
 import hashlib
 import json
@@ -20,7 +21,7 @@ import pytest
 
 import prepare_data
 from prepare_data import main
-from tokenization_gpt2repro import get_tokenizer
+from tokenization_gpt2repro import get_tiktoken_encoding, get_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 EOT = 50256
@@ -81,6 +82,82 @@ def test_shards_hold_gpt2_tokens_of_every_document_across_shard_boundaries(tmp_p
     for shard in manifest["shards"]:
         assert shard["sha256"] == hashlib.sha256((out / shard["name"]).read_bytes()).hexdigest()
         assert shard["tokens"] == len(np.load(out / shard["name"]))
+
+
+def test_book_sized_documents_are_encode_ordinary_on_1_and_2_processes(tmp_path):
+    """Documents of ~200 KB (several to a worker task, tasks on 2 processes): exactly `[EOT] + encode_ordinary`,
+    and the same bytes (shards and manifest) on 1 and 2 processes."""
+    _, tasks = prepare_data.embedded_corpus()
+    chapters = [text for task in tasks for text in task.read(task.items)]
+    books, book = [], []
+    for chapter in chapters[::2]:  # every other chapter: ~2 MB in 10 books
+        book.append(chapter)
+        if sum(map(len, book)) >= 200_000:
+            books.append("\n\n".join(book))
+            book = []
+    books[1] = books[1].replace("\n", "\r\n")  # Windows line ends: read as "\n", as `datasets` reads them
+    books[2] = "<|endoftext|> in a document is text, not the special token. " + books[2]
+    books[3] = "\ufeffNaïve café — “quotes” 🙂 日本語. " + books[3]
+    for i, book in enumerate(books):
+        (tmp_path / f"book_{i}.txt").write_bytes(book.encode("utf-8"))
+    assert len(books) * 200_000 > 2 * prepare_data.TASK_CHARS  # several tasks, each of several books
+    encoding = get_tiktoken_encoding()
+    expected = [t for i in range(len(books))
+                for t in [EOT] + encoding.encode_ordinary((tmp_path / f"book_{i}.txt").read_text(encoding="utf-8"))]
+    args = ["--data_files", str(tmp_path / "book_*.txt"), "--shard_size", "100000"]
+    for num_proc in (1, 2):
+        main([*args, "--output_dir", str(tmp_path / f"out{num_proc}"), "--num_proc", str(num_proc)])
+        assert read_stream(tmp_path / f"out{num_proc}")[1] == expected
+    files = sorted(p.name for p in (tmp_path / "out1").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "out2").iterdir())
+    for name in files:
+        assert (tmp_path / "out1" / name).read_bytes() == (tmp_path / "out2" / name).read_bytes()
+
+
+@pytest.mark.parametrize("text", ["", "<|endoftext|> is text here", "lone \ud800 surrogate", "Naïve 🙂 日本語\r\n"])
+def test_token_arrays_are_encode_ordinary(text):
+    assert prepare_data.ordinary_tokens(text).tolist() == get_tiktoken_encoding().encode_ordinary(text)
+
+
+TRICKY_INPUTS = {  # file name -> bytes: what our own readers must read exactly as `datasets` does
+    "txt": {
+        "a_crlf.txt": b"line one\r\nline two\r\n",
+        "b_cr.txt": b"old mac\rline ends",
+        "c_bom.txt": b"\xef\xbb\xbfcaf\xc3\xa9 with a byte order mark\n",
+        "d_plain.txt": b"no newline at the end",
+    },
+    "jsonl": {
+        "a.jsonl": b'\xef\xbb\xbf\n{"text": "after a BOM alone on its line", "n": 1, "meta": {"k": [1, 2]}}\n\n   \n'
+                   b'{"n": 2, "text": "caf\\u00e9 \\ud83d\\ude42 \\"q\\" \\n\\t"}\r\n',
+        "b.jsonl": b'\xef\xbb\xbf{"text": "", "n": 3}\n{"text": "no newline at the end", "n": 4}',
+    },
+    "json": {"a.json": b'[{"text": "an array of objects"}, {"text": "is read by datasets"}]'},
+}
+
+
+def write_tricky_inputs(tmp_path, kind):
+    if kind == "parquet":
+        texts = ["first", "caf\u00e9 \U0001f642", "", "row group 2", "last"]
+        pq.write_table(pa.table({"text": texts[:4], "n": [1, 2, 3, 4]}), tmp_path / "a.parquet", row_group_size=2)
+        pq.write_table(pa.table({"text": pa.array(texts[4:], type=pa.large_string()), "n": [5]}), tmp_path / "b.parquet")
+        return [str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")]
+    for name, content in TRICKY_INPUTS[kind].items():
+        (tmp_path / name).write_bytes(content)
+    return [str(tmp_path / name) for name in TRICKY_INPUTS[kind]]
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl", "json", "parquet"])
+def test_local_files_give_the_documents_datasets_reads(tmp_path, reference_tokens, kind):
+    """.txt, .jsonl and .parquet are read without `datasets` (its import alone takes seconds), .json with it."""
+    from datasets import load_dataset
+
+    paths = write_tricky_inputs(tmp_path, kind)
+    builder = {"txt": "text", "jsonl": "json", "json": "json", "parquet": "parquet"}[kind]
+    options = {"sample_by": "document", "keep_linebreaks": True} if builder == "text" else {}
+    texts = [row["text"] for row in load_dataset(builder, data_files=paths, split="train", streaming=True, **options)]
+    main(["--data_files", *paths, "--output_dir", str(tmp_path / "out"), "--num_proc", "2", "--val_tokens", "5"])
+    assert read_stream(tmp_path / "out")[1] == reference_tokens(texts)
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["documents"] == len(texts)
 
 
 def test_bin_format_is_llmc_layout(tmp_path, reference_tokens):
@@ -222,6 +299,8 @@ def test_help_lists_the_flags():
         ("a.jsonl", b'{"body": "x"}\n', "has no column 'text' .*pass --text_column"),
         ("a.jsonl", b'{"text": null}\n', "not a string"),
         ("a.jsonl", b'{"text": "tiny"}\n', "lower --val_tokens"),
+        ("a.jsonl", b'{"text": "fine"}\n{"text": "cut\n', r"could not read .*a.jsonl: line 2: "),
+        ("a.jsonl", b'["an array"]\n', "line 1 is not a JSON object .*name a file of another JSON layout .json"),
     ],
 )
 def test_bad_input_gives_one_clear_error(tmp_path, name, content, message):
