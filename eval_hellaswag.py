@@ -66,6 +66,10 @@ class HellaSwagFormatError(ValueError):
     """A HellaSwag record is malformed; the message names the file and line (or row)."""
 
 
+class HellaSwagScoringError(RuntimeError):
+    """Scoring failed on one of the processes; every process raises it alike, with that process's message."""
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # data
 
@@ -342,6 +346,52 @@ def load_metric():
     return evaluate.load(str(METRIC_PATH), keep_in_memory=True)
 
 
+def score_share(model: torch.nn.Module, tokenizer, examples: list[dict], indices: list[int], style: str,
+                batch_size: int, device: torch.device, show_progress: bool) -> list[dict]:
+    """This process's share of `evaluate_hellaswag`: the prediction records of examples[indices]."""
+    max_positions = context_window(model)
+    tokenized = [fit_to_context(ex, max_positions)
+                 for ex in tokenize_examples([examples[i] for i in indices], tokenizer, style)]
+    records = [{"index": indices[j], "ind": examples[indices[j]].get("ind"), "label": examples[indices[j]]["label"],
+                "skipped": True, "context_tokens_dropped": None, "pred": None, "pred_norm": None,
+                "ending_nll": None, "ending_nll_norm": None}
+               for j, ex in enumerate(tokenized) if ex is None]
+    # Longest first: similar lengths share a batch (little padding), and an out-of-memory shows up at once.
+    order = sorted(
+        (j for j, ex in enumerate(tokenized) if ex is not None),
+        key=lambda j: (sum(map(len, tokenized[j]["endings"])), len(tokenized[j]["context"])),
+        reverse=True,
+    )
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), tqdm(total=len(order), desc=f"HellaSwag ({style})", unit="example",
+                                          disable=not show_progress) as progress:
+            for start in range(0, len(order), batch_size):
+                batch_positions = order[start: start + batch_size]
+                batch = [tokenized[j] for j in batch_positions]
+                losses = score_batch(model, batch, device)  # (B, 4)
+                norm_losses = losses / torch.tensor([ex["norm_divisors"] for ex in batch], dtype=torch.float32)
+                for j, ex_losses, ex_norm_losses in zip(batch_positions, losses.tolist(), norm_losses.tolist()):
+                    index = indices[j]
+                    records.append({
+                        "index": index,
+                        "ind": examples[index].get("ind"),
+                        "label": examples[index]["label"],
+                        "skipped": False,
+                        "context_tokens_dropped": tokenized[j]["context_tokens_dropped"],
+                        "pred": min(range(NUM_ENDINGS), key=ex_losses.__getitem__),  # first of ties, like argmin
+                        "pred_norm": min(range(NUM_ENDINGS), key=ex_norm_losses.__getitem__),
+                        "ending_nll": ex_losses,
+                        "ending_nll_norm": ex_norm_losses,
+                    })
+                progress.update(len(batch))
+    finally:
+        model.train(was_training)
+    return records
+
+
 def evaluate_hellaswag(
     model: torch.nn.Module,
     tokenizer,
@@ -387,55 +437,28 @@ def evaluate_hellaswag(
     device = next(model.parameters()).device
 
     indices = list(range(len(examples)))
-    if accelerator is not None and accelerator.num_processes > 1:
+    distributed = accelerator is not None and accelerator.num_processes > 1
+    if distributed:
         # A contiguous, unpadded share each: no example is scored twice.
         with accelerator.split_between_processes(indices) as share:
             indices = list(share)
-    max_positions = context_window(model)
-    tokenized = [fit_to_context(ex, max_positions)
-                 for ex in tokenize_examples([examples[i] for i in indices], tokenizer, style)]
-    records = [{"index": indices[j], "ind": examples[indices[j]].get("ind"), "label": examples[indices[j]]["label"],
-                "skipped": True, "context_tokens_dropped": None, "pred": None, "pred_norm": None,
-                "ending_nll": None, "ending_nll_norm": None}
-               for j, ex in enumerate(tokenized) if ex is None]
-    # Longest first: similar lengths share a batch (little padding), and an out-of-memory shows up at once.
-    order = sorted(
-        (j for j, ex in enumerate(tokenized) if ex is not None),
-        key=lambda j: (sum(map(len, tokenized[j]["endings"])), len(tokenized[j]["context"])),
-        reverse=True,
-    )
-
-    is_main = accelerator is None or accelerator.is_local_main_process
-    was_training = model.training
-    model.eval()
+    failure = None
     try:
-        with torch.inference_mode(), tqdm(total=len(order), desc=f"HellaSwag ({style})", unit="example",
-                                          disable=not (show_progress and is_main)) as progress:
-            for start in range(0, len(order), batch_size):
-                batch_positions = order[start: start + batch_size]
-                batch = [tokenized[j] for j in batch_positions]
-                losses = score_batch(model, batch, device)  # (B, 4)
-                norm_losses = losses / torch.tensor([ex["norm_divisors"] for ex in batch], dtype=torch.float32)
-                for j, ex_losses, ex_norm_losses in zip(batch_positions, losses.tolist(), norm_losses.tolist()):
-                    index = indices[j]
-                    records.append({
-                        "index": index,
-                        "ind": examples[index].get("ind"),
-                        "label": examples[index]["label"],
-                        "skipped": False,
-                        "context_tokens_dropped": tokenized[j]["context_tokens_dropped"],
-                        "pred": min(range(NUM_ENDINGS), key=ex_losses.__getitem__),  # first of ties, like argmin
-                        "pred_norm": min(range(NUM_ENDINGS), key=ex_norm_losses.__getitem__),
-                        "ending_nll": ex_losses,
-                        "ending_nll_norm": ex_norm_losses,
-                    })
-                progress.update(len(batch))
-    finally:
-        model.train(was_training)
-
-    if accelerator is not None and accelerator.num_processes > 1:
+        records = score_share(model, tokenizer, examples, indices, style, batch_size, device,
+                              show_progress and (accelerator is None or accelerator.is_local_main_process))
+    except Exception as error:
+        if not distributed:
+            raise
+        # Every process must reach the gather below, or the others would wait there until the process-group
+        # timeout: the failure travels with the results and every process raises it.
+        failure = f"process {accelerator.process_index}: {type(error).__name__}: {first_line(error)}"
+        records = []
+    if distributed:
         from accelerate.utils import gather_object
 
+        failures = [f for f in gather_object([failure]) if f is not None]
+        if failures:
+            raise HellaSwagScoringError(f"HellaSwag scoring failed on {failures[0]}")
         records = gather_object(records)
     records.sort(key=lambda record: record["index"])
     if [record["index"] for record in records] != list(range(len(examples))):
@@ -596,8 +619,11 @@ def main(argv: list[str] | None = None) -> None:
     model.to(accelerator.device)
     tokenizer = load_tokenizer(args.model)
 
-    result = evaluate_hellaswag(model, tokenizer, examples, style=args.style, batch_size=args.batch_size,
-                                accelerator=accelerator, limit=args.limit, return_predictions=True)
+    try:
+        result = evaluate_hellaswag(model, tokenizer, examples, style=args.style, batch_size=args.batch_size,
+                                    accelerator=accelerator, limit=args.limit, return_predictions=True)
+    except HellaSwagScoringError as error:
+        exit_with_error(accelerator, str(error))
     predictions = result.pop("predictions")
     max_positions = context_window(model)
     if result["count"] == 0:

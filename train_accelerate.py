@@ -38,7 +38,8 @@ from tqdm.auto import tqdm
 from transformers.utils import logging as transformers_logging
 
 from configuration_gpt2repro import GPT2ReproConfig
-from eval_hellaswag import HellaSwagFormatError, HellaSwagUnavailable, evaluate_hellaswag, load_hellaswag
+from eval_hellaswag import (HellaSwagFormatError, HellaSwagScoringError, HellaSwagUnavailable, evaluate_hellaswag,
+                            load_hellaswag)
 from modeling_gpt2repro import GPT2ReproForCausalLM
 from hardware import accelerate_device, resolve_mixed_precision
 from token_shards import ShardedTokenLoader, ShardFormatError, TokenStream, file_sha256, validation_batches
@@ -762,10 +763,13 @@ def evaluate(accelerator: Accelerator, model: GPT2ReproForCausalLM, tokenizer, a
     result = {"val_loss": (totals[0] / totals[1]).item()}
 
     if hellaswag_examples:
-        with accelerator.autocast():
-            scores = evaluate_hellaswag(model, tokenizer, hellaswag_examples, style="completion",
-                                        batch_size=args.eval_batch_size, accelerator=accelerator,
-                                        limit=args.hellaswag_limit, show_progress=False)
+        try:
+            with accelerator.autocast():
+                scores = evaluate_hellaswag(model, tokenizer, hellaswag_examples, style="completion",
+                                            batch_size=args.eval_batch_size, accelerator=accelerator,
+                                            limit=args.hellaswag_limit, show_progress=False)
+        except HellaSwagScoringError as error:  # raised on every process alike
+            raise TrainingError(f"{error} (--no-hellaswag trains without it)") from None
         result.update(hellaswag_acc=scores["acc"], hellaswag_acc_norm=scores["acc_norm"], hellaswag_count=scores["count"])
 
     if accelerator.is_main_process and args.num_samples > 0:

@@ -670,3 +670,37 @@ def test_two_processes_give_the_same_totals_as_one(tmp_path, model, model_dir, t
         assert two[key] == one[key], key
     assert [(p["index"], p["pred"], p["pred_norm"]) for p in two["predictions"]] == \
         [(p["index"], p["pred"], p["pred_norm"]) for p in one["predictions"]]
+
+
+# eval_hellaswag.main with tokenisation failing on the process that owns the last example (process 1 of 2).
+FAIL_ON_ONE_PROCESS = """
+import sys
+import eval_hellaswag
+
+tokenize = eval_hellaswag.tokenize_examples
+def tokenize_or_fail(examples, tokenizer, style):
+    if any(ex["ctx"].startswith("POISON") for ex in examples):
+        raise ValueError("cannot tokenise the poisoned example")
+    return tokenize(examples, tokenizer, style)
+eval_hellaswag.tokenize_examples = tokenize_or_fail
+eval_hellaswag.main(sys.argv[1:])
+"""
+
+
+def test_a_failure_on_one_process_stops_every_process_alike(tmp_path, model_dir):
+    """Without agreement, the other process would wait in the gather until the process-group timeout."""
+    records = make_records(6)
+    records[-1] = {**records[-1], "ctx": "POISON " + records[-1]["ctx"], "ctx_a": "POISON " + records[-1]["ctx_a"]}
+    data_file = write_hub_parquet(tmp_path / "val.parquet", records)
+    wrapper = tmp_path / "fail_on_one.py"
+    wrapper.write_text(FAIL_ON_ONE_PROCESS)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    out = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+         str(free_port()), str(wrapper), "--model", str(model_dir), "--data_file", str(data_file)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode != 0
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: HellaSwag scoring failed on process 1: ValueError: cannot tokenise the poisoned example"]
