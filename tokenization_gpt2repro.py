@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import json
 import os
-import tempfile
 from pathlib import Path
 
 EOT_TOKEN = "<|endoftext|>"

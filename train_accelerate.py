@@ -624,7 +624,7 @@ def checkpoint_problem(folder: Path) -> str | None:
         state = json.loads(state_file.read_text())
         int(state["step"])
     except FileNotFoundError:
-        return f"it has no trainer_state.json (not a checkpoint folder)"
+        return "it has no trainer_state.json (not a checkpoint folder)"
     except (OSError, ValueError, KeyError, TypeError) as error:
         return f"{state_file} is unreadable ({_first_line(error)})"
     for name, recorded in state.get("files", {}).items():  # checkpoints written before the file list: unchecked

@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, pipeline
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2LMHeadModel, pipeline
 from transformers.cache_utils import DynamicCache
 
 from configuration_gpt2repro import GPT2ReproConfig

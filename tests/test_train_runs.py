@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 from test_model import BLOCK_OUR_MODULES
-from train_helpers import REPO, SEED, TINY_RUN, final_weights, records, run_training, training_command, write_tiny_data
+from train_helpers import REPO, TINY_RUN, final_weights, records, run_training, training_command, write_tiny_data
 
 import train_accelerate
 from configuration_gpt2repro import GPT2ReproConfig
