@@ -161,7 +161,7 @@ def check_extra_kwargs(model: nn.Module, kwargs: dict) -> None:
 def check_cache_position(cache_position: torch.Tensor | None, past_len: int, q_len: int) -> None:
     """transformers < 5.24 passes `cache_position` (the new tokens' slots in the cache). Our cache only appends, so
     it must be past_len, ..., past_len + T - 1; any other value asks for something this model does not do."""
-    if cache_position is None:
+    if cache_position is None or tracing():
         return
     expected = torch.arange(past_len, past_len + q_len, device=cache_position.device)
     if not torch.equal(cache_position.flatten(), expected):
@@ -169,6 +169,12 @@ def check_cache_position(cache_position: torch.Tensor | None, past_len: int, q_l
             f"cache_position must follow the cache ({past_len}..{past_len + q_len - 1}): this model only appends to a "
             f"DynamicCache; pass position_ids for other positions."
         )
+
+
+def tracing() -> bool:
+    """Under torch.compile or torch.export, where the value checks that read tensors on the host are left out: they
+    would break the graph (or fail with fullgraph=True and in export)."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
 
 def check_attn_implementation(config: GPT2ReproConfig, output_attentions: bool) -> None:
@@ -269,13 +275,13 @@ class GPT2ReproPreTrainedModel(PreTrainedModel):
         """
         if new_num_tokens is None and pad_to_multiple_of is None:
             return self.get_input_embeddings()
-        if pad_to_multiple_of is not None:
-            if pad_to_multiple_of < 1:
-                raise ValueError(f"pad_to_multiple_of must be a positive integer, got {pad_to_multiple_of}")
+        if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be a positive integer, got {pad_to_multiple_of}")
+        if new_num_tokens is not None and new_num_tokens < 1:
+            raise ValueError(f"new_num_tokens must be a positive integer, got {new_num_tokens}")
+        if pad_to_multiple_of is not None:  # changed only once both are known to be valid
             self.config.vocab_pad_multiple = pad_to_multiple_of
         new_num_tokens = self.config.vocab_size if new_num_tokens is None else new_num_tokens
-        if new_num_tokens < 1:
-            raise ValueError(f"new_num_tokens must be a positive integer, got {new_num_tokens}")
         old_num_tokens, self.config.vocab_size = self.config.vocab_size, new_num_tokens  # padded_vocab_size follows
         wte = self._resized_rows(self.get_input_embeddings(), old_num_tokens, mean_resizing)
         self.set_input_embeddings(wte)
@@ -383,6 +389,11 @@ class GPT2ReproModel(GPT2ReproPreTrainedModel):
             use_cache = self.config.use_cache and not self.training
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
+        if cache is not None and not isinstance(cache, DynamicCache):
+            # A static cache hands back all its slots, empty ones included, which our masks (built for a cache that
+            # holds exactly the tokens seen so far) would let the queries attend to.
+            raise ValueError(f"gpt2repro's attention works with a DynamicCache (generate's default), not a "
+                             f"{type(cache).__name__}: drop cache_implementation / pass a DynamicCache.")
         past_len = cache.get_seq_length() if cache is not None else 0
         check_cache_position(kwargs.get("cache_position"), past_len, T)
         if position_ids is None:
@@ -392,7 +403,7 @@ class GPT2ReproModel(GPT2ReproPreTrainedModel):
                     f"context of n_positions={self.config.n_positions} tokens; truncate or window the input."
                 )
             position_ids = torch.arange(past_len, past_len + T, device=device)[None]  # (1, T)
-        elif position_ids.numel() and int(position_ids.max()) >= self.config.n_positions:
+        elif position_ids.numel() and not tracing() and int(position_ids.max()) >= self.config.n_positions:
             # Explicit positions (left padding, packed rows) may make a row longer than the context; only a
             # position beyond it has no embedding.
             raise ValueError(
@@ -405,7 +416,8 @@ class GPT2ReproModel(GPT2ReproPreTrainedModel):
         x = inputs_embeds + self.wpe(position_ids)  # (B, T, C)
         all_hidden_states = (x,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
-        if self.training and cache is not None and any(block.gradient_checkpointing for block in self.h):
+        if self.training and torch.is_grad_enabled() and cache is not None and \
+                any(block.gradient_checkpointing for block in self.h):
             raise ValueError("Activation checkpointing recomputes blocks in backward, which would write the KV cache "
                              "twice: train with use_cache=False (the default in training mode).")
         for i, block in enumerate(self.h):

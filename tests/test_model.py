@@ -432,6 +432,33 @@ def test_torch_export_with_a_padding_mask(tiny_config):
                                        model(x, attention_mask=m, use_cache=False).logits, atol=1e-5, rtol=0)
 
 
+def test_generation_in_training_mode_with_checkpointing_under_no_grad(tiny_gpt2):
+    # e.g. a sample callback inside a training loop: no backward will come, so the cache is fine
+    model = GPT2ReproForCausalLM.from_gpt2(tiny_gpt2)
+    enable_activation_checkpointing(model)
+    model.train()
+    with torch.no_grad():
+        out = model.generate(ids(1, 4), max_new_tokens=5, do_sample=False, pad_token_id=50256)
+    assert torch.equal(out, tiny_gpt2.generate(ids(1, 4), max_new_tokens=5, do_sample=False, pad_token_id=50256))
+
+
+def test_a_static_cache_is_refused_not_misread(tiny_gpt2):
+    from transformers.cache_utils import StaticCache
+
+    model = GPT2ReproForCausalLM.from_gpt2(tiny_gpt2)
+    with pytest.raises(ValueError, match="works with a DynamicCache .*not a StaticCache"):
+        model(ids(1, 4), cache=StaticCache(config=model.config, max_cache_len=32))
+    with pytest.raises(ValueError, match="not a StaticCache"):
+        model.generate(ids(1, 4), max_new_tokens=3, do_sample=False, pad_token_id=50256, cache_implementation="static")
+
+
+def test_a_refused_resize_changes_nothing(tiny_config):
+    model = GPT2ReproForCausalLM(tiny_config)
+    with pytest.raises(ValueError, match="new_num_tokens must be a positive integer"):
+        model.resize_token_embeddings(0, pad_to_multiple_of=256)
+    assert model.config.padded_vocab_size == 50304 == model.transformer.wte.weight.shape[0]
+
+
 # ---- training numerics ------------------------------------------------------------------------------------------
 
 def test_bf16_autocast_forward_backward(tiny_config):
