@@ -28,7 +28,9 @@ import sys
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from accelerate import Accelerator
@@ -52,6 +54,7 @@ GPT3_124M_HELLASWAG = 0.337
 SAMPLE_PROMPT = "Hello, I'm a language model,"
 RECIPE_VAL_TOKENS = 20 * 64 * 1024 * 8  # 10,485,760: build-nanogpt's 20 val batches of 64 x 1024 on 8 GPUs
 CHECKPOINT_PREFIX = "step_"
+T = TypeVar("T")
 EXIT_PREEMPTED = 75  # sysexits.h's EX_TEMPFAIL: a temporary failure; the same command with --resume_from_checkpoint continues
 # Dense (no sparsity) peak FLOP/s of one GPU from NVIDIA's datasheets, for MFU, by --mixed_precision: "no" runs
 # fp32 matmuls as TF32 (half the bf16 rate). Matched in order as a substring of torch's device name, so the
@@ -234,6 +237,8 @@ def parse_signals(text: str) -> list[signal.Signals]:
             found.append(signal.Signals[name if name.startswith("SIG") else "SIG" + name])
         except KeyError:
             raise ValueError(f"unknown signal {name!r}; name signals like SIGTERM,SIGUSR1, or 'none'") from None
+        if found[-1] in (signal.SIGKILL, signal.SIGSTOP):
+            raise ValueError(f"{found[-1].name} cannot be caught, so nothing can be saved on it")
     return found
 
 
@@ -474,6 +479,10 @@ class HubPusher:
             self.api.upload_folder, repo_id=self.repo_id, folder_path=str(folder), commit_message=commit_message
         )
 
+    def cancel_queued(self) -> None:
+        """Drop the uploads not started yet (one already running cannot be stopped)."""
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
     def busy(self, folder: Path) -> bool:
         """Whether `folder` is still queued or uploading."""
         future = self.uploads.get(folder)
@@ -570,10 +579,12 @@ def save_hf_folder(model: GPT2ReproForCausalLM, tokenizer, folder: Path, args: a
 
 
 def save_checkpoint(accelerator: Accelerator, model, tokenizer, train_loader: ShardedTokenLoader, step: int,
-                    args: argparse.Namespace, metrics: MetricsLog | None, pusher: HubPusher | None) -> Path:
+                    args: argparse.Namespace, metrics: MetricsLog | None, pusher: HubPusher | None,
+                    evaluated: bool = True) -> Path:
     """Write checkpoints/step_NNNNNN/ = training_state/ (Accelerate's state: weights, optimiser, RNG of every rank),
     loader_rank{r}.json, trainer_state.json and hf/ (the model folder). Everything goes to a temporary folder
-    first and is renamed into place, then older checkpoints beyond --keep_checkpoints are removed."""
+    first and is renamed into place, then older checkpoints beyond --keep_checkpoints are removed.
+    `evaluated`: whether step's evaluation (if one is due) is done; a run resumed from here does it otherwise."""
     root = Path(args.output_dir) / "checkpoints"
     final = root / f"{CHECKPOINT_PREFIX}{step:06d}"
     temporary = root / f"tmp_{final.name}"
@@ -588,7 +599,7 @@ def save_checkpoint(accelerator: Accelerator, model, tokenizer, train_loader: Sh
         tokens_seen = step * args.total_batch_size
         write_json_atomic(temporary / "trainer_state.json",
                           {"step": step, "tokens_seen": tokens_seen, "world_size": accelerator.num_processes,
-                           "args": vars(args), "files": describe_checkpoint_files(temporary)})
+                           "evaluated": evaluated, "args": vars(args), "files": describe_checkpoint_files(temporary)})
         unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
         save_hf_folder(unwrapped, tokenizer, temporary / "hf", args, step, tokens_seen, metrics)
         if final.exists():  # written before by a run this one resumed from an earlier checkpoint of
@@ -675,6 +686,21 @@ def find_resume_checkpoint(args: argparse.Namespace, notify: bool) -> Path | Non
     return path
 
 
+def choose_resume_checkpoint(args: argparse.Namespace, output_dir: Path) -> Path | None:
+    """Rank 0's choice of where to start (see find_resume_checkpoint and check_resume). Checkpoints of this run newer
+    than the one resumed from (damaged, or a line of training the user went back from) are renamed out of the way:
+    rotation would otherwise keep them and delete the new ones, and a later `latest` would pick them."""
+    resume_from = find_resume_checkpoint(args, notify=True)
+    check_resume(args, resume_from, output_dir)
+    if resume_from is not None and resume_from.resolve().parent == (output_dir / "checkpoints").resolve():
+        for newer in list_checkpoints(output_dir):
+            if int(newer.name[len(CHECKPOINT_PREFIX):]) > int(resume_from.name[len(CHECKPOINT_PREFIX):]):
+                set_aside = newer.with_name(f"abandoned_{newer.name}_{time.strftime('%Y%m%d-%H%M%S')}")
+                os.replace(newer, set_aside)
+                tqdm.write(f"notice: {newer} is newer than {resume_from}; moved to {set_aside}")
+    return resume_from
+
+
 def check_resume(args: argparse.Namespace, resume_from: Path | None, output_dir: Path) -> None:
     """Refuse what would overwrite another run or silently do nothing."""
     checkpoints = list_checkpoints(output_dir)
@@ -720,20 +746,25 @@ def load_hellaswag_examples(args: argparse.Namespace, notify: bool) -> list[dict
         return None
 
 
-def load_hellaswag_on_rank0(accelerator: Accelerator, args: argparse.Namespace) -> list[dict] | None:
-    """HellaSwag's examples on every rank as rank 0 found them: ranks that decided for themselves could disagree
-    (a node without the cached file and without network) and the ones with data would wait in the scoring's
-    collectives until the process-group timeout. An error on rank 0 becomes the same error on every rank."""
-    outcome = [None]
+def decided_on_rank0(accelerator: Accelerator, decide: Callable[[], T]) -> T:
+    """`decide()` run on rank 0 alone, its result (or TrainingError) given to every rank: a decision each rank made
+    for itself could differ (files seen differently, a network on one node only), and ranks that went different
+    ways would wait for each other in a collective until the process-group timeout."""
+    outcome: list = [None]
     if accelerator.is_main_process:
         try:
-            outcome[0] = ("examples", load_hellaswag_examples(args, notify=True))
+            outcome[0] = ("value", decide())
         except TrainingError as error:
             outcome[0] = ("error", str(error))
+        except BaseException as error:  # a bug: the other ranks stop with a pointer, rank 0 with the traceback
+            outcome[0] = ("crash", f"rank 0 failed with {type(error).__name__}: {_first_line(error)}")
+            if accelerator.num_processes > 1:
+                broadcast_object_list(outcome, from_process=0)
+            raise
     if accelerator.num_processes > 1:
         broadcast_object_list(outcome, from_process=0)
     kind, value = outcome[0]
-    if kind == "error":
+    if kind != "value":
         raise TrainingError(value)
     return value
 
@@ -818,8 +849,8 @@ def train(args: argparse.Namespace) -> Path:
         raise TrainingError("--report_to wandb needs the wandb package: pip install wandb")
     # The device decides what `auto` means.
     process_group = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=args.ddp_timeout))
-    args.mixed_precision, precision_line = resolve_mixed_precision(
-        args.mixed_precision, accelerate_device(**process_group.to_kwargs()))
+    args.mixed_precision, precision_line = resolve_mixed_precision(  # to_kwargs() would drop a timeout equal to
+        args.mixed_precision, accelerate_device(timeout=process_group.timeout))  # its default, leaving torch's
     accelerator = Accelerator(mixed_precision=args.mixed_precision, project_dir=args.output_dir,
                               log_with=None if args.report_to == "none" else args.report_to,
                               dynamo_backend="inductor" if args.compile else None,  # None: the launch config decides
@@ -842,8 +873,7 @@ def train(args: argparse.Namespace) -> Path:
 
     output_dir = Path(args.output_dir)
     check_output_dir(output_dir)
-    resume_from = find_resume_checkpoint(args, notify=is_main)
-    check_resume(args, resume_from, output_dir)
+    resume_from = decided_on_rank0(accelerator, lambda: choose_resume_checkpoint(args, output_dir))
     if args.preset == "cpu-demo":
         prepare_demo_data(accelerator, args)
     try:  # both splits are checked now, not at the first evaluation
@@ -855,8 +885,12 @@ def train(args: argparse.Namespace) -> Path:
                                           verify_checksums=args.verify_data)
     except ValueError as error:  # ShardFormatError included: missing or corrupt shards, too few val tokens
         raise TrainingError(str(error)) from None
-    pusher = HubPusher(args.hub_model_id) if args.push_to_hub and is_main else None  # fail now, not at the end
-    hellaswag_examples = load_hellaswag_on_rank0(accelerator, args)  # every rank scores its share
+    pushers = []  # rank 0's, checked now rather than at the end; its failure stops every rank alike
+    decided_on_rank0(accelerator, lambda: pushers.append(HubPusher(args.hub_model_id)) if args.push_to_hub else None)
+    pusher = pushers[0] if pushers else None
+    # Every rank scores its share of what rank 0 found: ranks deciding alone could disagree (a node without the file
+    # and the network) and leave the others waiting in the scoring's collectives.
+    hellaswag_examples = decided_on_rank0(accelerator, lambda: load_hellaswag_examples(args, notify=True))
     tokenizer = get_tokenizer()
 
     set_seed(args.seed)  # the same initial weights on every process
@@ -868,7 +902,7 @@ def train(args: argparse.Namespace) -> Path:
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)  # for evaluation, sampling and saving
 
-    start_step = 0
+    start_step, start_evaluated = 0, False
     if resume_from is not None:
         trainer_state = json.loads((resume_from / "trainer_state.json").read_text())
         if trainer_state["world_size"] != world_size and is_main:
@@ -887,6 +921,7 @@ def train(args: argparse.Namespace) -> Path:
         except ValueError as error:  # another data folder, sequence length, shuffle or seed
             raise TrainingError(f"cannot resume from {resume_from}: {error}") from None
         start_step = trainer_state["step"]
+        start_evaluated = trainer_state.get("evaluated", True)
         if start_step == args.max_steps and is_main:
             tqdm.write(f"notice: {resume_from} is already at --max_steps {args.max_steps}: nothing to train (raise "
                        f"--max_steps to train on)")
@@ -910,8 +945,19 @@ def train(args: argparse.Namespace) -> Path:
     step = start_step
     try:
         for step in range(start_step, args.max_steps + 1):
-            # Evaluation at step s sees the weights after s optimiser steps; a resumed run already has its eval at s.
-            if (step % args.eval_every == 0 or step == args.max_steps) and not (resume_from is not None and step == start_step):
+            if preemption.requested(accelerator):  # first: a grace period may not cover this step's evaluation
+                if pusher is not None:
+                    pusher.cancel_queued()  # the process waits for queued uploads before it exits
+                if step == start_step and resume_from is not None and \
+                        resume_from.resolve().parent == (output_dir / "checkpoints").resolve():
+                    final_checkpoint = resume_from  # the state of this very step
+                else:
+                    final_checkpoint = save_checkpoint(accelerator, model, tokenizer, train_loader, step, args, metrics,
+                                                       None, evaluated=False)
+                raise TrainingPreempted(step, final_checkpoint, preemption.received)
+            # Evaluation at step s sees the weights after s optimiser steps; a resumed run has had its eval at s,
+            # unless its checkpoint was written on preemption, before that eval.
+            if (step % args.eval_every == 0 or step == args.max_steps) and not (step == start_step and start_evaluated):
                 result = evaluate(accelerator, raw_model, tokenizer, args, hellaswag_examples)
                 if is_main:
                     metrics.append({"type": "eval", "step": step, **result})
@@ -926,13 +972,6 @@ def train(args: argparse.Namespace) -> Path:
                 final_checkpoint = save_checkpoint(accelerator, model, tokenizer, train_loader, step, args, metrics, pusher)
             if step == args.max_steps:
                 break
-            if preemption.requested(accelerator):  # after this step's evaluation, before its training
-                if step == start_step and resume_from is not None:
-                    final_checkpoint = resume_from  # the state of this very step
-                elif final_checkpoint is None or final_checkpoint.name != f"{CHECKPOINT_PREFIX}{step:06d}":
-                    final_checkpoint = save_checkpoint(accelerator, model, tokenizer, train_loader, step, args, metrics,
-                                                       pusher)
-                raise TrainingPreempted(step, final_checkpoint, preemption.received)
 
             start = time.perf_counter()
             lr = get_lr(step, args.max_lr, args.min_lr, args.warmup_steps, args.max_steps)

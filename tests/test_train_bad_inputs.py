@@ -113,6 +113,9 @@ def test_a_damaged_checkpoint_is_named_and_latest_falls_back(run_copy, capsys, d
     # steps 4 and 5 were trained again from the step-4 checkpoint, which replaced the damaged one
     assert [r["step"] for r in records(run, "train")] == list(range(STEPS))
     assert train_accelerate.checkpoint_problem(newest) is None
+    # the damaged one was moved aside, not left for rotation or a later `latest` to pick
+    [abandoned] = [p for p in (run / "checkpoints").iterdir() if p.name.startswith("abandoned_step_000006_")]
+    assert (abandoned / damaged).read_bytes() == bytes(data)
 
 
 def test_fallback_notice_names_the_damaged_file(run_copy, capsys):

@@ -69,6 +69,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_is_exact(workspace, processes):
                  processes=processes)
     assert list(map(without_timing, records(output_dir, "train"))) == \
         list(map(without_timing, records(reference, "train")))
+    assert records(output_dir, "eval") == records(reference, "eval")
     weights, expected = final_weights(output_dir, STEPS), final_weights(reference, STEPS)
     assert all(torch.equal(weights[name], expected[name]) for name in expected)
 
@@ -147,6 +148,8 @@ def test_signal_names_are_checked(capsys):
     assert train_accelerate.parse_signals("none") == []
     with pytest.raises(ValueError, match="unknown signal 'SIGFOO'"):
         train_accelerate.parse_signals("SIGFOO")
+    with pytest.raises(ValueError, match="SIGKILL cannot be caught"):
+        train_accelerate.parse_signals("SIGTERM,SIGKILL")
     with pytest.raises(SystemExit) as exit_:
         train_accelerate.parse_args(["--save_on_signals", "TERM,FOO"])
     assert exit_.value.code == 2 and "--save_on_signals: unknown signal 'FOO'" in capsys.readouterr().err
