@@ -21,6 +21,10 @@ lines, so the main process does little more than write shards). Shards are uint1
 in the corpus the next shard starts. Shards are written under a temporary name and renamed, and the
 manifest is updated after each one, so re-running the same command after an interruption verifies the
 finished shards, skips them, and writes the rest: the result is identical to an uninterrupted run.
+Training reads every shard of a folder, so a folder holding shards that this preparation's manifest does not
+describe (another corpus's, or any without a manifest) is refused rather than mixed in, and so is a --prefix
+whose names would be ambiguous. Every mistake of a user is one `prepare_data.py: error: ...` line, before any
+tokenising where it can be known then (Ctrl-C too: exit 130, and the same command resumes).
 
     python prepare_data.py                                    # embedded corpus -> data/kjv
     python prepare_data.py --dataset fineweb-edu              # streamed -> data/edu_fineweb10B
@@ -36,8 +40,12 @@ import itertools
 import json
 import multiprocessing
 import os
+import re
+import signal
 import socket
 import sqlite3
+import sys
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -48,7 +56,7 @@ from urllib.parse import urlparse
 import numpy as np
 from tqdm import tqdm  # not tqdm.auto: a command-line tool, and tqdm.auto's asyncio import adds ~0.1 s to start-up
 
-from token_shards import ShardFormatError, file_sha256, shard_name, to_token_array, write_shard
+from token_shards import MANIFEST_NAME, ShardFormatError, file_sha256, list_shards, shard_name, to_token_array, write_shard
 from tokenization_gpt2repro import EOT_TOKEN_ID, get_tiktoken_encoding
 
 FINEWEB_EDU_REPO = "HuggingFaceFW/fineweb-edu"
@@ -61,7 +69,6 @@ TASK_CHARS = 2**19  # text per worker task, ~0.5 MB: ~80 ms of encoding at ~6.5 
 # idle for at most ~80 ms (64 documents a task, as before, made a 40 MB corpus of books 6 tasks of ~7 MB)
 ROWS_PER_READ = 64  # rows per read from parquet and `datasets`: bounded memory, even with book-sized rows (~8 MB)
 TASKS_IN_FLIGHT_PER_PROC = 2  # bounded read-ahead: a streamed corpus is never pulled into memory whole
-MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "gpt2repro-token-shards/1"
 TOKENIZER_DESCRIPTION = "GPT-2 BPE (tiktoken encode_ordinary, <|endoftext|>=50256 before each document)"
 SOURCE_DEFAULTS = {
@@ -71,6 +78,15 @@ SOURCE_DEFAULTS = {
     "data_files": ("corpus", 10**8, None),
 }
 LOCAL_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+SPLITS = ("val", "train")  # shard 0 is val, the others train
+# token_shards.list_shards' rule for a split's shard names (the split at the start or after _ - or ., then `_index`),
+# for prefixes: one that matches it would make names whose first part already reads as a shard of a split
+SHARD_NAME_END = re.compile(rf"(?:^|[_.-])(?:{'|'.join(SPLITS)})(?:_\d+)?$")
+MAX_SHARDS = 10**6  # the index has 6 digits, and the loader orders shards by name: a 7th digit would sort wrongly
+NAME_MAX_BYTES = 255  # the longest file name of ext4, XFS, btrfs, APFS and NTFS
+BIN_MAX_TOKENS = 2**31 - 1  # llm.c's .bin header holds the token count as an int32
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # the shell's code for a Ctrl-C
+UTF8_SCAN_BYTES = 1 << 24  # read size when looking for a file's first invalid UTF-8 byte
 
 
 def available_cores() -> int:
@@ -113,8 +129,19 @@ def group_into_tasks(items: Iterable, read: Callable[[list], list[str]], size: C
         yield Task(read, task)
 
 
+def some_documents(items: Iterable, path: str, why: str) -> Iterator:
+    """`items` (a file's tasks or documents), then an error if there were none: a file without documents is as much
+    a mistake as an empty file."""
+    given = False
+    for item in items:
+        given = True
+        yield item
+    if not given:
+        raise PrepareDataError(f"input file {path} holds no documents ({why}): leave it out of --data_files")
+
+
 def no_column_error(description: str, column: str, columns: Iterable[str]) -> PrepareDataError:
-    return PrepareDataError(f"{description} has no column '{column}' (it has {', '.join(columns)}): pass --text_column")
+    return PrepareDataError(f"{description} has no column '{column}' (it has {', '.join(columns) or 'none'}): pass --text_column")
 
 
 def only_strings(texts: list, description: str, column: str) -> list[str]:
@@ -181,17 +208,31 @@ def load_fineweb_edu(config: str, text_column: str):
 
 
 def resolve_data_files(patterns: list[str]) -> tuple[str, list[str]]:
-    """Expand globs (each pattern's matches sorted, patterns in the order given) and pick the datasets builder."""
+    """Expand globs (each pattern's matches sorted, patterns in the order given) and pick the datasets builder.
+
+    A pattern that names an existing file is that file, even with glob characters in its name (`book[1].txt` would
+    otherwise match `book1.txt`)."""
     paths = []
     for pattern in patterns:
-        matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
+        literal = os.path.exists(pattern) or not glob.has_magic(pattern)
+        matches = [pattern] if literal else sorted(glob.glob(pattern, recursive=True))
         if not matches:
             raise PrepareDataError(f"no file matches --data_files {pattern}")
         paths.extend(matches)
-    builders = set()
+    builders, first_given_as = set(), {}
     for path in paths:
-        if not os.path.isfile(path):
+        if os.path.isdir(path):
+            raise PrepareDataError(f"input file {path} is a folder: pass the files in it (e.g. {os.path.join(path, '*.txt')})")
+        if not os.path.exists(path):
             raise PrepareDataError(f"input file {path} does not exist")
+        if not os.path.isfile(path):
+            raise PrepareDataError(f"input file {path} is not a regular file (a pipe or a device): save the data in a file")
+        real = os.path.realpath(path)
+        if real in first_given_as:
+            also = "" if first_given_as[real] == path else f", also as {first_given_as[real]}"
+            raise PrepareDataError(f"input file {path} is given twice (by overlapping --data_files{also}): its documents "
+                                   f"would be in the corpus twice; pass every file once")
+        first_given_as[real] = path
         if not os.access(path, os.R_OK):
             raise PrepareDataError(f"input file {path} is not readable")
         if os.path.getsize(path) == 0:
@@ -212,9 +253,37 @@ def read_text_files(paths: list[str]) -> list[str]:
         try:
             with open(path, encoding="utf-8") as file:
                 texts.append(file.read())
-        except (OSError, UnicodeDecodeError) as error:
-            raise PrepareDataError(f"could not read {path}: {error}") from None
+        except UnicodeDecodeError:
+            raise not_utf8_error(path) from None
+        except OSError as error:
+            raise PrepareDataError(f"could not read {path}: {error.strerror or error}") from None
     return texts
+
+
+def first_invalid_utf8(path: str) -> int | None:
+    """The offset of the first byte of `path` that is not valid UTF-8 (None if there is none), read in chunks, as a
+    file may be gigabytes. (A UnicodeDecodeError's position counts from the start of the piece that was decoded: a
+    chunk, a line, or a batch of `datasets`, not from the start of the file.)"""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0  # of the next chunk in the file
+    with open(path, "rb") as file:
+        while True:
+            chunk = file.read(UTF8_SCAN_BYTES)
+            held = len(decoder.getstate()[0])  # the first bytes of a character the last chunk cut, decoded with this one
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as error:  # its position counts from the held bytes
+                return offset - held + error.start
+            if not chunk:
+                return None
+            offset += len(chunk)
+
+
+def not_utf8_error(path: str) -> PrepareDataError:
+    offset = first_invalid_utf8(path)
+    where = "it changed while it was read" if offset is None else f"the first invalid byte is at offset {offset:,}, from 0"
+    return PrepareDataError(f"could not read {path}: it is not UTF-8 text ({where}): convert it to UTF-8, "
+                            f"e.g. with iconv -f ITS_ENCODING -t UTF-8")
 
 
 def text_file_tasks(paths: list[str]) -> Iterator[Task]:
@@ -226,16 +295,21 @@ def parse_json_lines(lines: list[tuple[int, bytes]], path: str, column: str) -> 
     """The `read` of .jsonl tasks: (line number, line) -> the line's object's `column`."""
     rows = []
     for number, line in lines:
+        try:  # decoded here, not by json.loads, which would take UTF-16 or encoded surrogates, as `datasets` does not
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            raise not_utf8_error(path) from None
         try:
-            rows.append(json.loads(line))
-        except ValueError as error:  # JSONDecodeError and UnicodeDecodeError
+            rows.append(json.loads(text))
+        except ValueError as error:
             raise PrepareDataError(f"could not read {path}: line {number}: {error}") from None
         if not isinstance(rows[-1], dict):
             raise PrepareDataError(f"could not read {path}: line {number} is not a JSON object (a .jsonl file holds one "
                                    f"object per line; name a file of another JSON layout .json)")
-    if not any(column in row for row in rows):
-        raise no_column_error(path, column, rows[0])
-    return only_strings([row.get(column) for row in rows], path, column)  # a row without it reads as null
+    for (number, _), row in zip(lines, rows):
+        if column not in row:  # the first line without it (`datasets` would read it as null)
+            raise no_column_error(f"{path} line {number}", column, row)
+    return only_strings([row[column] for row in rows], path, column)
 
 
 def json_lines_tasks(paths: list[str], column: str) -> Iterator[Task]:
@@ -244,8 +318,9 @@ def json_lines_tasks(paths: list[str], column: str) -> Iterator[Task]:
         with open(path, "rb") as file:
             first = file.readline().removeprefix(codecs.BOM_UTF8)  # as `datasets` does (a BOM alone makes a blank line)
             lines = ((n, line) for n, line in enumerate(itertools.chain([first], file), 1) if line and not line.isspace())
-            yield from group_into_tasks(lines, functools.partial(parse_json_lines, path=path, column=column),
-                                        size=lambda numbered_line: len(numbered_line[1]))
+            tasks = group_into_tasks(lines, functools.partial(parse_json_lines, path=path, column=column),
+                                     size=lambda numbered_line: len(numbered_line[1]))
+            yield from some_documents(tasks, path, "only blank lines")
 
 
 def parquet_tasks(paths: list[str], column: str) -> Iterator[Task]:
@@ -258,25 +333,51 @@ def parquet_tasks(paths: list[str], column: str) -> Iterator[Task]:
             parquet = pq.ParquetFile(path)
             if column not in parquet.schema_arrow.names:
                 raise no_column_error(path, column, parquet.schema_arrow.names)
-            texts = (only_strings(batch.column(0).to_pylist(), path, column)
-                     for batch in parquet.iter_batches(batch_size=ROWS_PER_READ, columns=[column]))
-            yield from group_into_tasks(itertools.chain.from_iterable(texts), given_texts)
+            yield from some_documents(group_into_tasks(parquet_texts(parquet, path, column), given_texts), path, "no rows")
         except (pa.ArrowException, OSError) as error:
             raise PrepareDataError(f"could not read {path}: {str(error).splitlines()[0]}") from None
 
 
-def load_json_files(paths: list[str]):
-    """.json files (JSON Lines, an array of objects, ...) streamed through `datasets` (no Arrow copy is cached on disk)."""
+def parquet_texts(parquet, path: str, column: str) -> Iterator[str]:
+    import pyarrow as pa
+
+    rows_before = 0
+    for batch in parquet.iter_batches(batch_size=ROWS_PER_READ, columns=[column]):
+        try:
+            texts = batch.column(0).to_pylist()
+        except UnicodeDecodeError:  # parquet strings are UTF-8 by definition, but not every writer checks
+            values = batch.column(0).cast(pa.large_binary()).to_pylist()
+            row = rows_before + next(i for i, value in enumerate(values) if value is not None and not is_utf8(value))
+            raise PrepareDataError(f"could not read {path}: the '{column}' of row {row:,} (counting from 0) is not "
+                                   f"UTF-8 text: write the file again with valid strings") from None
+        yield from only_strings(texts, path, column)
+        rows_before += batch.num_rows
+
+
+def is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def json_file_documents(paths: list[str], column: str) -> Iterator[str]:
+    """.json files (JSON Lines, an array of objects, ...) streamed through `datasets` (no Arrow copy is cached on disk),
+    one file at a time (~20 ms each), so that an error names the file it is in."""
     from datasets import load_dataset
 
-    try:
-        return load_dataset("json", data_files=paths, split="train", streaming=True)
-    except Exception as error:  # datasets raises many types for unreadable input; the CLI reports any in one line
-        raise PrepareDataError(f"could not read {paths[0]}{' ...' if len(paths) > 1 else ''}: {error}") from None
+    for path in paths:
+        try:
+            dataset = load_dataset("json", data_files=[path], split="train", streaming=True)
+        except Exception as error:  # datasets raises many types for unreadable input; the CLI reports any in one line
+            raise PrepareDataError(f"could not read {path}: {error}") from None
+        yield from some_documents(dataset_documents(dataset, column, path, is_file=True), path, "no rows")
 
 
-def dataset_documents(dataset, text_column: str, description: str) -> Iterator[str]:
-    """The texts of a streamed `datasets` dataset, with unreadable input turned into one-line errors."""
+def dataset_documents(dataset, text_column: str, description: str, is_file: bool = False) -> Iterator[str]:
+    """The texts of a streamed `datasets` dataset, with unreadable input turned into one-line errors
+    (`is_file`: the description is the path of the one local file the dataset reads)."""
     try:
         for batch in dataset.iter(batch_size=ROWS_PER_READ):
             if text_column not in batch:
@@ -285,6 +386,8 @@ def dataset_documents(dataset, text_column: str, description: str) -> Iterator[s
     except PrepareDataError:
         raise
     except Exception as error:  # pyarrow, json, unicode and fsspec errors all mean the same to the user
+        if is_file and isinstance(error, UnicodeDecodeError):
+            raise not_utf8_error(description) from None
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise PrepareDataError(f"could not read {description}: {message}") from None
 
@@ -325,7 +428,14 @@ def tokenize(tasks: Iterable[Task], num_proc: int) -> Iterator[tuple[np.ndarray,
         yield from map(encode_task, tasks)
         return
     get_tiktoken_encoding()  # built once here, so forked workers inherit it instead of each building it (~1 s)
-    with multiprocessing.Pool(num_proc, initializer=get_tiktoken_encoding) as pool:
+    # The workers start ignoring Ctrl-C, which a terminal sends to every process of the group: the main process alone
+    # reports it, in one line (not a traceback from each worker), and the pool's exit ends the workers.
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        pool = multiprocessing.Pool(num_proc, initializer=get_tiktoken_encoding)
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    with pool:
         pending = deque()
         for task in tasks:
             pending.append(pool.apply_async(encode_task, (task,)))
@@ -347,11 +457,17 @@ class ShardWriter:
         self.shard_size, self.val_tokens = settings["shard_size"], settings["val_tokens"]
         self.max_tokens = settings["max_tokens"]
         self.tokens_written = sum(s["tokens"] for s in manifest["shards"])
-        self.buffer = np.empty(self._capacity(len(manifest["shards"])), dtype=np.uint16)
+        self.buffer = self._new_buffer(len(manifest["shards"]))
         self.filled = 0
 
-    def _capacity(self, index: int) -> int:
-        return self.val_tokens if index == 0 else self.shard_size
+    def _new_buffer(self, index: int) -> np.ndarray:
+        """The buffer of shard `index`, as large as the shard."""
+        size = self.val_tokens if index == 0 else self.shard_size
+        try:
+            return np.empty(size, dtype=np.uint16)
+        except MemoryError:
+            raise PrepareDataError(f"a shard of {size:,} tokens needs {size * 2 / 2**30:,.1f} GiB of memory, more than "
+                                   f"there is: lower --shard_size or --val_tokens") from None
 
     @property
     def done(self) -> bool:
@@ -382,21 +498,41 @@ class ShardWriter:
         if self.filled == 0:
             return
         index = len(self.manifest["shards"])
-        name = shard_name(self.manifest["settings"]["prefix"], "val" if index == 0 else "train", index, self.suffix)
-        checksum = write_shard(self.output_dir / name, self.buffer[: self.filled])
+        if index == MAX_SHARDS:
+            raise PrepareDataError(f"the corpus needs more than {MAX_SHARDS:,} shards, whose names would not sort in "
+                                   f"order: start again in an empty --output_dir with a larger --shard_size")
+        name = shard_name(self.manifest["settings"]["prefix"], split_of(index), index, self.suffix)
+        if index == 0:  # a manifest first, so that a run stopped just after writing the shard resumes (re-runs refuse
+            write_manifest(self.output_dir, self.manifest)  # shards that no manifest describes: they may be anyone's)
+        try:
+            checksum = write_shard(self.output_dir / name, self.buffer[: self.filled])
+        except OSError as error:
+            raise write_error(self.output_dir / name, error) from None
         self.manifest["shards"].append(
             {"name": name, "tokens": self.filled, "sha256": checksum, "next_document": next_document, "next_offset": next_offset}
         )
         write_manifest(self.output_dir, self.manifest)
         self.tokens_written += self.filled
-        self.buffer = np.empty(self._capacity(index + 1), dtype=np.uint16)
+        self.buffer = self._new_buffer(index + 1)
         self.filled = 0
+
+
+def split_of(index: int) -> str:
+    return SPLITS[0] if index == 0 else SPLITS[1]
+
+
+def write_error(path: Path, error: OSError) -> PrepareDataError:
+    return PrepareDataError(f"could not write {path}: {error.strerror or error}: make room (or fix the folder) and "
+                            f"re-run the same command, which resumes after the last finished shard")
 
 
 def write_manifest(output_dir: Path, manifest: dict) -> None:
     temporary = output_dir / (MANIFEST_NAME + ".tmp")
-    temporary.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(temporary, output_dir / MANIFEST_NAME)
+    try:
+        temporary.write_text(json.dumps(manifest, indent=1) + "\n")
+        os.replace(temporary, output_dir / MANIFEST_NAME)
+    except OSError as error:
+        raise write_error(output_dir / MANIFEST_NAME, error) from None
 
 
 def verified_shards(output_dir: Path, manifest: dict) -> list[dict]:
@@ -410,31 +546,90 @@ def verified_shards(output_dir: Path, manifest: dict) -> list[dict]:
     return good
 
 
+def make_output_dir(output_dir: Path) -> None:
+    """Create --output_dir (or take the existing one) and check that it is a writable folder, before any tokenising."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise PrepareDataError(f"--output_dir {output_dir} is a file, not a folder: choose another --output_dir") from None
+    except OSError as error:
+        raise PrepareDataError(f"could not create --output_dir {output_dir}: {error.strerror or error}") from None
+    try:
+        tempfile.TemporaryFile(dir=output_dir).close()
+    except OSError as error:
+        raise PrepareDataError(f"--output_dir {output_dir} is not writable: {error.strerror or error}") from None
+
+
 def start_manifest(output_dir: Path, source: dict, settings: dict) -> dict:
-    """A fresh manifest, or the one of an earlier run with the same settings, trimmed to its verified shards."""
+    """A fresh manifest, or the one of an earlier run with the same settings, trimmed to its verified shards.
+
+    Refused when the folder holds shards that training would read with these but that are not this preparation's."""
     path = output_dir / MANIFEST_NAME
-    if not path.exists():
-        foreign = [p.name for p in output_dir.glob(f"{settings['prefix']}_*") if p.suffix in (".npy", ".bin")]
-        if foreign:
-            raise PrepareDataError(
-                f"{output_dir} already holds shards ({foreign[0]}, ...) but no {MANIFEST_NAME}: choose another --output_dir"
-            )
+    manifest = read_manifest(path, source, settings) if path.exists() else None
+    own = set() if manifest is None else {shard["name"] for shard in manifest["shards"]}
+    if manifest is not None and not manifest["complete"]:  # a stop may have come between a shard and its record
+        own.add(shard_name(settings["prefix"], split_of(len(own)), len(own), "." + settings["format"]))
+    stray = [p.name for p in loader_shards(output_dir) if p.name not in own]
+    if stray:
+        more = f" and {len(stray) - 1} more" if len(stray) > 1 else ""
+        why = (f"and no {MANIFEST_NAME}: they would be read with the new shards in training" if manifest is None else
+               f"that its {MANIFEST_NAME} does not describe (of another preparation): training would mix them in")
+        raise PrepareDataError(f"{output_dir} already holds shards ({stray[0]}{more}) {why}; move them out or choose "
+                               f"another --output_dir")
+    if manifest is None:
         return {"format": MANIFEST_FORMAT, "source": source, "tokenizer": TOKENIZER_DESCRIPTION, "settings": settings,
                 "shards": [], "complete": False}
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise PrepareDataError(f"{path} is unreadable ({error}): delete it and the shards to start over") from None
-    if manifest.get("source") != source or manifest.get("settings") != settings:
-        raise PrepareDataError(
-            f"{output_dir} holds shards made with other settings ({manifest.get('source')}, {manifest.get('settings')}): "
-            f"re-run with those, or choose another --output_dir"
-        )
     shards = verified_shards(output_dir, manifest)
     if len(shards) < len(manifest["shards"]):
         manifest["complete"] = False
     manifest["shards"] = shards
     return manifest
+
+
+def read_manifest(path: Path, source: dict, settings: dict) -> dict:
+    """The manifest of an earlier run, refused unless it was made with these settings and is whole."""
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise PrepareDataError(f"{path} is unreadable ({error}): delete it and the shards to start over") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise PrepareDataError(f"{path} is not a manifest of prepare_data.py (format {MANIFEST_FORMAT}): "
+                               f"choose another --output_dir")
+    if manifest.get("source") != source or manifest.get("settings") != settings:
+        raise PrepareDataError(
+            f"{path.parent} holds shards made with other settings ({manifest.get('source')}, {manifest.get('settings')}): "
+            f"re-run with those, or choose another --output_dir"
+        )
+    if not lists_shards_as_written(manifest, settings):
+        raise PrepareDataError(f"{path} is damaged (its shards are not listed as prepare_data.py lists them): delete it "
+                               f"and the shards to start over")
+    return manifest
+
+
+def lists_shards_as_written(manifest: dict, settings: dict) -> bool:
+    """Whether the manifest's records have the names and types prepare_data.py writes (not a hand edit's)."""
+    shards, suffix = manifest.get("shards"), "." + settings["format"]
+    if not isinstance(shards, list) or not isinstance(manifest.get("complete"), bool):
+        return False
+    if manifest["complete"] and not isinstance(manifest.get("total_tokens"), int):
+        return False
+    return all(
+        isinstance(shard, dict) and shard.get("name") == shard_name(settings["prefix"], split_of(i), i, suffix)
+        and isinstance(shard.get("sha256"), str)
+        and all(isinstance(shard.get(key), int) for key in ("tokens", "next_document", "next_offset"))
+        for i, shard in enumerate(shards)
+    )
+
+
+def loader_shards(output_dir: Path) -> list[Path]:
+    """The files of `output_dir` that training reads as shards of a split (token_shards.list_shards' rule)."""
+    found = []
+    for split in SPLITS:
+        try:
+            found += list_shards(output_dir, split)
+        except ShardFormatError:  # none of this split
+            pass
+    return found
 
 
 def skip_documents(tasks: Iterable[Task], count: int) -> Iterator[Task]:
@@ -450,8 +645,25 @@ def skip_documents(tasks: Iterable[Task], count: int) -> Iterator[Task]:
 # ----------------------------------------------------------------------------- command line
 
 
+def prefix_problem(prefix: str) -> str | None:
+    """What makes `prefix` unfit to name shards, or None."""
+    if not prefix:
+        return "is empty: give a name, such as corpus"
+    if prefix in (".", "..") or any(separator in prefix for separator in {"/", "\\", os.sep, os.altsep} - {None}):
+        return "is a path, not a name (shards stay in --output_dir): name the folder with --output_dir"
+    if SHARD_NAME_END.search(prefix):
+        shorter = SHARD_NAME_END.sub("", prefix)
+        return (f"ends like a shard name ({split_of(0)} or {split_of(1)}, optionally + _NUMBER), so that its shards' "
+                f"names would read as two splits ({shard_name(prefix, split_of(1), 1)}): "
+                + (f"drop that ending (--prefix {shorter})" if shorter else "choose another name"))
+    if len(shard_name(prefix, split_of(1), 1).encode()) + len(".tmp") > NAME_MAX_BYTES:
+        return f"is too long: shard names would pass the {NAME_MAX_BYTES} bytes a file name may have"
+    return None
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
+        prog="prepare_data.py",  # also when train_accelerate.py calls main(): errors name the tool that refused
         description="Tokenise a corpus with GPT-2's BPE into uint16 token shards (val shard first) for training.",
     )
     source = parser.add_mutually_exclusive_group()
@@ -466,7 +678,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output_dir", default=None, help="folder for the shards and manifest.json (default: data/edu_fineweb10B for fineweb-edu's sample-10BT "
                              "(edu_fineweb100B, ... for the others), else data/PREFIX)")
     parser.add_argument("--prefix", default=None,
-                        help="shard name prefix (default: edufineweb for fineweb-edu, as build-nanogpt; kjv for embedded; corpus for data_files)")
+                        help="shard name prefix: shards are PREFIX_val_000000.npy, PREFIX_train_000001.npy, ... A plain name: "
+                             "not empty, not . or .., no / or \\, and not itself ending like a shard name (val or train at "
+                             "its start or after _ - or ., optionally + _NUMBER: x_val, train_2), which would read as two "
+                             "splits; train_data or interval are fine (default: edufineweb for fineweb-edu, as build-nanogpt; "
+                             "kjv for embedded; corpus for data_files)")
     parser.add_argument("--shard_size", type=int, default=None,
                         help="tokens per train shard (default: 1e8 as build-nanogpt; 2**18 for the embedded corpus)")
     parser.add_argument("--val_tokens", type=int, default=None,
@@ -482,10 +698,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         value = getattr(args, flag)
         if value is not None and value < 1:
             parser.error(f"--{flag} must be a positive integer, got {value}")
+    if args.prefix is not None and (problem := prefix_problem(args.prefix)):
+        parser.error(f"--prefix {args.prefix!r} {problem}")
+    if args.output_dir == "":
+        parser.error("--output_dir is empty: name a folder")
     default_prefix, default_shard_size, default_val_tokens = SOURCE_DEFAULTS[kind]
-    args.prefix = args.prefix or default_prefix
+    args.prefix = default_prefix if args.prefix is None else args.prefix
     args.shard_size = args.shard_size or default_shard_size
     args.val_tokens = args.val_tokens or default_val_tokens or args.shard_size
+    if args.max_tokens is not None and args.max_tokens <= args.val_tokens:
+        parser.error(f"--max_tokens {args.max_tokens:,} leaves no tokens for training: the val shard takes the first "
+                     f"{args.val_tokens:,} (--val_tokens); raise --max_tokens or lower --val_tokens")
+    if args.format == "bin" and max(args.shard_size, args.val_tokens) > BIN_MAX_TOKENS:
+        parser.error(f"a .bin shard holds at most {BIN_MAX_TOKENS:,} tokens (llm.c's header counts them in an int32): "
+                     f"lower --shard_size or --val_tokens, or use --format npy")
     default_folder = FINEWEB_EDU_FOLDERS[args.fineweb_config] if kind == "fineweb-edu" else args.prefix
     args.output_dir = Path(args.output_dir or Path("data") / default_folder)
     return args
@@ -508,15 +734,14 @@ def open_source(args: argparse.Namespace) -> tuple[dict, Iterator[Task]]:
         return source, parquet_tasks(paths, args.text_column)
     if all(p.lower().endswith(".jsonl") for p in paths):
         return source, json_lines_tasks(paths, args.text_column)
-    description = paths[0] if len(paths) == 1 else f"{paths[0]} (and {len(paths) - 1} more)"
-    return source, group_into_tasks(dataset_documents(load_json_files(paths), args.text_column, description), given_texts)
+    return source, group_into_tasks(json_file_documents(paths, args.text_column), given_texts)
 
 
 def prepare(args: argparse.Namespace) -> None:
     source, tasks = open_source(args)
     settings = {"prefix": args.prefix, "shard_size": args.shard_size, "val_tokens": args.val_tokens,
                 "max_tokens": args.max_tokens, "format": args.format}
-    args.output_dir.mkdir(parents=True, exist_ok=True)
+    make_output_dir(args.output_dir)
     manifest = start_manifest(args.output_dir, source, settings)
     if manifest["complete"]:
         print(f"{args.output_dir}: already complete ({len(manifest['shards'])} shards, {manifest['total_tokens']:,} tokens, verified)")
@@ -532,20 +757,21 @@ def prepare(args: argparse.Namespace) -> None:
     get_tiktoken_encoding()  # built (~1 s) before the clock starts: the rates below are tokenising throughput
     documents = next_document
     num_bytes, num_tokens, start_time = 0, 0, time.time()
-    progress = tqdm(desc=f"tokenising ({args.num_proc} proc)", unit="tok", unit_scale=True, total=args.max_tokens,
-                    initial=writer.tokens_written)
-    for tokens, lengths, task_bytes in tokenize(tasks, args.num_proc):
-        tokens_before = writer.tokens_written + writer.filled
-        documents += writer.add(tokens, lengths, documents, next_offset)
-        progress.update(writer.tokens_written + writer.filled - tokens_before)
-        num_tokens += writer.tokens_written + writer.filled - tokens_before
-        num_bytes += task_bytes
-        next_offset = 0
-        elapsed = max(time.time() - start_time, 1e-9)
-        progress.set_postfix_str(f"{(documents - next_document) / elapsed:,.0f} docs/s, {num_bytes / elapsed / 1e6:.1f} MB/s", refresh=False)
-        if writer.done:
-            break
-    progress.close()
+    # `with`: the bar is closed (its line ended) also when an error or Ctrl-C stops the run, so the message after it
+    # is a line of its own
+    with tqdm(desc=f"tokenising ({args.num_proc} proc)", unit="tok", unit_scale=True, total=args.max_tokens,
+              initial=writer.tokens_written) as progress:
+        for tokens, lengths, task_bytes in tokenize(tasks, args.num_proc):
+            tokens_before = writer.tokens_written + writer.filled
+            documents += writer.add(tokens, lengths, documents, next_offset)
+            progress.update(writer.tokens_written + writer.filled - tokens_before)
+            num_tokens += writer.tokens_written + writer.filled - tokens_before
+            num_bytes += task_bytes
+            next_offset = 0
+            elapsed = max(time.time() - start_time, 1e-9)
+            progress.set_postfix_str(f"{(documents - next_document) / elapsed:,.0f} docs/s, {num_bytes / elapsed / 1e6:.1f} MB/s", refresh=False)
+            if writer.done:
+                break
     if writer.tokens_written + writer.filled <= args.val_tokens:
         raise PrepareDataError(
             f"the corpus gave {writer.tokens_written + writer.filled:,} tokens, not more than --val_tokens {args.val_tokens:,}: "
@@ -567,6 +793,10 @@ def main(argv: list[str] | None = None) -> None:
         prepare(args)
     except (PrepareDataError, ShardFormatError) as error:
         raise SystemExit(f"prepare_data.py: error: {error}") from None
+    except KeyboardInterrupt:  # shards are written whole (temporary name, rename) and recorded one by one
+        print("prepare_data.py: error: interrupted: re-run the same command to resume after the last finished shard",
+              file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None
 
 
 if __name__ == "__main__":

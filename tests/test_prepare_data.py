@@ -8,6 +8,7 @@ without Python ints, book-sized tasks) compare with tiktoken's `encode_ordinary`
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import pytest
 
 import prepare_data
 from prepare_data import main
+from token_shards import list_shards, write_shard
 from tokenization_gpt2repro import get_tiktoken_encoding, get_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -189,8 +191,9 @@ def test_interrupted_run_resumes_to_identical_shards(tmp_path, monkeypatch):
         return real_write_shard(path, tokens)
 
     monkeypatch.setattr(prepare_data, "write_shard", killed_on_third_shard)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as stop:
         main([*args, "--output_dir", str(tmp_path / "resumed")])
+    assert stop.value.code == 130  # Ctrl-C's exit status, after one line (see test_ctrl_c_...)
     assert len(list((tmp_path / "resumed").glob("*.npy"))) == 2
     monkeypatch.setattr(prepare_data, "write_shard", real_write_shard)
 
@@ -203,18 +206,25 @@ def test_interrupted_run_resumes_to_identical_shards(tmp_path, monkeypatch):
     assert (tmp_path / "whole" / "manifest.json").read_text() == (tmp_path / "resumed" / "manifest.json").read_text()
 
 
-def test_killed_run_leaves_only_whole_shards_and_resumes_identically(tmp_path):
-    """SIGKILL (no cleanup) a real run of 2 processes mid-way; every shard on disk must already be final."""
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_killed_run_leaves_only_whole_shards_and_resumes_identically(tmp_path, stop):
+    """SIGKILL (no cleanup) or Ctrl-C (SIGINT to the process group, as a terminal sends it) a real run of 2 processes
+    mid-way; every shard on disk must already be final. Ctrl-C ends with one line, not a traceback from each process."""
     args = ["--dataset", "embedded", "--shard_size", "8192", "--num_proc", "2"]  # ~120 shards: time to kill mid-run
     main([*args, "--output_dir", str(tmp_path / "whole")])
     killed = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, str(REPO / "prepare_data.py"), *args, "--output_dir", str(killed)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 60
-    while process.poll() is None and len(list(killed.glob("*.npy"))) < 20 and time.time() < deadline:
-        time.sleep(0.01)
-    os.killpg(process.pid, signal.SIGKILL)  # the run and its worker processes
-    process.wait()
+    with open(tmp_path / "stderr", "w") as stderr:  # a file, not a pipe that nobody reads while the run fills it
+        process = subprocess.Popen([sys.executable, str(REPO / "prepare_data.py"), *args, "--output_dir", str(killed)],
+                                   stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+        deadline = time.time() + 60
+        while process.poll() is None and len(list(killed.glob("*.npy"))) < 20 and time.time() < deadline:
+            time.sleep(0.01)
+        os.killpg(process.pid, stop)  # the run and its worker processes
+        process.wait()
+    if stop == signal.SIGINT:
+        assert process.returncode == 130
+        assert_one_error_line((tmp_path / "stderr").read_text(),
+                              "interrupted: re-run the same command to resume after the last finished shard")
     on_disk = sorted(killed.glob("*.npy"))
     assert 0 < len(on_disk) < len(list((tmp_path / "whole").glob("*.npy")))  # it really stopped half-way
     for path in on_disk:
@@ -294,7 +304,7 @@ def test_help_lists_the_flags():
         ("nothing_*.jsonl", None, "no file matches"),
         ("empty.txt", b"", "is empty"),
         ("a.csv", b"text\nx\n", r"is not .txt, .json, .jsonl or .parquet"),
-        ("latin1.txt", b"caf\xe9 au lait", "could not read .*utf-8"),
+        ("latin1.txt", b"caf\xe9 au lait", "could not read .*latin1.txt: it is not UTF-8 text .*offset 3,"),
         ("bad.parquet", b"not a parquet file at all", "could not read .*[Pp]arquet"),
         ("a.jsonl", b'{"body": "x"}\n', "has no column 'text' .*pass --text_column"),
         ("a.jsonl", b'{"text": null}\n', "not a string"),
@@ -332,3 +342,349 @@ def test_non_positive_sizes_are_refused(tmp_path, flag, capsys):
     with pytest.raises(SystemExit):
         main(["--output_dir", str(tmp_path / "out"), flag, "0"])
     assert f"{flag} must be a positive integer, got 0" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- hostile input: one line, nothing changed
+
+
+def folder_digest(folder):
+    """sha256 of every file under `folder`, by path: what must not change when a run is refused."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_one_error_line(stderr, message):
+    """stderr holds no traceback and exactly one error line, `prepare_data.py: error: MESSAGE` (progress bars aside)."""
+    assert "Traceback" not in stderr
+    assert [line for line in stderr.splitlines() if "error:" in line] == [f"prepare_data.py: error: {message}"], stderr
+
+
+def refused(argv, capsys, status, message):
+    """Run `prepare_data.py ARGV` in this process (a subprocess spends ~1 s importing) and check that it exits with
+    `status` after one error line. The interpreter prints SystemExit's message and exits 1; any other exception would
+    fail the test here as it would print a traceback there."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    stderr = capsys.readouterr().err
+    code = stop.value.code
+    stderr, code = (stderr + code + "\n", 1) if isinstance(code, str) else (stderr, code)
+    assert code == status
+    assert_one_error_line(stderr, message)
+
+
+def prepare_small(tmp_path):
+    """The arguments of a small preparation of DOCUMENTS, already run into tmp_path/out: a folder a refused run must
+    leave as it is."""
+    paths, _ = write_inputs(tmp_path, "jsonl")
+    args = ["--data_files", *paths, "--text_column", "body", "--output_dir", str(tmp_path / "out"), "--num_proc", "1", *SMALL_SHARDS]
+    main(args)
+    return args
+
+
+def path_problem(prefix):
+    return f"--prefix {prefix!r} is a path, not a name (shards stay in --output_dir): name the folder with --output_dir"
+
+
+def split_problem(prefix, fix):
+    return (f"--prefix {prefix!r} ends like a shard name (val or train, optionally + _NUMBER), so that its shards' names "
+            f"would read as two splits ({prefix}_train_000001.npy): {fix}")
+
+
+@pytest.mark.parametrize("prefix, message", [
+    ("", "--prefix '' is empty: give a name, such as corpus"),
+    ("x_val", split_problem("x_val", "drop that ending (--prefix x)")),
+    ("web-train_3", split_problem("web-train_3", "drop that ending (--prefix web)")),
+    ("data.val", split_problem("data.val", "drop that ending (--prefix data)")),
+    ("train", split_problem("train", "choose another name")),
+    ("val_000001", split_problem("val_000001", "choose another name")),
+    ("../x", path_problem("../x")),
+    ("sub/x", path_problem("sub/x")),
+    ("a\\b", path_problem("a\\b")),
+    (".", path_problem(".")),
+    ("..", path_problem("..")),
+    ("a" * 235, f"--prefix {'a' * 235!r} is too long: shard names would pass the 255 bytes a file name may have"),
+])
+def test_ambiguous_or_path_prefixes_are_refused(tmp_path, capsys, prefix, message):
+    args = prepare_small(tmp_path)
+    before = folder_digest(tmp_path)
+    refused([*args, "--prefix", prefix], capsys, 2, message)
+    assert folder_digest(tmp_path) == before
+
+
+@pytest.mark.parametrize("prefix", ["train_data", "interval", "a" * 234])
+def test_plain_prefixes_are_read_as_the_right_splits(tmp_path, prefix):
+    """Names that hold a split's name elsewhere than at the end, and the longest prefix: the loader reads them right."""
+    paths, _ = write_inputs(tmp_path, "jsonl")
+    out = tmp_path / "out"
+    main(["--data_files", *paths, "--text_column", "body", "--output_dir", str(out), "--num_proc", "1", "--prefix", prefix, *SMALL_SHARDS])
+    names = [shard["name"] for shard in json.loads((out / "manifest.json").read_text())["shards"]]
+    assert len(names) > 2
+    assert list_shards(out, "val") == [out / f"{prefix}_val_000000.npy"] == [out / names[0]]
+    assert list_shards(out, "train") == [out / f"{prefix}_train_{i:06d}.npy" for i in range(1, len(names))]
+
+
+@pytest.mark.parametrize("prepared, stray", [
+    (False, "other_train_000001.npy"),  # another corpus, no manifest
+    (False, "corpus_val_000000.npy"),  # this prefix, but no manifest: build-nanogpt's, or anyone's
+    (False, "tiny_shakespeare_val.bin"),  # llm.c's naming
+    (True, "other_val_000000.npy"),  # beside a finished preparation
+    (True, "corpus_val_000000.bin"),  # the other format of this preparation
+    (True, "corpus_train_000099.npy"),  # this prefix, beyond the shards the manifest lists
+])
+def test_folders_holding_other_shards_are_refused(tmp_path, capsys, prepared, stray):
+    """Shards that training would read with the new ones (token_shards.list_shards) but that are not this
+    preparation's would mix two corpora: refused, naming one."""
+    out = tmp_path / "out"
+    if prepared:
+        args = prepare_small(tmp_path)
+    else:
+        paths, _ = write_inputs(tmp_path, "jsonl")
+        args = ["--data_files", *paths, "--text_column", "body", "--output_dir", str(out), "--num_proc", "1", *SMALL_SHARDS]
+        out.mkdir()
+    write_shard(out / stray, [EOT, 1, 2])
+    before = folder_digest(tmp_path)
+    why = ("that its manifest.json does not describe (of another preparation): training would mix them in" if prepared
+           else "and no manifest.json: they would be read with the new shards in training")
+    refused(args, capsys, 1, f"{out} already holds shards ({stray}) {why}; move them out or choose another --output_dir")
+    assert folder_digest(tmp_path) == before
+
+
+@pytest.mark.parametrize("stopped_after", ["the manifest", "shard 2"])
+def test_a_shard_written_before_its_record_is_rewritten_on_resume(tmp_path, stopped_after):
+    """A stop between a shard's rename and the manifest's update (the manifest is written before the first shard, so
+    such a shard always has one beside it) leaves a shard the manifest does not list yet: the re-run takes it for its
+    own and writes it again. Files the loader does not read (not named like a split's shard) do not stop a run."""
+    args = prepare_small(tmp_path)
+    out = tmp_path / "out"
+    whole = folder_digest(out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    names = [shard["name"] for shard in manifest["shards"]]
+    recorded = 0 if stopped_after == "the manifest" else 2
+    for name in names[recorded + 1:]:
+        (out / name).unlink()
+    (out / names[recorded]).write_bytes(b"not the shard this run writes")  # not listed, so not trusted
+    del manifest["total_tokens"], manifest["documents"]
+    manifest.update(complete=False, shards=manifest["shards"][:recorded])
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    np.save(out / "embeddings.npy", np.zeros(3))
+    main(args)
+    after = folder_digest(out)
+    assert after.pop("embeddings.npy") and after == whole
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[1, 2]", "{manifest} is not a manifest of prepare_data.py (format gpt2repro-token-shards/1): choose another --output_dir"),
+    ('{"format": "another-tool/2"}', "{manifest} is not a manifest of prepare_data.py (format gpt2repro-token-shards/1): choose another --output_dir"),
+    ("no sha256", "{manifest} is damaged (its shards are not listed as prepare_data.py lists them): delete it and the shards to start over"),
+    ("renamed", "{manifest} is damaged (its shards are not listed as prepare_data.py lists them): delete it and the shards to start over"),
+    ("no total", "{manifest} is damaged (its shards are not listed as prepare_data.py lists them): delete it and the shards to start over"),
+])
+def test_foreign_or_damaged_manifests_are_refused(tmp_path, capsys, content, message):
+    args = prepare_small(tmp_path)
+    manifest_path = tmp_path / "out" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    if content == "no sha256":
+        del manifest["shards"][1]["sha256"]
+    elif content == "renamed":
+        manifest["shards"][1]["name"] = "../elsewhere.npy"
+    elif content == "no total":
+        del manifest["total_tokens"]
+    manifest_path.write_text(json.dumps(manifest) if content in ("no sha256", "renamed", "no total") else content)
+    before = folder_digest(tmp_path)
+    refused(args, capsys, 1, message.format(manifest=manifest_path))
+    assert folder_digest(tmp_path) == before
+
+
+def utf8_message(path, offset):
+    return (f"could not read {path}: it is not UTF-8 text (the first invalid byte is at offset {offset:,}, from 0): "
+            f"convert it to UTF-8, e.g. with iconv -f ITS_ENCODING -t UTF-8")
+
+
+@pytest.mark.parametrize("kind, num_proc", [("txt", 2), ("jsonl", 2), ("json", 1)])
+def test_invalid_utf8_names_its_file_and_the_offset_of_the_first_bad_byte(tmp_path, capsys, kind, num_proc):
+    """The bad file is the second of a task (or of the files `datasets` reads), the bad byte far into it."""
+    good_line, bad_line = b'{"text": "caf\xc3\xa9 ok"}\n', b'{"text": "caf\xe9 au lait"}\n'
+    (tmp_path / f"a.{kind}").write_bytes(b"x" if kind == "txt" else good_line)
+    bad = tmp_path / f"b.{kind}"
+    bad.write_bytes(b"\xc3\xa9t\xc3\xa9 " * 1000 + b"caf\xe9" if kind == "txt" else good_line * 1000 + bad_line)
+    offset = 6003 if kind == "txt" else len(good_line) * 1000 + len('{"text": "caf')
+    before = folder_digest(tmp_path)
+    refused(["--data_files", str(tmp_path / f"a.{kind}"), str(bad), "--output_dir", str(tmp_path / "out"),
+             "--num_proc", str(num_proc)], capsys, 1, utf8_message(bad, offset))
+    assert folder_digest(tmp_path) == before
+
+
+def test_invalid_utf8_in_parquet_names_the_row(tmp_path, capsys):
+    """Parquet strings are UTF-8 by definition, but a writer may not check: the row, not a byte offset in a compressed file."""
+    texts = pa.array([b"fine"] * 70 + [b"caf\xe9"], type=pa.binary()).view(pa.string())  # row 70: the second read
+    pq.write_table(pa.table({"text": texts}), tmp_path / "bad.parquet")
+    refused(["--data_files", str(tmp_path / "bad.parquet"), "--output_dir", str(tmp_path / "out")], capsys, 1,
+            f"could not read {tmp_path / 'bad.parquet'}: the 'text' of row 70 (counting from 0) is not UTF-8 text: "
+            f"write the file again with valid strings")
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5])
+def test_first_invalid_utf8_counts_from_the_start_of_the_file(tmp_path, monkeypatch, chunk):
+    """Against bytes.decode's own position, with characters of 2-4 bytes cut by every chunk boundary."""
+    monkeypatch.setattr(prepare_data, "UTF8_SCAN_BYTES", chunk)
+    text = "aé€😀b".encode() * 2
+    cases = [text] + [text[:i] + b"\xff" + text[i:] for i in range(len(text) + 1)] + [text + "€".encode()[:2]]
+    for data in cases:
+        (tmp_path / "f").write_bytes(data)
+        try:
+            data.decode("utf-8")
+            expected = None
+        except UnicodeDecodeError as error:
+            expected = error.start
+        assert prepare_data.first_invalid_utf8(str(tmp_path / "f")) == expected, data
+
+
+@pytest.fixture
+def unwritable_folder(tmp_path):
+    """A folder this process cannot write in: read-only for a user; immutable (chattr +i) for root, whom modes do not stop."""
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder, os.strerror(13)  # EACCES
+        folder.chmod(0o755)
+        return
+    if not shutil.which("chattr") or subprocess.run(["chattr", "+i", str(folder)], capture_output=True, check=False).returncode:
+        pytest.skip("root, on a file system without chattr +i: no folder is unwritable")
+    yield folder, os.strerror(1)  # EPERM
+    subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("where", ["a file", "inside a file", "unwritable", "inside an unwritable folder"])
+def test_unusable_output_dir_is_refused_before_tokenising(tmp_path, capsys, monkeypatch, request, where):
+    paths, _ = write_inputs(tmp_path, "txt")
+    (tmp_path / "a_file").write_text("not a folder")
+    if where == "a file":
+        output_dir, message = tmp_path / "a_file", f"--output_dir {tmp_path / 'a_file'} is a file, not a folder: choose another --output_dir"
+    elif where == "inside a file":
+        output_dir, message = tmp_path / "a_file" / "sub", f"could not create --output_dir {tmp_path / 'a_file' / 'sub'}: Not a directory"
+    else:
+        locked, locked_error = request.getfixturevalue("unwritable_folder")
+        output_dir = locked if where == "unwritable" else locked / "sub"
+        message = (f"--output_dir {locked} is not writable: {locked_error}" if where == "unwritable"
+                   else f"could not create --output_dir {locked / 'sub'}: {locked_error}")
+    monkeypatch.setattr(prepare_data, "tokenize", lambda *args: pytest.fail("tokenising began"))
+    before = folder_digest(tmp_path)
+    refused(["--data_files", *paths, "--output_dir", str(output_dir)], capsys, 1, message)
+    assert folder_digest(tmp_path) == before
+
+
+GIVEN_TWICE = ("input file {{tmp}}/{name} is given twice (by overlapping --data_files): its documents would be in the "
+               "corpus twice; pass every file once")
+
+
+@pytest.mark.parametrize("files, message", [
+    (["docs"], "input file {tmp}/docs is a folder: pass the files in it (e.g. {tmp}/docs/*.txt)"),
+    (["pipe.jsonl"], "input file {tmp}/pipe.jsonl is not a regular file (a pipe or a device): save the data in a file"),
+    (["a.txt", "a.txt"], GIVEN_TWICE.format(name="a.txt")),
+    (["*.txt", "b.txt"], GIVEN_TWICE.format(name="b.txt")),
+    (["blank.jsonl"], "input file {tmp}/blank.jsonl holds no documents (only blank lines): leave it out of --data_files"),
+    (["rows.jsonl", "blank.jsonl"], "input file {tmp}/blank.jsonl holds no documents (only blank lines): leave it out of --data_files"),
+    (["empty.json"], "input file {tmp}/empty.json holds no documents (no rows): leave it out of --data_files"),
+    (["empty.parquet"], "input file {tmp}/empty.parquet holds no documents (no rows): leave it out of --data_files"),
+    (["some_rows.jsonl"], "{tmp}/some_rows.jsonl line 2 has no column 'text' (it has body): pass --text_column"),
+    (["bom_inside.jsonl"], ("could not read {tmp}/bom_inside.jsonl: line 2: Unexpected UTF-8 BOM (decode using "
+                            "utf-8-sig): line 1 column 1 (char 0)")),
+])
+def test_unusable_data_files_are_refused(tmp_path, capsys, files, message):
+    """Inputs that gave a traceback, a misleading message, or were taken silently (a file's documents twice, a file
+    that adds nothing, a line without the column read as null, a byte order mark inside a file that `datasets` refuses)."""
+    (tmp_path / "docs").mkdir()
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    (tmp_path / "a.txt").write_text("a document")
+    (tmp_path / "b.txt").write_text("another document")
+    (tmp_path / "blank.jsonl").write_bytes(b"\xef\xbb\xbf\n  \n\n")
+    (tmp_path / "rows.jsonl").write_text('{"text": "a document"}\n')
+    (tmp_path / "empty.json").write_text("[]")
+    pq.write_table(pa.table({"text": pa.array([], type=pa.string())}), tmp_path / "empty.parquet")
+    (tmp_path / "some_rows.jsonl").write_text('{"text": "a document"}\n{"body": "no text"}\n')
+    (tmp_path / "bom_inside.jsonl").write_bytes(b'{"text": "a"}\n\xef\xbb\xbf{"text": "b"}\n')
+    before = folder_digest(tmp_path)
+    refused(["--data_files", *(str(tmp_path / f) for f in files), "--output_dir", str(tmp_path / "out"), "--num_proc", "1",
+             "--val_tokens", "1000"], capsys, 1, message.format(tmp=tmp_path))
+    assert folder_digest(tmp_path) == before
+
+
+def test_a_file_name_with_glob_characters_is_that_file(tmp_path, reference_tokens):
+    (tmp_path / "book[1].txt").write_text("the book in brackets")
+    (tmp_path / "book1.txt").write_text("the other book, which the glob book[1].txt matches")
+    main(["--data_files", str(tmp_path / "book[1].txt"), "--output_dir", str(tmp_path / "out"), "--val_tokens", "2"])
+    assert read_stream(tmp_path / "out")[1] == reference_tokens(["the book in brackets"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max_tokens", "0"], "--max_tokens must be a positive integer, got 0"),
+    (["--max_tokens", "-5"], "--max_tokens must be a positive integer, got -5"),
+    (["--shard_size", "-1"], "--shard_size must be a positive integer, got -1"),
+    (["--val_tokens", "50", "--max_tokens", "50"], ("--max_tokens 50 leaves no tokens for training: the val shard takes "
+                                                    "the first 50 (--val_tokens); raise --max_tokens or lower --val_tokens")),
+    (["--max_tokens", "1000"], ("--max_tokens 1,000 leaves no tokens for training: the val shard takes the first "
+                                "100,000,000 (--val_tokens); raise --max_tokens or lower --val_tokens")),
+    (["--format", "bin", "--shard_size", str(2**31)], ("a .bin shard holds at most 2,147,483,647 tokens (llm.c's header "
+                                                       "counts them in an int32): lower --shard_size or --val_tokens, or use --format npy")),
+    (["--output_dir", ""], "--output_dir is empty: name a folder"),
+])
+def test_impossible_settings_are_refused_before_reading(tmp_path, capsys, flags, message):
+    (tmp_path / "a.txt").write_text("a document")
+    refused(["--data_files", str(tmp_path / "a.txt"), "--output_dir", str(tmp_path / "out"), *flags], capsys, 2, message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_shard_too_large_for_memory_is_one_line(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("a document")
+    refused(["--data_files", str(tmp_path / "a.txt"), "--output_dir", str(tmp_path / "out"), "--shard_size", str(10**17)],
+            capsys, 1, "a shard of 100,000,000,000,000,000 tokens needs 186,264,514.9 GiB of memory, more than there is: "
+                       "lower --shard_size or --val_tokens")
+
+
+def test_a_full_disk_is_one_line_and_the_re_run_resumes(tmp_path, capsys, monkeypatch):
+    args = prepare_small(tmp_path)
+    whole = folder_digest(tmp_path / "out")
+    real_write_shard, calls = prepare_data.write_shard, []
+
+    def full_on_third_shard(path, tokens):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(28, os.strerror(28))  # ENOSPC
+        return real_write_shard(path, tokens)
+
+    args[args.index(str(tmp_path / "out"))] = str(tmp_path / "full")
+    monkeypatch.setattr(prepare_data, "write_shard", full_on_third_shard)
+    refused(args, capsys, 1, f"could not write {tmp_path / 'full' / 'corpus_train_000002.npy'}: No space left on device: "
+                             f"make room (or fix the folder) and re-run the same command, which resumes after the last finished shard")
+    monkeypatch.setattr(prepare_data, "write_shard", real_write_shard)
+    main(args)
+    assert folder_digest(tmp_path / "full") == whole
+
+
+def test_more_shards_than_names_sort_is_refused(tmp_path, capsys, monkeypatch):
+    """The 6-digit index sorts in order up to 999,999 shards (here made 3, not to write a million)."""
+    monkeypatch.setattr(prepare_data, "MAX_SHARDS", 3)
+    paths, _ = write_inputs(tmp_path, "jsonl")
+    refused(["--data_files", *paths, "--text_column", "body", "--output_dir", str(tmp_path / "out"), "--num_proc", "1", *SMALL_SHARDS],
+            capsys, 1, "the corpus needs more than 3 shards, whose names would not sort in order: start again in an empty "
+                       "--output_dir with a larger --shard_size")
+
+
+@pytest.mark.parametrize("args, status, message", [
+    (["--prefix", "x_val"], 2, split_problem("x_val", "drop that ending (--prefix x)")),
+    (["--output_dir", "{tmp}/a.txt"], 1, "--output_dir {tmp}/a.txt is a file, not a folder: choose another --output_dir"),
+    (["--data_files", "{tmp}/a.txt", "{tmp}/latin1.txt", "--num_proc", "2"], 1, utf8_message("{tmp}/latin1.txt", 3)),
+])
+def test_cli_refusals_are_one_line(tmp_path, args, status, message):
+    """The real command line: the exit status and stderr of a user's mistake, argparse's and ours, also from a worker."""
+    (tmp_path / "a.txt").write_text("a document")
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9")
+    args = [arg.format(tmp=tmp_path) for arg in args]
+    if "--data_files" not in args:
+        args = ["--data_files", str(tmp_path / "a.txt"), *args]
+    if "--output_dir" not in args:
+        args += ["--output_dir", str(tmp_path / "out")]
+    result = run_cli(*args)
+    assert result.returncode == status
+    assert_one_error_line(result.stderr, message.format(tmp=tmp_path))
