@@ -408,10 +408,15 @@ def test_gradient_checkpointing_gives_equal_gradients(tiny_config):
         model(x, labels=x, return_logits=False).loss.backward()
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
+    calls = []
+    model.transformer.h[0].ln_1.register_forward_hook(lambda *args: calls.append(1))  # the block's first module
     plain = grads()
+    assert len(calls) == 1
     enable_activation_checkpointing(model)
     assert all(block.gradient_checkpointing for block in model.transformer.h)
-    for name, grad in grads().items():
+    checkpointed = grads()
+    assert len(calls) == 3  # forward, then the block recomputed in backward
+    for name, grad in checkpointed.items():
         torch.testing.assert_close(grad, plain[name], atol=1e-6, rtol=1e-5, msg=name)
     with pytest.raises(ValueError, match="use_cache=False"):
         model(x, use_cache=True)
