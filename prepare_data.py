@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
 import functools
 import glob
 import itertools
@@ -428,21 +429,53 @@ def tokenize(tasks: Iterable[Task], num_proc: int) -> Iterator[tuple[np.ndarray,
         yield from map(encode_task, tasks)
         return
     get_tiktoken_encoding()  # built once here, so forked workers inherit it instead of each building it (~1 s)
-    # The workers start ignoring Ctrl-C, which a terminal sends to every process of the group: the main process alone
-    # reports it, in one line (not a traceback from each worker), and the pool's exit ends the workers.
-    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    pool = multiprocessing.Pool(num_proc, initializer=start_worker)
+    pending = deque()
     try:
-        pool = multiprocessing.Pool(num_proc, initializer=get_tiktoken_encoding)
-    finally:
-        signal.signal(signal.SIGINT, handler)
-    with pool:
-        pending = deque()
         for task in tasks:
             pending.append(pool.apply_async(encode_task, (task,)))
             if len(pending) >= TASKS_IN_FLIGHT_PER_PROC * num_proc:
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
+    finally:
+        # The pool's orderly exit also after an error or Ctrl-C: the tasks in flight finish (a fraction of a second),
+        # then the workers leave. `terminate` stops workers wherever they are, possibly holding one of the pool's pipe
+        # locks, and then can wait for that lock forever.
+        for result in pending:
+            result.wait()
+        pool.close()
+        pool.join()
+
+
+def start_worker() -> None:
+    """A tokenising worker ignores Ctrl-C, which a terminal sends to every process of the group: the main process
+    alone acts on it (`StopBetweenTasks`), with one line rather than a traceback from each worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    get_tiktoken_encoding()
+
+
+class StopBetweenTasks:
+    """Ctrl-C while tokenising: the first one stops the run at the next `check`, between two tasks, where the main
+    process holds none of the pool's locks (a KeyboardInterrupt raised inside the pool's machinery could leave its
+    exit waiting forever); a second one stops at once."""
+
+    def __enter__(self) -> "StopBetweenTasks":
+        self.requested = False
+        self.previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        signal.signal(signal.SIGINT, self.previous_handler)
+
+    def _on_sigint(self, signum: int, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
 
 
 # ----------------------------------------------------------------------------- shards and manifest
@@ -759,9 +792,12 @@ def prepare(args: argparse.Namespace) -> None:
     num_bytes, num_tokens, start_time = 0, 0, time.time()
     # `with`: the bar is closed (its line ended) also when an error or Ctrl-C stops the run, so the message after it
     # is a line of its own
+    # `closing`: the pool ends here, not whenever the suspended generator is collected
     with tqdm(desc=f"tokenising ({args.num_proc} proc)", unit="tok", unit_scale=True, total=args.max_tokens,
-              initial=writer.tokens_written) as progress:
-        for tokens, lengths, task_bytes in tokenize(tasks, args.num_proc):
+              initial=writer.tokens_written) as progress, StopBetweenTasks() as ctrl_c, \
+            contextlib.closing(tokenize(tasks, args.num_proc)) as encoded_tasks:
+        for tokens, lengths, task_bytes in encoded_tasks:
+            ctrl_c.check()
             tokens_before = writer.tokens_written + writer.filled
             documents += writer.add(tokens, lengths, documents, next_offset)
             progress.update(writer.tokens_written + writer.filled - tokens_before)

@@ -220,7 +220,11 @@ def test_killed_run_leaves_only_whole_shards_and_resumes_identically(tmp_path, s
         while process.poll() is None and len(list(killed.glob("*.npy"))) < 20 and time.time() < deadline:
             time.sleep(0.01)
         os.killpg(process.pid, stop)  # the run and its worker processes
-        process.wait()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            pytest.fail(f"prepare_data.py still ran 60 s after {stop.name}")
     if stop == signal.SIGINT:
         assert process.returncode == 130
         assert_one_error_line((tmp_path / "stderr").read_text(),
