@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from hardware import resolve_dtype
+from io_helpers import atomic_write, first_line, write_json_atomic
 
 HUB_DATASET = "Rowan/hellaswag"
 ORIGINAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
@@ -148,11 +149,6 @@ def read_hellaswag_file(path: str | os.PathLike) -> list[dict]:
     return examples
 
 
-def first_line(error: BaseException) -> str:
-    """An exception's message, first line only: library messages can run to many lines."""
-    return (str(error).strip() or type(error).__name__).splitlines()[0]
-
-
 def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gpt2repro" / "hellaswag"
 
@@ -190,14 +186,11 @@ def load_hellaswag(data_file: str | None = None, split: str = "validation", cach
             f"HellaSwag {split} data is not available offline: pass --data_file with a local HellaSwag jsonl or "
             f"parquet file, or go online so it can be fetched from the Hugging Face Hub ({HUB_DATASET}) or {url}."
         ) from None
-    partial_file = cached_file.with_name(f"{cached_file.name}.{os.getpid()}.partial")
     try:
         cached_file.parent.mkdir(parents=True, exist_ok=True)
-        partial_file.write_bytes(data)
-        partial_file.replace(cached_file)  # atomic: concurrent processes never see half a file
+        with atomic_write(cached_file, "wb") as f:  # concurrent processes never see half a file
+            f.write(data)
     except OSError as err:
-        if partial_file.exists():  # False too where the cache "folder" is a file
-            partial_file.unlink()
         raise HellaSwagUnavailable(
             f"HellaSwag {split} data was downloaded but cannot be cached in {cached_file.parent} ({err.strerror}): "
             f"pass --cache_dir with a writable folder."
@@ -552,28 +545,10 @@ def output_problem(output: Path, data_file: str | None) -> str | None:
     return None
 
 
-def write_json_atomically(path: Path, data: dict) -> None:
-    """`data` as indented JSON at `path`, through a temporary file in the same folder renamed over it: a crash or
-    a full disk leaves the previous file (or none), never half a file."""
-    path = path.resolve()  # through a symlink: the file it names is replaced, the link stays
-    text = json.dumps(data, indent=1) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        with open(partial, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename makes it the file
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-
-
 def exit_with_error(accelerator, message: str) -> NoReturn:
-    """One `error:` line (from the main process) and exit status 2: every process stops alike."""
+    """One `error:` line (from the main process) and exit status 1: every process stops alike."""
     accelerator.print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -639,7 +614,8 @@ def main(argv: list[str] | None = None) -> None:
         report = {"model": args.model, "style": args.style, "dtype": args.dtype, "data_file": args.data_file,
                   **result, "predictions": predictions}
         try:
-            write_json_atomically(output, report)
+            output.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(output, report)
         except OSError as err:  # e.g. the disk filled up: the previous file, if any, is intact
             exit_with_error(accelerator, f"could not write --output_json {output}: {err.strerror or first_line(err)}")
 

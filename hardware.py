@@ -1,4 +1,5 @@
-"""What the machine can compute fast: the precision rule shared by training, HellaSwag and the benchmarks.
+"""What the machine can compute fast: the precision rule shared by training, HellaSwag and the benchmarks, the peak
+FLOP/s that MFU is measured against, and the CPU allocator setting that keeps steps from page-faulting.
 
 bf16 halves memory traffic and, on hardware with bf16 units, doubles matmul throughput. Where there are no
 such units it is emulated: on an AVX2-only CPU a bf16 matmul runs ~20x slower than fp32 (measured here: a
@@ -7,6 +8,7 @@ the device has it natively, and fp16 never (it needs loss scaling, which this re
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import sys
 
@@ -15,6 +17,18 @@ import torch
 # /proc/cpuinfo flags of native bf16 arithmetic: x86 AVX512-BF16 and AMX (Sapphire Rapids and later, Zen 4 and
 # later), and the Armv8.6 BF16 extension on aarch64.
 NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+# Dense (no sparsity) peak FLOP/s of one GPU from NVIDIA's datasheets, for MFU, by --mixed_precision: "no" runs
+# fp32 matmuls as TF32 (half the bf16 rate). Matched in order as a substring of torch's device name, so the
+# PCIe and NVL cards come before "H100" (the SXM part, e.g. "NVIDIA H100 80GB HBM3"). "H200" also matches the
+# GH200 superchip ("NVIDIA GH200 480GB"), whose GPU has the H100/H200 SXM peaks.
+GPU_PEAK_FLOPS = {
+    "H200 NVL": {"bf16": 835e12, "no": 418e12},  # the datasheet's 1,671 / 835 TFLOPS are with sparsity
+    "H200": {"bf16": 989e12, "no": 495e12},  # SXM: 1,979 / 989 with sparsity
+    "H100 PCIe": {"bf16": 756e12, "no": 378e12},
+    "H100 NVL": {"bf16": 835e12, "no": 418e12},
+    "H100": {"bf16": 989e12, "no": 495e12},
+    "A100": {"bf16": 312e12, "no": 156e12},  # SXM and PCIe have the same peaks
+}
 
 
 @functools.lru_cache(maxsize=None)
@@ -78,3 +92,45 @@ def accelerate_device(**process_group_kwargs) -> torch.device:
     from accelerate.utils import parse_flag_from_env
 
     return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), **process_group_kwargs).device
+
+
+def pin_cpu_allocator() -> None:
+    """Keep freed large blocks in glibc's heap instead of returning them to the OS on every step.
+
+    glibc serves blocks over 32 MB with mmap and unmaps them on free, so each training step page-faults its
+    activations back in (measured here: 0.5-1.7 s of a 2-3 s GPT-2 step). This is what MALLOC_MMAP_MAX_=0 and
+    a huge MALLOC_TRIM_THRESHOLD_ do, set at run time through mallopt(3).
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc (e.g. musl)
+    m_trim_threshold, m_mmap_max = -1, -4  # mallopt parameter numbers from glibc's malloc.h
+    libc.mallopt(m_mmap_max, 0)
+    libc.mallopt(m_trim_threshold, 2**31 - 1)  # an int: the largest threshold mallopt accepts
+
+
+def cpu_peak_flops() -> float | None:
+    """Theoretical fp32 peak of the cores this process computes on: threads x clock x FLOPs per cycle of the
+    vector FMA units torch uses (2 FMA units x 8 fp32 lanes x 2 FLOPs = 32 on AVX2, 16 lanes: 64 on AVX-512).
+    CPUs without AVX512-BF16/AMX run bf16 no faster than this."""
+    flops_per_cycle = {"AVX512": 64, "AVX2": 32}.get(torch.backends.cpu.get_cpu_capability(), 16)
+    try:
+        with open("/proc/cpuinfo") as f:
+            mhz = max(float(line.split(":")[1]) for line in f if line.startswith("cpu MHz"))
+    except (OSError, ValueError):  # not Linux, or no clock listed
+        return None
+    return torch.get_num_threads() * mhz * 1e6 * flops_per_cycle
+
+
+def peak_flops_per_device(device: torch.device, mixed_precision: str) -> float | None:
+    """A device's peak FLOP/s for MFU: the datasheet figure of known GPUs at `mixed_precision` ("no" or "bf16"),
+    the FMA peak on CPU, else None."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((peaks[mixed_precision] for key, peaks in GPU_PEAK_FLOPS.items() if key in name), None)
+    if device.type == "cpu":
+        return cpu_peak_flops()
+    return None

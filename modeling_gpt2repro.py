@@ -25,6 +25,8 @@ try:
 except ImportError:  # imported as a top-level module (a source checkout or `pip install`)
     from configuration_gpt2repro import GPT2ReproConfig
 
+IGNORE_INDEX = -100  # a target the loss skips: transformers' label convention and cross_entropy's default
+
 # The four matmuls that OpenAI GPT-2 (and transformers' Conv1D) stores as (in, out) and nn.Linear as (out, in).
 _CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -212,7 +214,7 @@ class LMHeadCrossEntropy(torch.autograd.Function):
         # rather than by autocast at every chunk's matmul.
         compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
         weight_c = weight.to(compute_dtype)
-        n_targets = (targets != -100).sum().clamp(min=1)
+        n_targets = (targets != IGNORE_INDEX).sum().clamp(min=1)
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         if compute_grad:
             grad_hidden = torch.empty_like(hidden)
@@ -222,7 +224,7 @@ class LMHeadCrossEntropy(torch.autograd.Function):
             logits = (h @ weight_c.t()).float()  # (n, Vp)
             logits[:, vocab_size:] = float("-inf")
             lse = torch.logsumexp(logits, dim=1)
-            ignored = t == -100
+            ignored = t == IGNORE_INDEX
             t = t.masked_fill(ignored, 0)
             loss_sum += (lse - logits.gather(1, t[:, None]).squeeze(1)).masked_fill(ignored, 0.0).sum()
             if compute_grad:
@@ -479,7 +481,7 @@ class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
         if labels is not None and shift_labels is not None:
             raise ValueError("Pass either `labels` (shifted inside) or `shift_labels` (already shifted), not both.")
         if labels is not None:
-            shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100)  # the last position has no next token
+            shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # the last position has no next token
         if use_cache is None and shift_labels is not None:
             use_cache = False  # a loss (training, validation) needs no cache; an unused one holds every layer's K, V
         if shift_labels is None and not return_logits:
@@ -510,7 +512,7 @@ class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
                 # The padded columns must carry no probability: an imported GPT-2 has zeros there, i.e. logits far
                 # above the real ones. -inf gives exactly the loss over the first V columns, without a copy.
                 logits[..., self.config.vocab_size:] = float("-inf")
-                loss = F.cross_entropy(logits.flatten(0, 1), shift_labels.flatten(), ignore_index=-100)
+                loss = F.cross_entropy(logits.flatten(0, 1), shift_labels.flatten(), ignore_index=IGNORE_INDEX)
             logits = logits[..., : self.config.vocab_size]  # (B, T, V): a view, the padded columns never leave
         result = CausalLMOutputWithPast(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions,

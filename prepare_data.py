@@ -57,6 +57,7 @@ from urllib.parse import urlparse
 import numpy as np
 from tqdm import tqdm  # not tqdm.auto: a command-line tool, and tqdm.auto's asyncio import adds ~0.1 s to start-up
 
+from io_helpers import TEMPORARY_NAME_EXTRA_BYTES, first_line, write_json_atomic
 from token_shards import MANIFEST_NAME, ShardFormatError, file_sha256, list_shards, shard_name, to_token_array, write_shard
 from tokenization_gpt2repro import EOT_TOKEN_ID, get_tiktoken_encoding
 
@@ -336,7 +337,7 @@ def parquet_tasks(paths: list[str], column: str) -> Iterator[Task]:
                 raise no_column_error(path, column, parquet.schema_arrow.names)
             yield from some_documents(group_into_tasks(parquet_texts(parquet, path, column), given_texts), path, "no rows")
         except (pa.ArrowException, OSError) as error:
-            raise PrepareDataError(f"could not read {path}: {str(error).splitlines()[0]}") from None
+            raise PrepareDataError(f"could not read {path}: {first_line(error)}") from None
 
 
 def parquet_texts(parquet, path: str, column: str) -> Iterator[str]:
@@ -389,8 +390,7 @@ def dataset_documents(dataset, text_column: str, description: str, is_file: bool
     except Exception as error:  # pyarrow, json, unicode and fsspec errors all mean the same to the user
         if is_file and isinstance(error, UnicodeDecodeError):
             raise not_utf8_error(description) from None
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise PrepareDataError(f"could not read {description}: {message}") from None
+        raise PrepareDataError(f"could not read {description}: {first_line(error)}") from None
 
 
 # ----------------------------------------------------------------------------- tokenisation
@@ -560,10 +560,8 @@ def write_error(path: Path, error: OSError) -> PrepareDataError:
 
 
 def write_manifest(output_dir: Path, manifest: dict) -> None:
-    temporary = output_dir / (MANIFEST_NAME + ".tmp")
     try:
-        temporary.write_text(json.dumps(manifest, indent=1) + "\n")
-        os.replace(temporary, output_dir / MANIFEST_NAME)
+        write_json_atomic(output_dir / MANIFEST_NAME, manifest)
     except OSError as error:
         raise write_error(output_dir / MANIFEST_NAME, error) from None
 
@@ -689,7 +687,7 @@ def prefix_problem(prefix: str) -> str | None:
         return (f"ends like a shard name ({split_of(0)} or {split_of(1)}, optionally + _NUMBER), so that its shards' "
                 f"names would read as two splits ({shard_name(prefix, split_of(1), 1)}): "
                 + (f"drop that ending (--prefix {shorter})" if shorter else "choose another name"))
-    if len(shard_name(prefix, split_of(1), 1).encode()) + len(".tmp") > NAME_MAX_BYTES:
+    if len(shard_name(prefix, split_of(1), 1).encode()) + TEMPORARY_NAME_EXTRA_BYTES > NAME_MAX_BYTES:
         return f"is too long: shard names would pass the {NAME_MAX_BYTES} bytes a file name may have"
     return None
 

@@ -32,13 +32,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from io_helpers import atomic_write
+from tokenization_gpt2repro import EOT_TOKEN_ID, GPT2_VOCAB_SIZE, IGNORE_INDEX
 
 if TYPE_CHECKING:
     import torch
@@ -49,9 +51,6 @@ LLMC_HEADER_INTS = 256  # llm.c's header: 256 int32 = 1024 bytes
 LLMC_HEADER_BYTES = LLMC_HEADER_INTS * 4
 TOKEN_DTYPE = np.uint16  # GPT-2's 50257 ids fit in 16 bits, halving disk and memory against int32
 SHARD_SUFFIXES = (".npy", ".bin")
-IGNORE_INDEX = -100  # targets with this value are left out of the loss (torch cross_entropy's default)
-FILLER_TOKEN_ID = 50256  # <|endoftext|>, the input of validation filler positions (their targets are ignored)
-GPT2_VOCAB_SIZE = 50257  # token ids a shard may hold: 256 bytes + 50000 merges + <|endoftext|>
 MANIFEST_NAME = "manifest.json"  # written by prepare_data.py beside the shards it made
 
 
@@ -140,17 +139,16 @@ def to_token_array(token_ids) -> np.ndarray:
 
 
 def write_shard(path: str | Path, token_ids) -> str:
-    """Write a shard atomically (temporary file, fsync, rename) and return its sha256.
+    """Write a shard atomically (io_helpers.atomic_write) and return its sha256.
 
-    The format follows the suffix (`.npy` or llm.c's `.bin`). An interrupted write leaves only the
-    temporary `.tmp` file, which no loader lists, never a shard that looks whole but is not.
+    The format follows the suffix (`.npy` or llm.c's `.bin`). An interrupted write leaves no shard that looks whole
+    but is not: at most a temporary `.tmp` file, which no loader lists.
     """
     path = Path(path)
     tokens = to_token_array(token_ids)
     if path.suffix not in SHARD_SUFFIXES:
         raise ShardFormatError(f"shard name {path.name} must end in .npy or .bin")
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as f:
+    with atomic_write(path, "wb") as f:
         if path.suffix == ".bin":
             header = np.zeros(LLMC_HEADER_INTS, dtype="<i4")
             header[:3] = (LLMC_MAGIC, LLMC_VERSION, tokens.size)
@@ -158,9 +156,6 @@ def write_shard(path: str | Path, token_ids) -> str:
             f.write(tokens.astype("<u2", copy=False).tobytes())
         else:
             np.save(f, tokens)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
     return file_sha256(path)
 
 
@@ -365,7 +360,7 @@ def validation_batches(
     num_windows = -(-(num_tokens - 1) // seq_len)  # ceil: the last window may be partial
     windows_per_step = batch_size * world_size
     for step_start in range(0, num_windows, windows_per_step):
-        x = torch.full((batch_size, seq_len), FILLER_TOKEN_ID, dtype=torch.long)
+        x = torch.full((batch_size, seq_len), EOT_TOKEN_ID, dtype=torch.long)  # filler inputs: their targets are ignored
         y = torch.full((batch_size, seq_len), IGNORE_INDEX, dtype=torch.long)
         for row in range(batch_size):
             window = step_start + rank * batch_size + row

@@ -15,6 +15,9 @@ from pathlib import Path
 EOT_TOKEN = "<|endoftext|>"
 EOT_TOKEN_ID = 50256  # the last of GPT-2's 50257 ids: 256 bytes + 50000 merges + 1 special
 GPT2_VOCAB_SIZE = 50257
+IGNORE_INDEX = -100  # a target the loss skips (torch's cross_entropy default, transformers' label convention)
+# configuration_gpt2repro.py and modeling_gpt2repro.py spell 50256 and -100 themselves: they travel alone in the hf/
+# folders a checkpoint holds, where this module is not (tests/test_model.py checks that the numbers agree)
 GPT2_PRETOKENIZE_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 

@@ -16,58 +16,30 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import datetime
-import json
+import functools
 import math
 import os
-import re
-import shutil
-import signal
 import sys
-import tempfile
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import (InitProcessGroupKwargs, broadcast_object_list, is_tensorboard_available, is_wandb_available,
-                             set_seed)
+from accelerate.utils import InitProcessGroupKwargs, is_tensorboard_available, is_wandb_available, set_seed
 from tqdm.auto import tqdm
-from transformers.utils import logging as transformers_logging
 
 from configuration_gpt2repro import GPT2ReproConfig
-from eval_hellaswag import (HellaSwagFormatError, HellaSwagScoringError, HellaSwagUnavailable, evaluate_hellaswag,
-                            load_hellaswag)
+from eval_hellaswag import HellaSwagScoringError, evaluate_hellaswag
+from hardware import accelerate_device, peak_flops_per_device, pin_cpu_allocator, resolve_mixed_precision
 from modeling_gpt2repro import GPT2ReproForCausalLM
-from hardware import accelerate_device, resolve_mixed_precision
-from token_shards import ShardedTokenLoader, ShardFormatError, TokenStream, file_sha256, validation_batches
-from tokenization_gpt2repro import EOT_TOKEN_ID, get_tokenizer
+from token_shards import ShardedTokenLoader, ShardFormatError, TokenStream, validation_batches
+from tokenization_gpt2repro import EOT_TOKEN_ID, IGNORE_INDEX, get_tokenizer
+import training_infra as infra  # the plumbing: checkpoints, Hub pushes, metrics and plots, preemption
+from training_infra import TrainingError
 
-# Reference lines of the loss/HellaSwag plot (FineWeb-Edu val loss and HellaSwag acc_norm, see the README).
-GPT2_124M_VAL_LOSS = 3.2924
-GPT2_124M_HELLASWAG = 0.2955
-GPT3_124M_HELLASWAG = 0.337
 SAMPLE_PROMPT = "Hello, I'm a language model,"
 RECIPE_VAL_TOKENS = 20 * 64 * 1024 * 8  # 10,485,760: build-nanogpt's 20 val batches of 64 x 1024 on 8 GPUs
-CHECKPOINT_PREFIX = "step_"
-T = TypeVar("T")
-EXIT_PREEMPTED = 75  # sysexits.h's EX_TEMPFAIL: a temporary failure; the same command with --resume_from_checkpoint continues
-# Dense (no sparsity) peak FLOP/s of one GPU from NVIDIA's datasheets, for MFU, by --mixed_precision: "no" runs
-# fp32 matmuls as TF32 (half the bf16 rate). Matched in order as a substring of torch's device name, so the
-# PCIe and NVL cards come before "H100" (the SXM part, e.g. "NVIDIA H100 80GB HBM3"). "H200" also matches the
-# GH200 superchip ("NVIDIA GH200 480GB"), whose GPU has the H100/H200 SXM peaks.
-GPU_PEAK_FLOPS = {
-    "H200 NVL": {"bf16": 835e12, "no": 418e12},  # the datasheet's 1,671 / 835 TFLOPS are with sparsity
-    "H200": {"bf16": 989e12, "no": 495e12},  # SXM: 1,979 / 989 with sparsity
-    "H100 PCIe": {"bf16": 756e12, "no": 378e12},
-    "H100 NVL": {"bf16": 835e12, "no": 418e12},
-    "H100": {"bf16": 989e12, "no": 495e12},
-    "A100": {"bf16": 312e12, "no": 156e12},  # SXM and PCIe have the same peaks
-}
 
 # Every preset only changes defaults; any flag given on the command line wins.
 PRESETS = {
@@ -86,47 +58,15 @@ PRESETS = {
 }
 
 
-class TrainingError(RuntimeError):
-    """A problem the user can fix; main() prints the message as one line and exits with status 1."""
-
-
-class TrainingPreempted(Exception):
-    """A preemption signal reached the run; `checkpoint` holds the state at `step`."""
-
-    def __init__(self, step: int, checkpoint: Path, signal_name: str | None):
-        super().__init__(f"preempted at step {step}")
-        self.step, self.checkpoint, self.signal_name = step, checkpoint, signal_name
-
-
-class TrainingInterrupted(Exception):
-    """Ctrl-C during the training loop, at optimiser step `step`."""
-
-    def __init__(self, step: int):
-        super().__init__(f"interrupted at step {step}")
-        self.step = step
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Arguments
-
-
-def preset_as_flags(preset: dict) -> str:
-    return " ".join(f"--{key} {value}" if not isinstance(value, bool) else f"--{'' if value else 'no-'}{key}"
-                    for key, value in preset.items())
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except the unset ones (their help says what happens then)."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Train GPT-2 from scratch with Hugging Face Accelerate (defaults: build-nanogpt's 124M run).",
-        formatter_class=HelpFormatter,
-        epilog="presets: " + "; ".join(f"{name} = {preset_as_flags(preset)}" for name, preset in PRESETS.items()),
+        formatter_class=infra.HelpFormatter,
+        epilog="presets: " + "; ".join(f"{name} = {infra.preset_as_flags(preset)}" for name, preset in PRESETS.items()),
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), help="a named set of defaults; explicit flags still win")
     data = parser.add_argument_group("data and output")
@@ -192,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "or a checkpoint folder")
     ckpt.add_argument("--save_on_signals", default="SIGTERM,SIGUSR1",
                       help="signals on which every process finishes its step, a checkpoint is written and the run exits "
-                           f"with status {EXIT_PREEMPTED} (clusters send SIGTERM to preempt; SLURM's --signal sends SIGUSR1 "
+                           f"with status {infra.EXIT_PREEMPTED} (clusters send SIGTERM to preempt; SLURM's --signal sends SIGUSR1 "
                            "ahead of the time limit); 'none' leaves the signals' default action")
     ckpt.add_argument("--ddp_timeout", type=int, default=1800,
                       help="seconds a process waits in a collective (e.g. for rank 0 writing a checkpoint) before the "
@@ -219,52 +159,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) < 0:
             parser.error(f"--{name} must not be negative, got {getattr(args, name)}")
     try:
-        args.save_on_signals = parse_signals(args.save_on_signals)
+        args.save_on_signals = infra.parse_signals(args.save_on_signals)
     except ValueError as error:
         parser.error(f"--save_on_signals: {error}")
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id (e.g. your-name/gpt2-124m-repro)")
     return args
-
-
-def parse_signals(text: str) -> list[signal.Signals]:
-    """'SIGTERM,SIGUSR1' (or 'TERM,USR1') -> the signals; 'none' -> []."""
-    if text.strip().lower() == "none":
-        return []
-    found = []
-    for name in (part.strip().upper() for part in text.split(",") if part.strip()):
-        try:
-            found.append(signal.Signals[name if name.startswith("SIG") else "SIG" + name])
-        except KeyError:
-            raise ValueError(f"unknown signal {name!r}; name signals like SIGTERM,SIGUSR1, or 'none'") from None
-        if found[-1] in (signal.SIGKILL, signal.SIGSTOP):
-            raise ValueError(f"{found[-1].name} cannot be caught, so nothing can be saved on it")
-    return found
-
-
-class PreemptionWatch:
-    """Records a preemption signal in its handler; all ranks ask together, once per step, whether any got one, so
-    they stop at the same step (one small all-reduce per step, none when no signal is watched)."""
-
-    def __init__(self, signals: list[signal.Signals]):
-        self.signals, self.received = signals, None
-        self.previous = {sig: signal.signal(sig, self._record) for sig in signals}
-
-    def close(self) -> None:
-        """Give the signals back their handlers of before (train() may run inside a longer-lived process)."""
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def _record(self, signum: int, frame) -> None:
-        self.received = signal.Signals(signum).name
-
-    def requested(self, accelerator: Accelerator) -> bool:
-        if not self.signals:
-            return False
-        flag = torch.tensor(float(self.received is not None), device=accelerator.device)
-        if accelerator.num_processes > 1:
-            flag = accelerator.reduce(flag, reduction="sum")
-        return flag.item() > 0
 
 
 def gradient_accumulation_steps(total_batch_size: int, micro_batch_size: int, seq_len: int, world_size: int) -> int:
@@ -325,448 +225,31 @@ def configure_optimizer(model: torch.nn.Module, weight_decay: float, betas: tupl
     return torch.optim.AdamW(groups, lr=0.0, betas=betas, eps=eps, fused=fused)  # lr is set before every step
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Device helpers (small and guarded)
-
-
-def pin_cpu_allocator() -> None:
-    """Keep freed large blocks in glibc's heap instead of returning them to the OS on every step.
-
-    glibc serves blocks over 32 MB with mmap and unmaps them on free, so each training step page-faults its
-    activations back in (measured here: 0.5-1.7 s of a 2-3 s GPT-2 step). This is what MALLOC_MMAP_MAX_=0 and
-    a huge MALLOC_TRIM_THRESHOLD_ do, set at run time through mallopt(3).
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return  # not glibc (e.g. musl)
-    m_trim_threshold, m_mmap_max = -1, -4  # mallopt parameter numbers from glibc's malloc.h
-    libc.mallopt(m_mmap_max, 0)
-    libc.mallopt(m_trim_threshold, 2**31 - 1)  # an int: the largest threshold mallopt accepts
-
-
-def cpu_peak_flops() -> float | None:
-    """Theoretical fp32 peak of the cores this process computes on: threads x clock x FLOPs per cycle of the
-    vector FMA units torch uses (2 FMA units x 8 fp32 lanes x 2 FLOPs = 32 on AVX2, 16 lanes: 64 on AVX-512).
-    CPUs without AVX512-BF16/AMX run bf16 no faster than this."""
-    flops_per_cycle = {"AVX512": 64, "AVX2": 32}.get(torch.backends.cpu.get_cpu_capability(), 16)
-    try:
-        with open("/proc/cpuinfo") as f:
-            mhz = max(float(line.split(":")[1]) for line in f if line.startswith("cpu MHz"))
-    except (OSError, ValueError):  # not Linux, or no clock listed
-        return None
-    return torch.get_num_threads() * mhz * 1e6 * flops_per_cycle
-
-
-def peak_flops_per_device(device: torch.device, mixed_precision: str) -> float | None:
-    """A device's peak FLOP/s for MFU: the datasheet figure of known GPUs at `mixed_precision` ("no" or "bf16"),
-    the FMA peak on CPU, else None."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return next((peaks[mixed_precision] for key, peaks in GPU_PEAK_FLOPS.items() if key in name), None)
-    if device.type == "cpu":
-        return cpu_peak_flops()
-    return None
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Metrics: metrics.jsonl and the loss/HellaSwag plot
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
-
-
-class MetricsLog:
-    """metrics.jsonl: one JSON object per line, {"type": "train"|"eval", "step": ..., ...}; main process only.
-
-    A train record's step is the 0-based optimiser step it took; an eval record's step is the number of
-    optimiser steps done when it ran. On resume from step s the file keeps only what the checkpoint had
-    seen: train records before s and evals up to s.
-    """
-
-    def __init__(self, path: Path, resume_step: int | None):
-        self.path = path
-        records = []
-        if resume_step is not None and path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:  # the last line of a killed run may be cut short
-                    continue
-            records = [r for r in records if r["step"] < resume_step or (r["type"] == "eval" and r["step"] == resume_step)]
-        self.records = records
-        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
-
-    def append(self, record: dict) -> None:
-        self.records.append(record)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def latest(self, record_type: str) -> dict | None:
-        return next((r for r in reversed(self.records) if r["type"] == record_type), None)
-
-    def plot(self, path: Path) -> None:
-        """Train and val loss against GPT-2 124M's val loss; HellaSwag against GPT-2 and GPT-3 124M."""
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only, no display
-        import matplotlib.pyplot as plt
-
-        train = [r for r in self.records if r["type"] == "train"]
-        evals = [r for r in self.records if r["type"] == "eval"]
-        hellaswag = [r for r in evals if "hellaswag_acc_norm" in r]
-        fig, (ax_loss, ax_hs) = plt.subplots(1, 2, figsize=(14, 5), sharex=True)
-        ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], lw=0.8, label="train loss")
-        ax_loss.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val loss")
-        ax_loss.axhline(GPT2_124M_VAL_LOSS, color="r", ls="--", label=f"GPT-2 124M val loss ({GPT2_124M_VAL_LOSS})")
-        ax_loss.set(xlabel="step", ylabel="loss", yscale="log", title="loss")
-        ax_loss.legend()
-        ax_hs.plot([r["step"] for r in hellaswag], [r["hellaswag_acc_norm"] for r in hellaswag], "o-", label="this run")
-        if not hellaswag:
-            ax_hs.text(0.5, 0.5, "not evaluated in this run", transform=ax_hs.transAxes, ha="center")
-        ax_hs.axhline(GPT2_124M_HELLASWAG, color="r", ls="--", label=f"GPT-2 124M ({GPT2_124M_HELLASWAG})")
-        ax_hs.axhline(GPT3_124M_HELLASWAG, color="g", ls="--", label=f"GPT-3 124M ({GPT3_124M_HELLASWAG})")
-        ax_hs.set(xlabel="step", ylabel="acc_norm", title="HellaSwag")
-        ax_hs.legend(loc="lower right")
-        fig.tight_layout()
-        temporary = path.with_name("tmp_" + path.name)  # keeps the .png suffix matplotlib reads the format from
-        fig.savefig(temporary, dpi=100)
-        plt.close(fig)
-        os.replace(temporary, path)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The Hub
-
-
-class HubPusher:
-    """Uploads model folders to a Hub repository in a background thread, so training never waits for it.
-
-    The constructor checks the token and that the Hub is reachable (whoami, create_repo), so a long run
-    fails before step 0 rather than at its end. Upload failures are reported, not fatal.
-    """
-
-    def __init__(self, repo_id: str):
-        from huggingface_hub import HfApi
-
-        self.api = HfApi()
-        self.repo_id = repo_id
-        try:
-            self.api.whoami()
-        except Exception as error:
-            raise TrainingError(
-                f"--push_to_hub needs a Hugging Face token and a reachable Hub (run `hf auth login` or set HF_TOKEN): "
-                f"{_first_line(error)}"
-            ) from None
-        try:
-            self.api.create_repo(repo_id, repo_type="model", exist_ok=True)
-        except Exception as error:
-            raise TrainingError(f"cannot create or access the Hub repository {repo_id}: {_first_line(error)}") from None
-        self.executor = ThreadPoolExecutor(max_workers=1)  # uploads run in order, one at a time
-        self.uploads: dict[Path, Future] = {}
-
-    def push(self, folder: Path, commit_message: str) -> None:
-        self.uploads[folder] = self.executor.submit(
-            self.api.upload_folder, repo_id=self.repo_id, folder_path=str(folder), commit_message=commit_message
-        )
-
-    def cancel_queued(self) -> None:
-        """Drop the uploads not started yet (one already running cannot be stopped)."""
-        self.executor.shutdown(wait=False, cancel_futures=True)
-
-    def busy(self, folder: Path) -> bool:
-        """Whether `folder` is still queued or uploading."""
-        future = self.uploads.get(folder)
-        return future is not None and not future.done()
-
-    def wait(self, folder: Path | None = None) -> list[str]:
-        """Wait for the upload of `folder` (all uploads when None); returns one message per failed upload."""
-        failures = []
-        for path in [folder] if folder is not None else list(self.uploads):
-            future = self.uploads.pop(path, None)
-            if future is not None and future.exception() is not None:
-                failures.append(f"upload of {path} to {self.repo_id} failed: {_first_line(future.exception())}")
-        return failures
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (temporary folders of interrupted writes are skipped)."""
-    root = output_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    # Exactly step_NNNNNN: temporary folders and the user's own copies (step_000006_backup) are not checkpoints.
-    found = [p for p in root.iterdir() if p.is_dir() and re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name)]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
-
-
-def write_model_card(folder: Path, args: argparse.Namespace, step: int, tokens_seen: int, metrics: MetricsLog) -> None:
-    last_train, last_eval = metrics.latest("train"), metrics.latest("eval")
-    rows = [("optimiser steps", f"{step}"), ("tokens seen", f"{tokens_seen:,}")]
-    if last_train:
-        rows.append(("train loss (last step)", f"{last_train['loss']:.4f}"))
-    if last_eval:
-        rows.append((f"val loss ({args.val_tokens:,} tokens, step {last_eval['step']})", f"{last_eval['val_loss']:.4f}"))
-        if "hellaswag_acc_norm" in last_eval:
-            rows.append((f"HellaSwag acc_norm ({last_eval['hellaswag_count']} examples)", f"{last_eval['hellaswag_acc_norm']:.4f}"))
-    table = "\n".join(f"| {name} | {value} |" for name, value in rows)
-    repo = args.hub_model_id or "path/to/this/folder"
-    card = f"""---
-library_name: transformers
-license: mit
-tags: [gpt2, gpt2repro, causal-lm, from-scratch]
----
-
-# gpt2repro: GPT-2 trained from scratch
-
-A GPT-2 ({args.n_layer} layers, {args.n_head} heads, width {args.n_embd}, context {args.seq_len}) trained with
-`train_accelerate.py` of gpt2repro on the token shards of `{args.data_dir}`.
-
-| | |
-|---|---|
-{table}
-
-Reference: GPT-2 124M scores val loss {GPT2_124M_VAL_LOSS} on FineWeb-Edu and HellaSwag acc_norm {GPT2_124M_HELLASWAG};
-GPT-3 124M scores HellaSwag {GPT3_124M_HELLASWAG}.
-
-Recipe: {args.total_batch_size:,} tokens per step, micro-batch {args.micro_batch_size} x {args.seq_len}, AdamW
-(betas {args.beta1}, {args.beta2}, eps {args.adam_eps}, weight decay {args.weight_decay} on matrices), LR
-{args.max_lr} -> {args.min_lr} (warmup {args.warmup_steps}, cosine to step {args.max_steps}), grad clip
-{args.grad_clip}, mixed precision {args.mixed_precision}, seed {args.seed}.
-
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-model = AutoModelForCausalLM.from_pretrained("{repo}", trust_remote_code=True)
-tokenizer = AutoTokenizer.from_pretrained("{repo}")
-```
-"""
-    (folder / "README.md").write_text(card)
-
-
-def save_hf_folder(model: GPT2ReproForCausalLM, tokenizer, folder: Path, args: argparse.Namespace, step: int,
-                   tokens_seen: int, metrics: MetricsLog) -> None:
-    """A folder `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` loads: weights, config with
-    auto_map, the model code, tokenizer, generation config and a model card."""
-    model.generation_config.update(do_sample=True, top_k=args.top_k, max_new_tokens=args.sample_tokens,
-                                   pad_token_id=EOT_TOKEN_ID)
-    bar_was_enabled = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()  # its one-file "Writing model shards" bar would break the training bar
-    try:
-        model.save_pretrained(folder, safe_serialization=True)
-    finally:
-        if bar_was_enabled:
-            transformers_logging.enable_progress_bar()
-    tokenizer.save_pretrained(folder)
-    write_model_card(folder, args, step, tokens_seen, metrics)
-
-
-def save_checkpoint(accelerator: Accelerator, model, tokenizer, train_loader: ShardedTokenLoader, step: int,
-                    args: argparse.Namespace, metrics: MetricsLog | None, pusher: HubPusher | None,
-                    evaluated: bool = True) -> Path:
-    """Write checkpoints/step_NNNNNN/ = training_state/ (Accelerate's state: weights, optimiser, RNG of every rank),
-    loader_rank{r}.json, trainer_state.json and hf/ (the model folder). Everything goes to a temporary folder
-    first and is renamed into place, then older checkpoints beyond --keep_checkpoints are removed.
-    `evaluated`: whether step's evaluation (if one is due) is done; a run resumed from here does it otherwise."""
-    root = Path(args.output_dir) / "checkpoints"
-    final = root / f"{CHECKPOINT_PREFIX}{step:06d}"
-    temporary = root / f"tmp_{final.name}"
-    if accelerator.is_main_process:
-        shutil.rmtree(temporary, ignore_errors=True)  # left over by a killed run
-        temporary.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(temporary / "training_state"))
-    write_json_atomic(temporary / f"loader_rank{accelerator.process_index}.json", train_loader.state_dict())
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        tokens_seen = step * args.total_batch_size
-        write_json_atomic(temporary / "trainer_state.json",
-                          {"step": step, "tokens_seen": tokens_seen, "world_size": accelerator.num_processes,
-                           "evaluated": evaluated, "args": vars(args), "files": describe_checkpoint_files(temporary)})
-        unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
-        save_hf_folder(unwrapped, tokenizer, temporary / "hf", args, step, tokens_seen, metrics)
-        if final.exists():  # written before by a run this one resumed from an earlier checkpoint of
-            shutil.rmtree(final)
-        os.replace(temporary, final)
-        prune_checkpoints(Path(args.output_dir), args.keep_checkpoints, pusher)
-        if pusher is not None:
-            pusher.push(final / "hf", f"step {step}: {tokens_seen:,} tokens")
-    accelerator.wait_for_everyone()
-    return final
-
-
-# Files up to this size (RNG states, loader positions) are checksummed in trainer_state.json; larger ones (weights,
-# optimiser state) only have their size recorded, which catches truncation without hashing gigabytes at every save.
-CHECKSUMMED_FILE_BYTES = 1 << 20
-
-
-def describe_checkpoint_files(folder: Path) -> dict[str, dict]:
-    """{relative path: {"bytes", "sha256" for small files}} of what a resume reads: training_state/ and the loaders."""
-    described = {}
-    for path in sorted([*folder.glob("training_state/**/*"), *folder.glob("loader_rank*.json")]):
-        if path.is_file():
-            size = path.stat().st_size
-            described[str(path.relative_to(folder))] = (
-                {"bytes": size, "sha256": file_sha256(path)} if size <= CHECKSUMMED_FILE_BYTES else {"bytes": size})
-    return described
-
-
-def checkpoint_problem(folder: Path) -> str | None:
-    """Why `folder` cannot be resumed from, in words naming the file; None when it is whole."""
-    state_file = folder / "trainer_state.json"
-    try:
-        state = json.loads(state_file.read_text())
-        int(state["step"])
-    except FileNotFoundError:
-        return "it has no trainer_state.json (not a checkpoint folder)"
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        return f"{state_file} is unreadable ({_first_line(error)})"
-    for name, recorded in state.get("files", {}).items():  # checkpoints written before the file list: unchecked
-        path = folder / name
-        if not path.is_file():
-            return f"{path} is missing"
-        if path.stat().st_size != recorded["bytes"]:
-            return f"{path} is {path.stat().st_size} bytes but was {recorded['bytes']} when written (truncated?)"
-        if "sha256" in recorded and file_sha256(path) != recorded["sha256"]:
-            return f"{path} changed since it was written (its sha256 differs)"
-    return None
-
-
-def prune_checkpoints(output_dir: Path, keep: int, pusher: HubPusher | None) -> None:
-    """Remove all but the newest `keep` checkpoints, except those still uploading: they go at a later checkpoint or
-    at the end. Rank 0 must never wait for the network here, while the other ranks wait for it in a barrier (an
-    upload slower than the process-group timeout would abort the job)."""
-    for old in list_checkpoints(output_dir)[:-keep]:
-        if pusher is not None:
-            if pusher.busy(old / "hf"):
-                continue
-            for failure in pusher.wait(old / "hf"):  # done: only collects its outcome
-                tqdm.write(f"warning: {failure}")
-        shutil.rmtree(old)
-
-
-def find_resume_checkpoint(args: argparse.Namespace, notify: bool) -> Path | None:
-    """The checkpoint to resume from: the named one, or with `latest` the newest whole one in --output_dir (None:
-    a fresh start). A damaged checkpoint is one error line naming its bad file; `latest` falls back past it."""
-    if args.resume_from_checkpoint is None:
-        return None
-    if args.resume_from_checkpoint == "latest":
-        checkpoints = list_checkpoints(Path(args.output_dir))
-        for checkpoint in reversed(checkpoints):
-            problem = checkpoint_problem(checkpoint)
-            if problem is None:
-                return checkpoint
-            if notify:
-                tqdm.write(f"notice: skipping checkpoint {checkpoint}: {problem}")
-        if checkpoints:
-            raise TrainingError(f"no checkpoint in {Path(args.output_dir) / 'checkpoints'} can be resumed from (see the "
-                                f"notices above); move them away to start afresh")
-        return None
-    path = Path(args.resume_from_checkpoint)
-    problem = checkpoint_problem(path)
-    if problem is not None:
-        raise TrainingError(f"cannot resume from --resume_from_checkpoint {path}: {problem}")
-    return path
-
-
-def choose_resume_checkpoint(args: argparse.Namespace, output_dir: Path) -> Path | None:
-    """Rank 0's choice of where to start (see find_resume_checkpoint and check_resume). Checkpoints of this run newer
-    than the one resumed from (damaged, or a line of training the user went back from) are renamed out of the way:
-    rotation would otherwise keep them and delete the new ones, and a later `latest` would pick them."""
-    resume_from = find_resume_checkpoint(args, notify=True)
-    check_resume(args, resume_from, output_dir)
-    if resume_from is not None and resume_from.resolve().parent == (output_dir / "checkpoints").resolve():
-        for newer in list_checkpoints(output_dir):
-            if int(newer.name[len(CHECKPOINT_PREFIX):]) > int(resume_from.name[len(CHECKPOINT_PREFIX):]):
-                set_aside = newer.with_name(f"abandoned_{newer.name}_{time.strftime('%Y%m%d-%H%M%S')}")
-                os.replace(newer, set_aside)
-                tqdm.write(f"notice: {newer} is newer than {resume_from}; moved to {set_aside}")
-    return resume_from
-
-
-def check_resume(args: argparse.Namespace, resume_from: Path | None, output_dir: Path) -> None:
-    """Refuse what would overwrite another run or silently do nothing."""
-    checkpoints = list_checkpoints(output_dir)
-    if resume_from is None:
-        if checkpoints:
-            raise TrainingError(f"{output_dir} already holds checkpoints: continue with --resume_from_checkpoint latest "
-                                f"or choose another --output_dir")
-        return
-    own = resume_from.resolve().parent == (output_dir / "checkpoints").resolve()
-    if not own and (checkpoints or (output_dir / "metrics.jsonl").exists()):
-        raise TrainingError(f"--output_dir {output_dir} holds another run's checkpoints or metrics, which resuming "
-                            f"{resume_from} there would overwrite: resume into an empty --output_dir")
-    state = json.loads((resume_from / "trainer_state.json").read_text())
-    saved = state.get("args", {})
-    shape = ("n_layer", "n_head", "n_embd", "seq_len")
-    changed = [f"--{k} {getattr(args, k)} (checkpoint: {saved[k]})" for k in shape if k in saved and saved[k] != getattr(args, k)]
-    if changed:
-        raise TrainingError(f"cannot resume from {resume_from}: the model shape differs: {', '.join(changed)}; "
-                            f"pass the checkpoint's values")
-    if state["step"] > args.max_steps:
-        raise TrainingError(f"{resume_from} is at step {state['step']}, beyond --max_steps {args.max_steps}: raise "
-                            f"--max_steps to train on")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Evaluation
-
-
-def load_hellaswag_examples(args: argparse.Namespace, notify: bool) -> list[dict] | None:
-    """HellaSwag's validation examples, or None (with one notice) when no data was named and none is found."""
-    if not args.hellaswag:
-        return None
-    try:
-        return load_hellaswag(args.hellaswag_file)
-    except HellaSwagFormatError as error:
-        raise TrainingError(f"--hellaswag_file: {error}") from None
-    except HellaSwagUnavailable as error:
-        if args.hellaswag_file:  # asked for by name: a typo must not cost a long run its HellaSwag curve
-            raise TrainingError(str(error)) from None
-        if notify:  # the loader's own hint names eval_hellaswag's flag, so training says it in its own words
-            tqdm.write("notice: HellaSwag is skipped: its data is neither cached nor downloadable from here; pass "
-                       "--hellaswag_file with a local HellaSwag val jsonl or parquet file (--no-hellaswag silences this)")
-        return None
-
-
-def decided_on_rank0(accelerator: Accelerator, decide: Callable[[], T]) -> T:
-    """`decide()` run on rank 0 alone, its result (or TrainingError) given to every rank: a decision each rank made
-    for itself could differ (files seen differently, a network on one node only), and ranks that went different
-    ways would wait for each other in a collective until the process-group timeout."""
-    outcome: list = [None]
-    if accelerator.is_main_process:
-        try:
-            outcome[0] = ("value", decide())
-        except TrainingError as error:
-            outcome[0] = ("error", str(error))
-        except BaseException as error:  # a bug: the other ranks stop with a pointer, rank 0 with the traceback
-            outcome[0] = ("crash", f"rank 0 failed with {type(error).__name__}: {_first_line(error)}")
-            if accelerator.num_processes > 1:
-                broadcast_object_list(outcome, from_process=0)
-            raise
-    if accelerator.num_processes > 1:
-        broadcast_object_list(outcome, from_process=0)
-    kind, value = outcome[0]
-    if kind != "value":
-        raise TrainingError(value)
-    return value
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, accelerator: Accelerator,
+               train_loader: ShardedTokenLoader, grad_accum: int, grad_clip: float) -> tuple[float, float]:
+    """One optimiser step: `grad_accum` micro-batches of forward and backward, gradients clipped to `grad_clip`, then
+    the update at the LR already set in `optimizer`. Returns (the loss, averaged over micro-batches and processes; the
+    gradient norm before clipping). When either is not finite the weights are left as they were."""
+    device = accelerator.device
+    step_loss = torch.zeros((), device=device)
+    for micro_step in range(grad_accum):
+        x, y = train_loader.next_batch()  # (B, T) each
+        if device.type == "cuda":  # page-locked, so the copy below really runs beside the compute
+            x, y = x.pin_memory(), y.pin_memory()
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        # DDP all-reduces gradients on the last micro-step only; the choice is made before the forward.
+        last_micro_step = micro_step == grad_accum - 1
+        with contextlib.nullcontext() if last_micro_step else accelerator.no_sync(model):
+            loss = model(input_ids=x, shift_labels=y, return_logits=False).loss
+            loss = loss / grad_accum  # the step's loss is the mean over its micro-batches, not their sum
+            step_loss += loss.detach()
+            accelerator.backward(loss)
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip).item()
+    step_loss = accelerator.reduce(step_loss, reduction="mean").item()  # averaged over processes, for the log
+    if math.isfinite(step_loss) and math.isfinite(grad_norm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss, grad_norm
 
 
 @torch.no_grad()
@@ -784,7 +267,7 @@ def evaluate(accelerator: Accelerator, model: GPT2ReproForCausalLM, tokenizer, a
                                  accelerator.process_index, accelerator.num_processes)
     with accelerator.autocast():
         for x, y in batches:
-            count = int((y != -100).sum())
+            count = int((y != IGNORE_INDEX).sum())
             if count == 0:  # a filler batch: ranks yield equally many batches, some have nothing left to score
                 continue
             loss = model(input_ids=x.to(device), shift_labels=y.to(device), return_logits=False).loss
@@ -820,34 +303,12 @@ def evaluate(accelerator: Accelerator, model: GPT2ReproForCausalLM, tokenizer, a
 # Training
 
 
-def check_output_dir(output_dir: Path) -> None:
-    """--output_dir must be a folder this process can write, checked before anything is computed."""
-    if output_dir.exists() and not output_dir.is_dir():
-        raise TrainingError(f"--output_dir {output_dir} is a file, not a folder")
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=output_dir).close()
-    except OSError as error:
-        raise TrainingError(f"--output_dir {output_dir} is not writable: {error.strerror or error}") from None
-
-
-def prepare_demo_data(accelerator: Accelerator, args: argparse.Namespace) -> None:
-    """The demo's data folder is built from the embedded corpus the first time (main process; others wait)."""
-    with accelerator.main_process_first():
-        if accelerator.is_main_process and not any(Path(args.data_dir).glob("*train*")):
-            import prepare_data
-
-            tqdm.write(f"preparing the embedded corpus in {args.data_dir} ...")
-            prepare_data.main(["--dataset", "embedded", "--output_dir", args.data_dir])
-
-
-def train(args: argparse.Namespace) -> Path:
-    """Run the whole training; returns the final checkpoint folder."""
+def build_accelerator(args: argparse.Namespace) -> tuple[Accelerator, str]:
+    """The Accelerator of this run, with `auto` precision resolved for its device; and the line saying which."""
     if args.report_to in ("tensorboard", "all") and not is_tensorboard_available():
         raise TrainingError("--report_to tensorboard needs the tensorboard package: pip install tensorboard")
     if args.report_to == "wandb" and not is_wandb_available():
         raise TrainingError("--report_to wandb needs the wandb package: pip install wandb")
-    # The device decides what `auto` means.
     process_group = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=args.ddp_timeout))
     args.mixed_precision, precision_line = resolve_mixed_precision(  # to_kwargs() would drop a timeout equal to
         args.mixed_precision, accelerate_device(timeout=process_group.timeout))  # its default, leaving torch's
@@ -855,27 +316,35 @@ def train(args: argparse.Namespace) -> Path:
                               log_with=None if args.report_to == "none" else args.report_to,
                               dynamo_backend="inductor" if args.compile else None,  # None: the launch config decides
                               kwargs_handlers=[process_group])
+    if accelerator.gradient_accumulation_steps != 1:  # accelerator.backward would divide the loss a second time
+        grad_accum = gradient_accumulation_steps(args.total_batch_size, args.micro_batch_size, args.seq_len,
+                                                 accelerator.num_processes)
+        raise TrainingError(f"this script derives gradient accumulation from --total_batch_size ({grad_accum} "
+                            f"micro-steps per step here): drop accelerate launch's --gradient_accumulation_steps "
+                            f"{accelerator.gradient_accumulation_steps}")
+    if accelerator.device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # fp32 matmuls outside autocast run as TF32 (~3x on A100)
+    elif accelerator.device.type == "cpu":
+        pin_cpu_allocator()
+    return accelerator, precision_line
+
+
+def train(args: argparse.Namespace) -> Path:
+    """Run the whole training; returns the final checkpoint folder."""
+    accelerator, precision_line = build_accelerator(args)
     device, rank, world_size = accelerator.device, accelerator.process_index, accelerator.num_processes
     is_main = accelerator.is_main_process
     grad_accum = gradient_accumulation_steps(args.total_batch_size, args.micro_batch_size, args.seq_len, world_size)
-    if accelerator.gradient_accumulation_steps != 1:  # accelerator.backward would divide the loss a second time
-        raise TrainingError(f"this script derives gradient accumulation from --total_batch_size ({grad_accum} micro-steps "
-                            f"per step here): drop accelerate launch's --gradient_accumulation_steps "
-                            f"{accelerator.gradient_accumulation_steps}")
     try:
         config = GPT2ReproConfig(n_positions=args.seq_len, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
     except ValueError as error:  # e.g. --n_embd not divisible by --n_head
         raise TrainingError(str(error)) from None
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")  # fp32 matmuls outside autocast run as TF32 (~3x on A100)
-    elif device.type == "cpu":
-        pin_cpu_allocator()
 
     output_dir = Path(args.output_dir)
-    check_output_dir(output_dir)
-    resume_from = decided_on_rank0(accelerator, lambda: choose_resume_checkpoint(args, output_dir))
+    infra.check_output_dir(output_dir)
+    resume_from = infra.decided_on_rank0(accelerator, lambda: infra.choose_resume_checkpoint(args, output_dir))
     if args.preset == "cpu-demo":
-        prepare_demo_data(accelerator, args)
+        infra.prepare_demo_data(accelerator, args)
     try:  # both splits are checked now, not at the first evaluation
         choose_val_tokens(args, notify=is_main)
         next(validation_batches(args.data_dir, args.eval_batch_size, args.seq_len, args.val_tokens,
@@ -886,11 +355,11 @@ def train(args: argparse.Namespace) -> Path:
     except ValueError as error:  # ShardFormatError included: missing or corrupt shards, too few val tokens
         raise TrainingError(str(error)) from None
     pushers = []  # rank 0's, checked now rather than at the end; its failure stops every rank alike
-    decided_on_rank0(accelerator, lambda: pushers.append(HubPusher(args.hub_model_id)) if args.push_to_hub else None)
+    infra.decided_on_rank0(accelerator, lambda: pushers.append(infra.HubPusher(args.hub_model_id)) if args.push_to_hub else None)
     pusher = pushers[0] if pushers else None
     # Every rank scores its share of what rank 0 found: ranks deciding alone could disagree (a node without the file
     # and the network) and leave the others waiting in the scoring's collectives.
-    hellaswag_examples = decided_on_rank0(accelerator, lambda: load_hellaswag_examples(args, notify=True))
+    hellaswag_examples = infra.decided_on_rank0(accelerator, lambda: infra.load_hellaswag_examples(args, notify=True))
     tokenizer = get_tokenizer()
 
     set_seed(args.seed)  # the same initial weights on every process
@@ -901,34 +370,10 @@ def train(args: argparse.Namespace) -> Path:
     optimizer = configure_optimizer(model, args.weight_decay, (args.beta1, args.beta2), args.adam_eps, device.type)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)  # for evaluation, sampling and saving
-
     start_step, start_evaluated = 0, False
     if resume_from is not None:
-        trainer_state = json.loads((resume_from / "trainer_state.json").read_text())
-        if trainer_state["world_size"] != world_size and is_main:
-            tqdm.write(f"notice: {resume_from} was written by {trainer_state['world_size']} processes and this launch "
-                       f"has {world_size}: the run continues from the same weights, optimiser state and data position, "
-                       f"but is no longer bitwise the run it would have been")
-        try:
-            accelerator.load_state(str(resume_from / "training_state"))
-        except Exception as error:  # whatever torch, safetensors or pickle raise on a damaged file
-            raise TrainingError(f"cannot load {resume_from / 'training_state'}: {_first_line(error)}") from None
-        loader_file = resume_from / f"loader_rank{rank}.json"
-        if not loader_file.exists():  # a rank the checkpoint did not have: every rank saved the same window index
-            loader_file = resume_from / "loader_rank0.json"
-        try:
-            train_loader.load_state_dict(json.loads(loader_file.read_text()))
-        except ValueError as error:  # another data folder, sequence length, shuffle or seed
-            raise TrainingError(f"cannot resume from {resume_from}: {error}") from None
-        start_step = trainer_state["step"]
-        start_evaluated = trainer_state.get("evaluated", True)
-        if start_step == args.max_steps and is_main:
-            tqdm.write(f"notice: {resume_from} is already at --max_steps {args.max_steps}: nothing to train (raise "
-                       f"--max_steps to train on)")
-    metrics = None
-    if is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        metrics = MetricsLog(output_dir / "metrics.jsonl", start_step if resume_from is not None else None)
+        start_step, start_evaluated = infra.load_checkpoint(accelerator, resume_from, train_loader, args.max_steps)
+    metrics = infra.MetricsLog(output_dir / "metrics.jsonl", start_step if resume_from else None) if is_main else None
     if args.report_to != "none":
         accelerator.init_trackers("gpt2repro", config={k: v for k, v in vars(args).items() if v is not None})
     peak_flops = args.peak_flops or peak_flops_per_device(device, args.mixed_precision)
@@ -938,38 +383,27 @@ def train(args: argparse.Namespace) -> Path:
                    f"{device.type} | {grad_accum} micro-steps of {args.micro_batch_size} x {args.seq_len} per step "
                    f"= {args.total_batch_size:,} tokens | mixed precision {args.mixed_precision}"
                    + (f" | resuming at step {start_step} from {resume_from}" if resume_from else ""))
+    save = functools.partial(infra.save_checkpoint, accelerator, model, tokenizer, train_loader, args=args, metrics=metrics)
 
     progress = tqdm(total=args.max_steps, initial=start_step, disable=not is_main, desc="training", dynamic_ncols=True)
     final_checkpoint = None
-    preemption = PreemptionWatch(args.save_on_signals)
+    preemption = infra.PreemptionWatch(args.save_on_signals)
     step = start_step
     try:
         for step in range(start_step, args.max_steps + 1):
             if preemption.requested(accelerator):  # first: a grace period may not cover this step's evaluation
                 if pusher is not None:
                     pusher.cancel_queued()  # the process waits for queued uploads before it exits
-                if step == start_step and resume_from is not None and \
-                        resume_from.resolve().parent == (output_dir / "checkpoints").resolve():
-                    final_checkpoint = resume_from  # the state of this very step
-                else:
-                    final_checkpoint = save_checkpoint(accelerator, model, tokenizer, train_loader, step, args, metrics,
-                                                       None, evaluated=False)
-                raise TrainingPreempted(step, final_checkpoint, preemption.received)
+                at_resume_point = step == start_step and resume_from is not None and infra.in_run(resume_from, output_dir)
+                final_checkpoint = resume_from if at_resume_point else save(step, pusher=None, evaluated=False)
+                raise infra.TrainingPreempted(step, final_checkpoint, preemption.received)
             # Evaluation at step s sees the weights after s optimiser steps; a resumed run has had its eval at s,
             # unless its checkpoint was written on preemption, before that eval.
             if (step % args.eval_every == 0 or step == args.max_steps) and not (step == start_step and start_evaluated):
                 result = evaluate(accelerator, raw_model, tokenizer, args, hellaswag_examples)
-                if is_main:
-                    metrics.append({"type": "eval", "step": step, **result})
-                    metrics.plot(output_dir / "loss.png")
-                    lines = [f"step {step}: val loss {result['val_loss']:.4f}"]
-                    if "hellaswag_acc_norm" in result:
-                        lines[0] += f", HellaSwag acc_norm {result['hellaswag_acc_norm']:.4f} ({result['hellaswag_count']} examples)"
-                    lines += [f"  sample: {text!r}" for text in result.get("samples", [])]
-                    tqdm.write("\n".join(lines))
-                accelerator.log({f"eval/{k}": v for k, v in result.items() if k != "samples"}, step=step)
+                infra.log_evaluation(accelerator, metrics, step, result, output_dir / "loss.png")
             if step > start_step and (step % args.checkpoint_every == 0 or step == args.max_steps):
-                final_checkpoint = save_checkpoint(accelerator, model, tokenizer, train_loader, step, args, metrics, pusher)
+                final_checkpoint = save(step, pusher=pusher)
             if step == args.max_steps:
                 break
 
@@ -977,44 +411,22 @@ def train(args: argparse.Namespace) -> Path:
             lr = get_lr(step, args.max_lr, args.min_lr, args.warmup_steps, args.max_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            step_loss = torch.zeros((), device=device)
-            for micro_step in range(grad_accum):
-                x, y = train_loader.next_batch()  # (B, T) each
-                if device.type == "cuda":  # page-locked, so the copy below really runs beside the compute
-                    x, y = x.pin_memory(), y.pin_memory()
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                # DDP all-reduces gradients on the last micro-step only; the choice is made before the forward.
-                last_micro_step = micro_step == grad_accum - 1
-                with contextlib.nullcontext() if last_micro_step else accelerator.no_sync(model):
-                    loss = model(input_ids=x, shift_labels=y, return_logits=False).loss
-                    loss = loss / grad_accum  # the step's loss is the mean over its micro-batches, not their sum
-                    step_loss += loss.detach()
-                    accelerator.backward(loss)
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
-            step_loss = accelerator.reduce(step_loss, reduction="mean").item()  # averaged over processes, for the log
-            grad_norm = grad_norm.item()
-            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
-                last_good = list_checkpoints(output_dir)
-                raise TrainingError(
-                    f"step {step}: loss {step_loss} / grad norm {grad_norm} is not finite; stopped without updating the "
-                    f"weights. Last good checkpoint: {last_good[-1] if last_good else 'none yet'} (try a lower --max_lr)"
-                )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step_time = time.perf_counter() - start  # .item() above waited for the device
+            loss, grad_norm = train_step(model, optimizer, accelerator, train_loader, grad_accum, args.grad_clip)
+            infra.check_finite(step, loss, grad_norm, output_dir)
+            step_time = time.perf_counter() - start  # .item() in train_step waited for the device
             tokens_per_sec = args.total_batch_size / step_time
-            record = {"type": "train", "step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
+            record = {"type": "train", "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                       "step_time": step_time, "tokens_per_sec": tokens_per_sec}
             if peak_flops:
                 record["mfu"] = flops_per_token * tokens_per_sec / (peak_flops * world_size)
             if is_main:
                 metrics.append(record)
                 progress.update(1)
-                progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", norm=f"{grad_norm:.3f}",
+                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", norm=f"{grad_norm:.3f}",
                                      tok_s=f"{tokens_per_sec:,.0f}", mfu=f"{record.get('mfu', float('nan')):.1%}")
             accelerator.log({f"train/{k}": v for k, v in record.items() if k not in ("type", "step")}, step=step)
     except KeyboardInterrupt:  # Ctrl-C: one line in main(), naming where the run can continue from
-        raise TrainingInterrupted(step) from None
+        raise infra.TrainingInterrupted(step, output_dir) from None
     finally:
         progress.close()  # ends the bar's line, so that an error message gets a line of its own
         preemption.close()
@@ -1022,7 +434,7 @@ def train(args: argparse.Namespace) -> Path:
         tqdm.write(f"waiting for the uploads to {args.hub_model_id} to finish ...")
         for failure in pusher.wait():
             tqdm.write(f"warning: {failure}")
-        prune_checkpoints(output_dir, args.keep_checkpoints, None)  # those kept while they uploaded
+        infra.prune_checkpoints(output_dir, args.keep_checkpoints, None)  # those kept while they uploaded
     accelerator.end_training()
     if is_main and final_checkpoint is not None:
         tqdm.write(f"done: model folder {final_checkpoint / 'hf'}")
@@ -1036,20 +448,12 @@ def main(argv: list[str] | None = None) -> None:
     except (TrainingError, ShardFormatError) as error:  # a shard may turn out corrupt mid-run
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
-    except TrainingPreempted as preempted:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"preempted{f' by {preempted.signal_name}' if preempted.signal_name else ''} at step {preempted.step}: "
-                  f"checkpoint {preempted.checkpoint} written; continue with the same command and "
-                  f"--resume_from_checkpoint latest", file=sys.stderr)
-        sys.exit(EXIT_PREEMPTED)
-    except (KeyboardInterrupt, TrainingInterrupted) as interruption:
-        interrupted_at = interruption.step if isinstance(interruption, TrainingInterrupted) else None
+    except (infra.TrainingPreempted, infra.TrainingInterrupted, KeyboardInterrupt) as stop:
+        if isinstance(stop, KeyboardInterrupt):  # Ctrl-C before the training loop
+            stop = infra.TrainingInterrupted(None, Path(args.output_dir))
         if os.environ.get("RANK", "0") == "0":  # one line for the whole job, not one per process
-            checkpoints = list_checkpoints(Path(args.output_dir))
-            print(f"interrupted{f' at step {interrupted_at}' if interrupted_at is not None else ' before training'}; "
-                  f"continue with the same command and --resume_from_checkpoint latest "
-                  f"(from {checkpoints[-1] if checkpoints else 'the start: no checkpoint yet'})", file=sys.stderr)
-        sys.exit(130)  # 128 + SIGINT, the shell's convention
+            print(stop, file=sys.stderr)
+        sys.exit(stop.exit_code)
 
 
 if __name__ == "__main__":

@@ -36,12 +36,10 @@ from transformers import GPT2Config, GPT2LMHeadModel
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from hardware import resolve_dtype  # noqa: E402
 from modeling_gpt2repro import GPT2ReproForCausalLM  # noqa: E402
-from train_accelerate import pin_cpu_allocator  # noqa: E402
+from tokenization_gpt2repro import EOT_TOKEN_ID  # noqa: E402
+from hardware import pin_cpu_allocator  # noqa: E402
 
 OURS, THEIRS = "gpt2repro", "transformers GPT2LMHeadModel"
-# <|endoftext|>: GPT-2 has no pad token, and generate wants one for rows that end early (with min_new_tokens =
-# max_new_tokens none does, so it never shows).
-EOT = 50256
 # 256 MiB: 8x this machine's 32 MiB L3 (and larger than any L3 we know of), so the read streams from DRAM, as the
 # ~0.5 GB of float32 weights do; small enough to read several times per measurement in ~0.1 s.
 BANDWIDTH_BUFFER_BYTES = 256 << 20
@@ -106,7 +104,7 @@ def bench_batch(models: dict[str, torch.nn.Module], dtype: torch.dtype, batch_si
     # The all-ones mask says there is no padding; without it generate guesses (and warns) at batch > 1, since the
     # pad token is also the end-of-text token that may occur in a prompt.
     kwargs = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "do_sample": False,
-              "pad_token_id": EOT, "attention_mask": torch.ones_like(prompt)}
+              "pad_token_id": EOT_TOKEN_ID, "attention_mask": torch.ones_like(prompt)}
 
     tokens, warm_up_s = {}, {}
     for name, model in models.items():  # warm up (and compile), and the tokens to check

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from configuration_gpt2repro import GPT2ReproConfig  # noqa: E402
 from hardware import resolve_dtype  # noqa: E402
 from modeling_gpt2repro import GPT2ReproForCausalLM  # noqa: E402
-from train_accelerate import pin_cpu_allocator  # noqa: E402
+from hardware import pin_cpu_allocator  # noqa: E402
 
 
 def matmul_ceiling(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:

@@ -7,7 +7,7 @@ eager and torch.compile'd, steps interleaved across the variants, medians report
 
 MFU uses each model's training FLOPs per token (6 per parameter that multiplies, plus attention) against
 train_accelerate's peak: the datasheet bf16 figure on A100/H100, on CPU threads x clock x FMA FLOPs per
-cycle (32 on AVX2). The allocator is pinned (train_accelerate.pin_cpu_allocator) for both models alike.
+cycle (32 on AVX2). The allocator is pinned (hardware.pin_cpu_allocator) for both models alike.
 """
 from __future__ import annotations
 
@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     device = accelerator.device
     if device.type == "cpu":
-        train_accelerate.pin_cpu_allocator()
-    peak_flops = train_accelerate.peak_flops_per_device(device, args.mixed_precision)
+        hardware.pin_cpu_allocator()
+    peak_flops = hardware.peak_flops_per_device(device, args.mixed_precision)
     compile_modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
 
     variants = []

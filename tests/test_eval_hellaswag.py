@@ -314,7 +314,7 @@ def test_cli_offline_without_data_says_what_it_needs(tmp_path, model_dir):
            "XDG_CACHE_HOME": str(tmp_path / "xdg")}
     out = subprocess.run([sys.executable, str(SCRIPT), "--model", str(model_dir)], env=env, capture_output=True,
                          text=True, timeout=120)
-    assert out.returncode == 2 and len(out.stderr.splitlines()) == 1
+    assert out.returncode == 1 and len(out.stderr.splitlines()) == 1
     assert out.stderr.startswith("error: HellaSwag validation data is not available offline: pass --data_file")
 
 
@@ -324,7 +324,7 @@ def test_cli_malformed_file_is_one_error_line(tmp_path, model_dir):
     path = write_jsonl(tmp_path / "bad.jsonl", records)
     out = subprocess.run([sys.executable, str(SCRIPT), "--model", str(model_dir), "--data_file", str(path)],
                          capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2
+    assert out.returncode == 1
     assert out.stderr == f"error: {path}:2: 'endings' must be a list of 4 non-empty strings\n"
 
 
@@ -355,7 +355,7 @@ def test_cli_unreadable_data_file_is_one_error_line(tmp_path, model_dir, capsys,
     (tmp_path / "data").mkdir()  # beside the good run's val.jsonl
     path, error = write_unreadable_file(tmp_path / "data", case)
     arguments["--data_file"] = str(path)
-    assert run_bad_cli(arguments, tmp_path, capsys) == (2, "", f"error: {error}\n")
+    assert run_bad_cli(arguments, tmp_path, capsys) == (1, "", f"error: {error}\n")
 
 
 # Per case: the arguments that replace a good run's and the one error line, "{tmp}" standing for the run's folder.
@@ -387,7 +387,7 @@ def test_cli_bad_argument_is_one_error_line_before_scoring(tmp_path, model_dir, 
     arguments = good_cli_run(tmp_path, model_dir)
     replacements, error = BAD_CLI_ARGUMENTS[case]
     arguments.update({key: value.format(tmp=tmp_path) for key, value in replacements.items()})
-    assert run_bad_cli(arguments, tmp_path, capsys) == (2, "", f"error: {error.format(tmp=tmp_path)}\n")
+    assert run_bad_cli(arguments, tmp_path, capsys) == (1, "", f"error: {error.format(tmp=tmp_path)}\n")
 
 
 def test_cli_corrupt_model_weights_are_one_error_line(tmp_path, model_dir, capsys, fresh_accelerate):
@@ -398,7 +398,7 @@ def test_cli_corrupt_model_weights_are_one_error_line(tmp_path, model_dir, capsy
     with pytest.raises(SafetensorError) as reason:
         safe_open(str(checkpoint / "model.safetensors"), framework="pt")
     arguments["--model"] = str(checkpoint)
-    assert run_bad_cli(arguments, tmp_path, capsys) == (2, "", (
+    assert run_bad_cli(arguments, tmp_path, capsys) == (1, "", (
         f"error: could not load the model '{checkpoint}' (a checkpoint folder, e.g. a training checkpoint's hf/ "
         f"folder, or a Hub id that needs the network or the local Hub cache): {reason.value}\n"))
 
@@ -422,7 +422,7 @@ def test_cli_result_is_written_whole_or_not_at_all(tmp_path, model_dir, capsys, 
     with monkeypatch.context() as patch:
         patch.setattr(os, "fsync", disk_full)
         status, _, err = run_bad_cli(arguments, tmp_path, capsys)
-    assert status == 2
+    assert status == 1
     assert [line for line in err.splitlines() if "error" in line] == \
         [f"error: could not write --output_json {tmp_path / 'result.json'}: No space left on device"]
     AcceleratorState._reset_state(True)
@@ -591,7 +591,7 @@ def test_cli_counts_cut_and_skipped_examples(tmp_path, short_models, tokenizer, 
     AcceleratorState._reset_state(True)
     status, out, err = run_main(["--model", str(checkpoint), "--data_file", str(data_file), "--output_json",
                                  str(output)], capsys)
-    assert status == 2
+    assert status == 1
     assert [line for line in err.splitlines() if "error" in line] == \
         ["error: none of the 1 examples fits the model's context of 32 tokens: in each, an ending alone fills it"]
     assert json.loads(output.read_text()) == report  # the previous result stays

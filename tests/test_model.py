@@ -13,8 +13,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, GPT2LMHeadModel, pipe
 from transformers.cache_utils import DynamicCache
 
 from configuration_gpt2repro import GPT2ReproConfig
+import modeling_gpt2repro
 from modeling_gpt2repro import CACHE_FIELD, GPT2ReproForCausalLM, GPT2ReproModel
-from tokenization_gpt2repro import get_tokenizer
+from tokenization_gpt2repro import EOT_TOKEN_ID, IGNORE_INDEX, get_tokenizer
 from train_accelerate import enable_activation_checkpointing
 
 V = 50257
@@ -636,3 +637,10 @@ def test_in_process_auto_classes_and_pipeline(tmp_path, tiny_config):
     generator = pipeline("text-generation", model=str(tmp_path))
     text = generator("Hello, I'm a language model,", max_new_tokens=8, do_sample=False)[0]["generated_text"]
     assert text.startswith("Hello, I'm a language model,") and len(text) > len("Hello, I'm a language model,")
+
+
+def test_the_model_files_spell_the_project_constants_alike():
+    """The model files travel alone in hf/ folders, so they spell <|endoftext|> and the ignored label themselves."""
+    config = GPT2ReproConfig()
+    assert config.bos_token_id == config.eos_token_id == EOT_TOKEN_ID == get_tokenizer().eos_token_id
+    assert modeling_gpt2repro.IGNORE_INDEX == IGNORE_INDEX == torch.nn.CrossEntropyLoss().ignore_index

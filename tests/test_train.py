@@ -16,6 +16,7 @@ from train_helpers import SEED, TINY_MODEL, TINY_RUN, final_weights, records, wr
 
 import hardware
 import train_accelerate
+import training_infra
 from configuration_gpt2repro import GPT2ReproConfig
 from eval_hellaswag import HellaSwagUnavailable
 from modeling_gpt2repro import GPT2ReproForCausalLM
@@ -91,7 +92,7 @@ def test_gpu_peak_flops_follow_the_name_and_precision(device_name, bf16_peak, tf
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: device_name)
     cuda = torch.device("cuda", 0)
     for precision, tflops in (("bf16", bf16_peak), ("no", tf32_peak)):
-        peak = train_accelerate.peak_flops_per_device(cuda, precision)
+        peak = hardware.peak_flops_per_device(cuda, precision)
         assert peak == (None if tflops is None else pytest.approx(tflops * 1e12, rel=2e-3)), precision
 
 
@@ -216,8 +217,8 @@ def test_missing_hellaswag_notice_names_the_training_flag(monkeypatch, capsys):
     def unavailable(data_file):
         raise HellaSwagUnavailable("HellaSwag validation data is not available offline: pass --data_file ...")
 
-    monkeypatch.setattr(train_accelerate, "load_hellaswag", unavailable)
-    assert train_accelerate.load_hellaswag_examples(train_accelerate.parse_args([]), notify=True) is None
+    monkeypatch.setattr(training_infra, "load_hellaswag", unavailable)
+    assert training_infra.load_hellaswag_examples(train_accelerate.parse_args([]), notify=True) is None
     out = capsys.readouterr().out
     assert out.startswith("notice: HellaSwag is skipped") and "--hellaswag_file" in out and "--data_file" not in out
 

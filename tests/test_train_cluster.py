@@ -15,6 +15,7 @@ import torch
 from train_helpers import REPO, TINY_RUN, final_weights, records, run_training, training_command, write_tiny_data
 
 import train_accelerate
+import training_infra
 
 STEPS = 8
 QUIET = ["--max_steps", str(STEPS), "--num_samples", "0", "--eval_every", "100", "--checkpoint_every", "4"]
@@ -61,7 +62,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_is_exact(workspace, processes):
     step = int(lines[0].split("at step ")[1].split(":")[0])
     assert 0 < step < STEPS
     if processes == 1:  # (accelerate's launcher reports the SIGTERM it got itself, with a traceback of its own)
-        assert process.returncode == train_accelerate.EXIT_PREEMPTED and "Traceback" not in err
+        assert process.returncode == training_infra.EXIT_PREEMPTED and "Traceback" not in err
     checkpoint = output_dir / "checkpoints" / f"step_{step:06d}"
     assert f"checkpoint {checkpoint} written" in lines[0] and (checkpoint / "trainer_state.json").is_file()
 
@@ -118,12 +119,12 @@ def test_a_slow_upload_never_blocks_a_barrier(workspace, tmp_path):
 
 RANK0_ONLY_HELLASWAG = """
 import os, sys
-import eval_hellaswag, train_accelerate
+import eval_hellaswag, train_accelerate, training_infra
 
 if os.environ["RANK"] != "0":  # this node has neither the file nor the network
     def unavailable(*args, **kwargs):
         raise eval_hellaswag.HellaSwagUnavailable("no HellaSwag data on this node")
-    train_accelerate.load_hellaswag = unavailable
+    training_infra.load_hellaswag = unavailable
 train_accelerate.main(sys.argv[1:])
 """
 
@@ -144,12 +145,12 @@ def test_hellaswag_that_only_rank0_can_read_is_scored_by_all(workspace, tmp_path
 
 
 def test_signal_names_are_checked(capsys):
-    assert train_accelerate.parse_signals("SIGTERM, usr1") == [signal.SIGTERM, signal.SIGUSR1]
-    assert train_accelerate.parse_signals("none") == []
+    assert training_infra.parse_signals("SIGTERM, usr1") == [signal.SIGTERM, signal.SIGUSR1]
+    assert training_infra.parse_signals("none") == []
     with pytest.raises(ValueError, match="unknown signal 'SIGFOO'"):
-        train_accelerate.parse_signals("SIGFOO")
+        training_infra.parse_signals("SIGFOO")
     with pytest.raises(ValueError, match="SIGKILL cannot be caught"):
-        train_accelerate.parse_signals("SIGTERM,SIGKILL")
+        training_infra.parse_signals("SIGTERM,SIGKILL")
     with pytest.raises(SystemExit) as exit_:
         train_accelerate.parse_args(["--save_on_signals", "TERM,FOO"])
     assert exit_.value.code == 2 and "--save_on_signals: unknown signal 'FOO'" in capsys.readouterr().err
