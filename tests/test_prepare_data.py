@@ -36,6 +36,8 @@ DOCUMENTS = [
     "short",
     "Deutsch: Übermäßig große Straßen; 日本語のテキスト; русский текст.",
 ]
+# 255 bytes a name may have, less "_train_000001.npy" and the temporary name's ".<pid>.tmp" (at most 7 pid digits)
+LONGEST_PREFIX = 255 - len("_train_000001.npy") - len(".4194304.tmp")
 SMALL_SHARDS = ["--shard_size", "40", "--val_tokens", "23"]  # small enough that documents span shard boundaries
 
 
@@ -406,7 +408,7 @@ def split_problem(prefix, fix):
     ("a\\b", path_problem("a\\b")),
     (".", path_problem(".")),
     ("..", path_problem("..")),
-    ("a" * 235, f"--prefix {'a' * 235!r} is too long: shard names would pass the 255 bytes a file name may have"),
+    ("a" * (LONGEST_PREFIX + 1), f"--prefix {'a' * (LONGEST_PREFIX + 1)!r} is too long: shard names would pass the 255 bytes a file name may have"),
 ])
 def test_ambiguous_or_path_prefixes_are_refused(tmp_path, capsys, prefix, message):
     args = prepare_small(tmp_path)
@@ -415,7 +417,7 @@ def test_ambiguous_or_path_prefixes_are_refused(tmp_path, capsys, prefix, messag
     assert folder_digest(tmp_path) == before
 
 
-@pytest.mark.parametrize("prefix", ["train_data", "interval", "a" * 234])
+@pytest.mark.parametrize("prefix", ["train_data", "interval", "a" * LONGEST_PREFIX])
 def test_plain_prefixes_are_read_as_the_right_splits(tmp_path, prefix):
     """Names that hold a split's name elsewhere than at the end, and the longest prefix: the loader reads them right."""
     paths, _ = write_inputs(tmp_path, "jsonl")
