@@ -154,6 +154,48 @@ def test_one_step_equals_hand_computed_reference(tiny_data, tmp_path, capsys, fr
     assert evals[1]["step"] == 1 and evals[1]["val_loss"] == pytest.approx(val_loss(), rel=1e-5)
 
 
+def test_train_step_accumulates_clips_and_updates_like_one_big_batch(tiny_data, tiny_config, fresh_accelerate):
+    """train_step on its own: 4 micro-batches of 2 rows give the loss, grad norm and AdamW update of the 8 rows as one
+    batch (torch's cross_entropy, clip_grad_norm_ and a plain AdamW); a non-finite loss leaves the weights alone."""
+    from accelerate import Accelerator
+
+    data_dir, _ = tiny_data
+    accelerator = Accelerator(cpu=True, mixed_precision="no")
+    torch.manual_seed(SEED)
+    model = GPT2ReproForCausalLM(GPT2ReproConfig(n_positions=32, n_layer=2, n_head=2, n_embd=64))
+    reference = GPT2ReproForCausalLM(model.config)
+    reference.load_state_dict(model.state_dict())
+    optimizer = train_accelerate.configure_optimizer(model, 0.1, (0.9, 0.95), 1e-8, "cpu")
+    for group in optimizer.param_groups:
+        group["lr"] = 1e-2
+    model, optimizer = accelerator.prepare(model, optimizer)
+    loader = ShardedTokenLoader(data_dir, "train", 2, 32, shuffle=True, seed=SEED)
+    loss, grad_norm = train_accelerate.train_step(model, optimizer, accelerator, loader, grad_accum=4, grad_clip=0.5)
+
+    x, y = ShardedTokenLoader(data_dir, "train", 8, 32, shuffle=True, seed=SEED).next_batch()  # the same 8 rows
+    expected_loss = F.cross_entropy(reference(input_ids=x).logits.flatten(0, 1), y.flatten())
+    expected_loss.backward()
+    expected_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
+    assert loss == pytest.approx(expected_loss.item(), rel=1e-6)
+    assert grad_norm == pytest.approx(expected_norm.item(), rel=1e-5)
+    decayed = [p for p in reference.parameters() if p.dim() >= 2]
+    torch.optim.AdamW([{"params": decayed, "weight_decay": 0.1},
+                       {"params": [p for p in reference.parameters() if p.dim() < 2], "weight_decay": 0.0}],
+                      lr=1e-2, betas=(0.9, 0.95), eps=1e-8, foreach=False, fused=False).step()
+    for (name, ours), theirs in zip(model.named_parameters(), reference.parameters(), strict=True):
+        reliable = theirs.grad.abs() > 1e-6  # Adam's first step is lr * sign(g) for g far above float noise
+        torch.testing.assert_close(ours.detach()[reliable], theirs.detach()[reliable], rtol=0, atol=1e-6, msg=name)
+    assert all(p.grad is None for p in model.parameters())  # zeroed for the next step
+
+    with torch.no_grad():
+        model.transformer.wte.weight[0, 0] = float("nan")  # every loss is NaN from here on
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    loss, grad_norm = train_accelerate.train_step(model, optimizer, accelerator, loader, grad_accum=4, grad_clip=0.5)
+    assert math.isnan(loss) or math.isnan(grad_norm)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), before[name], rtol=0, atol=0, equal_nan=True, msg=name)
+
+
 def test_defaults_fit_the_cpu_and_a_small_corpus(tiny_data, tmp_path, capsys, monkeypatch, fresh_accelerate):
     """No --mixed_precision and no --val_tokens: fp32 on a CPU without native bf16, and validation over the whole
     4,000-token val split (the recipe's 10,485,760 would not fit), each said in one line."""
