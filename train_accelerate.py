@@ -10,7 +10,8 @@ The learning rate is set by hand before each optimiser step, so it follows the s
 processes. Every `--eval_every` steps: validation loss over a fixed number of tokens, HellaSwag when its data
 is there, and samples from `generate`. Every `--checkpoint_every` steps and at the end: the full training
 state (for `--resume_from_checkpoint`) and a Hugging Face model folder, written to a temporary folder and
-renamed into place, so a killed run never leaves a half-written checkpoint behind.
+renamed into place, so a killed run never leaves a half-written checkpoint behind. That plumbing (checkpoints, Hub
+pushes, metrics and plots, preemption) is in training_infra.py: this file is the recipe and its loop.
 """
 from __future__ import annotations
 
@@ -29,13 +30,13 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, is_tensorboard_available, is_wandb_available, set_seed
 from tqdm.auto import tqdm
 
+import training_infra as infra  # the plumbing: checkpoints, Hub pushes, metrics and plots, preemption
 from configuration_gpt2repro import GPT2ReproConfig
 from eval_hellaswag import HellaSwagScoringError, evaluate_hellaswag
 from hardware import accelerate_device, peak_flops_per_device, pin_cpu_allocator, resolve_mixed_precision
 from modeling_gpt2repro import GPT2ReproForCausalLM
 from token_shards import ShardedTokenLoader, ShardFormatError, TokenStream, validation_batches
 from tokenization_gpt2repro import EOT_TOKEN_ID, IGNORE_INDEX, get_tokenizer
-import training_infra as infra  # the plumbing: checkpoints, Hub pushes, metrics and plots, preemption
 from training_infra import TrainingError
 
 SAMPLE_PROMPT = "Hello, I'm a language model,"
@@ -58,8 +59,7 @@ PRESETS = {
 }
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Arguments
+# ---- arguments -------------------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), help="a named set of defaults; explicit flags still win")
     data = parser.add_argument_group("data and output")
-    data.add_argument("--data_dir", default="data/edu_fineweb10B", help="folder of train/val token shards (prepare_data.py)")
+    data.add_argument("--data_dir", default="data/edu_fineweb10B", help="folder of token shards (prepare_data.py)")
     data.add_argument("--output_dir", default="runs/gpt2-124m", help="where checkpoints, metrics.jsonl and loss.png go")
     data.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True,
                       help="shuffle shards and windows every epoch (build-nanogpt reads in order, which shows as a "
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--n_embd", type=int, default=768, help="width of the residual stream (C)")
     model.add_argument("--seq_len", type=int, default=1024, help="tokens per training row (T), also the context size")
     batch = parser.add_argument_group("batch and schedule")
-    batch.add_argument("--total_batch_size", type=int, default=2**19, help="tokens per optimiser step over all processes")
+    batch.add_argument("--total_batch_size", type=int, default=2**19, help="tokens per optimiser step, all processes")
     batch.add_argument("--micro_batch_size", type=int, default=64, help="rows per forward pass per process (B)")
     batch.add_argument("--max_steps", type=int, default=19073, help="optimiser steps (19073 x 2**19 = 10B tokens)")
     batch.add_argument("--warmup_steps", type=int, default=715, help="linear warmup steps (715 x 2**19 = 375M tokens)")
@@ -108,11 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--eval_every", type=int, default=250, help="steps between evaluations")
     evaluation.add_argument("--val_tokens", type=int,
                             help=f"validation tokens, the same on any number of processes; unset: {RECIPE_VAL_TOKENS} "
-                                 f"(build-nanogpt's 20 batches of 64 x 1024 on 8 GPUs) or the whole val split if smaller")
-    evaluation.add_argument("--eval_batch_size", type=int, help="rows per validation forward; unset: --micro_batch_size")
+                                 f"(build-nanogpt's 20 batches of 64 x 1024 on 8 GPUs) or the val split if smaller")
+    evaluation.add_argument("--eval_batch_size", type=int, help="rows per validation forward; unset: micro_batch_size")
     evaluation.add_argument("--hellaswag", action=argparse.BooleanOptionalAction, default=True,
                             help="score HellaSwag at each evaluation when its data can be found")
-    evaluation.add_argument("--hellaswag_file", help="HellaSwag val jsonl or parquet; unset: the cache, then the Hub, then GitHub")
+    evaluation.add_argument("--hellaswag_file", help="HellaSwag val jsonl or parquet; unset: cache, Hub, GitHub")
     evaluation.add_argument("--hellaswag_limit", type=int, help="score only the first N HellaSwag examples")
     evaluation.add_argument("--num_samples", type=int, default=4, help="samples generated at each evaluation")
     evaluation.add_argument("--sample_tokens", type=int, default=32, help="new tokens per sample")
@@ -125,19 +125,19 @@ def build_parser() -> argparse.ArgumentParser:
                               "--mixed_precision (TF32 for 'no'), "
                               "on CPU threads x clock x FMA FLOPs per cycle")
     ckpt = parser.add_argument_group("checkpoints and the Hub")
-    ckpt.add_argument("--checkpoint_every", type=int, default=1000, help="steps between checkpoints (one is also written at the end)")
+    ckpt.add_argument("--checkpoint_every", type=int, default=1000, help="steps between checkpoints (+ one at the end)")
     ckpt.add_argument("--keep_checkpoints", type=int, default=2, help="keep only the newest N checkpoints")
     ckpt.add_argument("--resume_from_checkpoint", metavar="latest|PATH",
                       help="continue a run exactly: 'latest' in --output_dir (a fresh start when there is none) "
                            "or a checkpoint folder")
     ckpt.add_argument("--save_on_signals", default="SIGTERM,SIGUSR1",
-                      help="signals on which every process finishes its step, a checkpoint is written and the run exits "
-                           f"with status {infra.EXIT_PREEMPTED} (clusters send SIGTERM to preempt; SLURM's --signal sends SIGUSR1 "
-                           "ahead of the time limit); 'none' leaves the signals' default action")
+                      help="signals on which every process finishes its step, a checkpoint is written and the run "
+                           f"exits with status {infra.EXIT_PREEMPTED} (clusters send SIGTERM to preempt; SLURM's "
+                           "--signal sends SIGUSR1 ahead of the time limit); 'none' leaves the signals' default action")
     ckpt.add_argument("--ddp_timeout", type=int, default=1800,
                       help="seconds a process waits in a collective (e.g. for rank 0 writing a checkpoint) before the "
                            "job fails")
-    ckpt.add_argument("--push_to_hub", action="store_true", help="upload the model folder of every checkpoint in the background")
+    ckpt.add_argument("--push_to_hub", action="store_true", help="upload each checkpoint's hf/ in the background")
     ckpt.add_argument("--hub_model_id", help="Hub repository for --push_to_hub, e.g. user/gpt2-124m-repro")
     return parser
 
@@ -173,7 +173,8 @@ def gradient_accumulation_steps(total_batch_size: int, micro_batch_size: int, se
     if total_batch_size % tokens_per_micro_step:
         raise TrainingError(
             f"--total_batch_size {total_batch_size} is not a multiple of micro_batch_size x seq_len x processes = "
-            f"{micro_batch_size} x {seq_len} x {world_size} = {tokens_per_micro_step}: change one of them so that it divides"
+            f"{micro_batch_size} x {seq_len} x {world_size} = {tokens_per_micro_step}: change one of them so that it "
+            f"divides"
         )
     return total_batch_size // tokens_per_micro_step
 
@@ -190,17 +191,7 @@ def choose_val_tokens(args: argparse.Namespace, notify: bool) -> None:
                    f"than the recipe's {RECIPE_VAL_TOKENS:,}")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Recipe: learning rate and optimiser
-
-
-def enable_activation_checkpointing(model: torch.nn.Module) -> None:
-    """Recompute each block's activations in backward instead of keeping them (memory for ~1/3 more compute).
-    transformers 5.24 renamed gradient_checkpointing_enable (now deprecated) to activation_checkpointing_enable."""
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+# ---- recipe: learning rate, optimiser, one step, evaluation ----------------------------------------------------------
 
 
 def get_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
@@ -284,7 +275,8 @@ def evaluate(accelerator: Accelerator, model: GPT2ReproForCausalLM, tokenizer, a
                                             limit=args.hellaswag_limit, show_progress=False)
         except HellaSwagScoringError as error:  # raised on every process alike
             raise TrainingError(f"{error} (--no-hellaswag trains without it)") from None
-        result.update(hellaswag_acc=scores["acc"], hellaswag_acc_norm=scores["acc_norm"], hellaswag_count=scores["count"])
+        result.update(hellaswag_acc=scores["acc"], hellaswag_acc_norm=scores["acc_norm"],
+                      hellaswag_count=scores["count"])
 
     if accelerator.is_main_process and args.num_samples > 0:
         prompt = tokenizer(SAMPLE_PROMPT, return_tensors="pt").input_ids.to(device)  # (1, 8)
@@ -299,8 +291,7 @@ def evaluate(accelerator: Accelerator, model: GPT2ReproForCausalLM, tokenizer, a
     return result
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Training
+# ---- training --------------------------------------------------------------------------------------------------------
 
 
 def build_accelerator(args: argparse.Namespace) -> tuple[Accelerator, str]:
@@ -354,9 +345,7 @@ def train(args: argparse.Namespace) -> Path:
                                           verify_checksums=args.verify_data)
     except ValueError as error:  # ShardFormatError included: missing or corrupt shards, too few val tokens
         raise TrainingError(str(error)) from None
-    pushers = []  # rank 0's, checked now rather than at the end; its failure stops every rank alike
-    infra.decided_on_rank0(accelerator, lambda: pushers.append(infra.HubPusher(args.hub_model_id)) if args.push_to_hub else None)
-    pusher = pushers[0] if pushers else None
+    pusher = infra.start_hub_pusher(accelerator, args.hub_model_id if args.push_to_hub else None)
     # Every rank scores its share of what rank 0 found: ranks deciding alone could disagree (a node without the file
     # and the network) and leave the others waiting in the scoring's collectives.
     hellaswag_examples = infra.decided_on_rank0(accelerator, lambda: infra.load_hellaswag_examples(args, notify=True))
@@ -365,7 +354,7 @@ def train(args: argparse.Namespace) -> Path:
     set_seed(args.seed)  # the same initial weights on every process
     model = GPT2ReproForCausalLM(config)
     if args.gradient_checkpointing:
-        enable_activation_checkpointing(model)
+        infra.enable_activation_checkpointing(model)
     flops_per_token = model.flops_per_token(args.seq_len)
     optimizer = configure_optimizer(model, args.weight_decay, (args.beta1, args.beta2), args.adam_eps, device.type)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -383,7 +372,8 @@ def train(args: argparse.Namespace) -> Path:
                    f"{device.type} | {grad_accum} micro-steps of {args.micro_batch_size} x {args.seq_len} per step "
                    f"= {args.total_batch_size:,} tokens | mixed precision {args.mixed_precision}"
                    + (f" | resuming at step {start_step} from {resume_from}" if resume_from else ""))
-    save = functools.partial(infra.save_checkpoint, accelerator, model, tokenizer, train_loader, args=args, metrics=metrics)
+    save = functools.partial(infra.save_checkpoint, accelerator, model, tokenizer, train_loader, args=args,
+                             metrics=metrics)
 
     progress = tqdm(total=args.max_steps, initial=start_step, disable=not is_main, desc="training", dynamic_ncols=True)
     final_checkpoint = None
@@ -394,8 +384,8 @@ def train(args: argparse.Namespace) -> Path:
             if preemption.requested(accelerator):  # first: a grace period may not cover this step's evaluation
                 if pusher is not None:
                     pusher.cancel_queued()  # the process waits for queued uploads before it exits
-                at_resume_point = step == start_step and resume_from is not None and infra.in_run(resume_from, output_dir)
-                final_checkpoint = resume_from if at_resume_point else save(step, pusher=None, evaluated=False)
+                resumed_here = step == start_step and resume_from is not None and infra.in_run(resume_from, output_dir)
+                final_checkpoint = resume_from if resumed_here else save(step, pusher=None, evaluated=False)
                 raise infra.TrainingPreempted(step, final_checkpoint, preemption.received)
             # Evaluation at step s sees the weights after s optimiser steps; a resumed run has had its eval at s,
             # unless its checkpoint was written on preemption, before that eval.

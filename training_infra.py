@@ -49,8 +49,7 @@ class TrainingError(RuntimeError):
     """A problem the user can fix; main() prints the message as one line and exits with status 1."""
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Command line
+# ---- command line ----------------------------------------------------------------------------------------------------
 
 
 def preset_as_flags(preset: dict) -> str:
@@ -65,8 +64,19 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Metrics: metrics.jsonl and the loss/HellaSwag plot
+# ---- versions --------------------------------------------------------------------------------------------------------
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each block's activations in backward instead of keeping them (memory for ~1/3 more compute).
+    transformers 5.24 renamed gradient_checkpointing_enable (now deprecated) to activation_checkpointing_enable."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+# ---- metrics: metrics.jsonl and the loss/HellaSwag plot --------------------------------------------------------------
 
 
 class MetricsLog:
@@ -86,7 +96,8 @@ class MetricsLog:
                     records.append(json.loads(line))
                 except json.JSONDecodeError:  # the last line of a killed run may be cut short
                     continue
-            records = [r for r in records if r["step"] < resume_step or (r["type"] == "eval" and r["step"] == resume_step)]
+            records = [r for r in records
+                       if r["step"] < resume_step or (r["type"] == "eval" and r["step"] == resume_step)]
         self.records = records
         write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
 
@@ -142,8 +153,7 @@ def log_evaluation(accelerator: Accelerator, metrics: MetricsLog | None, step: i
     accelerator.log({f"eval/{k}": v for k, v in result.items() if k != "samples"}, step=step)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# The Hub
+# ---- Hub pushes ------------------------------------------------------------------------------------------------------
 
 
 class HubPusher:
@@ -196,8 +206,15 @@ class HubPusher:
         return failures
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Checkpoints
+def start_hub_pusher(accelerator: Accelerator, repo_id: str | None) -> HubPusher | None:
+    """Rank 0's pusher to `repo_id` (None: no pushes; other ranks get None too), checked now rather than at the end of
+    the run; a failure stops every rank alike."""
+    pushers = []  # the pusher itself stays on rank 0: only the outcome is shared
+    decided_on_rank0(accelerator, lambda: pushers.append(HubPusher(repo_id)) if repo_id else None)
+    return pushers[0] if pushers else None
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------------------------
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -216,9 +233,11 @@ def write_model_card(folder: Path, args: argparse.Namespace, step: int, tokens_s
     if last_train:
         rows.append(("train loss (last step)", f"{last_train['loss']:.4f}"))
     if last_eval:
-        rows.append((f"val loss ({args.val_tokens:,} tokens, step {last_eval['step']})", f"{last_eval['val_loss']:.4f}"))
+        rows.append((f"val loss ({args.val_tokens:,} tokens, step {last_eval['step']})",
+                     f"{last_eval['val_loss']:.4f}"))
         if "hellaswag_acc_norm" in last_eval:
-            rows.append((f"HellaSwag acc_norm ({last_eval['hellaswag_count']} examples)", f"{last_eval['hellaswag_acc_norm']:.4f}"))
+            rows.append((f"HellaSwag acc_norm ({last_eval['hellaswag_count']} examples)",
+                         f"{last_eval['hellaswag_acc_norm']:.4f}"))
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
     repo = args.hub_model_id or "path/to/this/folder"
     card = f"""---
@@ -376,8 +395,8 @@ def find_resume_checkpoint(args: argparse.Namespace, notify: bool) -> Path | Non
             if notify:
                 tqdm.write(f"notice: skipping checkpoint {checkpoint}: {problem}")
         if checkpoints:
-            raise TrainingError(f"no checkpoint in {Path(args.output_dir) / 'checkpoints'} can be resumed from (see the "
-                                f"notices above); move them away to start afresh")
+            raise TrainingError(f"no checkpoint in {Path(args.output_dir) / 'checkpoints'} can be resumed from (see "
+                                f"the notices above); move them away to start afresh")
         return None
     path = Path(args.resume_from_checkpoint)
     problem = checkpoint_problem(path)
@@ -406,8 +425,8 @@ def check_resume(args: argparse.Namespace, resume_from: Path | None, output_dir:
     checkpoints = list_checkpoints(output_dir)
     if resume_from is None:
         if checkpoints:
-            raise TrainingError(f"{output_dir} already holds checkpoints: continue with --resume_from_checkpoint latest "
-                                f"or choose another --output_dir")
+            raise TrainingError(f"{output_dir} already holds checkpoints: continue with --resume_from_checkpoint "
+                                f"latest or choose another --output_dir")
         return
     if not in_run(resume_from, output_dir) and (checkpoints or (output_dir / "metrics.jsonl").exists()):
         raise TrainingError(f"--output_dir {output_dir} holds another run's checkpoints or metrics, which resuming "
@@ -415,7 +434,8 @@ def check_resume(args: argparse.Namespace, resume_from: Path | None, output_dir:
     state = json.loads((resume_from / "trainer_state.json").read_text())
     saved = state.get("args", {})
     shape = ("n_layer", "n_head", "n_embd", "seq_len")
-    changed = [f"--{k} {getattr(args, k)} (checkpoint: {saved[k]})" for k in shape if k in saved and saved[k] != getattr(args, k)]
+    changed = [f"--{k} {getattr(args, k)} (checkpoint: {saved[k]})"
+               for k in shape if k in saved and saved[k] != getattr(args, k)]
     if changed:
         raise TrainingError(f"cannot resume from {resume_from}: the model shape differs: {', '.join(changed)}; "
                             f"pass the checkpoint's values")
@@ -460,8 +480,7 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, train_loader: Sh
     return trainer_state["step"], trainer_state.get("evaluated", True)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Preemption and Ctrl-C
+# ---- preemption and Ctrl-C -------------------------------------------------------------------------------------------
 
 
 def parse_signals(text: str) -> list[signal.Signals]:
@@ -479,7 +498,8 @@ def parse_signals(text: str) -> list[signal.Signals]:
     return found
 
 
-EXIT_PREEMPTED = 75  # sysexits.h's EX_TEMPFAIL: a temporary failure; the same command with --resume_from_checkpoint continues
+EXIT_PREEMPTED = 75  # sysexits.h's EX_TEMPFAIL, a temporary failure: the same command with --resume_from_checkpoint
+# latest continues
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, the shell's code for a Ctrl-C
 
 
@@ -532,8 +552,7 @@ class PreemptionWatch:
         return flag.item() > 0
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Decided once for every rank
+# ---- decided once for every rank -------------------------------------------------------------------------------------
 
 
 def load_hellaswag_examples(args: argparse.Namespace, notify: bool) -> list[dict] | None:
@@ -549,7 +568,8 @@ def load_hellaswag_examples(args: argparse.Namespace, notify: bool) -> list[dict
             raise TrainingError(str(error)) from None
         if notify:  # the loader's own hint names eval_hellaswag's flag, so training says it in its own words
             tqdm.write("notice: HellaSwag is skipped: its data is neither cached nor downloadable from here; pass "
-                       "--hellaswag_file with a local HellaSwag val jsonl or parquet file (--no-hellaswag silences this)")
+                       "--hellaswag_file with a local HellaSwag val jsonl or parquet file (--no-hellaswag silences "
+                       "this)")
         return None
 
 
