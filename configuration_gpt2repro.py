@@ -55,7 +55,8 @@ class GPT2ReproConfig(PreTrainedConfig):
         # later on mismatched shapes; say what is wrong at once.
         model_type = config_dict.get("model_type", cls.model_type)
         if model_type != cls.model_type:
-            hint = " Import OpenAI GPT-2 weights with GPT2ReproForCausalLM.from_gpt2(path)." if model_type == "gpt2" else ""
+            hint = (" Import OpenAI GPT-2 weights with GPT2ReproForCausalLM.from_gpt2(path)." if model_type == "gpt2"
+                    else "")
             raise ValueError(f"The checkpoint holds a '{model_type}' model, not a '{cls.model_type}' one.{hint}")
         return super().from_dict(config_dict, **kwargs)
 

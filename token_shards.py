@@ -71,7 +71,8 @@ def list_shards(data_dir: str | Path, split: str) -> list[Path]:
             f"data folder {data_dir} does not exist: make it with `python prepare_data.py --output_dir {data_dir}`"
         )
     named = re.compile(rf"(?:^|[_.-]){re.escape(split)}(?:_\d+)?$")  # the end of the name: split, then its index
-    shards = sorted(p for p in data_dir.iterdir() if p.suffix in SHARD_SUFFIXES and named.search(p.stem) and p.is_file())
+    shards = sorted(p for p in data_dir.iterdir()
+                    if p.suffix in SHARD_SUFFIXES and named.search(p.stem) and p.is_file())
     if not shards:
         raise ShardFormatError(
             f"no '{split}' shards (*.npy or *.bin files named like prefix_{split}_000001) in {data_dir}: "
@@ -121,7 +122,8 @@ def _open_llmc_bin(path: Path, rewrite_hint: str) -> np.ndarray:
     expected_size = LLMC_HEADER_BYTES + num_tokens * TOKEN_DTYPE().itemsize
     if size != expected_size:
         raise ShardFormatError(
-            f"shard {path} is {size} bytes but its header promises {num_tokens} tokens ({expected_size} bytes): {rewrite_hint}"
+            f"shard {path} is {size} bytes but its header promises {num_tokens} tokens ({expected_size} bytes): "
+            f"{rewrite_hint}"
         )
     return np.memmap(path, dtype="<u2", mode="r", offset=LLMC_HEADER_BYTES, shape=(num_tokens,))
 
@@ -173,7 +175,8 @@ class TokenStream:
     Shards are checked against the folder's manifest.json when there is one (see the module docstring), and every
     read is checked to hold ids below `vocab_size`."""
 
-    def __init__(self, data_dir: str | Path, split: str, vocab_size: int = GPT2_VOCAB_SIZE, verify_checksums: bool = False):
+    def __init__(self, data_dir: str | Path, split: str, vocab_size: int = GPT2_VOCAB_SIZE,
+                 verify_checksums: bool = False):
         self.paths = list_shards(data_dir, split)
         self.shards = [open_shard(p) for p in self.paths]
         self.vocab_size = vocab_size
@@ -201,9 +204,9 @@ class TokenStream:
         shard = int(np.searchsorted(self.starts, position, side="right")) - 1
         offset = position - int(self.starts[shard])
         raise ShardFormatError(
-            f"shard {self.paths[shard]} holds token id {int(self.shards[shard][offset])} at offset {offset}, beyond the "
-            f"vocabulary of {self.vocab_size} tokens: the shard is corrupt or was made with another tokenizer; "
-            f"re-run prepare_data.py"
+            f"shard {self.paths[shard]} holds token id {int(self.shards[shard][offset])} at offset {offset}, "
+            f"beyond the vocabulary of {self.vocab_size} tokens: the shard is corrupt or was made with another "
+            f"tokenizer; re-run prepare_data.py"
         )
 
 
@@ -218,14 +221,15 @@ def check_against_manifest(data_dir: Path, paths: list[Path], lengths: list[int]
     except (ValueError, KeyError, TypeError) as error:
         raise ShardFormatError(f"{manifest_path} is not a readable prepare_data.py manifest ({error}): re-run "
                                f"prepare_data.py, or remove it to train on the shards unchecked") from None
-    for path, length in zip(paths, lengths):
+    for path, length in zip(paths, lengths, strict=True):
         shard = recorded.get(path.name)
         if shard is None:
             raise ShardFormatError(f"shard {path} is not in {manifest_path}: the folder mixes shards of another "
                                    f"preparation; move it out or re-run prepare_data.py into an empty folder")
         if length != shard["tokens"]:
-            raise ShardFormatError(f"shard {path} holds {length} tokens but {manifest_path} recorded {shard['tokens']}: "
-                                   f"it changed after preparation; re-run prepare_data.py with the same arguments")
+            raise ShardFormatError(f"shard {path} holds {length} tokens but {manifest_path} recorded "
+                                   f"{shard['tokens']}: it changed after preparation; re-run prepare_data.py with the "
+                                   f"same arguments")
         if verify_checksums and file_sha256(path) != shard["sha256"]:
             raise ShardFormatError(f"shard {path} does not match the sha256 in {manifest_path}: it changed after "
                                    f"preparation; re-run prepare_data.py with the same arguments")
@@ -360,7 +364,8 @@ def validation_batches(
     num_windows = -(-(num_tokens - 1) // seq_len)  # ceil: the last window may be partial
     windows_per_step = batch_size * world_size
     for step_start in range(0, num_windows, windows_per_step):
-        x = torch.full((batch_size, seq_len), EOT_TOKEN_ID, dtype=torch.long)  # filler inputs: their targets are ignored
+        # filler inputs: their targets are ignored
+        x = torch.full((batch_size, seq_len), EOT_TOKEN_ID, dtype=torch.long)
         y = torch.full((batch_size, seq_len), IGNORE_INDEX, dtype=torch.long)
         for row in range(batch_size):
             window = step_start + rank * batch_size + row

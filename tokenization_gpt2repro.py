@@ -70,5 +70,6 @@ def get_tokenizer(name_or_path: str | os.PathLike | None = None):
         model_max_length=1024,
     )
     if len(tokenizer) != GPT2_VOCAB_SIZE or tokenizer.convert_tokens_to_ids(EOT_TOKEN) != EOT_TOKEN_ID:
-        raise RuntimeError(f"GPT-2 tokenizer built from {encoder_json.parent} has {len(tokenizer)} tokens, expected {GPT2_VOCAB_SIZE}")
+        raise RuntimeError(f"GPT-2 tokenizer built from {encoder_json.parent} has {len(tokenizer)} tokens, "
+                           f"expected {GPT2_VOCAB_SIZE}")
     return tokenizer
