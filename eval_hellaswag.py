@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from hardware import resolve_dtype
-from io_helpers import atomic_write, first_line, write_json_atomic
+from io_helpers import EXIT_INTERRUPTED, atomic_write, first_line, write_json_atomic
 
 HUB_DATASET = "Rowan/hellaswag"
 ORIGINAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
@@ -551,6 +551,15 @@ def exit_with_error(accelerator, message: str) -> NoReturn:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    try:
+        score_from_command_line(args)
+    except KeyboardInterrupt:  # one line for the whole job, not a traceback from each process
+        if os.environ.get("RANK", "0") == "0":
+            print("error: interrupted; nothing was written: run the same command again", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def score_from_command_line(args: argparse.Namespace) -> None:
     from accelerate import Accelerator
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM

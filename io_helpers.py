@@ -1,4 +1,5 @@
-"""What every command shares: files written so that a crash never leaves half of one, and errors in one line.
+"""What every command shares: files written so that a crash never leaves half of one, errors in one line, and the
+exit status of a Ctrl-C.
 
 A file is written under a temporary name beside it, flushed to disk (fsync), renamed over the real name (an atomic
 step on POSIX file systems), and then its folder is fsynced, so that after a crash or power loss the path holds either
@@ -12,6 +13,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: the shell's status for a command stopped by Ctrl-C
 
 # Longest addition `temporary_path` makes to a name: "." + a pid of up to 7 digits (Linux's pid_max is at most
 # 2**22 = 4,194,304) + ".tmp"

@@ -57,7 +57,7 @@ from urllib.parse import urlparse
 import numpy as np
 from tqdm import tqdm  # not tqdm.auto: a command-line tool, and tqdm.auto's asyncio import adds ~0.1 s to start-up
 
-from io_helpers import TEMPORARY_NAME_EXTRA_BYTES, first_line, write_json_atomic
+from io_helpers import EXIT_INTERRUPTED, TEMPORARY_NAME_EXTRA_BYTES, first_line, write_json_atomic
 from token_shards import (
     MANIFEST_NAME,
     ShardFormatError,
@@ -96,7 +96,6 @@ SHARD_NAME_END = re.compile(rf"(?:^|[_.-])(?:{'|'.join(SPLITS)})(?:_\d+)?$")
 MAX_SHARDS = 10**6  # the index has 6 digits, and the loader orders shards by name: a 7th digit would sort wrongly
 NAME_MAX_BYTES = 255  # the longest file name of ext4, XFS, btrfs, APFS and NTFS
 BIN_MAX_TOKENS = 2**31 - 1  # llm.c's .bin header holds the token count as an int32
-EXIT_INTERRUPTED = 128 + signal.SIGINT  # the shell's code for a Ctrl-C
 UTF8_SCAN_BYTES = 1 << 24  # read size when looking for a file's first invalid UTF-8 byte
 
 

@@ -26,6 +26,7 @@ from transformers.utils import logging as transformers_logging
 
 from eval_hellaswag import HellaSwagFormatError, HellaSwagUnavailable, load_hellaswag
 from io_helpers import (
+    EXIT_INTERRUPTED,
     atomic_write,
     first_line,
     fsync_folder,
@@ -500,7 +501,6 @@ def parse_signals(text: str) -> list[signal.Signals]:
 
 EXIT_PREEMPTED = 75  # sysexits.h's EX_TEMPFAIL, a temporary failure: the same command with --resume_from_checkpoint
 # latest continues
-EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, the shell's code for a Ctrl-C
 
 
 class TrainingPreempted(Exception):
