@@ -148,7 +148,8 @@ def resolve_cache_argument(cache: Cache | None, past_key_values: Cache | None) -
     if past_key_values is None:
         return cache
     if cache is not None:
-        raise TypeError("Pass the KV cache as `cache` or as `past_key_values` (its name before transformers 5.24), not both.")
+        raise TypeError("Pass the KV cache as `cache` or as `past_key_values` (its name before transformers 5.24), "
+                        "not both.")
     return past_key_values
 
 
@@ -212,7 +213,8 @@ class LMHeadCrossEntropy(torch.autograd.Function):
         device_type = hidden.device.type
         # The matmuls' dtype: autocast's where it is on (CUDA's LayerNorm hands us fp32 even then), cast once here
         # rather than by autocast at every chunk's matmul.
-        compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+        compute_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                         else hidden.dtype)
         weight_c = weight.to(compute_dtype)
         n_targets = (targets != IGNORE_INDEX).sum().clamp(min=1)
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -242,7 +244,8 @@ class LMHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         if getattr(ctx, "backward_done", False):  # the saved gradients were scaled in place by the first backward
-            raise RuntimeError("LMHeadCrossEntropy supports one backward pass per forward (retain_graph is not supported)")
+            raise RuntimeError("LMHeadCrossEntropy supports one backward pass per forward "
+                               "(retain_graph is not supported)")
         ctx.backward_done = True
         grad_hidden, grad_weight = ctx.saved_tensors  # used once: scaled in place, no new 0.15 GB (Vp, C) buffer
         return grad_hidden.mul_(grad_loss.to(grad_hidden.dtype)), grad_weight.mul_(grad_loss), None, None, None
@@ -315,7 +318,8 @@ class GPT2ReproPreTrainedModel(PreTrainedModel):
             mean = real.mean(dim=0)
             covariance = (real - mean).T @ (real - mean) / old_num_tokens
             try:
-                rows = torch.distributions.MultivariateNormal(mean, covariance_matrix=1e-9 * covariance).sample((added,))
+                distribution = torch.distributions.MultivariateNormal(mean, covariance_matrix=1e-9 * covariance)
+                rows = distribution.sample((added,))
             except ValueError:  # not positive definite (fewer tokens than channels, or degenerate rows): the mean
                 rows = mean.expand(added, -1)
             weight[kept:new_num_tokens] = rows.to(old.dtype)
@@ -384,7 +388,8 @@ class GPT2ReproModel(GPT2ReproPreTrainedModel):
         B, T = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
         device = input_ids.device if input_ids is not None else inputs_embeds.device
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
-        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_hidden_states = (self.config.output_hidden_states if output_hidden_states is None
+                                else output_hidden_states)
         return_dict = self.config.return_dict if return_dict is None else return_dict
         check_attn_implementation(self.config, output_attentions)
         if use_cache is None:  # a cache serves generation; a training forward would only fill it for nothing
@@ -438,6 +443,14 @@ class GPT2ReproModel(GPT2ReproPreTrainedModel):
         return outputs if return_dict else outputs.to_tuple()
 
 
+def training_flops_per_token(num_parameters_for_flops: int, n_layer: int, n_embd: int, seq_len: int) -> int:
+    """Training FLOPs per token (forward + backward) of a GPT-2 (PaLM paper, appendix B): 6 per parameter that
+    multiplies (2 per multiply-add, times 3: forward, and backward's gradients of input and weight), plus attention's
+    12 * n_layer * C * T (its 2 matmuls, q @ k and att @ v, of C * T multiply-adds per token each, times 2 x 3).
+    Module-level so that benchmarks count transformers' GPT2LMHeadModel by the same formula."""
+    return 6 * num_parameters_for_flops + 12 * n_layer * n_embd * seq_len
+
+
 class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
 
@@ -487,7 +500,8 @@ class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
         if shift_labels is None and not return_logits:
             raise ValueError("return_logits=False needs `labels` or `shift_labels`: there would be nothing to return.")
         if shift_labels is not None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
-            raise ValueError("`logits_to_keep` cannot be used with `labels`/`shift_labels`: the loss needs every position.")
+            raise ValueError("`logits_to_keep` cannot be used with `labels`/`shift_labels`: "
+                             "the loss needs every position.")
         return_dict = self.config.return_dict if return_dict is None else return_dict
         outputs = self.transformer(
             input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=use_cache,
@@ -526,9 +540,9 @@ class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
         return sum(p.numel() for p in self.parameters()) - self.transformer.wpe.weight.numel()
 
     def flops_per_token(self, seq_len: int) -> int:
-        """Training FLOPs per token (forward + backward): 6 per parameter, plus attention's 12 * n_layer * C * T
-        (PaLM paper, appendix B)."""
-        return 6 * self.num_parameters_for_flops() + 12 * self.config.n_layer * self.config.n_embd * seq_len
+        """Training FLOPs per token (forward + backward): `training_flops_per_token` of this model."""
+        return training_flops_per_token(self.num_parameters_for_flops(), self.config.n_layer, self.config.n_embd,
+                                        seq_len)
 
     @classmethod
     def from_gpt2(cls, source: str | os.PathLike | PreTrainedModel, **from_pretrained_kwargs) -> "GPT2ReproForCausalLM":
@@ -552,7 +566,8 @@ class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
         if hf.activation_function not in ("gelu_new", "gelu_pytorch_tanh") or hf.n_inner not in (None, 4 * hf.n_embd) \
                 or hf.scale_attn_by_inverse_layer_idx or hf.reorder_and_upcast_attn or hf.add_cross_attention \
                 or not hf.scale_attn_weights:
-            raise ValueError("from_gpt2 supports the stock GPT-2 architecture only (tanh-GELU, 4x MLP, standard attention).")
+            raise ValueError("from_gpt2 supports the stock GPT-2 architecture only "
+                             "(tanh-GELU, 4x MLP, standard attention).")
         config = GPT2ReproConfig(
             vocab_size=hf.vocab_size, n_positions=hf.n_positions, n_embd=hf.n_embd, n_layer=hf.n_layer,
             n_head=hf.n_head, layer_norm_epsilon=hf.layer_norm_epsilon, initializer_range=hf.initializer_range,

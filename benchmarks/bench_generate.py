@@ -34,10 +34,9 @@ import transformers
 from transformers import GPT2Config, GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from hardware import resolve_dtype  # noqa: E402
+from hardware import pin_cpu_allocator, resolve_dtype  # noqa: E402
 from modeling_gpt2repro import GPT2ReproForCausalLM  # noqa: E402
 from tokenization_gpt2repro import EOT_TOKEN_ID  # noqa: E402
-from hardware import pin_cpu_allocator  # noqa: E402
 
 OURS, THEIRS = "gpt2repro", "transformers GPT2LMHeadModel"
 # 256 MiB: 8x this machine's 32 MiB L3 (and larger than any L3 we know of), so the read streams from DRAM, as the
@@ -151,7 +150,7 @@ def bench_batch(models: dict[str, torch.nn.Module], dtype: torch.dtype, batch_si
               f"{(weights + kv_cache) / batch_size / 1e6:.0f} MB per token")
     # The load of this shared machine drifts within a run (whole calls of one model vary 2x): the ratio of each rep's
     # two neighbouring calls cancels the drift that the ratio of the medians still carries.
-    paired = statistics.median(t_theirs / t_ours for t_ours, t_theirs in zip(times[OURS], times[THEIRS]))
+    paired = statistics.median(t_theirs / t_ours for t_ours, t_theirs in zip(times[OURS], times[THEIRS], strict=True))
     print(f"  ratio gpt2repro / transformers: {tokens_per_s[OURS] / tokens_per_s[THEIRS]:.2f}x "
           f"(median of the reps' paired ratios: {paired:.2f}x)")
 

@@ -13,26 +13,19 @@ checks that both methods pick the same endings.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import statistics
 import sys
 import time
 from pathlib import Path
 
-# Freed blocks over 32 MB go back to the OS and are page-faulted in again by glibc's default: that adds noisy
-# system time to whichever method allocates more. Pin the allocator (it must happen before Python starts).
-PINNED_ALLOCATOR = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}  # never trim
-if any(os.environ.get(name) != value for name, value in PINNED_ALLOCATOR.items()):
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **PINNED_ALLOCATOR})
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from configuration_gpt2repro import GPT2ReproConfig  # noqa: E402
 from eval_hellaswag import evaluate_hellaswag, render_example  # noqa: E402
-from hardware import resolve_dtype  # noqa: E402
+from hardware import pin_cpu_allocator, resolve_dtype  # noqa: E402
 from modeling_gpt2repro import GPT2ReproForCausalLM  # noqa: E402
 from tokenization_gpt2repro import get_tokenizer  # noqa: E402
 
@@ -94,6 +87,9 @@ def main() -> None:
 
     args.dtype, precision_line = resolve_dtype(args.dtype, torch.device("cpu"))
     print(precision_line)
+    # glibc hands freed blocks over 32 MB back to the OS and page-faults them in again: noisy system time for
+    # whichever method allocates more. Both run under the pinned allocator, as training does.
+    pin_cpu_allocator()
     torch.manual_seed(args.seed)
     model = GPT2ReproForCausalLM(GPT2ReproConfig()).to(getattr(torch, args.dtype)).eval()  # GPT-2 124M shape
     tokenizer = get_tokenizer()
@@ -119,7 +115,7 @@ def main() -> None:
         t2 = time.perf_counter()
         rates["one example at a time"].append(len(chunk) / (t1 - t0))
         rates["evaluate_hellaswag"].append(len(chunk) / (t2 - t1))
-        same_picks += sum(p["pred"] == r for p, r in zip(result["predictions"], reference_picks))
+        same_picks += sum(p["pred"] == r for p, r in zip(result["predictions"], reference_picks, strict=True))
         print(f"examples {start}-{start + len(chunk) - 1}: one at a time {rates['one example at a time'][-1]:.2f} "
               f"ex/s, evaluate_hellaswag {rates['evaluate_hellaswag'][-1]:.2f} ex/s")
     medians = {name: statistics.median(values) for name, values in rates.items()}

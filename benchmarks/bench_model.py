@@ -21,9 +21,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from configuration_gpt2repro import GPT2ReproConfig  # noqa: E402
-from hardware import resolve_dtype  # noqa: E402
+from hardware import pin_cpu_allocator, resolve_dtype  # noqa: E402
 from modeling_gpt2repro import GPT2ReproForCausalLM  # noqa: E402
-from hardware import pin_cpu_allocator  # noqa: E402
 
 
 def matmul_ceiling(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
@@ -40,7 +39,8 @@ def matmul_ceiling(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
 
 def make_step(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype, compile_model: bool):
     """One training step of `model` as a closure; each model computes its loss the way its users would."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, fused=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+                                  fused=True)
     forward = torch.compile(model) if compile_model else model
     ours = isinstance(model, GPT2ReproForCausalLM)
     y = torch.roll(x, -1, dims=1)  # next-token targets for the shift_labels path
@@ -84,10 +84,11 @@ def main() -> None:
     theirs = GPT2LMHeadModel._from_config(gpt2_config, attn_implementation="sdpa").train()
     assert theirs.config._attn_implementation == "sdpa"
     x = torch.randint(0, 50257, (B, T))
-    steps = {"gpt2repro": make_step(ours, x, dtype, args.compile), "transformers GPT2LMHeadModel": make_step(theirs, x, dtype, args.compile)}
+    steps = {"gpt2repro": make_step(ours, x, dtype, args.compile),
+             "transformers GPT2LMHeadModel": make_step(theirs, x, dtype, args.compile)}
     flops_per_step = ours.flops_per_token(T) * B * T  # same architecture and work for both (50257 vs 50304 aside)
 
-    for name, step in steps.items():  # warm up (compilation, allocator, oneDNN kernels)
+    for step in steps.values():  # warm up (compilation, allocator, oneDNN kernels)
         for _ in range(2):
             step()
     times = {name: [] for name in steps}
@@ -101,9 +102,10 @@ def main() -> None:
         print(f"note: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16 matmul: bf16 is slower "
               "than fp32 here; --dtype float32 measures what users of this CPU would run")
 
-    print(f"torch {torch.__version__}, CPU {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads, {args.dtype}, B={B} T={T}, "
-          f"compile={args.compile}, {args.steps} interleaved steps each")
-    print(f"{args.dtype} matmul ceiling: {ceiling / 1e9:.0f} GFLOP/s = {ceiling / (flops_per_step / (B * T)):.0f} tokens/s")
+    print(f"torch {torch.__version__}, CPU {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} "
+          f"threads, {args.dtype}, B={B} T={T}, compile={args.compile}, {args.steps} interleaved steps each")
+    print(f"{args.dtype} matmul ceiling: {ceiling / 1e9:.0f} GFLOP/s = "
+          f"{ceiling / (flops_per_step / (B * T)):.0f} tokens/s")
     tokens_per_s = {}
     for name, ts in times.items():
         median = statistics.median(ts)

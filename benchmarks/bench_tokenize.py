@@ -32,9 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
-from tokenization_gpt2repro import EOT_TOKEN_ID, get_tiktoken_encoding
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the repository's modules, also where gpt2repro is not installed (or lists fewer)
+from tokenization_gpt2repro import EOT_TOKEN_ID, get_tiktoken_encoding  # noqa: E402
+
 BOOK_CHARS = 120_000  # a book-sized document (a short novel is ~300 KB; the corpus had ~120 KB files)
 SHARDS = 5  # per corpus, a val shard and 4 train shards, so shards are written during the run as in a real one
 SEED = 0
@@ -107,7 +108,8 @@ def build_corpora(root: Path, book_mb: float, web_mb: float) -> dict[str, tuple[
         Path(book_paths[-1]).write_text(text, encoding="utf-8")
     web = list(shuffled_chapters(int(web_mb * 1e6)))
     web_path = root / "web.jsonl"
-    web_path.write_text("".join(json.dumps({"text": text, "id": i}) + "\n" for i, text in enumerate(web)), encoding="utf-8")
+    web_path.write_text("".join(json.dumps({"text": text, "id": i}) + "\n" for i, text in enumerate(web)),
+                        encoding="utf-8")
     return {"books": (book_paths, books), "web": ([str(web_path)], web)}
 
 
@@ -148,15 +150,16 @@ def main() -> None:
         encoding = get_tiktoken_encoding()
         shard_size = {}  # also a warm-up: the files are in the page cache before any timing
         for regime, (_, documents) in corpora.items():
-            num_tokens = sum(len(ids) + 1 for ids in encoding.encode_ordinary_batch(documents, num_threads=args.num_proc))
+            num_tokens = sum(len(ids) + 1  # + the <|endoftext|> before each document
+                             for ids in encoding.encode_ordinary_batch(documents, num_threads=args.num_proc))
             shard_size[regime] = -(-num_tokens // SHARDS)
         out = root / "out"
         runs = {}  # (regime, method) -> [(wall, tokenising seconds)]
         ceiling = {(regime, threads): [] for regime in corpora for threads in (args.num_proc, 1)}  # seconds
         for name, (paths, documents) in corpora.items():
             megabytes = sum(len(t.encode("utf-8")) for t in documents) / 1e6
-            print(f"{name}: {len(documents):,} documents of ~{megabytes * 1e3 / len(documents):,.1f} KB, {megabytes:.1f} MB "
-                  f"({len(paths):,} {Path(paths[0]).suffix} files)")
+            print(f"{name}: {len(documents):,} documents of ~{megabytes * 1e3 / len(documents):,.1f} KB, "
+                  f"{megabytes:.1f} MB ({len(paths):,} {Path(paths[0]).suffix} files)")
         print(f"{args.num_proc} processes; {args.repetitions} interleaved repetitions; medians, with each run's figure")
         for repetition in range(args.repetitions):
             for regime, (paths, documents) in corpora.items():
@@ -164,7 +167,8 @@ def main() -> None:
                         "--shard_size", str(shard_size[regime]), "--num_proc"]
                 commands = {
                     "ours": ours + [str(args.num_proc)],
-                    "baseline": [sys.executable, __file__, "baseline", str(out), str(args.num_proc), str(shard_size[regime]), *paths],
+                    "baseline": [sys.executable, __file__, "baseline", str(out), str(args.num_proc),
+                                 str(shard_size[regime]), *paths],
                     "ours 1 proc": ours + ["1"],
                 }
                 for method, command in commands.items():
@@ -172,7 +176,8 @@ def main() -> None:
                     if repetition == 0 and method == "ours":
                         expected = shard_tokens(out)
                     elif repetition == 0 and method == "baseline":
-                        assert np.array_equal(shard_tokens(out), expected), f"{regime}: baseline and ours wrote different tokens"
+                        assert np.array_equal(shard_tokens(out), expected), \
+                            f"{regime}: baseline and ours wrote different tokens"
                 for threads in (args.num_proc, 1):
                     start = time.perf_counter()
                     encoding.encode_ordinary_batch(documents, num_threads=threads)
@@ -184,12 +189,13 @@ def main() -> None:
     def listed(values, unit: str = "s") -> str:
         return f"(runs {', '.join(f'{v:.2f}' for v in values)} {unit})"
 
-    for regime, (paths, documents) in corpora.items():
+    for regime, (_, documents) in corpora.items():
         megabytes = sum(len(t.encode("utf-8")) for t in documents) / 1e6
         print(f"\n{regime} ({megabytes:.1f} MB)")
         for method in ("ours", "baseline", "ours 1 proc"):
             walls = [wall for wall, _ in runs[regime, method]]
-            line = f"  {method:>12}: {median(walls):6.2f} s whole command, {megabytes / median(walls):5.1f} MB/s {listed(walls)}"
+            line = (f"  {method:>12}: {median(walls):6.2f} s whole command, {megabytes / median(walls):5.1f} MB/s "
+                    f"{listed(walls)}")
             if method != "baseline":
                 tokenising = [t for _, t in runs[regime, method]]
                 startup = [wall - t for wall, t in runs[regime, method]]
@@ -203,9 +209,11 @@ def main() -> None:
               f"{wall['ours 1 proc'] / wall['ours']:.2f}x whole command")
         for threads in (args.num_proc, 1):
             rates = [megabytes / seconds for seconds in ceiling[regime, threads]]
-            print(f"  tiktoken encode_ordinary_batch(num_threads={threads}): {median(rates):.1f} MB/s {listed(rates, 'MB/s')}")
+            print(f"  tiktoken encode_ordinary_batch(num_threads={threads}): {median(rates):.1f} MB/s "
+                  f"{listed(rates, 'MB/s')}")
         print(f"  ours tokenising / tiktoken's {args.num_proc}-thread rate: "
-              f"{median(ceiling[regime, args.num_proc]) / tokenising['ours']:.2f}; tiktoken {args.num_proc} threads / 1: "
+              f"{median(ceiling[regime, args.num_proc]) / tokenising['ours']:.2f}; "
+              f"tiktoken {args.num_proc} threads / 1: "
               f"{median(ceiling[regime, 1]) / median(ceiling[regime, args.num_proc]):.2f}x")
 
 

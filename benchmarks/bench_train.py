@@ -23,9 +23,9 @@ from accelerate import Accelerator
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import train_accelerate  # noqa: E402
-from hardware import accelerate_device, resolve_mixed_precision  # noqa: E402
 from configuration_gpt2repro import GPT2ReproConfig  # noqa: E402
-from modeling_gpt2repro import GPT2ReproForCausalLM  # noqa: E402
+from hardware import accelerate_device, peak_flops_per_device, pin_cpu_allocator, resolve_mixed_precision  # noqa: E402
+from modeling_gpt2repro import GPT2ReproForCausalLM, training_flops_per_token  # noqa: E402
 
 
 def build_gpt2repro() -> tuple[torch.nn.Module, callable]:
@@ -51,10 +51,12 @@ def build_transformers_gpt2() -> tuple[torch.nn.Module, callable]:
 
 
 def flops_per_token(model: torch.nn.Module, seq_len: int) -> int:
-    """6 FLOPs per multiplying parameter (all but position embeddings) + attention's 12 * n_layer * C * T."""
-    config = model.config
-    wpe = model.transformer.wpe.weight.numel()
-    return 6 * (sum(p.numel() for p in model.parameters()) - wpe) + 12 * config.n_layer * config.n_embd * seq_len
+    """modeling_gpt2repro's training FLOPs per token, for GPT2LMHeadModel on its own numbers: its parameters that
+    multiply are, as gpt2repro's, all but the position embeddings (the tied wte counted once)."""
+    if isinstance(model, GPT2ReproForCausalLM):
+        return model.flops_per_token(seq_len)
+    num_parameters_for_flops = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
+    return training_flops_per_token(num_parameters_for_flops, model.config.n_layer, model.config.n_embd, seq_len)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -75,8 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     device = accelerator.device
     if device.type == "cpu":
-        hardware.pin_cpu_allocator()
-    peak_flops = hardware.peak_flops_per_device(device, args.mixed_precision)
+        pin_cpu_allocator()
+    peak_flops = peak_flops_per_device(device, args.mixed_precision)
     compile_modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
 
     variants = []
