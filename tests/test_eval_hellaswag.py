@@ -6,7 +6,6 @@ import math
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +30,7 @@ from eval_hellaswag import (
 )
 from modeling_gpt2repro import GPT2ReproForCausalLM
 from tokenization_gpt2repro import get_tiktoken_encoding, get_tokenizer
+from train_helpers import free_port, run_main
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "eval_hellaswag.py"
@@ -139,17 +139,6 @@ def fresh_accelerate():
     GradientState._reset_state()
 
 
-def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
-    """eval_hellaswag.main in this process: (exit status, stdout, stderr)."""
-    try:
-        eval_hellaswag.main(argv)
-        status = 0
-    except SystemExit as exit_:
-        status = exit_.code
-    out = capsys.readouterr()
-    return status, out.out, out.err
-
-
 def file_contents(folder: Path) -> dict[str, bytes | None]:
     """Every path under `folder` with its bytes (None for a folder): what a run must leave as it was."""
     return {str(path): None if path.is_dir() else path.read_bytes() for path in sorted(folder.rglob("*"))}
@@ -175,7 +164,7 @@ def argmin(values: list[float]) -> int:
     return min(range(len(values)), key=values.__getitem__)
 
 
-# ---- data ---------------------------------------------------------------------------------------------------------
+# ---- data ------------------------------------------------------------------------------------------------------------
 
 def test_both_schemas_load_to_the_same_examples(tmp_path):
     records = make_records(6)
@@ -185,7 +174,7 @@ def test_both_schemas_load_to_the_same_examples(tmp_path):
                                                                                   for r in records])))
     assert from_jsonl == from_parquet == from_string_labels
     assert [e["label"] for e in from_parquet] == [r["label"] for r in records]
-    assert all(len(e["endings"]) == 4 and e["ctx"] == r["ctx"] for e, r in zip(from_jsonl, records))
+    assert all(len(e["endings"]) == 4 and e["ctx"] == r["ctx"] for e, r in zip(from_jsonl, records, strict=True))
 
 
 @pytest.mark.parametrize("breakage, message", [
@@ -344,7 +333,7 @@ def command_line(arguments: dict[str, str]) -> list[str]:
 def run_bad_cli(arguments: dict[str, str], folder: Path, capsys) -> tuple[int, str, str]:
     """main with `arguments`; it must leave every file under `folder` as it was."""
     before = file_contents(folder)
-    outcome = run_main(command_line(arguments), capsys)
+    outcome = run_main(eval_hellaswag.main, command_line(arguments), capsys)
     assert file_contents(folder) == before
     return outcome
 
@@ -425,14 +414,13 @@ def test_cli_result_is_written_whole_or_not_at_all(tmp_path, model_dir, capsys, 
     assert status == 1
     assert [line for line in err.splitlines() if "error" in line] == \
         [f"error: could not write --output_json {tmp_path / 'result.json'}: No space left on device"]
-    AcceleratorState._reset_state(True)
-    status, _, err = run_main(command_line(arguments), capsys)
+    status, _, err = run_main(eval_hellaswag.main, command_line(arguments), capsys)
     assert status == 0, err
     assert json.loads((tmp_path / "result.json").read_text())["count"] == 3
     assert sorted(os.listdir(tmp_path)) == ["result.json", "val.jsonl"]  # no partial file left
 
 
-# ---- scoring ------------------------------------------------------------------------------------------------------
+# ---- scoring ---------------------------------------------------------------------------------------------------------
 
 def test_harness_preprocessing():
     # Stripped first, then cleaned: as in lm-evaluation-harness, markup at the very start leaves a space.
@@ -454,11 +442,11 @@ def test_scores_equal_one_row_at_a_time_reference(model, tokenizer, examples, st
     predictions = result["predictions"]
     assert [p["index"] for p in predictions] == list(range(len(examples))) and result["count"] == len(examples)
     enc = get_tiktoken_encoding()
-    for example, prediction in zip(examples, predictions):
+    for example, prediction in zip(examples, predictions, strict=True):
         context, continuations, char_lengths = render_example(example, style)
         nll = reference_nll(model, context, continuations)
         per_token = char_lengths or [len(enc.encode_ordinary(c)) for c in continuations]
-        nll_norm = [n / d for n, d in zip(nll, per_token)]
+        nll_norm = [n / d for n, d in zip(nll, per_token, strict=True)]
         torch.testing.assert_close(prediction["ending_nll"], nll, atol=2e-4, rtol=1e-5)
         torch.testing.assert_close(prediction["ending_nll_norm"], nll_norm, atol=2e-4, rtol=1e-5)
         assert (prediction["pred"], prediction["pred_norm"], prediction["label"]) == \
@@ -475,7 +463,7 @@ def test_batched_equals_unbatched_and_training_mode_is_restored(model, tokenizer
     model.eval()
     many = evaluate_hellaswag(model, tokenizer, examples, batch_size=6, show_progress=False, return_predictions=True)
     assert not model.training
-    for a, b in zip(one.pop("predictions"), many.pop("predictions")):
+    for a, b in zip(one.pop("predictions"), many.pop("predictions"), strict=True):
         assert (a["pred"], a["pred_norm"]) == (b["pred"], b["pred_norm"])
         torch.testing.assert_close(a["ending_nll"], b["ending_nll"], atol=2e-4, rtol=1e-5)
     assert one == many
@@ -507,7 +495,7 @@ def test_our_model_scores_like_transformers_gpt2(model, tokenizer, examples):
     ours = GPT2ReproForCausalLM.from_gpt2(model)
     expected = evaluate_hellaswag(model, tokenizer, examples, show_progress=False, return_predictions=True)
     got = evaluate_hellaswag(ours, tokenizer, examples, show_progress=False, return_predictions=True)
-    for a, b in zip(expected.pop("predictions"), got.pop("predictions")):
+    for a, b in zip(expected.pop("predictions"), got.pop("predictions"), strict=True):
         assert (a["pred"], a["pred_norm"]) == (b["pred"], b["pred_norm"])
         torch.testing.assert_close(a["ending_nll"], b["ending_nll"], atol=2e-4, rtol=1e-5)
     assert got == expected
@@ -576,8 +564,9 @@ def test_cli_counts_cut_and_skipped_examples(tmp_path, short_models, tokenizer, 
     tokenizer.save_pretrained(checkpoint)
     data_file = write_jsonl(tmp_path / "val.jsonl", overflowing_records())
     output = tmp_path / "result.json"
-    status, out, err = run_main(["--model", str(checkpoint), "--data_file", str(data_file), "--dtype", "float32",
-                                 "--batch_size", "2", "--output_json", str(output)], capsys)
+    status, out, err = run_main(eval_hellaswag.main, ["--model", str(checkpoint), "--data_file", str(data_file),
+                                                      "--dtype", "float32", "--batch_size", "2", "--output_json",
+                                                      str(output)], capsys)
     assert status == 0, err
     expected = evaluate_hellaswag(short_models["gpt2"], tokenizer, load_hellaswag(str(data_file)), batch_size=2,
                                   show_progress=False, return_predictions=True)
@@ -588,9 +577,8 @@ def test_cli_counts_cut_and_skipped_examples(tmp_path, short_models, tokenizer, 
     assert {key: report[key] for key in expected} == expected
 
     write_jsonl(data_file, overflowing_records()[2:])
-    AcceleratorState._reset_state(True)
-    status, out, err = run_main(["--model", str(checkpoint), "--data_file", str(data_file), "--output_json",
-                                 str(output)], capsys)
+    status, out, err = run_main(eval_hellaswag.main, ["--model", str(checkpoint), "--data_file", str(data_file),
+                                                      "--output_json", str(output)], capsys)
     assert status == 1
     assert [line for line in err.splitlines() if "error" in line] == \
         ["error: none of the 1 examples fits the model's context of 32 tokens: in each, an ending alone fills it"]
@@ -640,12 +628,6 @@ def test_cli_random_sample_harness_bf16_with_the_checkpoint_tokenizer(tmp_path, 
     assert [(p["pred"], p["pred_norm"]) for p in report["predictions"]] == \
         [(p["pred"], p["pred_norm"]) for p in expected["predictions"]]
     assert (report["acc"], report["acc_norm"], report["style"]) == (expected["acc"], expected["acc_norm"], "harness")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_give_the_same_totals_as_one(tmp_path, model, model_dir, tokenizer):

@@ -36,7 +36,8 @@ def test_auto_on_cpu_follows_native_bf16(monkeypatch):
 @pytest.mark.parametrize("supported, expected", [(True, "bf16"), (False, "no")])
 def test_auto_on_cuda_follows_bf16_support(monkeypatch, supported, expected):
     # like torch's: by default it also says yes where bf16 is only emulated (V100, T4)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation or supported)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: including_emulation or supported)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "NVIDIA H100 80GB HBM3")
     precision, line = hardware.resolve_mixed_precision("auto", torch.device("cuda", 0))
     assert precision == expected and "NVIDIA H100 80GB HBM3" in line

@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2LMHeadModel, pipeline
 from transformers.cache_utils import DynamicCache
 
-from configuration_gpt2repro import GPT2ReproConfig
 import modeling_gpt2repro
+from configuration_gpt2repro import GPT2ReproConfig
 from modeling_gpt2repro import CACHE_FIELD, GPT2ReproForCausalLM, GPT2ReproModel
 from tokenization_gpt2repro import EOT_TOKEN_ID, IGNORE_INDEX, get_tokenizer
-from train_accelerate import enable_activation_checkpointing
+from training_infra import enable_activation_checkpointing
 
 V = 50257
 
@@ -26,11 +26,12 @@ def ids(*shape, seed=0):
 
 
 def cache_of(output):
-    """The output's KV cache under the installed transformers' field name (`cache` from 5.24, else `past_key_values`)."""
+    """The output's KV cache under the installed transformers' field name (`cache` from 5.24, else
+    `past_key_values`)."""
     return getattr(output, CACHE_FIELD)
 
 
-# ---- config -------------------------------------------------------------------------------------------------------
+# ---- config ----------------------------------------------------------------------------------------------------------
 
 def test_config_defaults_are_gpt2_124m():
     c = GPT2ReproConfig()
@@ -56,7 +57,7 @@ def test_n_embd_not_divisible_by_n_head_is_refused():
         GPT2ReproConfig(n_layer=0)
 
 
-# ---- equality with transformers' GPT-2 -----------------------------------------------------------------------------
+# ---- equality with transformers' GPT-2 -------------------------------------------------------------------------------
 
 def test_import_from_gpt2_gives_equal_logits_and_loss(tiny_gpt2):
     model = GPT2ReproForCausalLM.from_gpt2(tiny_gpt2)
@@ -193,7 +194,7 @@ def test_logits_to_keep(tiny_config):
         torch.testing.assert_close(model(x, logits_to_keep=torch.tensor([2, 7])).logits, full[:, [2, 7]])
 
 
-# ---- KV cache and generation --------------------------------------------------------------------------------------
+# ---- KV cache and generation -----------------------------------------------------------------------------------------
 
 def test_chunked_prefill_on_cache_equals_full_forward(tiny_config):
     model = GPT2ReproForCausalLM(tiny_config).eval()
@@ -203,7 +204,8 @@ def test_chunked_prefill_on_cache_equals_full_forward(tiny_config):
         first = model(x[:, :11], use_cache=True)
         second = model(x[:, 11:25], cache=cache_of(first), use_cache=True)  # multi-token chunk
         third = model(x[:, 25:26], past_key_values=cache_of(second), use_cache=True)  # one token, the pre-5.24 name
-    torch.testing.assert_close(torch.cat([first.logits, second.logits, third.logits], 1), full[:, :26], atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.cat([first.logits, second.logits, third.logits], 1), full[:, :26], atol=1e-5,
+                               rtol=0)
 
 
 def test_greedy_generate_equals_gpt2(tiny_gpt2):
@@ -245,7 +247,7 @@ def test_sampling_never_returns_a_padded_id(tiny_config):
     assert model(x).logits.shape[-1] == V
 
 
-# ---- the forward contract: every argument works or raises -----------------------------------------------------
+# ---- the forward contract: every argument works or raises ------------------------------------------------------------
 
 @pytest.mark.parametrize("cls", [GPT2ReproModel, GPT2ReproForCausalLM])
 def test_unknown_keyword_raises_type_error_naming_it(tiny_config, cls):
@@ -308,7 +310,7 @@ def test_eager_attention_equals_sdpa(tiny_config):
     sdpa = run()
     model.set_attn_implementation("eager")
     assert model.config._attn_implementation == "eager"
-    for ours, ref in zip(run(), sdpa):
+    for ours, ref in zip(run(), sdpa, strict=True):
         torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
 
 
@@ -323,7 +325,7 @@ def test_hidden_states_and_attentions_equal_gpt2(tmp_path, tiny_gpt2):
         ref = gpt2(x, output_hidden_states=True, output_attentions=True)
         ours = model(x, output_hidden_states=True, output_attentions=True)
     assert len(ours.hidden_states) == len(ref.hidden_states) == 3 and len(ours.attentions) == 2
-    for a, b in zip(ours.hidden_states + ours.attentions, ref.hidden_states + ref.attentions):
+    for a, b in zip(ours.hidden_states + ours.attentions, ref.hidden_states + ref.attentions, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     out = model.generate(x[:, :4], max_new_tokens=3, do_sample=False, pad_token_id=50256, return_dict_in_generate=True,
                          output_hidden_states=True, output_attentions=True)
@@ -384,7 +386,8 @@ def test_resize_token_embeddings_keeps_the_padding_and_round_trips(tmp_path, tie
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, after)
     model.resize_token_embeddings(50)  # shrinking keeps the first rows
-    assert model.transformer.wte.weight.shape == (64, 32) and torch.equal(model.transformer.wte.weight[:50], old_rows[:50])
+    assert model.transformer.wte.weight.shape == (64, 32) and \
+        torch.equal(model.transformer.wte.weight[:50], old_rows[:50])
 
 
 def test_resize_matches_gpt2_on_the_kept_tokens(tiny_gpt2):
@@ -465,7 +468,7 @@ def test_a_refused_resize_changes_nothing(tiny_config):
     assert model.config.padded_vocab_size == 50304 == model.transformer.wte.weight.shape[0]
 
 
-# ---- training numerics ------------------------------------------------------------------------------------------
+# ---- training numerics -----------------------------------------------------------------------------------------------
 
 def test_bf16_autocast_forward_backward(tiny_config):
     model = GPT2ReproForCausalLM(tiny_config)
@@ -497,7 +500,8 @@ def test_init_statistics():
 def test_tied_matrix_is_initialised_once(monkeypatch):
     initialised = []
     real_normal = torch.nn.init.normal_
-    monkeypatch.setattr(torch.nn.init, "normal_", lambda t, *a, **k: initialised.append(t.data_ptr()) or real_normal(t, *a, **k))
+    monkeypatch.setattr(torch.nn.init, "normal_",
+                        lambda t, *a, **k: initialised.append(t.data_ptr()) or real_normal(t, *a, **k))
     model = GPT2ReproForCausalLM(GPT2ReproConfig(n_layer=1, n_head=2, n_embd=32, n_positions=16))
     assert initialised.count(model.transformer.wte.weight.data_ptr()) == 1
     assert len(initialised) == len(set(initialised))  # no parameter is drawn twice
@@ -509,7 +513,7 @@ def test_flops_per_token_formula(tiny_config):
     assert model.flops_per_token(64) == 6 * n + 12 * 2 * 64 * 64
 
 
-# ---- errors ---------------------------------------------------------------------------------------------------
+# ---- errors ----------------------------------------------------------------------------------------------------------
 
 def test_sequence_longer_than_context_is_refused(tiny_config):
     model = GPT2ReproForCausalLM(tiny_config)
@@ -536,7 +540,7 @@ def test_from_gpt2_offline_unknown_hub_id_says_what_it_needs(monkeypatch, tmp_pa
         GPT2ReproForCausalLM.from_gpt2("someone/not-cached-gpt2")
 
 
-# ---- save / load ------------------------------------------------------------------------------------------------
+# ---- save / load -----------------------------------------------------------------------------------------------------
 
 # Our modules must not be importable in a fresh process that loads a checkpoint: only its copied code may be used.
 BLOCK_OUR_MODULES = textwrap.dedent("""

@@ -64,7 +64,8 @@ def write_inputs(tmp_path, kind):
         for name, docs in (("a.jsonl", DOCUMENTS[:half]), ("b.jsonl", DOCUMENTS[half:])):
             (tmp_path / name).write_text("".join(json.dumps({"id": i, "body": d}) + "\n" for i, d in enumerate(docs)))
         return [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")], DOCUMENTS
-    pq.write_table(pa.table({"body": DOCUMENTS, "score": list(range(len(DOCUMENTS)))}), tmp_path / "docs.parquet", row_group_size=3)
+    pq.write_table(pa.table({"body": DOCUMENTS, "score": list(range(len(DOCUMENTS)))}), tmp_path / "docs.parquet",
+                   row_group_size=3)
     return [str(tmp_path / "docs.parquet")], DOCUMENTS
 
 
@@ -72,16 +73,19 @@ def write_inputs(tmp_path, kind):
 def test_shards_hold_gpt2_tokens_of_every_document_across_shard_boundaries(tmp_path, reference_tokens, kind, num_proc):
     paths, documents = write_inputs(tmp_path, kind)
     out = tmp_path / "out"
-    main(["--data_files", *paths, "--text_column", "body", "--output_dir", str(out), "--num_proc", str(num_proc), *SMALL_SHARDS])
+    main(["--data_files", *paths, "--text_column", "body", "--output_dir", str(out), "--num_proc", str(num_proc),
+          *SMALL_SHARDS])
     names, tokens = read_stream(out)
     expected = reference_tokens(documents)
     assert tokens == expected
-    assert names[0] == "corpus_val_000000.npy" and names[1:] == [f"corpus_train_{i:06d}.npy" for i in range(1, len(names))]
+    assert names[0] == "corpus_val_000000.npy" and \
+        names[1:] == [f"corpus_train_{i:06d}.npy" for i in range(1, len(names))]
     sizes = [len(np.load(out / n)) for n in names]
     assert sizes[0] == 23 and all(s == 40 for s in sizes[1:-1]) and 0 < sizes[-1] <= 40
 
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["complete"] and manifest["total_tokens"] == len(expected) and manifest["documents"] == len(documents)
+    assert manifest["complete"] and manifest["total_tokens"] == len(expected) and \
+        manifest["documents"] == len(documents)
     assert [s["name"] for s in manifest["shards"]] == names
     for shard in manifest["shards"]:
         assert shard["sha256"] == hashlib.sha256((out / shard["name"]).read_bytes()).hexdigest()
@@ -143,7 +147,8 @@ def write_tricky_inputs(tmp_path, kind):
     if kind == "parquet":
         texts = ["first", "caf\u00e9 \U0001f642", "", "row group 2", "last"]
         pq.write_table(pa.table({"text": texts[:4], "n": [1, 2, 3, 4]}), tmp_path / "a.parquet", row_group_size=2)
-        pq.write_table(pa.table({"text": pa.array(texts[4:], type=pa.large_string()), "n": [5]}), tmp_path / "b.parquet")
+        pq.write_table(pa.table({"text": pa.array(texts[4:], type=pa.large_string()), "n": [5]}),
+                       tmp_path / "b.parquet")
         return [str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")]
     for name, content in TRICKY_INPUTS[kind].items():
         (tmp_path / name).write_bytes(content)
@@ -167,7 +172,8 @@ def test_local_files_give_the_documents_datasets_reads(tmp_path, reference_token
 def test_bin_format_is_llmc_layout(tmp_path, reference_tokens):
     paths, documents = write_inputs(tmp_path, "parquet")
     out = tmp_path / "out"
-    main(["--data_files", *paths, "--text_column", "body", "--output_dir", str(out), "--format", "bin", "--num_proc", "1", *SMALL_SHARDS])
+    main(["--data_files", *paths, "--text_column", "body", "--output_dir", str(out), "--format", "bin", "--num_proc",
+          "1", *SMALL_SHARDS])
     tokens = []
     for path in sorted(out.glob("*.bin"), key=lambda p: p.name.rsplit("_", 1)[1]):
         header = np.frombuffer(path.read_bytes()[:1024], dtype="<i4")
@@ -263,7 +269,8 @@ class HubStandIn:
 
     def __call__(self, path, name=None, split=None, streaming=False, columns=None):
         self.calls.append((path, name, split, streaming, columns))
-        return self.real_load_dataset("parquet", data_files=[self.parquet_path], split=split, streaming=streaming, columns=columns)
+        return self.real_load_dataset("parquet", data_files=[self.parquet_path], split=split, streaming=streaming,
+                                      columns=columns)
 
 
 def test_fineweb_edu_streams_and_stops_at_max_tokens(tmp_path, monkeypatch, reference_tokens):
@@ -274,7 +281,8 @@ def test_fineweb_edu_streams_and_stops_at_max_tokens(tmp_path, monkeypatch, refe
     monkeypatch.setattr(datasets, "load_dataset", stand_in)
     monkeypatch.setattr(prepare_data, "hub_reachable", lambda: True)
     max_tokens = 100
-    main(["--dataset", "fineweb-edu", "--output_dir", str(tmp_path / "fw"), "--max_tokens", str(max_tokens), *SMALL_SHARDS])
+    main(["--dataset", "fineweb-edu", "--output_dir", str(tmp_path / "fw"), "--max_tokens", str(max_tokens),
+          *SMALL_SHARDS])
     assert stand_in.calls == [("HuggingFaceFW/fineweb-edu", "sample-10BT", "train", True, ["text"])]
     names, tokens = read_stream(tmp_path / "fw")
     assert names[0] == "edufineweb_val_000000.npy"
@@ -285,7 +293,8 @@ def test_fineweb_edu_streams_and_stops_at_max_tokens(tmp_path, monkeypatch, refe
 
 def run_cli(*args, **env):
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", **env}
-    return subprocess.run([sys.executable, str(REPO / "prepare_data.py"), *args], capture_output=True, text=True, env=environment, timeout=120)
+    return subprocess.run([sys.executable, str(REPO / "prepare_data.py"), *args], capture_output=True, text=True,
+                          env=environment, timeout=120)
 
 
 def test_fineweb_edu_offline_fails_with_one_sentence(tmp_path):
@@ -340,7 +349,8 @@ def test_mixed_kinds_and_changed_settings_are_refused(tmp_path):
 def test_cli_error_is_one_line_and_nonzero_exit(tmp_path):
     result = run_cli("--data_files", str(tmp_path / "missing.jsonl"), "--output_dir", str(tmp_path / "out"))
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == [f"prepare_data.py: error: input file {tmp_path / 'missing.jsonl'} does not exist"]
+    assert result.stderr.strip().splitlines() == [
+        f"prepare_data.py: error: input file {tmp_path / 'missing.jsonl'} does not exist"]
 
 
 @pytest.mark.parametrize("flag", ["--shard_size", "--val_tokens", "--num_proc"])
@@ -350,16 +360,17 @@ def test_non_positive_sizes_are_refused(tmp_path, flag, capsys):
     assert f"{flag} must be a positive integer, got 0" in capsys.readouterr().err
 
 
-# ----------------------------------------------------------------------------- hostile input: one line, nothing changed
-
+# ---- hostile input: one line, nothing changed ------------------------------------------------------------------------
 
 def folder_digest(folder):
     """sha256 of every file under `folder`, by path: what must not change when a run is refused."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def assert_one_error_line(stderr, message):
-    """stderr holds no traceback and exactly one error line, `prepare_data.py: error: MESSAGE` (progress bars aside)."""
+    """stderr holds no traceback and exactly one error line, `prepare_data.py: error: MESSAGE` (progress bars
+    aside)."""
     assert "Traceback" not in stderr
     assert [line for line in stderr.splitlines() if "error:" in line] == [f"prepare_data.py: error: {message}"], stderr
 
@@ -382,7 +393,8 @@ def prepare_small(tmp_path):
     """The arguments of a small preparation of DOCUMENTS, already run into tmp_path/out: a folder a refused run must
     leave as it is."""
     paths, _ = write_inputs(tmp_path, "jsonl")
-    args = ["--data_files", *paths, "--text_column", "body", "--output_dir", str(tmp_path / "out"), "--num_proc", "1", *SMALL_SHARDS]
+    args = ["--data_files", *paths, "--text_column", "body", "--output_dir", str(tmp_path / "out"), "--num_proc", "1",
+            *SMALL_SHARDS]
     main(args)
     return args
 
@@ -392,8 +404,8 @@ def path_problem(prefix):
 
 
 def split_problem(prefix, fix):
-    return (f"--prefix {prefix!r} ends like a shard name (val or train, optionally + _NUMBER), so that its shards' names "
-            f"would read as two splits ({prefix}_train_000001.npy): {fix}")
+    return (f"--prefix {prefix!r} ends like a shard name (val or train, optionally + _NUMBER), so that its shards' "
+            f"names would read as two splits ({prefix}_train_000001.npy): {fix}")
 
 
 @pytest.mark.parametrize("prefix, message", [
@@ -408,7 +420,8 @@ def split_problem(prefix, fix):
     ("a\\b", path_problem("a\\b")),
     (".", path_problem(".")),
     ("..", path_problem("..")),
-    ("a" * (LONGEST_PREFIX + 1), f"--prefix {'a' * (LONGEST_PREFIX + 1)!r} is too long: shard names would pass the 255 bytes a file name may have"),
+    ("a" * (LONGEST_PREFIX + 1), f"--prefix {'a' * (LONGEST_PREFIX + 1)!r} is too long: shard names would pass the "
+                                 "255 bytes a file name may have"),
 ])
 def test_ambiguous_or_path_prefixes_are_refused(tmp_path, capsys, prefix, message):
     args = prepare_small(tmp_path)
@@ -422,7 +435,8 @@ def test_plain_prefixes_are_read_as_the_right_splits(tmp_path, prefix):
     """Names that hold a split's name elsewhere than at the end, and the longest prefix: the loader reads them right."""
     paths, _ = write_inputs(tmp_path, "jsonl")
     out = tmp_path / "out"
-    main(["--data_files", *paths, "--text_column", "body", "--output_dir", str(out), "--num_proc", "1", "--prefix", prefix, *SMALL_SHARDS])
+    main(["--data_files", *paths, "--text_column", "body", "--output_dir", str(out), "--num_proc", "1", "--prefix",
+          prefix, *SMALL_SHARDS])
     names = [shard["name"] for shard in json.loads((out / "manifest.json").read_text())["shards"]]
     assert len(names) > 2
     assert list_shards(out, "val") == [out / f"{prefix}_val_000000.npy"] == [out / names[0]]
@@ -445,13 +459,15 @@ def test_folders_holding_other_shards_are_refused(tmp_path, capsys, prepared, st
         args = prepare_small(tmp_path)
     else:
         paths, _ = write_inputs(tmp_path, "jsonl")
-        args = ["--data_files", *paths, "--text_column", "body", "--output_dir", str(out), "--num_proc", "1", *SMALL_SHARDS]
+        args = ["--data_files", *paths, "--text_column", "body", "--output_dir", str(out), "--num_proc", "1",
+                *SMALL_SHARDS]
         out.mkdir()
     write_shard(out / stray, [EOT, 1, 2])
     before = folder_digest(tmp_path)
     why = ("that its manifest.json does not describe (of another preparation): training would mix them in" if prepared
            else "and no manifest.json: they would be read with the new shards in training")
-    refused(args, capsys, 1, f"{out} already holds shards ({stray}) {why}; move them out or choose another --output_dir")
+    refused(args, capsys, 1,
+            f"{out} already holds shards ({stray}) {why}; move them out or choose another --output_dir")
     assert folder_digest(tmp_path) == before
 
 
@@ -479,11 +495,16 @@ def test_a_shard_written_before_its_record_is_rewritten_on_resume(tmp_path, stop
 
 
 @pytest.mark.parametrize("content, message", [
-    ("[1, 2]", "{manifest} is not a manifest of prepare_data.py (format gpt2repro-token-shards/1): choose another --output_dir"),
-    ('{"format": "another-tool/2"}', "{manifest} is not a manifest of prepare_data.py (format gpt2repro-token-shards/1): choose another --output_dir"),
-    ("no sha256", "{manifest} is damaged (its shards are not listed as prepare_data.py lists them): delete it and the shards to start over"),
-    ("renamed", "{manifest} is damaged (its shards are not listed as prepare_data.py lists them): delete it and the shards to start over"),
-    ("no total", "{manifest} is damaged (its shards are not listed as prepare_data.py lists them): delete it and the shards to start over"),
+    ("[1, 2]", "{manifest} is not a manifest of prepare_data.py (format gpt2repro-token-shards/1): choose another "
+               "--output_dir"),
+    ('{"format": "another-tool/2"}', "{manifest} is not a manifest of prepare_data.py (format "
+                                     "gpt2repro-token-shards/1): choose another --output_dir"),
+    ("no sha256", "{manifest} is damaged (its shards are not listed as prepare_data.py lists them): delete it and the "
+                  "shards to start over"),
+    ("renamed", "{manifest} is damaged (its shards are not listed as prepare_data.py lists them): delete it and the "
+                "shards to start over"),
+    ("no total", "{manifest} is damaged (its shards are not listed as prepare_data.py lists them): delete it and the "
+                 "shards to start over"),
 ])
 def test_foreign_or_damaged_manifests_are_refused(tmp_path, capsys, content, message):
     args = prepare_small(tmp_path)
@@ -521,7 +542,8 @@ def test_invalid_utf8_names_its_file_and_the_offset_of_the_first_bad_byte(tmp_pa
 
 
 def test_invalid_utf8_in_parquet_names_the_row(tmp_path, capsys):
-    """Parquet strings are UTF-8 by definition, but a writer may not check: the row, not a byte offset in a compressed file."""
+    """Parquet strings are UTF-8 by definition, but a writer may not check: the row, not a byte offset in a compressed
+    file."""
     texts = pa.array([b"fine"] * 70 + [b"caf\xe9"], type=pa.binary()).view(pa.string())  # row 70: the second read
     pq.write_table(pa.table({"text": texts}), tmp_path / "bad.parquet")
     refused(["--data_files", str(tmp_path / "bad.parquet"), "--output_dir", str(tmp_path / "out")], capsys, 1,
@@ -547,7 +569,8 @@ def test_first_invalid_utf8_counts_from_the_start_of_the_file(tmp_path, monkeypa
 
 @pytest.fixture
 def unwritable_folder(tmp_path):
-    """A folder this process cannot write in: read-only for a user; immutable (chattr +i) for root, whom modes do not stop."""
+    """A folder this process cannot write in: read-only for a user; immutable (chattr +i) for root, whom modes do not
+    stop."""
     folder = tmp_path / "locked"
     folder.mkdir()
     if os.geteuid() != 0:
@@ -555,7 +578,8 @@ def unwritable_folder(tmp_path):
         yield folder, os.strerror(13)  # EACCES
         folder.chmod(0o755)
         return
-    if not shutil.which("chattr") or subprocess.run(["chattr", "+i", str(folder)], capture_output=True, check=False).returncode:
+    if not shutil.which("chattr") or \
+            subprocess.run(["chattr", "+i", str(folder)], capture_output=True, check=False).returncode:
         pytest.skip("root, on a file system without chattr +i: no folder is unwritable")
     yield folder, os.strerror(1)  # EPERM
     subprocess.run(["chattr", "-i", str(folder)], check=True)
@@ -566,9 +590,11 @@ def test_unusable_output_dir_is_refused_before_tokenising(tmp_path, capsys, monk
     paths, _ = write_inputs(tmp_path, "txt")
     (tmp_path / "a_file").write_text("not a folder")
     if where == "a file":
-        output_dir, message = tmp_path / "a_file", f"--output_dir {tmp_path / 'a_file'} is a file, not a folder: choose another --output_dir"
+        output_dir, message = tmp_path / "a_file", (f"--output_dir {tmp_path / 'a_file'} is a file, not a folder: "
+                                                    f"choose another --output_dir")
     elif where == "inside a file":
-        output_dir, message = tmp_path / "a_file" / "sub", f"could not create --output_dir {tmp_path / 'a_file' / 'sub'}: Not a directory"
+        output_dir, message = tmp_path / "a_file" / "sub", (f"could not create --output_dir "
+                                                            f"{tmp_path / 'a_file' / 'sub'}: Not a directory")
     else:
         locked, locked_error = request.getfixturevalue("unwritable_folder")
         output_dir = locked if where == "unwritable" else locked / "sub"
@@ -589,8 +615,10 @@ GIVEN_TWICE = ("input file {{tmp}}/{name} is given twice (by overlapping --data_
     (["pipe.jsonl"], "input file {tmp}/pipe.jsonl is not a regular file (a pipe or a device): save the data in a file"),
     (["a.txt", "a.txt"], GIVEN_TWICE.format(name="a.txt")),
     (["*.txt", "b.txt"], GIVEN_TWICE.format(name="b.txt")),
-    (["blank.jsonl"], "input file {tmp}/blank.jsonl holds no documents (only blank lines): leave it out of --data_files"),
-    (["rows.jsonl", "blank.jsonl"], "input file {tmp}/blank.jsonl holds no documents (only blank lines): leave it out of --data_files"),
+    (["blank.jsonl"], "input file {tmp}/blank.jsonl holds no documents (only blank lines): leave it out of "
+                      "--data_files"),
+    (["rows.jsonl", "blank.jsonl"], "input file {tmp}/blank.jsonl holds no documents (only blank lines): leave it out "
+                                    "of --data_files"),
     (["empty.json"], "input file {tmp}/empty.json holds no documents (no rows): leave it out of --data_files"),
     (["empty.parquet"], "input file {tmp}/empty.parquet holds no documents (no rows): leave it out of --data_files"),
     (["some_rows.jsonl"], "{tmp}/some_rows.jsonl line 2 has no column 'text' (it has body): pass --text_column"),
@@ -599,7 +627,8 @@ GIVEN_TWICE = ("input file {{tmp}}/{name} is given twice (by overlapping --data_
 ])
 def test_unusable_data_files_are_refused(tmp_path, capsys, files, message):
     """Inputs that gave a traceback, a misleading message, or were taken silently (a file's documents twice, a file
-    that adds nothing, a line without the column read as null, a byte order mark inside a file that `datasets` refuses)."""
+    that adds nothing, a line without the column read as null, a byte order mark inside a file that `datasets`
+    refuses)."""
     (tmp_path / "docs").mkdir()
     os.mkfifo(tmp_path / "pipe.jsonl")
     (tmp_path / "a.txt").write_text("a document")
@@ -611,8 +640,8 @@ def test_unusable_data_files_are_refused(tmp_path, capsys, files, message):
     (tmp_path / "some_rows.jsonl").write_text('{"text": "a document"}\n{"body": "no text"}\n')
     (tmp_path / "bom_inside.jsonl").write_bytes(b'{"text": "a"}\n\xef\xbb\xbf{"text": "b"}\n')
     before = folder_digest(tmp_path)
-    refused(["--data_files", *(str(tmp_path / f) for f in files), "--output_dir", str(tmp_path / "out"), "--num_proc", "1",
-             "--val_tokens", "1000"], capsys, 1, message.format(tmp=tmp_path))
+    refused(["--data_files", *(str(tmp_path / f) for f in files), "--output_dir", str(tmp_path / "out"), "--num_proc",
+             "1", "--val_tokens", "1000"], capsys, 1, message.format(tmp=tmp_path))
     assert folder_digest(tmp_path) == before
 
 
@@ -627,25 +656,29 @@ def test_a_file_name_with_glob_characters_is_that_file(tmp_path, reference_token
     (["--max_tokens", "0"], "--max_tokens must be a positive integer, got 0"),
     (["--max_tokens", "-5"], "--max_tokens must be a positive integer, got -5"),
     (["--shard_size", "-1"], "--shard_size must be a positive integer, got -1"),
-    (["--val_tokens", "50", "--max_tokens", "50"], ("--max_tokens 50 leaves no tokens for training: the val shard takes "
-                                                    "the first 50 (--val_tokens); raise --max_tokens or lower --val_tokens")),
+    (["--val_tokens", "50", "--max_tokens", "50"], ("--max_tokens 50 leaves no tokens for training: the val shard "
+                                                    "takes the first 50 (--val_tokens); raise --max_tokens or lower "
+                                                    "--val_tokens")),
     (["--max_tokens", "1000"], ("--max_tokens 1,000 leaves no tokens for training: the val shard takes the first "
                                 "100,000,000 (--val_tokens); raise --max_tokens or lower --val_tokens")),
-    (["--format", "bin", "--shard_size", str(2**31)], ("a .bin shard holds at most 2,147,483,647 tokens (llm.c's header "
-                                                       "counts them in an int32): lower --shard_size or --val_tokens, or use --format npy")),
+    (["--format", "bin", "--shard_size", str(2**31)], ("a .bin shard holds at most 2,147,483,647 tokens (llm.c's "
+                                                       "header counts them in an int32): lower --shard_size or "
+                                                       "--val_tokens, or use --format npy")),
     (["--output_dir", ""], "--output_dir is empty: name a folder"),
 ])
 def test_impossible_settings_are_refused_before_reading(tmp_path, capsys, flags, message):
     (tmp_path / "a.txt").write_text("a document")
-    refused(["--data_files", str(tmp_path / "a.txt"), "--output_dir", str(tmp_path / "out"), *flags], capsys, 2, message)
+    refused(["--data_files", str(tmp_path / "a.txt"), "--output_dir", str(tmp_path / "out"), *flags], capsys, 2,
+            message)
     assert not (tmp_path / "out").exists()
 
 
 def test_a_shard_too_large_for_memory_is_one_line(tmp_path, capsys):
     (tmp_path / "a.txt").write_text("a document")
-    refused(["--data_files", str(tmp_path / "a.txt"), "--output_dir", str(tmp_path / "out"), "--shard_size", str(10**17)],
-            capsys, 1, "a shard of 100,000,000,000,000,000 tokens needs 186,264,514.9 GiB of memory, more than there is: "
-                       "lower --shard_size or --val_tokens")
+    refused(["--data_files", str(tmp_path / "a.txt"), "--output_dir", str(tmp_path / "out"), "--shard_size",
+             str(10**17)],
+            capsys, 1, "a shard of 100,000,000,000,000,000 tokens needs 186,264,514.9 GiB of memory, more than there "
+                       "is: lower --shard_size or --val_tokens")
 
 
 def test_a_full_disk_is_one_line_and_the_re_run_resumes(tmp_path, capsys, monkeypatch):
@@ -661,8 +694,9 @@ def test_a_full_disk_is_one_line_and_the_re_run_resumes(tmp_path, capsys, monkey
 
     args[args.index(str(tmp_path / "out"))] = str(tmp_path / "full")
     monkeypatch.setattr(prepare_data, "write_shard", full_on_third_shard)
-    refused(args, capsys, 1, f"could not write {tmp_path / 'full' / 'corpus_train_000002.npy'}: No space left on device: "
-                             f"make room (or fix the folder) and re-run the same command, which resumes after the last finished shard")
+    refused(args, capsys, 1, f"could not write {tmp_path / 'full' / 'corpus_train_000002.npy'}: No space left on "
+                             f"device: make room (or fix the folder) and re-run the same command, which resumes after "
+                             f"the last finished shard")
     monkeypatch.setattr(prepare_data, "write_shard", real_write_shard)
     main(args)
     assert folder_digest(tmp_path / "full") == whole
@@ -672,18 +706,21 @@ def test_more_shards_than_names_sort_is_refused(tmp_path, capsys, monkeypatch):
     """The 6-digit index sorts in order up to 999,999 shards (here made 3, not to write a million)."""
     monkeypatch.setattr(prepare_data, "MAX_SHARDS", 3)
     paths, _ = write_inputs(tmp_path, "jsonl")
-    refused(["--data_files", *paths, "--text_column", "body", "--output_dir", str(tmp_path / "out"), "--num_proc", "1", *SMALL_SHARDS],
-            capsys, 1, "the corpus needs more than 3 shards, whose names would not sort in order: start again in an empty "
-                       "--output_dir with a larger --shard_size")
+    refused(["--data_files", *paths, "--text_column", "body", "--output_dir", str(tmp_path / "out"), "--num_proc", "1",
+             *SMALL_SHARDS],
+            capsys, 1, "the corpus needs more than 3 shards, whose names would not sort in order: start again in an "
+                       "empty --output_dir with a larger --shard_size")
 
 
 @pytest.mark.parametrize("args, status, message", [
     (["--prefix", "x_val"], 2, split_problem("x_val", "drop that ending (--prefix x)")),
-    (["--output_dir", "{tmp}/a.txt"], 1, "--output_dir {tmp}/a.txt is a file, not a folder: choose another --output_dir"),
+    (["--output_dir", "{tmp}/a.txt"], 1,
+     "--output_dir {tmp}/a.txt is a file, not a folder: choose another --output_dir"),
     (["--data_files", "{tmp}/a.txt", "{tmp}/latin1.txt", "--num_proc", "2"], 1, utf8_message("{tmp}/latin1.txt", 3)),
 ])
 def test_cli_refusals_are_one_line(tmp_path, args, status, message):
-    """The real command line: the exit status and stderr of a user's mistake, argparse's and ours, also from a worker."""
+    """The real command line: the exit status and stderr of a user's mistake, argparse's and ours, also from a
+    worker."""
     (tmp_path / "a.txt").write_text("a document")
     (tmp_path / "latin1.txt").write_bytes(b"caf\xe9")
     args = [arg.format(tmp=tmp_path) for arg in args]

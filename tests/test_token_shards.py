@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from token_shards import (
-    ShardFormatError,
     ShardedTokenLoader,
+    ShardFormatError,
     list_shards,
     open_shard,
     to_token_array,
@@ -102,7 +102,8 @@ def test_a_prefix_that_contains_a_split_name_does_not_move_shards_between_splits
     for name in ("train_data_val_000000.npy", "train_data_train_000001.npy", "val_set_train_000002.npy"):
         (tmp_path / name).touch()
     assert [p.name for p in list_shards(tmp_path, "val")] == ["train_data_val_000000.npy"]
-    assert [p.name for p in list_shards(tmp_path, "train")] == ["train_data_train_000001.npy", "val_set_train_000002.npy"]
+    assert [p.name for p in list_shards(tmp_path, "train")] == ["train_data_train_000001.npy",
+                                                                "val_set_train_000002.npy"]
 
 
 def write_manifest(data_dir, names):
@@ -238,7 +239,7 @@ def test_state_dict_round_trip_resumes_exactly(tmp_path, shuffle):
     state = json.loads(json.dumps(first_run.state_dict()))
     resumed = make_loader()
     resumed.load_state_dict(state)
-    for (x, y), (x_ref, y_ref) in zip(epoch_batches(resumed, 7), expected[5:]):
+    for (x, y), (x_ref, y_ref) in zip(epoch_batches(resumed, 7), expected[5:], strict=True):
         assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
 
     other = ShardedTokenLoader(tmp_path, "train", 4, 32, shuffle=shuffle, seed=3)
@@ -251,7 +252,8 @@ def test_validation_windows_are_the_same_on_any_number_of_ranks(tmp_path, num_to
     stream = make_split(tmp_path, "val", [90, 110], first_token=7)
     batch_size, seq_len = 2, 16
     for world_size in (1, 2, 3):
-        per_rank = [list(validation_batches(tmp_path, batch_size, seq_len, num_tokens, r, world_size)) for r in range(world_size)]
+        per_rank = [list(validation_batches(tmp_path, batch_size, seq_len, num_tokens, r, world_size))
+                    for r in range(world_size)]
         assert len({len(batches) for batches in per_rank}) == 1  # every rank runs the same number of batches
         rows = [(x[i], y[i]) for batches in per_rank for x, y in batches for i in range(batch_size)]
         real = sorted(((x, y) for x, y in rows if (y != -100).any()), key=lambda row: int(row[0][0]))

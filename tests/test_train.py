@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from accelerate.state import AcceleratorState, GradientState
 from huggingface_hub import HfApi
-from train_helpers import SEED, TINY_MODEL, TINY_RUN, final_weights, records, write_tiny_data
 
 import hardware
 import train_accelerate
@@ -20,7 +19,8 @@ import training_infra
 from configuration_gpt2repro import GPT2ReproConfig
 from eval_hellaswag import HellaSwagUnavailable
 from modeling_gpt2repro import GPT2ReproForCausalLM
-from token_shards import ShardedTokenLoader, open_shard, list_shards
+from token_shards import ShardedTokenLoader, list_shards, open_shard
+from train_helpers import SEED, TINY_MODEL, TINY_RUN, final_weights, records, run_main, write_tiny_data
 
 
 @pytest.fixture
@@ -40,16 +40,6 @@ def fresh_accelerate():
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     return write_tiny_data(tmp_path_factory.mktemp("tiny_data"))
-
-
-def run_main(argv: list[str], capsys) -> tuple[int, str]:
-    """train_accelerate.main in this process: (exit status, stderr)."""
-    try:
-        train_accelerate.main(argv)
-        status = 0
-    except SystemExit as exit_:
-        status = exit_.code
-    return status, capsys.readouterr().err
 
 
 def test_lr_schedule_is_build_nanogpt_formula():
@@ -112,7 +102,7 @@ def test_one_step_equals_hand_computed_reference(tiny_data, tmp_path, capsys, fr
     after, against torch's cross_entropy over 8 rows at once, clip_grad_norm_ and a plain AdamW step."""
     data_dir, _ = tiny_data
     max_lr, weight_decay = 1e-2, 0.5  # large, so a wrong LR or decay group shows far above float noise
-    status, err = run_main(TINY_MODEL + [
+    status, _, err = run_main(train_accelerate.main, TINY_MODEL + [
         "--data_dir", str(data_dir), "--output_dir", str(tmp_path), "--micro_batch_size", "2",
         "--total_batch_size", "256", "--max_steps", "1", "--warmup_steps", "1", "--max_lr", str(max_lr),
         "--weight_decay", str(weight_decay), "--eval_every", "1", "--val_tokens", "1000", "--mixed_precision", "no",
@@ -170,7 +160,8 @@ def test_train_step_accumulates_clips_and_updates_like_one_big_batch(tiny_data, 
         group["lr"] = 1e-2
     model, optimizer = accelerator.prepare(model, optimizer)
     loader = ShardedTokenLoader(data_dir, "train", 2, 32, shuffle=True, seed=SEED)
-    loss, grad_norm = train_accelerate.train_step(model, optimizer, accelerator, loader, grad_accum=4, grad_clip=0.5)
+    loss, grad_norm = train_accelerate.train_step(model, [optimizer], accelerator, loader, grad_accum=4,
+                                                  grad_clip=0.5)
 
     x, y = ShardedTokenLoader(data_dir, "train", 8, 32, shuffle=True, seed=SEED).next_batch()  # the same 8 rows
     expected_loss = F.cross_entropy(reference(input_ids=x).logits.flatten(0, 1), y.flatten())
@@ -190,7 +181,8 @@ def test_train_step_accumulates_clips_and_updates_like_one_big_batch(tiny_data, 
     with torch.no_grad():
         model.transformer.wte.weight[0, 0] = float("nan")  # every loss is NaN from here on
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    loss, grad_norm = train_accelerate.train_step(model, optimizer, accelerator, loader, grad_accum=4, grad_clip=0.5)
+    loss, grad_norm = train_accelerate.train_step(model, [optimizer], accelerator, loader, grad_accum=4,
+                                                  grad_clip=0.5)
     assert math.isnan(loss) or math.isnan(grad_norm)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), before[name], rtol=0, atol=0, equal_nan=True, msg=name)
@@ -217,9 +209,7 @@ def test_gradient_checkpointing_trains_the_same_weights(tiny_data, tmp_path, cap
     argv = TINY_RUN + ["--data_dir", str(data_dir), "--micro_batch_size", "2", "--max_steps", "2", "--no-hellaswag",
                        "--num_samples", "0"]
     for name, extra in (("plain", []), ("checkpointed", ["--gradient_checkpointing"])):
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-        status, err = run_main(argv + ["--output_dir", str(tmp_path / name), *extra], capsys)
+        status, _, err = run_main(train_accelerate.main, argv + ["--output_dir", str(tmp_path / name), *extra], capsys)
         assert status == 0, err
     assert [r["loss"] for r in records(tmp_path / "plain", "train")] == \
         [r["loss"] for r in records(tmp_path / "checkpointed", "train")]
@@ -237,7 +227,7 @@ def test_gradient_checkpointing_trains_the_same_weights(tiny_data, tmp_path, cap
 def test_user_errors_are_one_line_and_exit_1(change, message, tiny_data, tmp_path, capsys, fresh_accelerate):
     data_dir, _ = tiny_data
     argv = TINY_RUN + ["--data_dir", str(data_dir), "--output_dir", str(tmp_path / "out"), "--micro_batch_size", "2"]
-    status, err = run_main(argv + change, capsys)
+    status, _, err = run_main(train_accelerate.main, argv + change, capsys)
     assert status == 1
     assert err.startswith("error: ") and message in err and "Traceback" not in err
     assert not (tmp_path / "out" / "checkpoints").exists()
@@ -248,7 +238,7 @@ def test_accelerate_gradient_accumulation_is_refused(tiny_data, tmp_path, capsys
     monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
     data_dir, _ = tiny_data
     argv = TINY_RUN + ["--data_dir", str(data_dir), "--output_dir", str(tmp_path / "out"), "--micro_batch_size", "2"]
-    status, err = run_main(argv, capsys)
+    status, _, err = run_main(train_accelerate.main, argv, capsys)
     assert status == 1 and "Traceback" not in err
     assert err == ("error: this script derives gradient accumulation from --total_batch_size (4 micro-steps per step "
                    "here): drop accelerate launch's --gradient_accumulation_steps 4\n")
@@ -267,7 +257,7 @@ def test_missing_hellaswag_notice_names_the_training_flag(monkeypatch, capsys):
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_data, tmp_path, capsys, fresh_accelerate):
     data_dir, _ = tiny_data
-    status, err = run_main(TINY_RUN + [
+    status, _, err = run_main(train_accelerate.main, TINY_RUN + [
         "--data_dir", str(data_dir), "--output_dir", str(tmp_path), "--micro_batch_size", "8",
         "--max_lr", "1e30", "--warmup_steps", "1", "--checkpoint_every", "1", "--eval_every", "100",
         "--no-hellaswag", "--num_samples", "0"], capsys)  # step 0 moves every weight by ~1e30
@@ -306,7 +296,8 @@ class FakeHub:
 
 def install_fake_hub(monkeypatch, hub: FakeHub) -> None:
     for name in ("whoami", "create_repo", "upload_folder"):
-        monkeypatch.setattr(HfApi, name, lambda self, *a, _f=getattr(hub, name), **k: _f(*a, **k))
+        method = getattr(hub, name)
+        monkeypatch.setattr(HfApi, name, lambda self, *a, _f=method, **k: _f(*a, **k))
 
 
 def test_push_to_hub_uploads_every_checkpoint_in_the_background(tiny_data, tmp_path, capsys, monkeypatch,
@@ -314,7 +305,7 @@ def test_push_to_hub_uploads_every_checkpoint_in_the_background(tiny_data, tmp_p
     data_dir, _ = tiny_data
     hub = FakeHub(tmp_path)
     install_fake_hub(monkeypatch, hub)
-    status, err = run_main(TINY_MODEL + [
+    status, _, err = run_main(train_accelerate.main, TINY_MODEL + [
         "--data_dir", str(data_dir), "--output_dir", str(tmp_path), "--micro_batch_size", "8",
         "--total_batch_size", "256", "--max_steps", "2", "--checkpoint_every", "1", "--keep_checkpoints", "1",
         "--eval_every", "100", "--val_tokens", "100", "--mixed_precision", "no", "--no-hellaswag",
@@ -335,7 +326,7 @@ def test_push_to_hub_without_token_fails_before_training(tiny_data, tmp_path, ca
     data_dir, _ = tiny_data
     hub = FakeHub(tmp_path, whoami_error=OSError("Invalid user token.\nmore detail"))
     install_fake_hub(monkeypatch, hub)
-    status, err = run_main(TINY_RUN + [
+    status, _, err = run_main(train_accelerate.main, TINY_RUN + [
         "--data_dir", str(data_dir), "--output_dir", str(tmp_path), "--micro_batch_size", "8",
         "--push_to_hub", "--hub_model_id", "tester/tiny-gpt2repro"], capsys)
     assert status == 1

@@ -14,27 +14,15 @@ import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
-from train_helpers import TINY_RUN, records, training_command, write_tiny_data
 
 import train_accelerate
 import training_infra
 from token_shards import file_sha256, open_shard, shard_name, write_shard
+from train_helpers import TINY_RUN, records, run_main, training_command, write_tiny_data
 
 STEPS = 6
 RUN = TINY_RUN + ["--micro_batch_size", "8", "--checkpoint_every", "2", "--keep_checkpoints", "3", "--eval_every",
                   "100", "--no-hellaswag", "--num_samples", "0"]
-
-
-def run_main(argv: list[str], capsys) -> tuple[int, str]:
-    AcceleratorState._reset_state(True)  # each in-process run builds its own Accelerator
-    GradientState._reset_state()
-    try:
-        train_accelerate.main(argv)
-        status = 0
-    except SystemExit as exit_:
-        status = exit_.code
-    captured = capsys.readouterr()
-    return status, captured.err
 
 
 def tree_checksums(folder: Path) -> dict[str, str]:
@@ -80,8 +68,8 @@ def test_resuming_into_a_folder_of_another_run_is_refused(finished_run, run_copy
     root, _ = finished_run
     other_run, argv = run_copy
     before = tree_checksums(other_run)
-    status, err = run_main(argv + ["--max_steps", "8", "--resume_from_checkpoint",
-                                   str(root / "run" / "checkpoints" / "step_000004")], capsys)
+    status, _, err = run_main(train_accelerate.main, argv + ["--max_steps", "8", "--resume_from_checkpoint",
+                                                             str(root / "run" / "checkpoints" / "step_000004")], capsys)
     assert_one_error_line(status, err, "holds another run's checkpoints or metrics")
     assert tree_checksums(other_run) == before
 
@@ -105,11 +93,13 @@ def test_a_damaged_checkpoint_is_named_and_latest_falls_back(run_copy, capsys, d
         data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
     before = tree_checksums(run)
-    status, err = run_main(argv + ["--max_steps", str(STEPS), "--resume_from_checkpoint", str(newest)], capsys)
+    status, _, err = run_main(train_accelerate.main,
+                              argv + ["--max_steps", str(STEPS), "--resume_from_checkpoint", str(newest)], capsys)
     assert_one_error_line(status, err, f"cannot resume from --resume_from_checkpoint {newest}", str(path))
     assert tree_checksums(run) == before
 
-    status, err = run_main(argv + ["--max_steps", str(STEPS), "--resume_from_checkpoint", "latest"], capsys)
+    status, _, err = run_main(train_accelerate.main,
+                              argv + ["--max_steps", str(STEPS), "--resume_from_checkpoint", "latest"], capsys)
     assert status == 0, err
     # steps 4 and 5 were trained again from the step-4 checkpoint, which replaced the damaged one
     assert [r["step"] for r in records(run, "train")] == list(range(STEPS))
@@ -135,7 +125,8 @@ def test_a_stray_folder_in_checkpoints_is_ignored(run_copy, capsys):
     backup = run / "checkpoints" / "step_000006_backup"
     shutil.copytree(run / "checkpoints" / "step_000006", backup)
     before = tree_checksums(backup)
-    status, err = run_main(argv + ["--max_steps", "8", "--resume_from_checkpoint", "latest"], capsys)
+    status, _, err = run_main(train_accelerate.main, argv + ["--max_steps", "8", "--resume_from_checkpoint", "latest"],
+                              capsys)
     assert status == 0, err
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
         "step_000004", "step_000006", "step_000006_backup", "step_000008"]  # rotation kept 3 and left the copy alone
@@ -150,7 +141,7 @@ def test_a_stray_folder_in_checkpoints_is_ignored(run_copy, capsys):
 def test_resume_with_other_flags_is_refused(run_copy, capsys, change, fragments):
     run, argv = run_copy
     before = tree_checksums(run)
-    status, err = run_main(argv + change + ["--resume_from_checkpoint", "latest"], capsys)
+    status, _, err = run_main(train_accelerate.main, argv + change + ["--resume_from_checkpoint", "latest"], capsys)
     assert_one_error_line(status, err, *fragments)
     assert tree_checksums(run) == before
 
@@ -169,7 +160,8 @@ def test_output_dir_that_is_a_file_is_refused(finished_run, tmp_path, capsys):
     _, data_dir = finished_run
     target = tmp_path / "taken"
     target.write_text("not a folder")
-    status, err = run_main(RUN + ["--data_dir", str(data_dir), "--output_dir", str(target)], capsys)
+    status, _, err = run_main(train_accelerate.main, RUN + ["--data_dir", str(data_dir), "--output_dir", str(target)],
+                              capsys)
     assert_one_error_line(status, err, f"--output_dir {target} is a file")
     assert target.read_text() == "not a folder"
 
@@ -177,7 +169,9 @@ def test_output_dir_that_is_a_file_is_refused(finished_run, tmp_path, capsys):
 @pytest.mark.parametrize("flag, value", [("--warmup_steps", "-1"), ("--max_lr", "-0.1"), ("--grad_clip", "-1")])
 def test_negative_values_are_usage_errors(finished_run, tmp_path, capsys, flag, value):
     _, data_dir = finished_run
-    status, err = run_main(RUN + ["--data_dir", str(data_dir), "--output_dir", str(tmp_path / "o"), flag, value], capsys)
+    status, _, err = run_main(train_accelerate.main,
+                              RUN + ["--data_dir", str(data_dir), "--output_dir", str(tmp_path / "o"), flag, value],
+                              capsys)
     assert status == 2 and f"{flag} must not be negative" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
 
@@ -190,7 +184,9 @@ def test_bad_shards_are_named(finished_run, tmp_path, capsys):
     tokens = np.array(open_shard(train_shard))
     tokens[777] = 65000  # a uint16, but no GPT-2 token
     write_shard(train_shard, tokens)
-    status, err = run_main(RUN + ["--data_dir", str(bad), "--output_dir", str(tmp_path / "o"), "--no-shuffle"], capsys)
+    status, _, err = run_main(train_accelerate.main,
+                              RUN + ["--data_dir", str(bad), "--output_dir", str(tmp_path / "o"), "--no-shuffle"],
+                              capsys)
     # in order, offset 777 is in window 24 (777 // 32), read at step 3 (8 windows per step)
     assert_one_error_line(status, err, f"{train_shard} holds token id 65000 at offset 777")
     assert [r["step"] for r in records(tmp_path / "o", "train")] == [0, 1, 2]
@@ -204,8 +200,9 @@ def test_bad_shards_are_named(finished_run, tmp_path, capsys):
     (bad / "manifest.json").write_text(json.dumps(manifest))
     tokens[778] = 101
     write_shard(train_shard, tokens)
-    status, err = run_main(RUN + ["--data_dir", str(bad), "--output_dir", str(tmp_path / "o2"), "--verify_data"],
-                           capsys)
+    status, _, err = run_main(train_accelerate.main,
+                              RUN + ["--data_dir", str(bad), "--output_dir", str(tmp_path / "o2"), "--verify_data"],
+                              capsys)
     assert_one_error_line(status, err, f"{train_shard} does not match the sha256")
 
 

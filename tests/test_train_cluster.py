@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import REPO, TINY_RUN, final_weights, records, run_training, training_command, write_tiny_data
 
 import train_accelerate
 import training_infra
+from train_helpers import REPO, TINY_RUN, final_weights, records, run_training, training_command, write_tiny_data
 
 STEPS = 8
 QUIET = ["--max_steps", str(STEPS), "--num_samples", "0", "--eval_every", "100", "--checkpoint_every", "4"]
@@ -75,6 +75,16 @@ def test_sigterm_saves_a_checkpoint_and_resume_is_exact(workspace, processes):
     assert all(torch.equal(weights[name], expected[name]) for name in expected)
 
 
+def run_wrapper(source: str, path: Path, args: list[str], **env: str) -> None:
+    """Writes `source` (a script that patches something, then calls train_accelerate.main) to `path` and runs it as 2
+    gloo processes with the repository importable; the run must succeed."""
+    path.write_text(source)
+    command, run_env = training_command(args, processes=2, script=str(path))
+    run_env.update(PYTHONPATH=str(REPO), **env)
+    result = subprocess.run(command, env=run_env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
 SLOW_HUB = """
 import json, os, sys, time
 from pathlib import Path
@@ -101,16 +111,12 @@ def test_a_slow_upload_never_blocks_a_barrier(workspace, tmp_path):
     # Before the fix, rank 0 waited for step 2's upload when pruning it at step 4, while rank 1 waited in the
     # checkpoint's barrier: with uploads this slow, the barrier timed out (--ddp_timeout 5) and the job died.
     root, args, _ = workspace
-    wrapper = tmp_path / "slow_hub.py"
-    wrapper.write_text(SLOW_HUB)
     output_dir, log = tmp_path / "out", tmp_path / "uploads.jsonl"
     run_args = args + ["--output_dir", str(output_dir), "--micro_batch_size", "4", "--max_steps", "6",
                        "--checkpoint_every", "2", "--keep_checkpoints", "1", "--ddp_timeout", "5", "--push_to_hub",
                        "--hub_model_id", "tester/tiny", "--no-hellaswag", "--num_samples", "0", "--eval_every", "100"]
-    command, env = training_command([str(log), *run_args], processes=2, script=str(wrapper))
-    env.update(PYTHONPATH=str(REPO), UPLOADS_END_WHEN=str(output_dir / "checkpoints" / "step_000006"))
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_wrapper(SLOW_HUB, tmp_path / "slow_hub.py", [str(log), *run_args],
+                UPLOADS_END_WHEN=str(output_dir / "checkpoints" / "step_000006"))
     uploads = [json.loads(line) for line in log.read_text().splitlines()]
     assert [Path(u["folder"]).parent.name for u in uploads] == ["step_000002", "step_000004", "step_000006"]
     assert all(u["there_when_done"] for u in uploads)  # no folder was deleted while it uploaded
@@ -131,16 +137,11 @@ train_accelerate.main(sys.argv[1:])
 
 def test_hellaswag_that_only_rank0_can_read_is_scored_by_all(workspace, tmp_path):
     root, args, hellaswag_file = workspace
-    wrapper = tmp_path / "rank0_only.py"
-    wrapper.write_text(RANK0_ONLY_HELLASWAG)
     output_dir = tmp_path / "out"
     run_args = args + ["--output_dir", str(output_dir), "--micro_batch_size", "4", "--max_steps", "2",
                        "--eval_every", "2", "--hellaswag_file", str(hellaswag_file), "--num_samples", "0",
                        "--ddp_timeout", "20"]
-    command, env = training_command(run_args, processes=2, script=str(wrapper))
-    env["PYTHONPATH"] = str(REPO)
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_wrapper(RANK0_ONLY_HELLASWAG, tmp_path / "rank0_only.py", run_args)
     assert [r["hellaswag_count"] for r in records(output_dir, "eval")] == [3, 3]  # --hellaswag_limit 3
 
 

@@ -13,11 +13,11 @@ import time
 import pytest
 import torch
 from test_model import BLOCK_OUR_MODULES
-from train_helpers import REPO, TINY_RUN, final_weights, records, run_training, training_command, write_tiny_data
 
 import train_accelerate
 from configuration_gpt2repro import GPT2ReproConfig
 from modeling_gpt2repro import GPT2ReproForCausalLM
+from train_helpers import REPO, TINY_RUN, final_weights, records, run_training, training_command, write_tiny_data
 
 MAX_STEPS = 12
 TIMING_KEYS = ("step_time", "tokens_per_sec", "mfu")  # wall-clock figures, the only fields that may differ
@@ -64,7 +64,8 @@ def test_run_outputs(accumulated_run):
         assert record["tokens_per_sec"] > 0 and 0 < record["mfu"] < 1
     for record in evals:
         assert 0 <= record["hellaswag_acc_norm"] <= 1 and record["hellaswag_count"] == 3  # --hellaswag_limit 3
-        assert len(record["samples"]) == 4 and all(s.startswith("Hello, I'm a language model,") for s in record["samples"])
+        assert len(record["samples"]) == 4 and \
+            all(s.startswith("Hello, I'm a language model,") for s in record["samples"])
     assert (accumulated_run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # checkpoints at 4, 8, 12; --keep_checkpoints 2 leaves the last two, no temporary folder
     assert sorted(p.name for p in (accumulated_run / "checkpoints").iterdir()) == ["step_000008", "step_000012"]
@@ -180,8 +181,9 @@ def test_checkpoint_loads_with_automodel_in_a_fresh_process(accumulated_run, tmp
 
     checkpoint = accumulated_run / "checkpoints" / "step_000012"
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH="")
-    result = subprocess.run([sys.executable, "-c", LOAD_IN_FRESH_PROCESS, str(checkpoint / "hf"), str(tmp_path / "sd.pt")],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", LOAD_IN_FRESH_PROCESS, str(checkpoint / "hf"),
+                             str(tmp_path / "sd.pt")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = json.loads(result.stdout.splitlines()[-1])
     assert loaded["class"] == "GPT2ReproForCausalLM"

@@ -1,4 +1,5 @@
-"""Shared by the train_accelerate tests: tiny shards, a tiny HellaSwag file, launching runs, reading results."""
+"""Shared by the tests: tiny shards, a tiny HellaSwag file, running a script's main in-process, launching runs,
+reading results."""
 from __future__ import annotations
 
 import json
@@ -6,10 +7,12 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 from token_shards import shard_name, write_shard
@@ -46,7 +49,22 @@ def write_tiny_data(folder: Path) -> tuple[Path, Path]:
     return data_dir, hellaswag_file
 
 
+def run_main(main: Callable[[list[str]], object], argv: list[str], capsys) -> tuple[int, str, str]:
+    """A script's `main(argv)` in this process: (exit status, stdout, stderr). Each in-process run builds its own
+    Accelerator: Accelerate's process-wide singletons are cleared first."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        main(argv)
+        status = 0
+    except SystemExit as exit_:
+        status = exit_.code
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
 def free_port() -> int:
+    """A TCP port free on this machine now, e.g. for `accelerate launch --main_process_port`."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
