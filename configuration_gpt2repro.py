@@ -20,6 +20,16 @@ class GPT2ReproConfig(PreTrainedConfig):
         layer_norm_epsilon: LayerNorm epsilon (GPT-2 used 1e-5).
         initializer_range: std of the normal init of Linear and Embedding weights; the two residual
             projections of each block use initializer_range / sqrt(2 * n_layer).
+
+    The options below default to GPT-2; the GPT-2 speedrun (modded-nanogpt) recipe changes them all:
+        position_embedding: "learned" (a `wpe` table) or "rope" (rotary embeddings on q and k, no `wpe`).
+        rope_theta: the rotary base: channel pair i turns by position * rope_theta ** (-2i / head size).
+        qk_norm: RMS-normalise q and k per head before attention.
+        mlp_activation: "gelu_tanh" or "relu2" (ReLU squared).
+        norm: "layernorm" (gain and bias) or "rmsnorm" (no parameters).
+        tie_word_embeddings: the head shares wte's matrix; untied, the head starts at zero.
+        logit_softcap: None, or c for logits c * tanh(logits / c), in the loss and in generation alike.
+        zero_init_residual: each block's two residual projections start at zero (the block starts as the identity).
     """
 
     model_type = "gpt2repro"
@@ -44,6 +54,13 @@ class GPT2ReproConfig(PreTrainedConfig):
     eos_token_id: int | list[int] | None = 50256
     pad_token_id: int | None = None
     tie_word_embeddings: bool = True
+    position_embedding: str = "learned"
+    rope_theta: float | int = 10000.0
+    qk_norm: bool = False
+    mlp_activation: str = "gelu_tanh"
+    norm: str = "layernorm"
+    logit_softcap: float | int | None = None
+    zero_init_residual: bool = False
 
     @property
     def padded_vocab_size(self) -> int:
@@ -75,6 +92,16 @@ class GPT2ReproConfig(PreTrainedConfig):
                 f"GPT2ReproConfig: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}) "
                 f"so every head gets n_embd // n_head channels."
             )
+        for name, allowed in (("position_embedding", ("learned", "rope")), ("mlp_activation", ("gelu_tanh", "relu2")),
+                              ("norm", ("layernorm", "rmsnorm"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"GPT2ReproConfig.{name} must be one of {', '.join(map(repr, allowed))}, got "
+                                 f"{getattr(self, name)!r}.")
+        if self.logit_softcap is not None and not self.logit_softcap > 0:
+            raise ValueError(f"GPT2ReproConfig.logit_softcap must be positive (or None), got {self.logit_softcap}.")
+        if self.position_embedding == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"GPT2ReproConfig: rotary embeddings turn channel pairs, so the head size n_embd // "
+                             f"n_head ({self.n_embd // self.n_head}) must be even.")
 
 
 __all__ = ["GPT2ReproConfig"]

@@ -42,13 +42,18 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.is_residual_projection = True
 
     def forward(
-        self, x: torch.Tensor, cache: Cache | None, attn_mask: torch.Tensor | None, output_attentions: bool = False
+        self, x: torch.Tensor, cache: Cache | None, attn_mask: torch.Tensor | None, rotary: tuple | None,
+        output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if self.config.qk_norm:  # bounds the attention logits, which lets the speedrun's large LRs train stably
+            q, k = F.rms_norm(q, (q.shape[-1],)), F.rms_norm(k, (k.shape[-1],))
+        if rotary is not None:  # before the cache: cached keys keep the rotation of their own positions
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, nh, S, hs)
         att = None
@@ -61,6 +66,20 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.c_proj(y), att if output_attentions else None
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, head_size: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (B or 1, 1, T, hs / 2) of the rotary angles: channel pair i of a head at position p turns by
+    p * theta ** (-2i / hs), fast-turning pairs see local order, slow ones the long range (RoFormer, 2021)."""
+    inv_freq = theta ** (-torch.arange(0, head_size, 2, device=position_ids.device, dtype=torch.float32) / head_size)
+    angles = position_ids[:, None, :, None].float() * inv_freq  # (B, 1, T, hs / 2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Turn each channel pair (x[i], x[i + hs / 2]) of x (B, nh, T, hs) by its angle; in fp32, back to x's dtype."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
 
 
 def eager_attention(
@@ -86,9 +105,29 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
         self.c_proj.is_residual_projection = True
+        self.relu2 = config.mlp_activation == "relu2"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # GPT-2 used the tanh approximation
+        h = self.c_fc(x)
+        # GPT-2 used the tanh approximation of GELU; the speedrun's ReLU squared trains faster (Primer, 2021)
+        return self.c_proj(F.relu(h).square() if self.relu2 else F.gelu(h, approximate="tanh"))
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) over the channels, with no gain or bias (the speedrun's norm)."""
+
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), eps=self.eps)
+
+
+def make_norm(config: GPT2ReproConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.layer_norm_epsilon)
+    return nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
 
 
 class Block(GradientCheckpointingLayer):
@@ -99,15 +138,16 @@ class Block(GradientCheckpointingLayer):
 
     def __init__(self, config: GPT2ReproConfig, layer_idx: int):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config, layer_idx)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
     def forward(
-        self, x: torch.Tensor, cache: Cache | None, attn_mask: torch.Tensor | None, output_attentions: bool = False
+        self, x: torch.Tensor, cache: Cache | None, attn_mask: torch.Tensor | None, rotary: tuple | None,
+        output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        y, att = self.attn(self.ln_1(x), cache, attn_mask, output_attentions)
+        y, att = self.attn(self.ln_1(x), cache, attn_mask, rotary, output_attentions)
         x = x + y
         return x + self.mlp(self.ln_2(x)), att
 
@@ -204,11 +244,12 @@ class LMHeadCrossEntropy(torch.autograd.Function):
     The loss is the end of the graph, so its gradients with respect to `hidden` and `weight` are computed here
     in forward, while each chunk's logits exist, and backward only scales them: no (N, Vp) logits or their
     gradient ever live at once and no matmul is repeated. The padded vocabulary columns get -inf, i.e. no
-    probability and no gradient. Matmuls run in autocast's dtype (else `hidden`'s), softmax in fp32.
+    probability and no gradient. Matmuls run in autocast's dtype (else `hidden`'s), softmax in fp32. With a
+    `softcap` c the logits are c * tanh(logits / c), as in `soft_capped`.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, vocab_size: int, compute_grad: bool):
+    def forward(ctx, hidden, weight, targets, vocab_size: int, compute_grad: bool, softcap: float | None = None):
         # hidden (N, C), weight (Vp, C), targets (N,)
         device_type = hidden.device.type
         # The matmuls' dtype: autocast's where it is on (CUDA's LayerNorm hands us fp32 even then), cast once here
@@ -224,6 +265,9 @@ class LMHeadCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], LOSS_CHUNK_ROWS):
             h, t = hidden[start : start + LOSS_CHUNK_ROWS].to(compute_dtype), targets[start : start + LOSS_CHUNK_ROWS]
             logits = (h @ weight_c.t()).float()  # (n, Vp)
+            if softcap is not None:
+                tanh = torch.tanh(logits / softcap)
+                logits = tanh * softcap
             logits[:, vocab_size:] = float("-inf")
             lse = torch.logsumexp(logits, dim=1)
             ignored = t == IGNORE_INDEX
@@ -233,6 +277,8 @@ class LMHeadCrossEntropy(torch.autograd.Function):
                 grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in place
                 grad_logits[torch.arange(len(t), device=t.device), t] -= 1.0  # d(-log p_t)/dlogits = p - onehot(t)
                 grad_logits.masked_fill_(ignored[:, None], 0.0)
+                if softcap is not None:  # d(c tanh(z / c))/dz = 1 - tanh(z / c)^2
+                    grad_logits.mul_(1.0 - tanh.square_())
                 grad_logits = grad_logits.to(compute_dtype)
                 grad_hidden[start : start + LOSS_CHUNK_ROWS] = grad_logits @ weight_c
                 chunk_grad_weight = grad_logits.t() @ h
@@ -248,7 +294,12 @@ class LMHeadCrossEntropy(torch.autograd.Function):
                                "(retain_graph is not supported)")
         ctx.backward_done = True
         grad_hidden, grad_weight = ctx.saved_tensors  # used once: scaled in place, no new 0.15 GB (Vp, C) buffer
-        return grad_hidden.mul_(grad_loss.to(grad_hidden.dtype)), grad_weight.mul_(grad_loss), None, None, None
+        return grad_hidden.mul_(grad_loss.to(grad_hidden.dtype)), grad_weight.mul_(grad_loss), None, None, None, None
+
+
+def soft_capped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """c * tanh(logits / c): logits bounded to (-c, c), near-identity well inside (Gemma 2; the speedrun uses 30)."""
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
 
 
 class GPT2ReproPreTrainedModel(PreTrainedModel):
@@ -334,10 +385,15 @@ class GPT2ReproPreTrainedModel(PreTrainedModel):
             if getattr(module, "is_residual_projection", False):
                 # Each block adds two projections to the residual stream; scaling them by 1/sqrt(2 * n_layer)
                 # keeps the stream's variance from growing with depth (GPT-2 paper, section 2.3).
-                std = std / math.sqrt(2 * self.config.n_layer)
-            if module is getattr(self, "lm_head", None) and self.config.tie_word_embeddings:
-                return  # the tied matrix is wte's, initialised once as an embedding
-            nn.init.normal_(module.weight, mean=0.0, std=std)
+                std = 0.0 if self.config.zero_init_residual else std / math.sqrt(2 * self.config.n_layer)
+            if module is getattr(self, "lm_head", None):
+                if self.config.tie_word_embeddings:
+                    return  # the tied matrix is wte's, initialised once as an embedding
+                std = 0.0  # an untied head starts at zero, as the speedrun's: every first prediction is uniform
+            if std == 0.0:
+                nn.init.zeros_(module.weight)
+            else:
+                nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
@@ -353,9 +409,9 @@ class GPT2ReproModel(GPT2ReproPreTrainedModel):
     def __init__(self, config: GPT2ReproConfig):
         super().__init__(config)
         self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)  # rows >= vocab_size are padding
-        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd) if config.position_embedding == "learned" else None
         self.h = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
-        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.ln_f = make_norm(config)
         self.post_init()
 
     def forward(
@@ -420,7 +476,12 @@ class GPT2ReproModel(GPT2ReproPreTrainedModel):
         attn_mask = build_attention_mask(attention_mask, T, past_len, device)
         if inputs_embeds is None:
             inputs_embeds = self.wte(input_ids)
-        x = inputs_embeds + self.wpe(position_ids)  # (B, T, C)
+        rotary = None
+        if self.wpe is not None:
+            x = inputs_embeds + self.wpe(position_ids)  # (B, T, C)
+        else:
+            x = inputs_embeds
+            rotary = rotary_cos_sin(position_ids, self.config.n_embd // self.config.n_head, self.config.rope_theta)
         all_hidden_states = (x,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
         if self.training and torch.is_grad_enabled() and cache is not None and \
@@ -428,7 +489,7 @@ class GPT2ReproModel(GPT2ReproPreTrainedModel):
             raise ValueError("Activation checkpointing recomputes blocks in backward, which would write the KV cache "
                              "twice: train with use_cache=False (the default in training mode).")
         for i, block in enumerate(self.h):
-            x, att = block(x, cache, attn_mask, output_attentions)
+            x, att = block(x, cache, attn_mask, rotary, output_attentions)
             if output_attentions:
                 all_attentions += (att,)
             if output_hidden_states and i < len(self.h) - 1:
@@ -513,15 +574,14 @@ class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
         if not return_logits:
             weight = self.lm_head.weight
             compute_grad = torch.is_grad_enabled() and (hidden_states.requires_grad or weight.requires_grad)
-            loss = LMHeadCrossEntropy.apply(
-                hidden_states.flatten(0, 1), weight, shift_labels.flatten(), self.config.vocab_size, compute_grad
-            )
+            loss = LMHeadCrossEntropy.apply(hidden_states.flatten(0, 1), weight, shift_labels.flatten(),
+                                            self.config.vocab_size, compute_grad, self.config.logit_softcap)
         else:
             if isinstance(logits_to_keep, int) and logits_to_keep > 0:
                 hidden_states = hidden_states[:, -logits_to_keep:]
             elif isinstance(logits_to_keep, torch.Tensor):
                 hidden_states = hidden_states[:, logits_to_keep]
-            logits = self.lm_head(hidden_states)  # (B, T, Vp)
+            logits = soft_capped(self.lm_head(hidden_states), self.config.logit_softcap)  # (B, T, Vp)
             if shift_labels is not None:
                 # The padded columns must carry no probability: an imported GPT-2 has zeros there, i.e. logits far
                 # above the real ones. -inf gives exactly the loss over the first V columns, without a copy.
@@ -537,7 +597,8 @@ class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
     def num_parameters_for_flops(self) -> int:
         """Parameters that do a multiply-add per token: all but the position embeddings (the tied wte counts once,
         as the lm_head matmul)."""
-        return sum(p.numel() for p in self.parameters()) - self.transformer.wpe.weight.numel()
+        wpe = self.transformer.wpe
+        return sum(p.numel() for p in self.parameters()) - (wpe.weight.numel() if wpe is not None else 0)
 
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token (forward + backward): `training_flops_per_token` of this model."""
@@ -596,6 +657,13 @@ class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
         from transformers import GPT2Config, GPT2LMHeadModel
 
         c = self.config
+        gpt2 = GPT2ReproConfig()
+        # zero_init_residual only changes the initial weights: a trained model of it is a plain GPT-2
+        options = ("position_embedding", "qk_norm", "mlp_activation", "norm", "tie_word_embeddings", "logit_softcap")
+        different = [f"{name}={getattr(c, name)!r}" for name in options if getattr(c, name) != getattr(gpt2, name)]
+        if different:
+            raise ValueError(f"to_gpt2() exports the GPT-2 architecture only; this model has {', '.join(different)}: "
+                             f"save it with save_pretrained and load it with trust_remote_code=True instead.")
         hf_config = GPT2Config(
             vocab_size=c.vocab_size, n_positions=c.n_positions, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
             layer_norm_epsilon=c.layer_norm_epsilon, initializer_range=c.initializer_range,

@@ -56,6 +56,26 @@ PRESETS = {
         eval_every=100, val_tokens=8 * 128 * 16, checkpoint_every=400,  # val: 16 batches of 8 x 128
         hellaswag=False,  # 10,042 examples would take longer than the run, and a model this small scores chance
     ),
+    # The speedrun recipe at GPT-2 124M on FineWeb-Edu: modded-nanogpt's Nov 2024 records reached FineWeb val loss
+    # 3.28 in 2.40B tokens; 4578 steps x 2**19 = 2.40B. Unverified on GPU here.
+    "speedrun-124m": dict(data_dir="data/edu_fineweb10B", output_dir="runs/speedrun-124m", recipe="speedrun",
+                          max_steps=4578),
+}
+# What --recipe sets (as defaults: a flag given on the command line wins). "gpt2" is the parser's defaults.
+RECIPES = {
+    "gpt2": {},
+    # modded-nanogpt's GPT-2 speedrun (Nov 2024 records): rotary, QK-norm, ReLU², parameter-free RMSNorm, untied
+    # zero-initialised head, zero-initialised projections, logits soft-capped at 30; Muon (lr 0.04) on the blocks'
+    # matrices, Adam (betas 0.8, 0.95, no decay) on the rest: embeddings 0.6, head 0.008, biases 0.04; no warm-up,
+    # constant LR, then a linear decay to zero over the last ~30% of the steps (914 of 3000).
+    "speedrun": dict(position_embedding="rope", qk_norm=True, mlp_activation="relu2", norm="rmsnorm",
+                     tie_word_embeddings=False, logit_softcap=30.0, zero_init_residual=True,
+                     optimizer="muon", muon_lr=0.04, embed_lr=0.6, head_lr=0.008, adamw_lr=0.04, beta1=0.8,
+                     weight_decay=0.0, lr_schedule="trapezoid", warmup_steps=0, min_lr=0.0, cooldown_frac=0.3),
+}
+# A preset's own values for a recipe, over both (the cpu-demo model takes other LRs than a 124M one).
+PRESET_RECIPES = {
+    ("cpu-demo", "speedrun"): dict(muon_lr=0.04, embed_lr=0.1, head_lr=0.01, adamw_lr=0.01, warmup_steps=20),
 }
 
 
@@ -66,9 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Train GPT-2 from scratch with Hugging Face Accelerate (defaults: build-nanogpt's 124M run).",
         formatter_class=infra.HelpFormatter,
-        epilog="presets: " + "; ".join(f"{name} = {infra.preset_as_flags(preset)}" for name, preset in PRESETS.items()),
+        epilog="presets: " + "; ".join(f"{name} = {infra.preset_as_flags(preset)}" for name, preset in PRESETS.items())
+               + ". recipes: " + "; ".join(f"{name} = {infra.preset_as_flags(r) or 'the defaults'}"
+                                           for name, r in RECIPES.items())
+               + ". preset + recipe: " + "; ".join(f"{' + '.join(key)} = {infra.preset_as_flags(values)}"
+                                                   for key, values in PRESET_RECIPES.items()),
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), help="a named set of defaults; explicit flags still win")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="gpt2",
+                        help="gpt2: build-nanogpt's GPT-2 recipe; speedrun: modded-nanogpt's architecture and Muon "
+                             "(its values are defaults, listed below; explicit flags still win)")
     data = parser.add_argument_group("data and output")
     data.add_argument("--data_dir", default="data/edu_fineweb10B", help="folder of token shards (prepare_data.py)")
     data.add_argument("--output_dir", default="runs/gpt2-124m", help="where checkpoints, metrics.jsonl and loss.png go")
@@ -84,14 +111,38 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--n_head", type=int, default=12, help="attention heads per block")
     model.add_argument("--n_embd", type=int, default=768, help="width of the residual stream (C)")
     model.add_argument("--seq_len", type=int, default=1024, help="tokens per training row (T), also the context size")
+    model.add_argument("--position_embedding", choices=["learned", "rope"], default="learned",
+                       help="a learned table (GPT-2) or rotary embeddings")
+    model.add_argument("--qk_norm", action=argparse.BooleanOptionalAction, default=False,
+                       help="RMS-normalise q and k per head")
+    model.add_argument("--mlp_activation", choices=["gelu_tanh", "relu2"], default="gelu_tanh", help="MLP activation")
+    model.add_argument("--norm", choices=["layernorm", "rmsnorm"], default="layernorm",
+                       help="LayerNorm, or RMSNorm without parameters")
+    model.add_argument("--tie_word_embeddings", action=argparse.BooleanOptionalAction, default=True,
+                       help="the head shares the token embedding (untied: it starts at zero)")
+    model.add_argument("--logit_softcap", type=float, help="logits c * tanh(logits / c); unset: none (GPT-2)")
+    model.add_argument("--zero_init_residual", action=argparse.BooleanOptionalAction, default=False,
+                       help="each block's two residual projections start at zero")
     batch = parser.add_argument_group("batch and schedule")
     batch.add_argument("--total_batch_size", type=int, default=2**19, help="tokens per optimiser step, all processes")
     batch.add_argument("--micro_batch_size", type=int, default=64, help="rows per forward pass per process (B)")
     batch.add_argument("--max_steps", type=int, default=19073, help="optimiser steps (19073 x 2**19 = 10B tokens)")
     batch.add_argument("--warmup_steps", type=int, default=715, help="linear warmup steps (715 x 2**19 = 375M tokens)")
     batch.add_argument("--max_lr", type=float, default=6e-4, help="LR at the end of the warmup")
-    batch.add_argument("--min_lr", type=float, default=6e-5, help="the cosine ends here at max_steps")
+    batch.add_argument("--min_lr", type=float, default=6e-5, help="the schedule ends here at max_steps")
+    batch.add_argument("--lr_schedule", choices=["cosine", "trapezoid"], default="cosine",
+                       help="after the warm-up: a cosine decay, or constant then a linear decay (--cooldown_frac)")
+    batch.add_argument("--cooldown_frac", type=float, default=0.3,
+                       help="trapezoid: the share of max_steps that the final decay takes")
     optim = parser.add_argument_group("optimiser")
+    optim.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
+                       help="adamw: AdamW on all at --max_lr; muon: Muon on the blocks' matrices, AdamW on the rest "
+                            "(--embed_lr, --head_lr, --adamw_lr), all following --lr_schedule")
+    optim.add_argument("--muon_lr", type=float, default=0.04, help="muon: LR of the blocks' 2-D weight matrices")
+    optim.add_argument("--muon_momentum", type=float, default=0.95, help="muon: Nesterov momentum")
+    optim.add_argument("--embed_lr", type=float, default=0.6, help="muon: AdamW LR of the token/position embeddings")
+    optim.add_argument("--head_lr", type=float, default=0.008, help="muon: AdamW LR of an untied head")
+    optim.add_argument("--adamw_lr", type=float, default=0.04, help="muon: AdamW LR of biases and norm gains")
     optim.add_argument("--weight_decay", type=float, default=0.1, help="applied to parameters with dim >= 2 only")
     optim.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
     optim.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2")
@@ -147,6 +198,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     preset = parser.parse_known_args(argv)[0].preset
     if preset:
         parser.set_defaults(**PRESETS[preset])
+    recipe = parser.parse_known_args(argv)[0].recipe  # given, or the preset's
+    # the recipe's values, then the preset's over them, then the preset's own for this recipe; explicit flags win
+    parser.set_defaults(**{**RECIPES[recipe], **PRESETS.get(preset, {}), **PRESET_RECIPES.get((preset, recipe), {})})
     args = parser.parse_args(argv)
     if args.eval_batch_size is None:
         args.eval_batch_size = args.micro_batch_size
@@ -155,13 +209,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in positive:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    for name in ("warmup_steps", "weight_decay", "grad_clip", "max_lr", "min_lr"):
-        if getattr(args, name) < 0:
+    for name in ("warmup_steps", "weight_decay", "grad_clip", "max_lr", "min_lr", "muon_lr", "embed_lr", "head_lr",
+                 "adamw_lr", "logit_softcap"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
             parser.error(f"--{name} must not be negative, got {getattr(args, name)}")
     try:
         args.save_on_signals = infra.parse_signals(args.save_on_signals)
     except ValueError as error:
         parser.error(f"--save_on_signals: {error}")
+    if not 0 <= args.cooldown_frac <= 1:
+        parser.error(f"--cooldown_frac must be between 0 and 1, got {args.cooldown_frac}")
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id (e.g. your-name/gpt2-124m-repro)")
     return args
@@ -194,12 +251,18 @@ def choose_val_tokens(args: argparse.Namespace, notify: bool) -> None:
 # ---- recipe: learning rate, optimiser, one step, evaluation ----------------------------------------------------------
 
 
-def get_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
-    """LR of optimiser step `step` (0-based): linear warmup, cosine decay to min_lr at max_steps, then min_lr."""
+def get_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps: int, schedule: str = "cosine",
+           cooldown_frac: float = 0.0) -> float:
+    """LR of optimiser step `step` (0-based): linear warmup, then a cosine decay to min_lr at max_steps (GPT-2), or
+    `trapezoid`: max_lr until the last `cooldown_frac` of the steps, which decay linearly to min_lr (the speedrun's);
+    min_lr from max_steps on."""
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps  # step 0 already trains, at max_lr / warmup_steps
     if step >= max_steps:
         return min_lr
+    if schedule == "trapezoid":
+        cooldown_steps = max(1, round(cooldown_frac * max_steps))
+        return min_lr + (max_lr - min_lr) * min(1.0, (max_steps - step) / cooldown_steps)
     decay_ratio = (step - warmup_steps) / (max_steps - warmup_steps)  # 0 -> 1
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * decay_ratio)) * (max_lr - min_lr)
 
@@ -216,10 +279,37 @@ def configure_optimizer(model: torch.nn.Module, weight_decay: float, betas: tupl
     return torch.optim.AdamW(groups, lr=0.0, betas=betas, eps=eps, fused=fused)  # lr is set before every step
 
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, accelerator: Accelerator,
+def configure_muon(model: GPT2ReproForCausalLM, args: argparse.Namespace,
+                   device_type: str) -> list[torch.optim.Optimizer]:
+    """Muon on every 2-D weight matrix inside the blocks; AdamW on the rest: the embeddings and an untied head (with
+    weight decay, as matrices), biases and norm gains (without). Each group is named for `peak_lr`."""
+    matrices = [p for p in model.transformer.h.parameters() if p.dim() == 2]
+    embeddings = [m.weight for m in (model.transformer.wte, model.transformer.wpe) if m is not None]
+    head = [] if model.config.tie_word_embeddings else [model.lm_head.weight]
+    named = {id(p) for p in matrices + embeddings + head}
+    groups = [{"params": embeddings, "name": "embeddings", "weight_decay": args.weight_decay},
+              {"params": head, "name": "head", "weight_decay": args.weight_decay},
+              {"params": [p for p in model.parameters() if id(p) not in named], "name": "adamw", "weight_decay": 0.0}]
+    muon = torch.optim.Muon([{"params": matrices, "name": "muon"}], lr=0.0, momentum=args.muon_momentum,
+                            weight_decay=args.weight_decay)
+    adamw = torch.optim.AdamW([g for g in groups if g["params"]], lr=0.0, betas=(args.beta1, args.beta2),
+                              eps=args.adam_eps, fused=device_type in ("cuda", "cpu"))
+    return [muon, adamw]
+
+
+def peak_lr(group: dict, args: argparse.Namespace) -> tuple[float, float]:
+    """(max, min) LR of an optimiser group: --max_lr/--min_lr for GPT-2's AdamW, else the group's own flag, decaying
+    to the same fraction min_lr / max_lr of it. Read from the flags at every step, so a resumed run follows them."""
+    peak = {"muon": args.muon_lr, "embeddings": args.embed_lr, "head": args.head_lr, "adamw": args.adamw_lr}
+    if group.get("name") not in peak:
+        return args.max_lr, args.min_lr
+    return peak[group["name"]], peak[group["name"]] * (args.min_lr / args.max_lr if args.max_lr else 0.0)
+
+
+def train_step(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], accelerator: Accelerator,
                train_loader: ShardedTokenLoader, grad_accum: int, grad_clip: float) -> tuple[float, float]:
     """One optimiser step: `grad_accum` micro-batches of forward and backward, gradients clipped to `grad_clip`, then
-    the update at the LR already set in `optimizer`. Returns (the loss, averaged over micro-batches and processes; the
+    the update at the LRs already set in `optimizers`. Returns (the loss, averaged over micro-batches and processes; the
     gradient norm before clipping). When either is not finite the weights are left as they were."""
     device = accelerator.device
     step_loss = torch.zeros((), device=device)
@@ -237,9 +327,10 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, acceler
             accelerator.backward(loss)
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip).item()
     step_loss = accelerator.reduce(step_loss, reduction="mean").item()  # averaged over processes, for the log
-    if math.isfinite(step_loss) and math.isfinite(grad_norm):
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    for optimizer in optimizers:
+        if math.isfinite(step_loss) and math.isfinite(grad_norm):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     return step_loss, grad_norm
 
 
@@ -327,7 +418,8 @@ def train(args: argparse.Namespace) -> Path:
     is_main = accelerator.is_main_process
     grad_accum = gradient_accumulation_steps(args.total_batch_size, args.micro_batch_size, args.seq_len, world_size)
     try:
-        config = GPT2ReproConfig(n_positions=args.seq_len, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+        config = GPT2ReproConfig(n_positions=args.seq_len, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                                 **{name: getattr(args, name) for name in infra.ARCHITECTURE_FLAGS})
     except ValueError as error:  # e.g. --n_embd not divisible by --n_head
         raise TrainingError(str(error)) from None
 
@@ -356,8 +448,12 @@ def train(args: argparse.Namespace) -> Path:
     if args.gradient_checkpointing:
         infra.enable_activation_checkpointing(model)
     flops_per_token = model.flops_per_token(args.seq_len)
-    optimizer = configure_optimizer(model, args.weight_decay, (args.beta1, args.beta2), args.adam_eps, device.type)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if args.optimizer == "muon":
+        optimizers = configure_muon(model, args, device.type)
+    else:
+        optimizers = [configure_optimizer(model, args.weight_decay, (args.beta1, args.beta2), args.adam_eps,
+                                          device.type)]
+    model, *optimizers = accelerator.prepare(model, *optimizers)
     raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)  # for evaluation, sampling and saving
     start_step, start_evaluated = 0, False
     if resume_from is not None:
@@ -398,10 +494,11 @@ def train(args: argparse.Namespace) -> Path:
                 break
 
             start = time.perf_counter()
-            lr = get_lr(step, args.max_lr, args.min_lr, args.warmup_steps, args.max_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss, grad_norm = train_step(model, optimizer, accelerator, train_loader, grad_accum, args.grad_clip)
+            for group in (group for optimizer in optimizers for group in optimizer.param_groups):
+                group["lr"] = get_lr(step, *peak_lr(group, args), args.warmup_steps, args.max_steps, args.lr_schedule,
+                                     args.cooldown_frac)
+            lr = optimizers[0].param_groups[0]["lr"]  # GPT-2's AdamW, or Muon's
+            loss, grad_norm = train_step(model, optimizers, accelerator, train_loader, grad_accum, args.grad_clip)
             infra.check_finite(step, loss, grad_norm, output_dir)
             step_time = time.perf_counter() - start  # .item() in train_step waited for the device
             tokens_per_sec = args.total_batch_size / step_time

@@ -43,6 +43,9 @@ GPT2_124M_VAL_LOSS = 3.2924
 GPT2_124M_HELLASWAG = 0.2955
 GPT3_124M_HELLASWAG = 0.337
 CHECKPOINT_PREFIX = "step_"
+# GPT2ReproConfig's options that train_accelerate.py has a flag for, besides the shape: a resume must keep them all
+ARCHITECTURE_FLAGS = ("position_embedding", "qk_norm", "mlp_activation", "norm", "tie_word_embeddings", "logit_softcap",
+                      "zero_init_residual")
 T = TypeVar("T")
 
 
@@ -241,6 +244,15 @@ def write_model_card(folder: Path, args: argparse.Namespace, step: int, tokens_s
                          f"{last_eval['hellaswag_acc_norm']:.4f}"))
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
     repo = args.hub_model_id or "path/to/this/folder"
+    adamw = f"AdamW (betas {args.beta1}, {args.beta2}, eps {args.adam_eps}, weight decay {args.weight_decay} on " \
+            f"matrices)"
+    optimiser = f"{adamw}, LR {args.max_lr} -> {args.min_lr}"
+    if args.optimizer == "muon":
+        optimiser = (f"Muon on the blocks' matrices (LR {args.muon_lr}, momentum {args.muon_momentum}), {adamw} on "
+                     f"the rest (LR: embeddings {args.embed_lr}, head {args.head_lr}, biases and gains "
+                     f"{args.adamw_lr})")
+    architecture = "".join(f" {name}={getattr(args, name)}" for name in ARCHITECTURE_FLAGS)
+    architecture = f"\nArchitecture options:{architecture}."
     card = f"""---
 library_name: transformers
 license: mit
@@ -259,10 +271,9 @@ A GPT-2 ({args.n_layer} layers, {args.n_head} heads, width {args.n_embd}, contex
 Reference: GPT-2 124M scores val loss {GPT2_124M_VAL_LOSS} on FineWeb-Edu and HellaSwag acc_norm {GPT2_124M_HELLASWAG};
 GPT-3 124M scores HellaSwag {GPT3_124M_HELLASWAG}.
 
-Recipe: {args.total_batch_size:,} tokens per step, micro-batch {args.micro_batch_size} x {args.seq_len}, AdamW
-(betas {args.beta1}, {args.beta2}, eps {args.adam_eps}, weight decay {args.weight_decay} on matrices), LR
-{args.max_lr} -> {args.min_lr} (warmup {args.warmup_steps}, cosine to step {args.max_steps}), grad clip
-{args.grad_clip}, mixed precision {args.mixed_precision}, seed {args.seed}.
+Recipe ({args.recipe}): {args.total_batch_size:,} tokens per step, micro-batch {args.micro_batch_size} x {args.seq_len},
+{optimiser}, warmup {args.warmup_steps} steps, {args.lr_schedule} schedule to step {args.max_steps}, grad clip
+{args.grad_clip}, mixed precision {args.mixed_precision}, seed {args.seed}.{architecture}
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -434,11 +445,11 @@ def check_resume(args: argparse.Namespace, resume_from: Path | None, output_dir:
                             f"{resume_from} there would overwrite: resume into an empty --output_dir")
     state = json.loads((resume_from / "trainer_state.json").read_text())
     saved = state.get("args", {})
-    shape = ("n_layer", "n_head", "n_embd", "seq_len")
+    shape = ("n_layer", "n_head", "n_embd", "seq_len", *ARCHITECTURE_FLAGS)
     changed = [f"--{k} {getattr(args, k)} (checkpoint: {saved[k]})"
                for k in shape if k in saved and saved[k] != getattr(args, k)]
     if changed:
-        raise TrainingError(f"cannot resume from {resume_from}: the model shape differs: {', '.join(changed)}; "
+        raise TrainingError(f"cannot resume from {resume_from}: the model differs: {', '.join(changed)}; "
                             f"pass the checkpoint's values")
     if state["step"] > args.max_steps:
         raise TrainingError(f"{resume_from} is at step {state['step']}, beyond --max_steps {args.max_steps}: raise "

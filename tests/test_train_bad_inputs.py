@@ -134,8 +134,10 @@ def test_a_stray_folder_in_checkpoints_is_ignored(run_copy, capsys):
 
 
 @pytest.mark.parametrize("change, fragments", [
-    (["--n_embd", "32", "--max_steps", "8"], ["model shape differs", "--n_embd 32 (checkpoint: 64)"]),
+    (["--n_embd", "32", "--max_steps", "8"], ["the model differs", "--n_embd 32 (checkpoint: 64)"]),
     (["--seq_len", "16", "--max_steps", "8"], ["--seq_len 16 (checkpoint: 32)"]),
+    (["--recipe", "speedrun", "--max_steps", "8"], ["--position_embedding rope (checkpoint: learned)",
+                                                    "--tie_word_embeddings False (checkpoint: True)"]),
     (["--max_steps", "3"], ["is at step 6, beyond --max_steps 3"]),
 ])
 def test_resume_with_other_flags_is_refused(run_copy, capsys, change, fragments):

@@ -1,0 +1,211 @@
+"""The speedrun recipe: each architecture option of GPT2ReproConfig against the model's own contract (the chunked loss
+equals the full-logits loss, cached generation equals uncached, save -> fresh-process load), rotary positions, the
+Muon grouping and schedule of train_accelerate.py, and an exactly resumable speedrun training run."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_model import BLOCK_OUR_MODULES
+
+import train_accelerate
+from configuration_gpt2repro import GPT2ReproConfig
+from modeling_gpt2repro import GPT2ReproForCausalLM, apply_rotary, rotary_cos_sin
+from train_helpers import TINY_RUN, final_weights, records, run_main, write_tiny_data
+
+TINY = dict(n_layer=2, n_head=4, n_embd=64, n_positions=64)
+OPTIONS = {  # one option at a time, then all of them as the speedrun recipe sets them
+    "rope": dict(position_embedding="rope"),
+    "qk_norm": dict(qk_norm=True),
+    "relu2": dict(mlp_activation="relu2"),
+    "rmsnorm": dict(norm="rmsnorm"),
+    "untied": dict(tie_word_embeddings=False),
+    "softcap": dict(logit_softcap=2.0),  # small enough that the cap really bends these logits
+    "zero_init": dict(zero_init_residual=True),
+    "speedrun": dict(position_embedding="rope", qk_norm=True, mlp_activation="relu2", norm="rmsnorm",
+                     tie_word_embeddings=False, logit_softcap=2.0, zero_init_residual=True),
+}
+
+
+def model_with(options: dict) -> GPT2ReproForCausalLM:
+    """A tiny model with `options`; zero-initialised weights get random values, so every path carries signal."""
+    torch.manual_seed(0)
+    model = GPT2ReproForCausalLM(GPT2ReproConfig(**TINY, **options))
+    with torch.no_grad():
+        for param in model.parameters():
+            if not param.any():
+                param.normal_(0.0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("name", OPTIONS)
+def test_chunked_loss_and_gradients_equal_the_full_logits_ones(name):
+    model = model_with(OPTIONS[name]).train()
+    x, y = torch.randint(0, 50257, (2, 2, 24)).unbind(0)
+    chunked = model(input_ids=x, shift_labels=y, return_logits=False).loss
+    chunked.backward()
+    chunked_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    full = model(input_ids=x, shift_labels=y).loss
+    full.backward()
+    assert torch.isfinite(full) and chunked.item() == pytest.approx(full.item(), rel=1e-5)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(chunked_grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+        assert p.grad.abs().sum() > 0, f"{n} gets no gradient"
+
+
+@pytest.mark.parametrize("name", OPTIONS)
+def test_cached_generation_equals_uncached_also_batched_and_left_padded(name):
+    model = model_with(OPTIONS[name]).eval()
+    prompt = torch.randint(0, 50257, (2, 10))
+    greedy = model.generate(prompt, max_new_tokens=24, do_sample=False, pad_token_id=50256)  # past 2x the prompt
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(24):
+            ids = torch.cat([ids, model(input_ids=ids, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(greedy, ids)
+    # row 0 left-padded by 4: it must generate what it generates alone
+    mask = torch.ones_like(prompt)
+    mask[0, :4] = 0
+    batched = model.generate(prompt, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=50256)
+    alone = model.generate(prompt[:1, 4:], max_new_tokens=12, do_sample=False, pad_token_id=50256)
+    assert torch.equal(batched[0, 4:], alone[0])
+
+
+def test_save_and_fresh_process_load_give_equal_logits(tmp_path):
+    """Every option's model, saved and loaded with AutoModelForCausalLM in a process that cannot import our modules."""
+    x = torch.randint(0, 50257, (1, 12))
+    expected = {}
+    for name, options in OPTIONS.items():
+        model = model_with(options).eval()
+        model.save_pretrained(tmp_path / name)
+        with torch.no_grad():
+            expected[name] = model(input_ids=x).logits
+    script = BLOCK_OUR_MODULES + (
+        "import json, torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "x = torch.tensor(json.loads(sys.argv[2]))\n"
+        "for name in sys.argv[3:]:\n"
+        "    model = AutoModelForCausalLM.from_pretrained(f'{sys.argv[1]}/{name}', trust_remote_code=True).eval()\n"
+        "    with torch.no_grad():\n"
+        "        torch.save(model(input_ids=x).logits, f'{sys.argv[1]}/{name}.pt')\n")
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path), json.dumps(x.tolist()), *OPTIONS],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=240,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=""))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in OPTIONS:
+        torch.testing.assert_close(torch.load(tmp_path / f"{name}.pt"), expected[name], msg=name)
+
+
+def test_rotary_scores_depend_on_the_distance_only():
+    """q at position m and k at position n score q_m . k_n as a function of m - n: shifting both changes nothing."""
+    q, k = torch.randn(2, 1, 1, 1, 16).unbind(0)  # (B, nh, T=1, hs)
+    scores = []
+    for m, n in ((5, 2), (42, 39), (3, 0)):
+        q_m = apply_rotary(q, *rotary_cos_sin(torch.tensor([[m]]), 16, 10000.0))
+        k_n = apply_rotary(k, *rotary_cos_sin(torch.tensor([[n]]), 16, 10000.0))
+        scores.append((q_m * k_n).sum())
+    torch.testing.assert_close(scores[0], scores[1])
+    torch.testing.assert_close(scores[0], scores[2])
+    q_5 = apply_rotary(q, *rotary_cos_sin(torch.tensor([[5]]), 16, 10000.0))
+    k_40 = apply_rotary(k, *rotary_cos_sin(torch.tensor([[40]]), 16, 10000.0))
+    assert not torch.allclose(scores[0], (q_5 * k_40).sum())  # another distance, another score
+
+
+def test_rope_model_has_no_position_table_and_packed_positions_restart():
+    """A row of two packed sequences with position ids restarting at the second gives that sequence's logits alone
+    (HellaSwag packs its endings so), given a mask that keeps the two apart."""
+    model = model_with(OPTIONS["rope"]).eval()
+    assert model.transformer.wpe is None and not any("wpe" in n for n, _ in model.named_parameters())
+    a, b = torch.randint(0, 50257, (1, 6)), torch.randint(0, 50257, (1, 5))
+    packed = torch.cat([a, b], dim=1)
+    positions = torch.cat([torch.arange(6), torch.arange(5)])[None]
+    causal = torch.ones(11, 11, dtype=torch.bool).tril()
+    causal[6:, :6] = False  # b does not see a
+    with torch.no_grad():
+        together = model(input_ids=packed, position_ids=positions, attention_mask=causal[None, None]).logits
+        alone = model(input_ids=b).logits
+    torch.testing.assert_close(together[:, 6:], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_to_gpt2_refuses_a_speedrun_model_in_one_line():
+    with pytest.raises(ValueError) as error:
+        model_with(OPTIONS["speedrun"]).to_gpt2()
+    message = str(error.value)
+    assert "\n" not in message and "position_embedding='rope'" in message and "logit_softcap=2.0" in message
+    model_with(OPTIONS["zero_init"]).to_gpt2()  # an initialisation, not an architecture: exports
+
+
+def test_config_refuses_unknown_options():
+    with pytest.raises(ValueError, match="norm must be one of 'layernorm', 'rmsnorm'"):
+        GPT2ReproConfig(norm="batchnorm")
+    with pytest.raises(ValueError, match="logit_softcap must be positive"):
+        GPT2ReproConfig(logit_softcap=0.0)
+
+
+def test_muon_gets_every_block_matrix_and_nothing_else():
+    args = train_accelerate.parse_args(["--recipe", "speedrun"])
+    model = GPT2ReproForCausalLM(GPT2ReproConfig(**TINY, **{k: getattr(args, k) for k in OPTIONS["speedrun"]}))
+    muon, adamw = train_accelerate.configure_muon(model, args, "cpu")
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    in_muon = {id(p) for group in muon.param_groups for p in group["params"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    expected = {id(p) for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2}
+    assert in_muon == expected and len(expected) == 4 * TINY["n_layer"]  # c_attn, attn c_proj, c_fc, mlp c_proj
+    in_adamw = [names[id(p)] for group in adamw.param_groups for p in group["params"]]
+    assert sorted(in_adamw) == sorted(n for p_id, n in names.items() if p_id not in expected)
+    groups = [group for optimizer in (muon, adamw) for group in optimizer.param_groups]
+    lrs = {group["name"]: train_accelerate.peak_lr(group, args)[0] for group in groups}
+    assert lrs == {"muon": 0.04, "embeddings": 0.6, "head": 0.008, "adamw": 0.04}
+
+
+def test_recipe_values_are_defaults_that_flags_and_presets_override():
+    args = train_accelerate.parse_args(["--recipe", "speedrun", "--muon_lr", "0.02", "--no-qk_norm"])
+    assert (args.optimizer, args.lr_schedule, args.position_embedding) == ("muon", "trapezoid", "rope")
+    assert args.muon_lr == 0.02 and args.qk_norm is False
+    demo = train_accelerate.parse_args(["--preset", "cpu-demo", "--recipe", "speedrun"])
+    assert demo.n_embd == 64 and demo.optimizer == "muon"
+    assert demo.embed_lr == train_accelerate.PRESET_RECIPES[("cpu-demo", "speedrun")]["embed_lr"]
+    assert train_accelerate.parse_args(["--preset", "speedrun-124m"]).recipe == "speedrun"
+    gpt2 = train_accelerate.parse_args([])
+    assert (gpt2.optimizer, gpt2.lr_schedule, gpt2.tie_word_embeddings, gpt2.logit_softcap) == \
+        ("adamw", "cosine", True, None)
+
+
+def test_trapezoid_schedule():
+    lr = [train_accelerate.get_lr(s, 1.0, 0.0, 2, 10, "trapezoid", 0.3) for s in range(11)]
+    assert lr == pytest.approx([0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 2 / 3, 1 / 3, 0.0])
+
+
+@pytest.fixture(scope="module")
+def speedrun_workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("speedrun")
+    data_dir, _ = write_tiny_data(root)
+    args = TINY_RUN + ["--data_dir", str(data_dir), "--recipe", "speedrun", "--micro_batch_size", "4", "--max_steps",
+                       "8", "--no-hellaswag", "--num_samples", "0", "--logit_softcap", "15", "--muon_lr", "0.02",
+                       "--embed_lr", "0.05", "--head_lr", "0.01", "--adamw_lr", "0.01"]
+    return root, args
+
+
+def test_speedrun_run_trains_and_resumes_exactly(speedrun_workspace, capsys):
+    """8 steps straight, and a run resumed from the straight run's step-4 checkpoint: the same weights bit for bit
+    (Muon's momentum and both optimisers' states are in the checkpoint); the zero-initialised head and projections
+    train; the LR follows the schedule."""
+    root, args = speedrun_workspace
+    status, _, err = run_main(train_accelerate.main, args + ["--output_dir", str(root / "straight")], capsys)
+    assert status == 0, err
+    checkpoint = root / "straight" / "checkpoints" / "step_000004"
+    status, _, err = run_main(train_accelerate.main, args + ["--output_dir", str(root / "resumed"),
+                                                             "--resume_from_checkpoint", str(checkpoint)], capsys)
+    assert status == 0, err
+    straight, resumed = final_weights(root / "straight", 8), final_weights(root / "resumed", 8)
+    assert straight.keys() == resumed.keys() and "lm_head.weight" in straight  # untied: saved on its own
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+    assert straight["lm_head.weight"].abs().max() > 0 and straight["transformer.h.0.mlp.c_proj.weight"].abs().max() > 0
+    train = records(root / "straight", "train")
+    assert [r["lr"] for r in train] == [train_accelerate.get_lr(s, 0.02, 0.0, 2, 8, "trapezoid", 0.3) for s in range(8)]
