@@ -30,6 +30,7 @@ class GPT2ReproConfig(PreTrainedConfig):
         tie_word_embeddings: the head shares wte's matrix; untied, the head starts at zero.
         logit_softcap: None, or c for logits c * tanh(logits / c), in the loss and in generation alike.
         zero_init_residual: each block's two residual projections start at zero (the block starts as the identity).
+        bias: the four matmuls of each block have biases (GPT-2) or not (the speedrun's).
     """
 
     model_type = "gpt2repro"
@@ -61,6 +62,7 @@ class GPT2ReproConfig(PreTrainedConfig):
     norm: str = "layernorm"
     logit_softcap: float | int | None = None
     zero_init_residual: bool = False
+    bias: bool = True
 
     @property
     def padded_vocab_size(self) -> int:

@@ -37,8 +37,8 @@ class CausalSelfAttention(nn.Module):
         self.config = config  # read at each call: `set_attn_implementation` switches sdpa <-> eager on a live model
         self.layer_idx = layer_idx  # this layer's slot in the KV cache
         self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v of all heads in one matmul
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v of all heads at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.is_residual_projection = True
 
     def forward(
@@ -102,8 +102,8 @@ def eager_attention(
 class MLP(nn.Module):
     def __init__(self, config: GPT2ReproConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.is_residual_projection = True
         self.relu2 = config.mlp_activation == "relu2"
 
@@ -659,7 +659,8 @@ class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
         c = self.config
         gpt2 = GPT2ReproConfig()
         # zero_init_residual only changes the initial weights: a trained model of it is a plain GPT-2
-        options = ("position_embedding", "qk_norm", "mlp_activation", "norm", "tie_word_embeddings", "logit_softcap")
+        options = ("position_embedding", "qk_norm", "mlp_activation", "norm", "tie_word_embeddings", "logit_softcap",
+                   "bias")
         different = [f"{name}={getattr(c, name)!r}" for name in options if getattr(c, name) != getattr(gpt2, name)]
         if different:
             raise ValueError(f"to_gpt2() exports the GPT-2 architecture only; this model has {', '.join(different)}: "

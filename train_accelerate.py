@@ -64,12 +64,13 @@ PRESETS = {
 # What --recipe sets (as defaults: a flag given on the command line wins). "gpt2" is the parser's defaults.
 RECIPES = {
     "gpt2": {},
-    # modded-nanogpt's GPT-2 speedrun (Nov 2024 records): rotary, QK-norm, ReLU², parameter-free RMSNorm, untied
-    # zero-initialised head, zero-initialised projections, logits soft-capped at 30; Muon (lr 0.04) on the blocks'
-    # matrices, Adam (betas 0.8, 0.95, no decay) on the rest: embeddings 0.6, head 0.008, biases 0.04; no warm-up,
-    # constant LR, then a linear decay to zero over the last ~30% of the steps (914 of 3000).
+    # modded-nanogpt's GPT-2 speedrun (Nov 2024 records): rotary, QK-norm, ReLU², parameter-free RMSNorm, no biases,
+    # untied zero-initialised head, zero-initialised projections, logits soft-capped at 30; Muon (lr 0.04) on the
+    # blocks' matrices, Adam (betas 0.8, 0.95, no decay) on the rest: embeddings 0.6, head 0.008 (biases and gains,
+    # if turned back on, 0.04); no warm-up, constant LR, then a linear decay to zero over the last ~30% of the steps
+    # (914 of 3000).
     "speedrun": dict(position_embedding="rope", qk_norm=True, mlp_activation="relu2", norm="rmsnorm",
-                     tie_word_embeddings=False, logit_softcap=30.0, zero_init_residual=True,
+                     tie_word_embeddings=False, logit_softcap=30.0, zero_init_residual=True, bias=False,
                      optimizer="muon", muon_lr=0.04, embed_lr=0.6, head_lr=0.008, adamw_lr=0.04, beta1=0.8,
                      weight_decay=0.0, lr_schedule="trapezoid", warmup_steps=0, min_lr=0.0, cooldown_frac=0.3),
 }
@@ -123,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--logit_softcap", type=float, help="logits c * tanh(logits / c); unset: none (GPT-2)")
     model.add_argument("--zero_init_residual", action=argparse.BooleanOptionalAction, default=False,
                        help="each block's two residual projections start at zero")
+    model.add_argument("--bias", action=argparse.BooleanOptionalAction, default=True, help="biases in the matmuls")
     batch = parser.add_argument_group("batch and schedule")
     batch.add_argument("--total_batch_size", type=int, default=2**19, help="tokens per optimiser step, all processes")
     batch.add_argument("--micro_batch_size", type=int, default=64, help="rows per forward pass per process (B)")

@@ -45,7 +45,7 @@ GPT3_124M_HELLASWAG = 0.337
 CHECKPOINT_PREFIX = "step_"
 # GPT2ReproConfig's options that train_accelerate.py has a flag for, besides the shape: a resume must keep them all
 ARCHITECTURE_FLAGS = ("position_embedding", "qk_norm", "mlp_activation", "norm", "tie_word_embeddings", "logit_softcap",
-                      "zero_init_residual")
+                      "zero_init_residual", "bias")
 T = TypeVar("T")
 
 
