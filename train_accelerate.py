@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="LayerNorm, or RMSNorm without parameters")
     model.add_argument("--tie_word_embeddings", action=argparse.BooleanOptionalAction, default=True,
                        help="the head shares the token embedding (untied: it starts at zero)")
-    model.add_argument("--logit_softcap", type=float, help="logits c * tanh(logits / c); unset: none (GPT-2)")
+    model.add_argument("--logit_softcap", type=infra.float_or_none,
+                       help="logits c * tanh(logits / c); unset or 'none': no cap (GPT-2)")
     model.add_argument("--zero_init_residual", action=argparse.BooleanOptionalAction, default=False,
                        help="each block's two residual projections start at zero")
     model.add_argument("--bias", action=argparse.BooleanOptionalAction, default=True, help="biases in the matmuls")

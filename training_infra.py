@@ -61,6 +61,12 @@ def preset_as_flags(preset: dict) -> str:
                     for key, value in preset.items())
 
 
+def float_or_none(text: str) -> float | None:
+    """A flag's number, or None for 'none' (to unset a value a recipe or preset gave); argparse names this function
+    in its error for anything else."""
+    return None if text.strip().lower() == "none" else float(text)
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows defaults, except the unset ones (their help says what happens then)."""
 

@@ -165,9 +165,10 @@ def test_muon_gets_every_block_matrix_and_nothing_else():
 
 
 def test_recipe_values_are_defaults_that_flags_and_presets_override():
-    args = train_accelerate.parse_args(["--recipe", "speedrun", "--muon_lr", "0.02", "--no-qk_norm"])
+    args = train_accelerate.parse_args(["--recipe", "speedrun", "--muon_lr", "0.02", "--no-qk_norm",
+                                        "--logit_softcap", "none"])
     assert (args.optimizer, args.lr_schedule, args.position_embedding) == ("muon", "trapezoid", "rope")
-    assert args.muon_lr == 0.02 and args.qk_norm is False
+    assert args.muon_lr == 0.02 and args.qk_norm is False and args.logit_softcap is None
     demo = train_accelerate.parse_args(["--preset", "cpu-demo", "--recipe", "speedrun"])
     assert demo.n_embd == 64 and demo.optimizer == "muon"
     assert demo.embed_lr == train_accelerate.PRESET_RECIPES[("cpu-demo", "speedrun")]["embed_lr"]
