@@ -265,8 +265,8 @@ class LMHeadCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], LOSS_CHUNK_ROWS):
             h, t = hidden[start : start + LOSS_CHUNK_ROWS].to(compute_dtype), targets[start : start + LOSS_CHUNK_ROWS]
             logits = (h @ weight_c.t()).float()  # (n, Vp)
-            if softcap is not None:
-                tanh = torch.tanh(logits / softcap)
+            if softcap is not None:  # in place where it can be: each (n, Vp) temporary is 0.8 GB at n = 4096
+                tanh = logits.div_(softcap).tanh_()
                 logits = tanh * softcap
             logits[:, vocab_size:] = float("-inf")
             lse = torch.logsumexp(logits, dim=1)
@@ -278,7 +278,7 @@ class LMHeadCrossEntropy(torch.autograd.Function):
                 grad_logits[torch.arange(len(t), device=t.device), t] -= 1.0  # d(-log p_t)/dlogits = p - onehot(t)
                 grad_logits.masked_fill_(ignored[:, None], 0.0)
                 if softcap is not None:  # d(c tanh(z / c))/dz = 1 - tanh(z / c)^2
-                    grad_logits.mul_(1.0 - tanh.square_())
+                    grad_logits.mul_(tanh.square_().neg_().add_(1.0))
                 grad_logits = grad_logits.to(compute_dtype)
                 grad_hidden[start : start + LOSS_CHUNK_ROWS] = grad_logits @ weight_c
                 chunk_grad_weight = grad_logits.t() @ h
