@@ -57,8 +57,8 @@ class TrainingError(RuntimeError):
 
 
 def preset_as_flags(preset: dict) -> str:
-    return " ".join(f"--{key} {value}" if not isinstance(value, bool) else f"--{'' if value else 'no-'}{key}"
-                    for key, value in preset.items())
+    return " ".join(f"--{key} {'none' if value is None else value}" if not isinstance(value, bool)
+                    else f"--{'' if value else 'no-'}{key}" for key, value in preset.items())
 
 
 def float_or_none(text: str) -> float | None:

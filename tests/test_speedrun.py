@@ -172,6 +172,9 @@ def test_recipe_values_are_defaults_that_flags_and_presets_override():
     demo = train_accelerate.parse_args(["--preset", "cpu-demo", "--recipe", "speedrun"])
     assert demo.n_embd == 64 and demo.optimizer == "muon"
     assert demo.embed_lr == train_accelerate.PRESET_RECIPES[("cpu-demo", "speedrun")]["embed_lr"]
+    assert demo.logit_softcap is None  # the preset unsets the recipe's cap; a flag sets it back
+    assert train_accelerate.parse_args(["--preset", "cpu-demo", "--recipe", "speedrun",
+                                        "--logit_softcap", "30"]).logit_softcap == 30.0
     assert train_accelerate.parse_args(["--preset", "speedrun-124m"]).recipe == "speedrun"
     gpt2 = train_accelerate.parse_args([])
     assert (gpt2.optimizer, gpt2.lr_schedule, gpt2.tie_word_embeddings, gpt2.logit_softcap) == \
