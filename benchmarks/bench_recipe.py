@@ -58,7 +58,7 @@ def prepare(corpus: str, data_dir: Path) -> None:
 
 
 def train_both(data_dir: Path, output_dir: Path, args: argparse.Namespace) -> None:
-    """Both recipes at once, one thread each (the cpu-demo preset's batch, LRs and val tokens)."""
+    """Both recipes at once, one thread each (the cpu-demo preset's batch, val tokens and values for each recipe)."""
     runs = []
     for recipe in RECIPES:
         if (output_dir / recipe / "checkpoints" / f"step_{args.steps:06d}").exists():

@@ -13,6 +13,7 @@ import torch
 from test_model import BLOCK_OUR_MODULES
 
 import train_accelerate
+import training_infra
 from configuration_gpt2repro import GPT2ReproConfig
 from modeling_gpt2repro import GPT2ReproForCausalLM, apply_rotary, rotary_cos_sin
 from train_helpers import TINY_RUN, final_weights, records, run_main, run_training, write_tiny_data
@@ -175,6 +176,10 @@ def test_recipe_values_are_defaults_that_flags_and_presets_override():
     assert demo.logit_softcap is None  # the preset unsets the recipe's cap; a flag sets it back
     assert train_accelerate.parse_args(["--preset", "cpu-demo", "--recipe", "speedrun",
                                         "--logit_softcap", "30"]).logit_softcap == 30.0
+    # what --help prints for the preset's own values, given as flags, is the same run
+    shown = training_infra.preset_as_flags(train_accelerate.PRESET_RECIPES[("cpu-demo", "speedrun")])
+    assert "--logit_softcap none" in shown
+    assert train_accelerate.parse_args(["--preset", "cpu-demo", "--recipe", "speedrun", *shown.split()]) == demo
     assert train_accelerate.parse_args(["--preset", "speedrun-124m"]).recipe == "speedrun"
     gpt2 = train_accelerate.parse_args([])
     assert (gpt2.optimizer, gpt2.lr_schedule, gpt2.tie_word_embeddings, gpt2.logit_softcap) == \
