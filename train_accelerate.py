@@ -80,7 +80,8 @@ PRESET_RECIPES = {
     # LR 0.1 -> 0.3 took 4.436 to 4.314; Muon LR 0.025 and 0.06 did no better than 0.04, nor head LR 0.02. No
     # soft-cap: with it, 4.438 instead of 4.436, for a tanh over all (1024, 50304) logits that costs ~0.18 s a step
     # on 2 CPU cores. 550 steps take the wall-clock of the GPT-2 recipe's 800 here (285 s against 299 s):
-    # a speedrun step costs ~1.4x, about half of it Muon's Newton-Schulz, which torch runs in bf16 (emulated on AVX2).
+    # a speedrun step costs ~1.4x, about half of it Muon's step, whose Newton-Schulz torch runs in bf16 (emulated on
+    # AVX2).
     ("cpu-demo", "speedrun"): dict(logit_softcap=None, muon_momentum=0.8, muon_lr=0.04, embed_lr=0.3, head_lr=0.01,
                                    adamw_lr=0.01, warmup_steps=20, max_steps=550, cooldown_frac=0.6),
 }

@@ -24,6 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from train_accelerate import PRESETS  # noqa: E402
 
 SHAPE = ["--n_layer", "4", "--n_head", "4", "--n_embd", "128", "--seq_len", "128"]
 RECIPES = ("gpt2", "speedrun")
@@ -67,9 +68,9 @@ def train_both(data_dir: Path, output_dir: Path, args: argparse.Namespace) -> No
                    *SHAPE, "--data_dir", str(data_dir), "--output_dir", str(output_dir / recipe), "--max_steps",
                    str(args.steps), "--eval_every", str(args.eval_every), "--checkpoint_every", str(args.steps),
                    "--num_samples", "0", "--seed", str(args.seed)]
-        log = open(output_dir / f"{recipe}.log", "w")
-        runs.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                     env=dict(os.environ, OMP_NUM_THREADS="1")))
+        with open(output_dir / f"{recipe}.log", "w") as log:  # the child keeps its own copy of the descriptor
+            runs.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                         env=dict(os.environ, OMP_NUM_THREADS="1")))
     for run in runs:
         if run.wait() != 0:
             raise SystemExit(f"a training run failed: see {output_dir}/*.log")
@@ -98,7 +99,7 @@ def main() -> None:
         train_both(corpus_dir / "data", corpus_dir, args)
         curves[corpus] = {recipe: val_curve(corpus_dir / recipe) for recipe in RECIPES}
 
-    tokens_per_step = 1024  # cpu-demo: 8 x 128
+    tokens_per_step = PRESETS["cpu-demo"]["total_batch_size"]
     lines = ["| corpus | GPT-2 recipe: final val loss (tokens) | speedrun: first eval at or below it (tokens) | "
              "share of the tokens | speedrun: final val loss |", "|---|---|---|---|---|"]
     for corpus, by_recipe in curves.items():
