@@ -34,6 +34,7 @@ import hashlib
 import json
 import re
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -331,6 +332,42 @@ class ShardedTokenLoader:
                 f"data folder, sequence length, shuffle and seed"
             )
         self.next_window = int(state["next_window"])
+
+
+class BatchPrefetcher:
+    """A loader's batches, each read (and pinned, for a GPU) in a background thread while the one before computes.
+
+    Its state is the position after the batches handed out, not after those read ahead, so a checkpoint of it
+    resumes exactly where the training left off. A read's error (a corrupt shard) is raised when its batch is taken.
+    """
+
+    def __init__(self, loader: ShardedTokenLoader, pin_memory: bool = False):
+        self.loader, self.pin_memory = loader, pin_memory
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-prefetch")
+        self.position = loader.state_dict()
+        self.ahead: Future | None = self.executor.submit(self._read)
+
+    def _read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.loader.next_batch()
+        return (x.pin_memory(), y.pin_memory()) if self.pin_memory else (x, y)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.ahead.result()
+        self.position = self.loader.state_dict()  # the reader is idle until the next submit
+        self.ahead = self.executor.submit(self._read)
+        return batch
+
+    def state_dict(self) -> dict:
+        return dict(self.position)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ahead.exception()  # wait for the read ahead, whose batch is dropped
+        self.loader.load_state_dict(state)
+        self.position = self.loader.state_dict()
+        self.ahead = self.executor.submit(self._read)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
 
 
 def validation_batches(

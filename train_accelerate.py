@@ -35,7 +35,7 @@ from configuration_gpt2repro import GPT2ReproConfig
 from eval_hellaswag import HellaSwagScoringError, evaluate_hellaswag
 from hardware import accelerate_device, peak_flops_per_device, pin_cpu_allocator, resolve_mixed_precision
 from modeling_gpt2repro import GPT2ReproForCausalLM
-from token_shards import ShardedTokenLoader, ShardFormatError, TokenStream, validation_batches
+from token_shards import BatchPrefetcher, ShardedTokenLoader, ShardFormatError, TokenStream, validation_batches
 from tokenization_gpt2repro import EOT_TOKEN_ID, IGNORE_INDEX, get_tokenizer
 from training_infra import TrainingError
 
@@ -317,16 +317,19 @@ def peak_lr(group: dict, args: argparse.Namespace) -> tuple[float, float]:
 
 
 def train_step(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], accelerator: Accelerator,
-               train_loader: ShardedTokenLoader, grad_accum: int, grad_clip: float) -> tuple[float, float]:
+               batches: BatchPrefetcher | ShardedTokenLoader, grad_accum: int, grad_clip: float,
+               flags: list[float] = ()) -> tuple[float, float, list[float]]:
     """One optimiser step: `grad_accum` micro-batches of forward and backward, gradients clipped to `grad_clip`, then
-    the update at the LRs already set in `optimizers`. Returns (the loss, averaged over micro-batches and processes; the
-    gradient norm before clipping). When either is not finite the weights are left as they were."""
+    the update at the LRs already set in `optimizers`. Returns the loss (averaged over micro-batches and processes),
+    the gradient norm before clipping, and `flags` summed over processes. When the loss or the norm is not finite the
+    weights are left as they were.
+
+    The device is read once per step, never per micro-step: the loss, the norm and the flags travel in one collective
+    and one device-to-host copy (on a GPU each read is a stall of the whole queue)."""
     device = accelerator.device
     step_loss = torch.zeros((), device=device)
     for micro_step in range(grad_accum):
-        x, y = train_loader.next_batch()  # (B, T) each
-        if device.type == "cuda":  # page-locked, so the copy below really runs beside the compute
-            x, y = x.pin_memory(), y.pin_memory()
+        x, y = batches.next_batch()  # (B, T) each, pinned on CUDA, so the copy really runs beside the compute
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         # DDP all-reduces gradients on the last micro-step only; the choice is made before the forward.
         last_micro_step = micro_step == grad_accum - 1
@@ -335,13 +338,16 @@ def train_step(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], 
             loss = loss / grad_accum  # the step's loss is the mean over its micro-batches, not their sum
             step_loss += loss.detach()
             accelerator.backward(loss)
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip).item()
-    step_loss = accelerator.reduce(step_loss, reduction="mean").item()  # averaged over processes, for the log
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip)  # the same on every process after DDP
+    stats = torch.cat([step_loss.reshape(1), torch.tensor(flags, dtype=step_loss.dtype, device=device)])
+    stats = accelerator.reduce(stats, reduction="sum")  # the step's one collective
+    stats[0] /= accelerator.num_processes  # the loss averaged over processes
+    step_loss, grad_norm, *flags = torch.cat([stats[:1], grad_norm.reshape(1).to(stats.dtype), stats[1:]]).tolist()
     for optimizer in optimizers:
         if math.isfinite(step_loss) and math.isfinite(grad_norm):
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return step_loss, grad_norm
+    return step_loss, grad_norm, flags
 
 
 @torch.no_grad()
@@ -478,39 +484,57 @@ def train(args: argparse.Namespace) -> Path:
                    f"{device.type} | {grad_accum} micro-steps of {args.micro_batch_size} x {args.seq_len} per step "
                    f"= {args.total_batch_size:,} tokens | mixed precision {args.mixed_precision}"
                    + (f" | resuming at step {start_step} from {resume_from}" if resume_from else ""))
-    save = functools.partial(infra.save_checkpoint, accelerator, model, tokenizer, train_loader, args=args,
+    # The next micro-batch is read (and pinned) in a thread while this one computes; checkpoints save the position of
+    # the batches used, not of those read ahead.
+    train_batches = BatchPrefetcher(train_loader, pin_memory=device.type == "cuda")
+    save = functools.partial(infra.save_checkpoint, accelerator, model, tokenizer, train_batches, args=args,
                              metrics=metrics)
 
     progress = tqdm(total=args.max_steps, initial=start_step, disable=not is_main, desc="training", dynamic_ncols=True)
-    final_checkpoint = None
-    preemption = infra.PreemptionWatch(args.save_on_signals)
+    final_checkpoint = resume_from if resume_from is not None and infra.in_run(resume_from, output_dir) else None
+    signals = infra.StopSignals(args.save_on_signals)  # from here on Ctrl-C too is acted on at a step boundary
+
+    def stop_on_signal(summed_flags, step: int, evaluated: bool) -> None:
+        """End the run with a checkpoint at `step` (written unless there is one) when any process got a signal."""
+        nonlocal final_checkpoint
+        if not any(summed_flags):
+            return
+        if pusher is not None:
+            pusher.cancel_queued()  # the process waits for queued uploads before it exits
+        if final_checkpoint is None or final_checkpoint.name != f"{infra.CHECKPOINT_PREFIX}{step:06d}":
+            final_checkpoint = save(step, pusher=None, evaluated=evaluated)
+        signals.stop(summed_flags, step, final_checkpoint, output_dir)
+
     step = start_step
     try:
+        stop_flags = signals.requested(accelerator)
         for step in range(start_step, args.max_steps + 1):
-            if preemption.requested(accelerator):  # first: a grace period may not cover this step's evaluation
-                if pusher is not None:
-                    pusher.cancel_queued()  # the process waits for queued uploads before it exits
-                resumed_here = step == start_step and resume_from is not None and infra.in_run(resume_from, output_dir)
-                final_checkpoint = resume_from if resumed_here else save(step, pusher=None, evaluated=False)
-                raise infra.TrainingPreempted(step, final_checkpoint, preemption.received)
+            # First a signal seen in the last step's collective: a grace period may not cover this step's evaluation.
+            stop_on_signal(stop_flags, step, evaluated=False)
             # Evaluation at step s sees the weights after s optimiser steps; a resumed run has had its eval at s,
-            # unless its checkpoint was written on preemption, before that eval.
+            # unless its checkpoint was written on a signal, before that eval.
+            busy = False
             if (step % args.eval_every == 0 or step == args.max_steps) and not (step == start_step and start_evaluated):
                 result = evaluate(accelerator, raw_model, tokenizer, args, hellaswag_examples)
                 infra.log_evaluation(accelerator, metrics, step, result, output_dir / "loss.png")
+                busy = True
             if step > start_step and (step % args.checkpoint_every == 0 or step == args.max_steps):
                 final_checkpoint = save(step, pusher=pusher)
+                busy = True
             if step == args.max_steps:
                 break
+            if busy:  # a signal that came during them stops the run now, not after one more step
+                stop_on_signal(signals.requested(accelerator), step, evaluated=True)
 
             start = time.perf_counter()
             for group in (group for optimizer in optimizers for group in optimizer.param_groups):
                 group["lr"] = get_lr(step, *peak_lr(group, args), args.warmup_steps, args.max_steps, args.lr_schedule,
                                      args.cooldown_frac)
             lr = optimizers[0].param_groups[0]["lr"]  # GPT-2's AdamW, or Muon's
-            loss, grad_norm = train_step(model, optimizers, accelerator, train_loader, grad_accum, args.grad_clip)
+            loss, grad_norm, stop_flags = train_step(model, optimizers, accelerator, train_batches, grad_accum,
+                                                     args.grad_clip, signals.flags())
             infra.check_finite(step, loss, grad_norm, output_dir)
-            step_time = time.perf_counter() - start  # .item() in train_step waited for the device
+            step_time = time.perf_counter() - start  # train_step's one read of the device waited for it
             tokens_per_sec = args.total_batch_size / step_time
             record = {"type": "train", "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                       "step_time": step_time, "tokens_per_sec": tokens_per_sec}
@@ -522,11 +546,12 @@ def train(args: argparse.Namespace) -> Path:
                 progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", norm=f"{grad_norm:.3f}",
                                      tok_s=f"{tokens_per_sec:,.0f}", mfu=f"{record.get('mfu', float('nan')):.1%}")
             accelerator.log({f"train/{k}": v for k, v in record.items() if k not in ("type", "step")}, step=step)
-    except KeyboardInterrupt:  # Ctrl-C: one line in main(), naming where the run can continue from
+    except KeyboardInterrupt:  # a second Ctrl-C: one line in main(), naming where the run can continue from
         raise infra.TrainingInterrupted(step, output_dir) from None
     finally:
         progress.close()  # ends the bar's line, so that an error message gets a line of its own
-        preemption.close()
+        signals.close()
+        train_batches.close()
     if pusher is not None:  # rank 0 alone, after the last collective
         tqdm.write(f"waiting for the uploads to {args.hub_model_id} to finish ...")
         for failure in pusher.wait():

@@ -544,13 +544,20 @@ class TrainingInterrupted(Exception):
         self.step = step
 
 
-class PreemptionWatch:
-    """Records a preemption signal in its handler; all ranks ask together, once per step, whether any got one, so
-    they stop at the same step (one small all-reduce per step, none when no signal is watched)."""
+class StopSignals:
+    """Preemption signals and Ctrl-C, recorded by their handlers and acted on by every rank at the same step boundary.
 
-    def __init__(self, signals: list[signal.Signals]):
-        self.signals, self.received = signals, None
-        self.previous = {sig: signal.signal(sig, self._record) for sig in signals}
+    A handler only sets a flag: an exception raised wherever the main thread happens to be (inside a checkpoint write,
+    a lock shared with a thread, a collective) may not unwind promptly or at all. The ranks learn whether any of them
+    got a signal by summing `flags()` in the step's one collective (train_step), or with `requested()` where no step
+    ran. A second Ctrl-C stops at once, with a KeyboardInterrupt.
+    """
+
+    def __init__(self, preemption_signals: list[signal.Signals]):
+        self.preemption_signals = preemption_signals
+        self.received: str | None = None  # the first preemption signal's name
+        self.interrupted = False
+        self.previous = {sig: signal.signal(sig, self._record) for sig in {*preemption_signals, signal.SIGINT}}
 
     def close(self) -> None:
         """Give the signals back their handlers of before (train() may run inside a longer-lived process)."""
@@ -558,15 +565,32 @@ class PreemptionWatch:
             signal.signal(sig, handler)
 
     def _record(self, signum: int, frame) -> None:
-        self.received = signal.Signals(signum).name
+        if signum != signal.SIGINT:
+            self.received = self.received or signal.Signals(signum).name
+        elif self.interrupted:
+            raise KeyboardInterrupt  # the second Ctrl-C: the user does not want to wait for the step boundary
+        else:
+            self.interrupted = True
 
-    def requested(self, accelerator: Accelerator) -> bool:
-        if not self.signals:
-            return False
-        flag = torch.tensor(float(self.received is not None), device=accelerator.device)
-        if accelerator.num_processes > 1:
-            flag = accelerator.reduce(flag, reduction="sum")
-        return flag.item() > 0
+    def flags(self) -> list[float]:
+        """This process's [preemption signal received, Ctrl-C received], to be summed over processes."""
+        return [float(self.received is not None), float(self.interrupted)]
+
+    def requested(self, accelerator: Accelerator) -> tuple[float, float]:
+        """The flags summed over processes, in a collective of their own (a step boundary without a train step)."""
+        if accelerator.num_processes == 1:
+            return tuple(self.flags())
+        flags = accelerator.reduce(torch.tensor(self.flags(), device=accelerator.device), reduction="sum")
+        return tuple(flags.tolist())
+
+    def stop(self, summed_flags, step: int, checkpoint: Path, output_dir: Path) -> None:
+        """Raise what ends the run when any process got a signal (`summed_flags`: `flags()` summed over processes);
+        `checkpoint` holds the state at `step`. A preemption wins over Ctrl-C: schedulers requeue on its status."""
+        preempted, interrupted = summed_flags
+        if preempted:
+            raise TrainingPreempted(step, checkpoint, self.received)
+        if interrupted:
+            raise TrainingInterrupted(step, output_dir)
 
 
 # ---- decided once for every rank -------------------------------------------------------------------------------------

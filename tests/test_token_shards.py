@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from token_shards import (
+    BatchPrefetcher,
     ShardedTokenLoader,
     ShardFormatError,
     list_shards,
@@ -227,10 +228,16 @@ def test_shuffled_epochs_are_seeded_permutations_of_all_windows(tmp_path):
     assert epochs(seed=7) == [first, second] and epochs(seed=8)[0] != first
 
 
+@pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize("shuffle", [False, True])
-def test_state_dict_round_trip_resumes_exactly(tmp_path, shuffle):
+def test_state_dict_round_trip_resumes_exactly(tmp_path, shuffle, prefetch):
+    """Also through BatchPrefetcher, whose state is that of the batches handed out, not of the one read ahead."""
     make_split(tmp_path, "train", SHARD_LENGTHS)
-    make_loader = lambda: ShardedTokenLoader(tmp_path, "train", 4, 16, shuffle=shuffle, seed=3)  # noqa: E731
+
+    def make_loader():
+        loader = ShardedTokenLoader(tmp_path, "train", 4, 16, shuffle=shuffle, seed=3)
+        return BatchPrefetcher(loader) if prefetch else loader
+
     uninterrupted = make_loader()
     expected = epoch_batches(uninterrupted, 12)  # 48 windows of 16: crosses the 26-window epoch end
 

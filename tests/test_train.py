@@ -19,7 +19,7 @@ import training_infra
 from configuration_gpt2repro import GPT2ReproConfig
 from eval_hellaswag import HellaSwagUnavailable
 from modeling_gpt2repro import GPT2ReproForCausalLM
-from token_shards import ShardedTokenLoader, list_shards, open_shard
+from token_shards import BatchPrefetcher, ShardedTokenLoader, list_shards, open_shard
 from train_helpers import SEED, TINY_MODEL, TINY_RUN, final_weights, records, run_main, write_tiny_data
 
 
@@ -159,9 +159,10 @@ def test_train_step_accumulates_clips_and_updates_like_one_big_batch(tiny_data, 
     for group in optimizer.param_groups:
         group["lr"] = 1e-2
     model, optimizer = accelerator.prepare(model, optimizer)
-    loader = ShardedTokenLoader(data_dir, "train", 2, 32, shuffle=True, seed=SEED)
-    loss, grad_norm = train_accelerate.train_step(model, [optimizer], accelerator, loader, grad_accum=4,
-                                                  grad_clip=0.5)
+    batches = BatchPrefetcher(ShardedTokenLoader(data_dir, "train", 2, 32, shuffle=True, seed=SEED))
+    loss, grad_norm, flags = train_accelerate.train_step(model, [optimizer], accelerator, batches, grad_accum=4,
+                                                         grad_clip=0.5, flags=[1.0, 0.0])
+    assert flags == [1.0, 0.0]  # summed over the one process
 
     x, y = ShardedTokenLoader(data_dir, "train", 8, 32, shuffle=True, seed=SEED).next_batch()  # the same 8 rows
     expected_loss = F.cross_entropy(reference(input_ids=x).logits.flatten(0, 1), y.flatten())
@@ -181,8 +182,8 @@ def test_train_step_accumulates_clips_and_updates_like_one_big_batch(tiny_data, 
     with torch.no_grad():
         model.transformer.wte.weight[0, 0] = float("nan")  # every loss is NaN from here on
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    loss, grad_norm = train_accelerate.train_step(model, [optimizer], accelerator, loader, grad_accum=4,
-                                                  grad_clip=0.5)
+    loss, grad_norm, _ = train_accelerate.train_step(model, [optimizer], accelerator, batches, grad_accum=4,
+                                                     grad_clip=0.5)
     assert math.isnan(loss) or math.isnan(grad_norm)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), before[name], rtol=0, atol=0, equal_nan=True, msg=name)
