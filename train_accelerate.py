@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import datetime
 import functools
+import gc
 import math
 import os
 import sys
@@ -521,10 +522,10 @@ def train(args: argparse.Namespace) -> Path:
             if step > start_step and (step % args.checkpoint_every == 0 or step == args.max_steps):
                 final_checkpoint = save(step, pusher=pusher)
                 busy = True
-            if step == args.max_steps:
-                break
             if busy:  # a signal that came during them stops the run now, not after one more step
                 stop_on_signal(signals.requested(accelerator), step, evaluated=True)
+            if step == args.max_steps:
+                break
 
             start = time.perf_counter()
             for group in (group for optimizer in optimizers for group in optimizer.param_groups):
@@ -546,18 +547,19 @@ def train(args: argparse.Namespace) -> Path:
                 progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", norm=f"{grad_norm:.3f}",
                                      tok_s=f"{tokens_per_sec:,.0f}", mfu=f"{record.get('mfu', float('nan')):.1%}")
             accelerator.log({f"train/{k}": v for k, v in record.items() if k not in ("type", "step")}, step=step)
-    except KeyboardInterrupt:  # a second Ctrl-C: one line in main(), naming where the run can continue from
+        signals.close()  # the run is complete: from here a Ctrl-C stops at once (e.g. the wait for uploads)
+        if pusher is not None:  # rank 0 alone, after the last collective
+            tqdm.write(f"waiting for the uploads to {args.hub_model_id} to finish ...")
+            for failure in pusher.wait():
+                tqdm.write(f"warning: {failure}")
+            infra.prune_checkpoints(output_dir, args.keep_checkpoints, None)  # those kept while they uploaded
+        accelerator.end_training()
+    except KeyboardInterrupt:  # a second Ctrl-C, or one after the loop: one line in main() naming where to continue
         raise infra.TrainingInterrupted(step, output_dir) from None
     finally:
         progress.close()  # ends the bar's line, so that an error message gets a line of its own
         signals.close()
         train_batches.close()
-    if pusher is not None:  # rank 0 alone, after the last collective
-        tqdm.write(f"waiting for the uploads to {args.hub_model_id} to finish ...")
-        for failure in pusher.wait():
-            tqdm.write(f"warning: {failure}")
-        infra.prune_checkpoints(output_dir, args.keep_checkpoints, None)  # those kept while they uploaded
-    accelerator.end_training()
     if is_main and final_checkpoint is not None:
         tqdm.write(f"done: model folder {final_checkpoint / 'hf'}")
     return final_checkpoint
@@ -579,4 +581,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:  # the interpreter's last garbage collection skips what is frozen: ~1 s less to exit (measured), which
+        gc.freeze()  # a Ctrl-C or a preemption's grace period waits for

@@ -563,6 +563,7 @@ class StopSignals:
         """Give the signals back their handlers of before (train() may run inside a longer-lived process)."""
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+        self.previous = {}
 
     def _record(self, signum: int, frame) -> None:
         if signum != signal.SIGINT:

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from accelerate.state import AcceleratorState, GradientState
 from huggingface_hub import HfApi
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import hardware
 import train_accelerate
@@ -187,6 +189,58 @@ def test_train_step_accumulates_clips_and_updates_like_one_big_batch(tiny_data, 
     assert math.isnan(loss) or math.isnan(grad_norm)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), before[name], rtol=0, atol=0, equal_nan=True, msg=name)
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the reads of a tensor's values by the host: `.item()`, `float()`, `bool()` and `if tensor` dispatch
+    aten._local_scalar_dense; `.tolist()` and `.numpy()` do not dispatch, so they are counted as calls (the
+    TorchFunctionMode below). On a GPU each is a stall until the device has caught up."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+class ListReads(TorchFunctionMode):
+    def __init__(self, reads: HostReads):
+        super().__init__()
+        self.reads = reads
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.reads.count += func in (torch.Tensor.tolist, torch.Tensor.numpy)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("recipe", ["gpt2", "speedrun"])
+def test_one_host_read_per_step_and_none_per_micro_step(recipe, tiny_data, tmp_path, capsys, monkeypatch,
+                                                        fresh_accelerate):
+    """The host reads the device once per optimiser step (loss, grad norm and signal flags together), however many
+    micro-steps it has: counted from one train_step call to the next, over steps without evaluation or checkpoint."""
+    data_dir, _ = tiny_data
+    reads, at_step_start = HostReads(), []
+    original = train_accelerate.train_step
+
+    def counted_train_step(*args, **kwargs):
+        at_step_start.append(reads.count)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train_accelerate, "train_step", counted_train_step)
+    reads_per_step = {}
+    for micro_batch_size in (8, 2):  # 1 and 4 micro-steps per step
+        reads.count, at_step_start[:] = 0, []
+        with reads, ListReads(reads):
+            status, _, err = run_main(train_accelerate.main, TINY_RUN + [
+                "--data_dir", str(data_dir), "--output_dir", str(tmp_path / str(micro_batch_size)), "--recipe", recipe,
+                "--micro_batch_size", str(micro_batch_size), "--max_steps", "6", "--eval_every", "100",
+                "--checkpoint_every", "100", "--no-hellaswag", "--num_samples", "0"], capsys)
+        assert status == 0, err
+        steps = at_step_start[1:]  # from the start of step 1 to that of step 5: steps 1..4, all without evaluation
+        reads_per_step[micro_batch_size] = [b - a for a, b in zip(steps, steps[1:], strict=False)]
+    assert reads_per_step[8] == reads_per_step[2] == [1] * 4, reads_per_step
 
 
 def test_defaults_fit_the_cpu_and_a_small_corpus(tiny_data, tmp_path, capsys, monkeypatch, fresh_accelerate):

@@ -1,0 +1,112 @@
+"""Ctrl-C at random moments of a run (inside a step, an evaluation, a checkpoint write), on an idle and on a loaded
+machine: every time one line and exit 130 within seconds, and the run continued with `--resume_from_checkpoint latest`
+after each interruption ends with the weights and records of a run never interrupted."""
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from train_helpers import TINY_RUN, final_weights, records, run_training, training_command, write_tiny_data
+
+STEPS = 16
+# Frequent evaluations (val, HellaSwag, samples) and checkpoints, so that random moments land in them too.
+RUN = TINY_RUN + ["--micro_batch_size", "8", "--max_steps", str(STEPS), "--eval_every", "2", "--checkpoint_every",
+                  "3", "--keep_checkpoints", "2", "--num_samples", "2", "--sample_tokens", "4"]
+INTERRUPTIONS = 5
+EXIT_WITHIN_S = 5  # from Ctrl-C to the exit, measured; the slowest seen goes into the failure message
+
+
+def without_timing(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k not in ("step_time", "tokens_per_sec", "mfu")}
+
+
+def last_train_step(output_dir: Path) -> int:
+    metrics = output_dir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    steps = [json.loads(line)["step"] for line in lines if '"train"' in line and line.endswith("}")]
+    return max(steps, default=-1)
+
+
+def wait_for_moment(output_dir: Path, process: subprocess.Popen, moment: str, rng: random.Random) -> bool:
+    """Wait until training runs, then for `moment`: 'checkpoint' (a checkpoint being written: its temporary folder
+    exists) or 'random' (a random delay, landing in a step or an evaluation). False: the run got too near its end."""
+    start_step = last_train_step(output_dir)
+    deadline = time.monotonic() + 120
+    while last_train_step(output_dir) <= start_step:  # a step of this process, so the loop has started
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
+        time.sleep(0.01)
+    if moment == "checkpoint":
+        while not any((output_dir / "checkpoints").glob("tmp_step_*")):
+            assert time.monotonic() < deadline
+            if process.poll() is not None:
+                return False
+            time.sleep(0.002)
+    else:
+        time.sleep(rng.uniform(0, 0.8))
+    return last_train_step(output_dir) < STEPS - 3 and process.poll() is None
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("interrupts")
+    data_dir, hellaswag_file = write_tiny_data(root)
+    args = RUN + ["--data_dir", str(data_dir), "--hellaswag_file", str(hellaswag_file)]
+    run_training(args + ["--output_dir", str(root / "uninterrupted")])
+    return root, args
+
+
+@pytest.mark.parametrize("loaded", [False, True], ids=["idle", "loaded"])
+def test_ctrl_c_at_random_moments_stops_at_once_and_resumes_exactly(workspace, loaded):
+    root, args = workspace
+    output_dir = root / f"interrupted_{'loaded' if loaded else 'idle'}"
+    rng = random.Random(1 + loaded)
+    # A busy loop on a core of this 2-core machine: a slow exit shows
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if loaded else None
+    exits, moments = [], []
+    try:
+        command, env = training_command(args + ["--output_dir", str(output_dir), "--resume_from_checkpoint", "latest"])
+        while True:
+            process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            moment = "checkpoint" if len(exits) % 3 == 2 else "random"
+            if len(exits) >= INTERRUPTIONS or not wait_for_moment(output_dir, process, moment, rng):
+                _, err = process.communicate(timeout=300)  # the rest of the run, uninterrupted
+                assert process.returncode == 0, err[-3000:]
+                break
+            process.send_signal(signal.SIGINT)
+            sent = time.monotonic()
+            try:
+                _, err = process.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                raise AssertionError(f"no exit 60 s after Ctrl-C ({moment}): {process.communicate()[1][-3000:]}") \
+                    from None
+            exits.append(time.monotonic() - sent)
+            moments.append(moment)
+            last = err.strip().splitlines()[-1]
+            assert process.returncode == 130 and "Traceback" not in err, err[-3000:]
+            assert last.startswith("interrupted at step ") and "--resume_from_checkpoint latest" in last, err[-3000:]
+            step = int(last.split("at step ")[1].split(";")[0])
+            assert f"(from {output_dir / 'checkpoints' / f'step_{step:06d}'})" in last  # saved at the step it names
+    finally:
+        if busy is not None:
+            busy.kill()
+    assert len(exits) == INTERRUPTIONS, moments
+    slowest = max(exits)
+    print(f"{len(exits)} interruptions, exit after: "
+          f"{', '.join(f'{moment} {seconds:.2f} s' for moment, seconds in zip(moments, exits, strict=True))}")
+    assert slowest < EXIT_WITHIN_S, [round(t, 2) for t in exits]
+
+    reference = root / "uninterrupted"
+    assert list(map(without_timing, records(output_dir, "train"))) == \
+        list(map(without_timing, records(reference, "train")))
+    assert records(output_dir, "eval") == records(reference, "eval")
+    weights, expected = final_weights(output_dir, STEPS), final_weights(reference, STEPS)
+    assert all(torch.equal(weights[name], expected[name]) for name in expected)
