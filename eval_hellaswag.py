@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from hardware import resolve_dtype
-from io_helpers import EXIT_INTERRUPTED, atomic_write, first_line, write_json_atomic
+from io_helpers import EXIT_INTERRUPTED, atomic_write, ctrl_c_held, first_line, write_json_atomic
 
 HUB_DATASET = "Rowan/hellaswag"
 ORIGINAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
@@ -622,9 +622,14 @@ def score_from_command_line(args: argparse.Namespace) -> None:
                   **result, "predictions": predictions}
         try:
             output.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(output, report)
+            with ctrl_c_held() as ctrl_c:
+                write_json_atomic(output, report)
         except OSError as err:  # e.g. the disk filled up: the previous file, if any, is intact
             exit_with_error(accelerator, f"could not write --output_json {output}: {err.strerror or first_line(err)}")
+        if ctrl_c:
+            print(f"error: interrupted while writing --output_json {output}, which was written whole",
+                  file=sys.stderr)
+            sys.exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

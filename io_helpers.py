@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -55,6 +56,19 @@ def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO]:
         temporary.unlink(missing_ok=True)
         raise
     fsync_folder(path.parent)
+
+
+@contextlib.contextmanager
+def ctrl_c_held() -> Iterator[list[int]]:
+    """Ctrl-C inside the block is held, not raised: a write in several steps (temporary file, rename, the folder's
+    fsync) is never cut between them, and the command can say afterwards that the file is whole. The list it gives
+    holds the signal once one came. Main thread only, as every signal handler."""
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

@@ -6,6 +6,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -418,6 +419,26 @@ def test_cli_result_is_written_whole_or_not_at_all(tmp_path, model_dir, capsys, 
     assert status == 0, err
     assert json.loads((tmp_path / "result.json").read_text())["count"] == 3
     assert sorted(os.listdir(tmp_path)) == ["result.json", "val.jsonl"]  # no partial file left
+
+
+def test_cli_ctrl_c_during_the_write_leaves_the_result_whole(tmp_path, model_dir, capsys, fresh_accelerate,
+                                                             monkeypatch):
+    """Ctrl-C between the temporary file's fsync and its rename: the write completes, and the one line says so."""
+    arguments = good_cli_run(tmp_path, model_dir)
+    real_fsync = os.fsync
+
+    def fsync_then_ctrl_c(fd: int) -> None:
+        real_fsync(fd)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fsync", fsync_then_ctrl_c)
+        status, _, err = run_main(eval_hellaswag.main, command_line(arguments), capsys)
+    assert status == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == \
+        f"error: interrupted while writing --output_json {tmp_path / 'result.json'}, which was written whole"
+    assert json.loads((tmp_path / "result.json").read_text())["count"] == 3
+    assert sorted(os.listdir(tmp_path)) == ["result.json", "val.jsonl"]
 
 
 # ---- scoring ---------------------------------------------------------------------------------------------------------
