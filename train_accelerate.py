@@ -36,6 +36,7 @@ from configuration_gpt2repro import GPT2ReproConfig
 from eval_hellaswag import HellaSwagScoringError, evaluate_hellaswag
 from hardware import accelerate_device, peak_flops_per_device, pin_cpu_allocator, resolve_mixed_precision
 from modeling_gpt2repro import GPT2ReproForCausalLM
+from muon import Muon
 from token_shards import BatchPrefetcher, ShardedTokenLoader, ShardFormatError, TokenStream, validation_batches
 from tokenization_gpt2repro import EOT_TOKEN_ID, IGNORE_INDEX, get_tokenizer
 from training_infra import TrainingError
@@ -292,17 +293,20 @@ def configure_optimizer(model: torch.nn.Module, weight_decay: float, betas: tupl
 
 def configure_muon(model: GPT2ReproForCausalLM, args: argparse.Namespace,
                    device_type: str) -> list[torch.optim.Optimizer]:
-    """Muon on every 2-D weight matrix inside the blocks; AdamW on the rest: the embeddings and an untied head (with
-    weight decay, as matrices), biases and norm gains (without). Each group is named for `peak_lr`."""
-    matrices = [p for p in model.transformer.h.parameters() if p.dim() == 2]
+    """Muon on every 2-D weight matrix inside the blocks, the fused q|k|v projection as three C x C matrices (as the
+    speedrun records orthogonalise them), the work shared out among the processes; AdamW on the rest: the embeddings
+    and an untied head (with weight decay, as matrices), biases and norm gains (without). Each group is named for
+    `peak_lr`."""
+    qkv = [block.attn.c_attn.weight for block in model.transformer.h]
+    matrices = [p for p in model.transformer.h.parameters() if p.dim() == 2 and all(p is not q for q in qkv)]
     embeddings = [m.weight for m in (model.transformer.wte, model.transformer.wpe) if m is not None]
     head = [] if model.config.tie_word_embeddings else [model.lm_head.weight]
-    named = {id(p) for p in matrices + embeddings + head}
+    named = {id(p) for p in qkv + matrices + embeddings + head}
     groups = [{"params": embeddings, "name": "embeddings", "weight_decay": args.weight_decay},
               {"params": head, "name": "head", "weight_decay": args.weight_decay},
               {"params": [p for p in model.parameters() if id(p) not in named], "name": "adamw", "weight_decay": 0.0}]
-    muon = torch.optim.Muon([{"params": matrices, "name": "muon"}], lr=0.0, momentum=args.muon_momentum,
-                            weight_decay=args.weight_decay)
+    muon = Muon([{"params": qkv, "name": "muon", "parts": 3}, {"params": matrices, "name": "muon"}], lr=0.0,
+                momentum=args.muon_momentum, weight_decay=args.weight_decay)
     adamw = torch.optim.AdamW([g for g in groups if g["params"]], lr=0.0, betas=(args.beta1, args.beta2),
                               eps=args.adam_eps, fused=device_type in ("cuda", "cpu"))
     return [muon, adamw]

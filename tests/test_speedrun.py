@@ -158,6 +158,10 @@ def test_muon_gets_every_block_matrix_and_nothing_else():
     names = {id(p): n for n, p in model.named_parameters()}
     expected = {id(p) for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2}
     assert in_muon == expected and len(expected) == 4 * TINY["n_layer"]  # c_attn, attn c_proj, c_fc, mlp c_proj
+    parts = {names[id(p)]: group["parts"] for group in muon.param_groups for p in group["params"]}
+    assert {name for name, n in parts.items() if n == 3} == {f"transformer.h.{i}.attn.c_attn.weight"
+                                                             for i in range(TINY["n_layer"])}  # q, k, v apart
+    assert set(parts.values()) == {1, 3}
     in_adamw = [names[id(p)] for group in adamw.param_groups for p in group["params"]]
     assert sorted(in_adamw) == sorted(n for p_id, n in names.items() if p_id not in expected)
     groups = [group for optimizer in (muon, adamw) for group in optimizer.param_groups]
