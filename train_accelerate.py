@@ -28,7 +28,13 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, is_tensorboard_available, is_wandb_available, set_seed
+from accelerate.utils import (
+    InitProcessGroupKwargs,
+    TorchDynamoPlugin,
+    is_tensorboard_available,
+    is_wandb_available,
+    set_seed,
+)
 from tqdm.auto import tqdm
 
 import training_infra as infra  # the plumbing: checkpoints, Hub pushes, metrics and plots, preemption
@@ -163,7 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--mixed_precision", choices=["auto", "no", "bf16"], default="auto",
                        help="bf16 autocast through Accelerate, fp32 master weights either way; 'auto': bf16 on GPUs "
                             "that support it and CPUs with native bf16 (AVX512-BF16/AMX), else fp32")
-    optim.add_argument("--compile", action="store_true", help="torch.compile the training forward (eval uses eager)")
+    optim.add_argument("--compile", nargs="?", const="on", choices=["auto", "on", "off"], default="auto",
+                       help="torch.compile the training forward and loss as one graph (a graph break is an error); "
+                            "auto: on CUDA, where it pays, else off (on a CPU it did not: see the README); "
+                            "evaluation and sampling use the eager module")
     optim.add_argument("--gradient_checkpointing", action="store_true",
                        help="recompute each block's activations in backward: far less memory for ~1/3 more compute "
                             "(large micro-batches on one GPU)")
@@ -413,11 +422,15 @@ def build_accelerator(args: argparse.Namespace) -> tuple[Accelerator, str]:
     if args.report_to == "wandb" and not is_wandb_available():
         raise TrainingError("--report_to wandb needs the wandb package: pip install wandb")
     process_group = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=args.ddp_timeout))
-    args.mixed_precision, precision_line = resolve_mixed_precision(  # to_kwargs() would drop a timeout equal to
-        args.mixed_precision, accelerate_device(timeout=process_group.timeout))  # its default, leaving torch's
+    device = accelerate_device(timeout=process_group.timeout)  # to_kwargs() would drop a timeout equal to its default
+    args.mixed_precision, precision_line = resolve_mixed_precision(args.mixed_precision, device)
+    launch_backend = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower()  # accelerate launch --dynamo_backend
+    if args.compile == "auto":
+        args.compile = "on" if device.type == "cuda" or launch_backend != "no" else "off"
+    backend = "no" if args.compile == "off" else launch_backend if launch_backend != "no" else "inductor"
+    dynamo = TorchDynamoPlugin(backend=backend, fullgraph=True)  # a graph break would silently cost compile's speed
     accelerator = Accelerator(mixed_precision=args.mixed_precision, project_dir=args.output_dir,
-                              log_with=None if args.report_to == "none" else args.report_to,
-                              dynamo_backend="inductor" if args.compile else None,  # None: the launch config decides
+                              log_with=None if args.report_to == "none" else args.report_to, dynamo_plugin=dynamo,
                               kwargs_handlers=[process_group])
     if accelerator.gradient_accumulation_steps != 1:  # accelerator.backward would divide the loss a second time
         grad_accum = gradient_accumulation_steps(args.total_batch_size, args.micro_batch_size, args.seq_len,
@@ -487,7 +500,8 @@ def train(args: argparse.Namespace) -> Path:
         tqdm.write(precision_line)
         tqdm.write(f"{sum(p.numel() for p in raw_model.parameters()):,} parameters | {world_size} process(es) on "
                    f"{device.type} | {grad_accum} micro-steps of {args.micro_batch_size} x {args.seq_len} per step "
-                   f"= {args.total_batch_size:,} tokens | mixed precision {args.mixed_precision}"
+                   f"= {args.total_batch_size:,} tokens | mixed precision {args.mixed_precision} "
+                   f"| compile {args.compile}"
                    + (f" | resuming at step {start_step} from {resume_from}" if resume_from else ""))
     # The next micro-batch is read (and pinned) in a thread while this one computes; checkpoints save the position of
     # the batches used, not of those read ahead.

@@ -149,6 +149,37 @@ def test_config_refuses_unknown_options():
         GPT2ReproConfig(logit_softcap=0.0)
 
 
+@pytest.mark.parametrize("recipe", ["gpt2", "speedrun"])
+def test_compiled_training_forward_and_loss_are_one_graph_equal_to_eager(recipe):
+    """torch.compile(fullgraph=True) of the training forward + loss: one graph (a break would raise), and the loss
+    and gradients of eager's chunked loss. The graphs are counted by a backend of our own that runs them as traced."""
+    model = model_with(OPTIONS.get(recipe, {}))
+    x = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(2))
+    y[0, :5] = -100  # ignored targets
+
+    def loss_and_gradients(forward) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        loss = forward(input_ids=x, shift_labels=y, return_logits=False).loss
+        loss.backward()
+        return loss.detach(), [p.grad for p in model.parameters()]
+
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    eager_loss, eager_grads = loss_and_gradients(model)
+    compiled_loss, compiled_grads = loss_and_gradients(torch.compile(model, backend=counting_backend,
+                                                                     fullgraph=True))
+    assert len(graphs) == 1
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-6, atol=0)
+    for compiled, eager in zip(compiled_grads, eager_grads, strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-6)
+
+
 def test_muon_gets_every_block_matrix_and_nothing_else():
     args = train_accelerate.parse_args(["--recipe", "speedrun"])
     model = GPT2ReproForCausalLM(GPT2ReproConfig(**TINY, **{k: getattr(args, k) for k in OPTIONS["speedrun"]}))

@@ -243,6 +243,30 @@ def test_one_host_read_per_step_and_none_per_micro_step(recipe, tiny_data, tmp_p
     assert reads_per_step[8] == reads_per_step[2] == [1] * 4, reads_per_step
 
 
+def test_compiled_run_evaluates_samples_and_resumes_exactly(tiny_data, tmp_path, capsys, fresh_accelerate):
+    """--compile on (inductor, one graph) on a CPU: evaluation, HellaSwag and sampling run on the eager module beside
+    the compiled one (build-nanogpt's compile broke them), and a run resumed from a checkpoint ends with the weights of
+    the run straight through."""
+    data_dir, hellaswag_file = tiny_data
+    run = TINY_RUN + ["--data_dir", str(data_dir), "--compile", "--micro_batch_size", "8", "--max_steps", "4",
+                      "--eval_every", "2", "--checkpoint_every", "2", "--hellaswag_file", str(hellaswag_file),
+                      "--num_samples", "2", "--sample_tokens", "4"]
+    status, out, err = run_main(train_accelerate.main, run + ["--output_dir", str(tmp_path / "straight")], capsys)
+    assert status == 0, err
+    assert "compile on" in out
+    evals = records(tmp_path / "straight", "eval")
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    assert all(r["hellaswag_count"] == 3 and len(r["samples"]) == 2 for r in evals)
+    checkpoint = tmp_path / "straight" / "checkpoints" / "step_000002"
+    status, _, err = run_main(train_accelerate.main, run + ["--output_dir", str(tmp_path / "resumed"),
+                                                            "--resume_from_checkpoint", str(checkpoint)], capsys)
+    assert status == 0, err
+    straight, resumed = final_weights(tmp_path / "straight", 4), final_weights(tmp_path / "resumed", 4)
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+    assert records(tmp_path / "resumed", "eval")[-1] == evals[-1]
+
+
 def test_defaults_fit_the_cpu_and_a_small_corpus(tiny_data, tmp_path, capsys, monkeypatch, fresh_accelerate):
     """No --mixed_precision and no --val_tokens: fp32 on a CPU without native bf16, and validation over the whole
     4,000-token val split (the recipe's 10,485,760 would not fit), each said in one line."""
