@@ -458,19 +458,21 @@ def train(args: argparse.Namespace) -> Path:
         raise TrainingError(str(error)) from None
 
     output_dir = Path(args.output_dir)
-    infra.check_output_dir(output_dir)
+    infra.checked_on_every_rank(accelerator, lambda: infra.check_output_dir(output_dir))
     resume_from = infra.decided_on_rank0(accelerator, lambda: infra.choose_resume_checkpoint(args, output_dir))
     if args.preset == "cpu-demo":
         infra.prepare_demo_data(accelerator, args)
-    try:  # both splits are checked now, not at the first evaluation
-        choose_val_tokens(args, notify=is_main)
-        next(validation_batches(args.data_dir, args.eval_batch_size, args.seq_len, args.val_tokens,
-                                verify_checksums=args.verify_data))
-        train_loader = ShardedTokenLoader(args.data_dir, "train", args.micro_batch_size, args.seq_len, rank,
-                                          world_size, shuffle=args.shuffle, seed=args.seed,
-                                          verify_checksums=args.verify_data)
-    except ValueError as error:  # ShardFormatError included: missing or corrupt shards, too few val tokens
-        raise TrainingError(str(error)) from None
+    def open_data() -> ShardedTokenLoader:  # both splits are checked now, not at the first evaluation
+        try:
+            choose_val_tokens(args, notify=is_main)
+            next(validation_batches(args.data_dir, args.eval_batch_size, args.seq_len, args.val_tokens,
+                                    verify_checksums=args.verify_data))
+            return ShardedTokenLoader(args.data_dir, "train", args.micro_batch_size, args.seq_len, rank, world_size,
+                                      shuffle=args.shuffle, seed=args.seed, verify_checksums=args.verify_data)
+        except ValueError as error:  # ShardFormatError included: missing or corrupt shards, too few val tokens
+            raise TrainingError(str(error)) from None
+
+    train_loader = infra.checked_on_every_rank(accelerator, open_data)  # a node without the shards stops them all
     pusher = infra.start_hub_pusher(accelerator, args.hub_model_id if args.push_to_hub else None)
     # Every rank scores its share of what rank 0 found: ranks deciding alone could disagree (a node without the file
     # and the network) and leave the others waiting in the scoring's collectives.

@@ -640,6 +640,29 @@ def decided_on_rank0(accelerator: Accelerator, decide: Callable[[], T]) -> T:
 
 
 
+def checked_on_every_rank(accelerator: Accelerator, check: Callable[[], T]) -> T:
+    """`check()` run on every rank (this node's view of the data or the output folder); when it fails on any rank, every
+    rank raises the same TrainingError naming the first rank it failed on. A rank that stopped alone would leave the
+    others waiting in the next collective until the process-group timeout (30 minutes by default) on another node."""
+    failure = crash = None
+    try:
+        value = check()
+    except TrainingError as error:
+        failure = str(error)
+    except BaseException as error:  # a bug: the other ranks stop with a pointer, this one with the traceback
+        failure, crash = f"failed with {type(error).__name__}: {first_line(error)}", error
+    failures = [failure]
+    if accelerator.num_processes > 1:
+        failures = [None] * accelerator.num_processes
+        torch.distributed.all_gather_object(failures, failure)
+    if crash is not None:
+        raise crash
+    for rank, message in enumerate(failures):
+        if message is not None:
+            raise TrainingError(message if len(failures) == 1 else f"rank {rank}: {message}")
+    return value
+
+
 def check_output_dir(output_dir: Path) -> None:
     """--output_dir must be a folder this process can write, checked before anything is computed."""
     if output_dir.exists() and not output_dir.is_dir():

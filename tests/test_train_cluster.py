@@ -145,6 +145,34 @@ def test_hellaswag_that_only_rank0_can_read_is_scored_by_all(workspace, tmp_path
     assert [r["hellaswag_count"] for r in records(output_dir, "eval")] == [3, 3]  # --hellaswag_limit 3
 
 
+RANK1_WITHOUT_SHARDS = """
+import os, sys
+import train_accelerate
+
+argv = sys.argv[1:]
+if os.environ["RANK"] == "1":  # this node's copy of the data folder is empty
+    argv[argv.index("--data_dir") + 1] = os.environ["EMPTY_DATA_DIR"]
+train_accelerate.main(argv)
+"""
+
+
+def test_shards_missing_on_one_rank_stop_every_rank_with_the_same_line(workspace, tmp_path):
+    root, args, _ = workspace
+    (tmp_path / "empty").mkdir()
+    script = tmp_path / "rank1_without_shards.py"
+    script.write_text(RANK1_WITHOUT_SHARDS)
+    command, env = training_command(args + ["--output_dir", str(tmp_path / "out"), "--micro_batch_size", "4",
+                                            "--ddp_timeout", "60"], processes=2, script=str(script))
+    env.update(PYTHONPATH=str(REPO), EMPTY_DATA_DIR=str(tmp_path / "empty"))
+    started = time.monotonic()
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode != 0 and time.monotonic() - started < 45, result.stderr[-3000:]
+    # each rank says it, the same line: rank 0 learnt of rank 1's failure instead of waiting for it in a collective
+    assert len(errors) == 2 and errors[0] == errors[1], result.stderr[-3000:]
+    assert errors[0].startswith("error: rank 1: ") and str(tmp_path / "empty") in errors[0]
+
+
 def test_signal_names_are_checked(capsys):
     assert training_infra.parse_signals("SIGTERM, usr1") == [signal.SIGTERM, signal.SIGUSR1]
     assert training_infra.parse_signals("none") == []
