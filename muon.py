@@ -8,7 +8,9 @@ torch.optim.Muon orthogonalises every parameter whole, on every process. Two thi
 - With N processes each matrix has an owner (round-robin, largest first); the owner alone runs Newton-Schulz and
   updates the weight, which is then broadcast to the others, so the Newton-Schulz work per process is ~1/N. The
   gradients are the same on every process after DDP's all-reduce, so the momentum buffers (cheap, elementwise) are
-  kept on all of them and stay equal: checkpoints and resume need nothing new.
+  kept on all of them and stay equal: checkpoints and resume need nothing new. (Its parameter groups differ from
+  torch's Muon's, so a speedrun checkpoint written with torch.optim.Muon, before 2026-12-03, does not resume; its hf/
+  model folder loads as ever.)
 """
 from __future__ import annotations
 

@@ -24,6 +24,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -332,10 +333,11 @@ def peak_lr(group: dict, args: argparse.Namespace) -> tuple[float, float]:
 
 def train_step(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], accelerator: Accelerator,
                batches: BatchPrefetcher | ShardedTokenLoader, grad_accum: int, grad_clip: float,
-               flags: list[float] = ()) -> tuple[float, float, list[float]]:
+               flags: Callable[[], list[float]] = list) -> tuple[float, float, list[float]]:
     """One optimiser step: `grad_accum` micro-batches of forward and backward, gradients clipped to `grad_clip`, then
     the update at the LRs already set in `optimizers`. Returns the loss (averaged over micro-batches and processes),
-    the gradient norm before clipping, and `flags` summed over processes. When the loss or the norm is not finite the
+    the gradient norm before clipping, and `flags()` summed over processes, read once the step's compute is queued
+    (a signal that came during this step stops the run after it). When the loss or the norm is not finite the
     weights are left as they were.
 
     The device is read once per step, never per micro-step: the loss, the norm and the flags travel in one collective
@@ -353,7 +355,10 @@ def train_step(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], 
             step_loss += loss.detach()
             accelerator.backward(loss)
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip)  # the same on every process after DDP
-    stats = torch.cat([step_loss.reshape(1), torch.tensor(flags, dtype=step_loss.dtype, device=device)])
+    flags = torch.tensor(flags(), dtype=step_loss.dtype)
+    if device.type == "cuda":  # page-locked: a copy from pageable memory would wait for the whole step, a second stall
+        flags = flags.pin_memory()
+    stats = torch.cat([step_loss.reshape(1), flags.to(device, non_blocking=True)])
     stats = accelerator.reduce(stats, reduction="sum")  # the step's one collective
     stats[0] /= accelerator.num_processes  # the loss averaged over processes
     step_loss, grad_norm, *flags = torch.cat([stats[:1], grad_norm.reshape(1).to(stats.dtype), stats[1:]]).tolist()
@@ -513,17 +518,19 @@ def train(args: argparse.Namespace) -> Path:
 
     progress = tqdm(total=args.max_steps, initial=start_step, disable=not is_main, desc="training", dynamic_ncols=True)
     final_checkpoint = resume_from if resume_from is not None and infra.in_run(resume_from, output_dir) else None
+    final_evaluated = start_evaluated  # whether final_checkpoint's step had its evaluation when it was written
     signals = infra.StopSignals(args.save_on_signals)  # from here on Ctrl-C too is acted on at a step boundary
 
     def stop_on_signal(summed_flags, step: int, evaluated: bool) -> None:
         """End the run with a checkpoint at `step` (written unless there is one) when any process got a signal."""
-        nonlocal final_checkpoint
+        nonlocal final_checkpoint, final_evaluated
         if not any(summed_flags):
             return
         if pusher is not None:
             pusher.cancel_queued()  # the process waits for queued uploads before it exits
-        if final_checkpoint is None or final_checkpoint.name != f"{infra.CHECKPOINT_PREFIX}{step:06d}":
-            final_checkpoint = save(step, pusher=None, evaluated=evaluated)
+        current = final_checkpoint is not None and final_checkpoint.name == f"{infra.CHECKPOINT_PREFIX}{step:06d}"
+        if not current or (evaluated and not final_evaluated):  # else a resume would evaluate (and log) it again
+            final_checkpoint, final_evaluated = save(step, pusher=None, evaluated=evaluated), evaluated
         signals.stop(summed_flags, step, final_checkpoint, output_dir)
 
     step = start_step
@@ -531,7 +538,9 @@ def train(args: argparse.Namespace) -> Path:
         stop_flags = signals.requested(accelerator)
         for step in range(start_step, args.max_steps + 1):
             # First a signal seen in the last step's collective: a grace period may not cover this step's evaluation.
-            stop_on_signal(stop_flags, step, evaluated=False)
+            # After the last step the run finishes instead (its final evaluation, checkpoint and push).
+            if step < args.max_steps:
+                stop_on_signal(stop_flags, step, evaluated=False)
             # Evaluation at step s sees the weights after s optimiser steps; a resumed run has had its eval at s,
             # unless its checkpoint was written on a signal, before that eval.
             busy = False
@@ -540,12 +549,12 @@ def train(args: argparse.Namespace) -> Path:
                 infra.log_evaluation(accelerator, metrics, step, result, output_dir / "loss.png")
                 busy = True
             if step > start_step and (step % args.checkpoint_every == 0 or step == args.max_steps):
-                final_checkpoint = save(step, pusher=pusher)
+                final_checkpoint, final_evaluated = save(step, pusher=pusher), True
                 busy = True
+            if step == args.max_steps:  # the run is complete and saved: a signal now changes nothing
+                break
             if busy:  # a signal that came during them stops the run now, not after one more step
                 stop_on_signal(signals.requested(accelerator), step, evaluated=True)
-            if step == args.max_steps:
-                break
 
             start = time.perf_counter()
             for group in (group for optimizer in optimizers for group in optimizer.param_groups):
@@ -553,7 +562,7 @@ def train(args: argparse.Namespace) -> Path:
                                      args.cooldown_frac)
             lr = optimizers[0].param_groups[0]["lr"]  # GPT-2's AdamW, or Muon's
             loss, grad_norm, stop_flags = train_step(model, optimizers, accelerator, train_batches, grad_accum,
-                                                     args.grad_clip, signals.flags())
+                                                     args.grad_clip, signals.flags)
             infra.check_finite(step, loss, grad_norm, output_dir)
             step_time = time.perf_counter() - start  # train_step's one read of the device waited for it
             tokens_per_sec = args.total_batch_size / step_time
@@ -577,9 +586,9 @@ def train(args: argparse.Namespace) -> Path:
     except KeyboardInterrupt:  # a second Ctrl-C, or one after the loop: one line in main() naming where to continue
         raise infra.TrainingInterrupted(step, output_dir) from None
     finally:
+        train_batches.close()
         progress.close()  # ends the bar's line, so that an error message gets a line of its own
         signals.close()
-        train_batches.close()
     if is_main and final_checkpoint is not None:
         tqdm.write(f"done: model folder {final_checkpoint / 'hf'}")
     return final_checkpoint

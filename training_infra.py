@@ -513,6 +513,8 @@ def parse_signals(text: str) -> list[signal.Signals]:
             raise ValueError(f"unknown signal {name!r}; name signals like SIGTERM,SIGUSR1, or 'none'") from None
         if found[-1] in (signal.SIGKILL, signal.SIGSTOP):
             raise ValueError(f"{found[-1].name} cannot be caught, so nothing can be saved on it")
+        if found[-1] == signal.SIGINT:
+            raise ValueError(f"SIGINT is Ctrl-C, which always saves and stops the run (exit {EXIT_INTERRUPTED})")
     return found
 
 
@@ -642,24 +644,29 @@ def decided_on_rank0(accelerator: Accelerator, decide: Callable[[], T]) -> T:
 
 def checked_on_every_rank(accelerator: Accelerator, check: Callable[[], T]) -> T:
     """`check()` run on every rank (this node's view of the data or the output folder); when it fails on any rank, every
-    rank raises the same TrainingError naming the first rank it failed on. A rank that stopped alone would leave the
-    others waiting in the next collective until the process-group timeout (30 minutes by default) on another node."""
-    failure = crash = None
+    rank raises the same TrainingError naming the first rank it failed on (a Ctrl-C on any: KeyboardInterrupt on all).
+    A rank that stopped alone would leave the others waiting in the next collective until the process-group timeout
+    (30 minutes by default) on another node."""
+    outcome = crash = None  # (kind, message) when the check failed here
     try:
         value = check()
     except TrainingError as error:
-        failure = str(error)
+        outcome = ("error", str(error))
+    except KeyboardInterrupt as error:
+        outcome, crash = ("interrupted", ""), error
     except BaseException as error:  # a bug: the other ranks stop with a pointer, this one with the traceback
-        failure, crash = f"failed with {type(error).__name__}: {first_line(error)}", error
-    failures = [failure]
+        outcome, crash = ("error", f"failed with {type(error).__name__}: {first_line(error)}"), error
+    outcomes = [outcome]
     if accelerator.num_processes > 1:
-        failures = [None] * accelerator.num_processes
-        torch.distributed.all_gather_object(failures, failure)
+        outcomes = [None] * accelerator.num_processes
+        torch.distributed.all_gather_object(outcomes, outcome)
     if crash is not None:
         raise crash
-    for rank, message in enumerate(failures):
-        if message is not None:
-            raise TrainingError(message if len(failures) == 1 else f"rank {rank}: {message}")
+    if any(o is not None and o[0] == "interrupted" for o in outcomes):
+        raise KeyboardInterrupt
+    for rank, found in enumerate(outcomes):
+        if found is not None:
+            raise TrainingError(found[1] if len(outcomes) == 1 else f"rank {rank}: {found[1]}")
     return value
 
 

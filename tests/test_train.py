@@ -163,7 +163,7 @@ def test_train_step_accumulates_clips_and_updates_like_one_big_batch(tiny_data, 
     model, optimizer = accelerator.prepare(model, optimizer)
     batches = BatchPrefetcher(ShardedTokenLoader(data_dir, "train", 2, 32, shuffle=True, seed=SEED))
     loss, grad_norm, flags = train_accelerate.train_step(model, [optimizer], accelerator, batches, grad_accum=4,
-                                                         grad_clip=0.5, flags=[1.0, 0.0])
+                                                         grad_clip=0.5, flags=lambda: [1.0, 0.0])
     assert flags == [1.0, 0.0]  # summed over the one process
 
     x, y = ShardedTokenLoader(data_dir, "train", 8, 32, shuffle=True, seed=SEED).next_batch()  # the same 8 rows

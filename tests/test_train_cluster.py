@@ -15,7 +15,16 @@ import torch
 
 import train_accelerate
 import training_infra
-from train_helpers import REPO, TINY_RUN, final_weights, records, run_training, training_command, write_tiny_data
+from train_helpers import (
+    REPO,
+    TINY_RUN,
+    final_weights,
+    records,
+    run_main,
+    run_training,
+    training_command,
+    write_tiny_data,
+)
 
 STEPS = 8
 QUIET = ["--max_steps", str(STEPS), "--num_samples", "0", "--eval_every", "100", "--checkpoint_every", "4"]
@@ -180,6 +189,50 @@ def test_signal_names_are_checked(capsys):
         training_infra.parse_signals("SIGFOO")
     with pytest.raises(ValueError, match="SIGKILL cannot be caught"):
         training_infra.parse_signals("SIGTERM,SIGKILL")
+    with pytest.raises(ValueError, match="SIGINT is Ctrl-C, which always saves and stops the run"):
+        training_infra.parse_signals("SIGTERM,SIGINT")
     with pytest.raises(SystemExit) as exit_:
         train_accelerate.parse_args(["--save_on_signals", "TERM,FOO"])
     assert exit_.value.code == 2 and "--save_on_signals: unknown signal 'FOO'" in capsys.readouterr().err
+
+
+def signal_during(monkeypatch, name: str, calls: set[int], sig: signal.Signals = signal.SIGTERM) -> None:
+    """train_accelerate.`name` (train_step or evaluate) sends `sig` to this process during its calls numbered in
+    `calls` (0-based), as a scheduler's signal landing while it runs."""
+    original, count = getattr(train_accelerate, name), [0]
+
+    def with_signal(*args, **kwargs):
+        if count[0] in calls:
+            os.kill(os.getpid(), sig)
+        count[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train_accelerate, name, with_signal)
+
+
+def test_a_signal_stops_at_the_end_of_its_step_and_an_evaluated_stop_is_not_evaluated_again(workspace, tmp_path,
+                                                                                          capsys, monkeypatch):
+    """SIGTERM during step 2 stops the run after that step (a checkpoint at step 3, its evaluation not done); the
+    resumed run is signalled during that evaluation and stops right after it, with a checkpoint saying it is done; the
+    next resume finishes without evaluating step 3 again. A signal during the last step lets the run finish."""
+    root, args, _ = workspace
+    run = args + ["--output_dir", str(tmp_path), "--micro_batch_size", "8", "--max_steps", "6", "--eval_every", "3",
+                  "--checkpoint_every", "100", "--no-hellaswag", "--num_samples", "0", "--resume_from_checkpoint",
+                  "latest"]
+    with monkeypatch.context() as patch:
+        signal_during(patch, "train_step", {2})
+        status, _, err = run_main(train_accelerate.main, run, capsys)
+    assert status == training_infra.EXIT_PREEMPTED and "preempted by SIGTERM at step 3:" in err, err[-2000:]
+    assert [r["step"] for r in records(tmp_path, "train")] == [0, 1, 2]
+    with monkeypatch.context() as patch:
+        signal_during(patch, "evaluate", {0})  # the resumed run's first call: step 3's evaluation
+        status, _, err = run_main(train_accelerate.main, run, capsys)
+    assert status == training_infra.EXIT_PREEMPTED and "at step 3:" in err, err[-2000:]
+    state = json.loads((tmp_path / "checkpoints" / "step_000003" / "trainer_state.json").read_text())
+    assert state["evaluated"] is True
+    with monkeypatch.context() as patch:
+        signal_during(patch, "train_step", {2})  # step 5, the last one
+        status, _, err = run_main(train_accelerate.main, run, capsys)
+    assert status == 0, err[-2000:]
+    assert [r["step"] for r in records(tmp_path, "eval")] == [0, 3, 6]
+    assert [r["step"] for r in records(tmp_path, "train")] == list(range(6))
