@@ -155,13 +155,19 @@ def test_hellaswag_that_only_rank0_can_read_is_scored_by_all(workspace, tmp_path
 
 
 RANK1_WITHOUT_SHARDS = """
-import os, sys
+import os, sys, time
 import train_accelerate
 
+rank = os.environ["RANK"]
+sys.stderr = open(os.path.join(os.environ["LOG_DIR"], f"rank{rank}.err"), "w", buffering=1)  # lines of one rank
 argv = sys.argv[1:]
-if os.environ["RANK"] == "1":  # this node's copy of the data folder is empty
+if rank == "1":  # this node's copy of the data folder is empty
     argv[argv.index("--data_dir") + 1] = os.environ["EMPTY_DATA_DIR"]
-train_accelerate.main(argv)
+try:
+    train_accelerate.main(argv)
+finally:
+    if rank == "1":  # as on another node: the launcher here would stop rank 0 as soon as rank 1 has exited
+        time.sleep(3)
 """
 
 
@@ -172,14 +178,15 @@ def test_shards_missing_on_one_rank_stop_every_rank_with_the_same_line(workspace
     script.write_text(RANK1_WITHOUT_SHARDS)
     command, env = training_command(args + ["--output_dir", str(tmp_path / "out"), "--micro_batch_size", "4",
                                             "--ddp_timeout", "60"], processes=2, script=str(script))
-    env.update(PYTHONPATH=str(REPO), EMPTY_DATA_DIR=str(tmp_path / "empty"))
+    env.update(PYTHONPATH=str(REPO), EMPTY_DATA_DIR=str(tmp_path / "empty"), LOG_DIR=str(tmp_path))
     started = time.monotonic()
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert result.returncode != 0 and time.monotonic() - started < 45, result.stderr[-3000:]
     # each rank says it, the same line: rank 0 learnt of rank 1's failure instead of waiting for it in a collective
-    assert len(errors) == 2 and errors[0] == errors[1], result.stderr[-3000:]
-    assert errors[0].startswith("error: rank 1: ") and str(tmp_path / "empty") in errors[0]
+    errors = [[line for line in (tmp_path / f"rank{rank}.err").read_text().splitlines() if line.startswith("error: ")]
+              for rank in (0, 1)]
+    assert len(errors[0]) == len(errors[1]) == 1 and errors[0] == errors[1], errors
+    assert errors[0][0].startswith("error: rank 1: ") and str(tmp_path / "empty") in errors[0][0]
 
 
 def test_signal_names_are_checked(capsys):
