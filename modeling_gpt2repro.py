@@ -572,8 +572,8 @@ class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
         hidden_states = outputs.last_hidden_state  # (B, T, C)
         loss = logits = None
         if not return_logits and torch.compiler.is_compiling():
-            # Compiled, the plain loss is faster: inductor fuses the fp32 upcast, soft-cap, mask and log-softmax of
-            # the (B, T, Vp) logits into the loss kernels, while the chunked Function's gradients computed in forward
+            # Compiled, the plain loss is faster: inductor fuses the slice, fp32 upcast, soft-cap and log-softmax of
+            # the (B, T, V) logits into the loss kernels, while the chunked Function's gradients computed in forward
             # stay separate kernels (measured in benchmarks/bench_train.py).
             logits = self.lm_head(hidden_states)[..., : self.config.vocab_size].float()  # (B, T, V): no padded column
             logits = soft_capped(logits, self.config.logit_softcap)

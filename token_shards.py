@@ -345,7 +345,7 @@ class BatchPrefetcher:
         self.loader, self.pin_memory = loader, pin_memory
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-prefetch")
         self.position = loader.state_dict()
-        self.ahead: Future | None = self.executor.submit(self._read)
+        self.ahead: Future = self.executor.submit(self._read)
 
     def _read(self) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.loader.next_batch()

@@ -556,7 +556,6 @@ class StopSignals:
     """
 
     def __init__(self, preemption_signals: list[signal.Signals]):
-        self.preemption_signals = preemption_signals
         self.received: str | None = None  # the first preemption signal's name
         self.interrupted = False
         self.previous = {sig: signal.signal(sig, self._record) for sig in {*preemption_signals, signal.SIGINT}}
