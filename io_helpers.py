@@ -1,5 +1,6 @@
-"""What every command shares: files written so that a crash never leaves half of one, errors in one line, and the
-exit status of a Ctrl-C.
+"""What every command shares: files written so that a crash never leaves half of one, and one command-line convention
+(`run_command`): a user's mistake is one `error: ...` line and status 1, Ctrl-C one line and status 130, never a
+traceback.
 
 A file is written under a temporary name beside it, flushed to disk (fsync), renamed over the real name (an atomic
 step on POSIX file systems), and then its folder is fsynced, so that after a crash or power loss the path holds either
@@ -11,10 +12,13 @@ import contextlib
 import json
 import os
 import signal
-from collections.abc import Iterator
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
+EXIT_ERROR = 1  # a mistake the user can fix: the message says how
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: the shell's status for a command stopped by Ctrl-C
 
 # Longest addition `temporary_path` makes to a name: "." + a pid of up to 7 digits (Linux's pid_max is at most
@@ -97,3 +101,64 @@ def first_line(error: BaseException) -> str:
     """An exception's message cut to its first line (libraries' messages run on over many), or its type's name when
     it has none."""
     return (str(error).strip() or type(error).__name__).splitlines()[0]
+
+
+# ---- the command-line convention -------------------------------------------------------------------------------------
+
+
+class CommandError(Exception):
+    """A problem the user can fix: the command stops with one line, `error: <message>`, and status 1."""
+
+
+class CommandStopped(Exception):
+    """The command stopped on request (Ctrl-C, a preemption signal) after saving what it could: its message (a line
+    that says where to continue) is printed once, by rank 0, and the process exits with `exit_code`."""
+
+    exit_code = EXIT_INTERRUPTED
+
+
+def is_rank0() -> bool:
+    """Whether this process is the first of a launch (torchrun and accelerate launch set RANK) or not launched."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def run_command(body: Callable[[], None], on_ctrl_c: str | Callable[[], str],
+                errors: tuple[type[Exception], ...] = (), errors_on_every_rank: bool = False) -> None:
+    """Run a command's `body` with the exit statuses every command of this project documents: 0 when it returns;
+    1 after one `error: <message>` line for a CommandError (or one of `errors`); 130 after one `error: interrupted;
+    <on_ctrl_c>` line on Ctrl-C; a CommandStopped's own status after its line. `errors_on_every_rank`: each process
+    prints its own error (a check a single rank can fail), else rank 0 prints for all."""
+    try:
+        body()
+    except (CommandError, *errors) as error:
+        if errors_on_every_rank or is_rank0():
+            print(f"error: {error}", file=sys.stderr)
+        sys.exit(EXIT_ERROR)
+    except KeyboardInterrupt:
+        if is_rank0():  # one line for the whole job, not a traceback from each process
+            print(f"error: interrupted; {on_ctrl_c if isinstance(on_ctrl_c, str) else on_ctrl_c()}", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    except CommandStopped as stop:
+        if is_rank0():
+            print(stop, file=sys.stderr)
+        sys.exit(stop.exit_code)
+
+
+def writable_folder_problem(folder: Path) -> str | None:
+    """Why files cannot be written in `folder` (made with its parents when missing), or None. Nothing is created
+    when it cannot be: a path through a file, say."""
+    if folder.exists() and not folder.is_dir():
+        return "is a file, not a folder"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()  # the sure test: root passes every os.access check
+    except OSError as error:
+        return f"is not writable ({error.strerror or first_line(error)})"
+    return None
+
+
+def check_writable_folder(folder: Path, flag: str) -> None:
+    """A CommandError naming `flag` unless files can be written in `folder` (made when missing)."""
+    problem = writable_folder_problem(folder)
+    if problem is not None:
+        raise CommandError(f"{flag} {folder} {problem}")
