@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from hardware import resolve_dtype
-from io_helpers import EXIT_INTERRUPTED, atomic_write, ctrl_c_held, first_line, write_json_atomic
+from io_helpers import EXIT_INTERRUPTED, CommandError, atomic_write, ctrl_c_held, first_line, write_json_atomic
 
 HUB_DATASET = "Rowan/hellaswag"
 ORIGINAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
@@ -195,6 +195,23 @@ def load_hellaswag(data_file: str | None = None, split: str = "validation", cach
             f"pass --cache_dir with a writable folder."
         ) from None
     return read_hellaswag_file(cached_file)
+
+
+def load_hellaswag_for_training(data_file: str | None) -> list[dict] | None:
+    """The validation examples a training run scores at each evaluation (train_accelerate.py's --hellaswag_file), or
+    None, with one notice, when no file was named and the data is neither cached nor downloadable. A named file that
+    cannot be read is a CommandError: a typo must not cost a long run its HellaSwag curve."""
+    try:
+        return load_hellaswag(data_file)
+    except HellaSwagFormatError as error:
+        raise CommandError(f"--hellaswag_file: {error}") from None
+    except HellaSwagUnavailable as error:
+        if data_file:
+            raise CommandError(str(error)) from None
+        # load_hellaswag's own hint names this command's --data_file, so training says it in its own words
+        tqdm.write("notice: HellaSwag is skipped: its data is neither cached nor downloadable from here; pass "
+                   "--hellaswag_file with a local HellaSwag val jsonl or parquet file (--no-hellaswag silences this)")
+        return None
 
 
 # ---- scoring ---------------------------------------------------------------------------------------------------------
