@@ -41,7 +41,6 @@ import itertools
 import json
 import multiprocessing
 import os
-import re
 import signal
 import socket
 import sqlite3
@@ -59,11 +58,15 @@ from tqdm import tqdm  # not tqdm.auto: a command-line tool, and tqdm.auto's asy
 
 from io_helpers import EXIT_INTERRUPTED, TEMPORARY_NAME_EXTRA_BYTES, first_line, write_json_atomic
 from token_shards import (
+    MANIFEST_FORMAT,
     MANIFEST_NAME,
     ShardFormatError,
     file_sha256,
-    list_shards,
+    read_manifest,
+    shard_files,
     shard_name,
+    split_name_end,
+    split_of,
     to_token_array,
     write_shard,
 )
@@ -80,7 +83,6 @@ TASK_CHARS = 2**19  # text per worker task, ~0.5 MB: ~80 ms of encoding at ~6.5 
 # idle for at most ~80 ms (64 documents a task, as before, made a 40 MB corpus of books 6 tasks of ~7 MB)
 ROWS_PER_READ = 64  # rows per read from parquet and `datasets`: bounded memory, even with book-sized rows (~8 MB)
 TASKS_IN_FLIGHT_PER_PROC = 2  # bounded read-ahead: a streamed corpus is never pulled into memory whole
-MANIFEST_FORMAT = "gpt2repro-token-shards/1"
 TOKENIZER_DESCRIPTION = "GPT-2 BPE (tiktoken encode_ordinary, <|endoftext|>=50256 before each document)"
 SOURCE_DEFAULTS = {
     # source: (prefix, shard_size, val_tokens; None = one shard)
@@ -89,10 +91,6 @@ SOURCE_DEFAULTS = {
     "data_files": ("corpus", 10**8, None),
 }
 LOCAL_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-SPLITS = ("val", "train")  # shard 0 is val, the others train
-# token_shards.list_shards' rule for a split's shard names (the split at the start or after _ - or ., then `_index`),
-# for prefixes: one that matches it would make names whose first part already reads as a shard of a split
-SHARD_NAME_END = re.compile(rf"(?:^|[_.-])(?:{'|'.join(SPLITS)})(?:_\d+)?$")
 MAX_SHARDS = 10**6  # the index has 6 digits, and the loader orders shards by name: a 7th digit would sort wrongly
 NAME_MAX_BYTES = 255  # the longest file name of ext4, XFS, btrfs, APFS and NTFS
 BIN_MAX_TOKENS = 2**31 - 1  # llm.c's .bin header holds the token count as an int32
@@ -569,10 +567,6 @@ class ShardWriter:
         self.filled = 0
 
 
-def split_of(index: int) -> str:
-    return SPLITS[0] if index == 0 else SPLITS[1]
-
-
 def write_error(path: Path, error: OSError) -> PrepareDataError:
     return PrepareDataError(f"could not write {path}: {error.strerror or error}: make room (or fix the folder) and "
                             f"re-run the same command, which resumes after the last finished shard")
@@ -616,11 +610,14 @@ def start_manifest(output_dir: Path, source: dict, settings: dict) -> dict:
 
     Refused when the folder holds shards that training would read with these but that are not this preparation's."""
     path = output_dir / MANIFEST_NAME
-    manifest = read_manifest(path, source, settings) if path.exists() else None
+    manifest = read_manifest(path) if path.exists() else None
+    if manifest is not None and (manifest.get("source") != source or manifest["settings"] != settings):
+        raise PrepareDataError(f"{output_dir} holds shards made with other settings ({manifest.get('source')}, "
+                               f"{manifest.get('settings')}): re-run with those, or choose another --output_dir")
     own = set() if manifest is None else {shard["name"] for shard in manifest["shards"]}
     if manifest is not None and not manifest["complete"]:  # a stop may have come between a shard and its record
         own.add(shard_name(settings["prefix"], split_of(len(own)), len(own), "." + settings["format"]))
-    stray = [p.name for p in loader_shards(output_dir) if p.name not in own]
+    stray = [p.name for p in shard_files(output_dir) if p.name not in own]
     if stray:
         more = f" and {len(stray) - 1} more" if len(stray) > 1 else ""
         why = (f"and no {MANIFEST_NAME}: they would be read with the new shards in training" if manifest is None else
@@ -635,52 +632,6 @@ def start_manifest(output_dir: Path, source: dict, settings: dict) -> dict:
         manifest["complete"] = False
     manifest["shards"] = shards
     return manifest
-
-
-def read_manifest(path: Path, source: dict, settings: dict) -> dict:
-    """The manifest of an earlier run, refused unless it was made with these settings and is whole."""
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise PrepareDataError(f"{path} is unreadable ({error}): delete it and the shards to start over") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise PrepareDataError(f"{path} is not a manifest of prepare_data.py (format {MANIFEST_FORMAT}): "
-                               f"choose another --output_dir")
-    if manifest.get("source") != source or manifest.get("settings") != settings:
-        raise PrepareDataError(
-            f"{path.parent} holds shards made with other settings ({manifest.get('source')}, "
-            f"{manifest.get('settings')}): re-run with those, or choose another --output_dir"
-        )
-    if not lists_shards_as_written(manifest, settings):
-        raise PrepareDataError(f"{path} is damaged (its shards are not listed as prepare_data.py lists them): "
-                               f"delete it and the shards to start over")
-    return manifest
-
-
-def lists_shards_as_written(manifest: dict, settings: dict) -> bool:
-    """Whether the manifest's records have the names and types prepare_data.py writes (not a hand edit's)."""
-    shards, suffix = manifest.get("shards"), "." + settings["format"]
-    if not isinstance(shards, list) or not isinstance(manifest.get("complete"), bool):
-        return False
-    if manifest["complete"] and not isinstance(manifest.get("total_tokens"), int):
-        return False
-    return all(
-        isinstance(shard, dict) and shard.get("name") == shard_name(settings["prefix"], split_of(i), i, suffix)
-        and isinstance(shard.get("sha256"), str)
-        and all(isinstance(shard.get(key), int) for key in ("tokens", "next_document", "next_offset"))
-        for i, shard in enumerate(shards)
-    )
-
-
-def loader_shards(output_dir: Path) -> list[Path]:
-    """The files of `output_dir` that training reads as shards of a split (token_shards.list_shards' rule)."""
-    found = []
-    for split in SPLITS:
-        try:
-            found += list_shards(output_dir, split)
-        except ShardFormatError:  # none of this split
-            pass
-    return found
 
 
 def skip_documents(tasks: Iterable[Task], count: int) -> Iterator[Task]:
@@ -702,8 +653,9 @@ def prefix_problem(prefix: str) -> str | None:
         return "is empty: give a name, such as corpus"
     if prefix in (".", "..") or any(separator in prefix for separator in {"/", "\\", os.sep, os.altsep} - {None}):
         return "is a path, not a name (shards stay in --output_dir): name the folder with --output_dir"
-    if SHARD_NAME_END.search(prefix):
-        shorter = SHARD_NAME_END.sub("", prefix)
+    shard_name_end = split_name_end()
+    if shard_name_end.search(prefix):  # then its shards' names would read as shards of the split it ends in
+        shorter = shard_name_end.sub("", prefix)
         return (f"ends like a shard name ({split_of(0)} or {split_of(1)}, optionally + _NUMBER), so that its shards' "
                 f"names would read as two splits ({shard_name(prefix, split_of(1), 1)}): "
                 + (f"drop that ending (--prefix {shorter})" if shorter else "choose another name"))

@@ -8,9 +8,11 @@ A shard belongs to a split when its file name ends in the split's name, optional
 index (`{prefix}_{split}_{index}`; build-nanogpt's rule, made strict so that neither a prefix like "interval" nor
 one like "train_data" names a split), so an existing `edu_fineweb10B` folder or llm.c's `.bin` files
 (`fineweb_val_000000.bin`, `tiny_shakespeare_val.bin`) load unchanged.
-When the folder holds prepare_data.py's `manifest.json`, every shard of a split must be one it describes, with the
-token count it recorded (always checked: it is free) and, on request, its sha256; and every token read is checked
-to be a real token id, so a corrupt or foreign shard is named with the offset of the bad token.
+prepare_data.py numbers its shards from 0 (shard 0 is val) and records them in `manifest.json` (MANIFEST_FORMAT):
+source, settings, and each shard's name, token count, sha256 and where in the corpus the next one starts. When a
+folder holds one, every shard of a split must be one it describes, with the token count it recorded (always checked:
+it is free) and, on request, its sha256; and every token read is checked to be a real token id, so a corrupt or
+foreign shard is named with the offset of the bad token.
 
 How the loader cuts a split into training windows (so that nothing is lost):
 - The split's shards, in name order, are read as ONE continuous token stream of N tokens, so a window may
@@ -52,7 +54,11 @@ LLMC_HEADER_INTS = 256  # llm.c's header: 256 int32 = 1024 bytes
 LLMC_HEADER_BYTES = LLMC_HEADER_INTS * 4
 TOKEN_DTYPE = np.uint16  # GPT-2's 50257 ids fit in 16 bits, halving disk and memory against int32
 SHARD_SUFFIXES = (".npy", ".bin")
+SPLITS = ("val", "train")  # in prepare_data.py's order: shard 0 is val, the others train
 MANIFEST_NAME = "manifest.json"  # written by prepare_data.py beside the shards it made
+MANIFEST_FORMAT = "gpt2repro-token-shards/1"
+SHARD_RECORD = {"name": str, "tokens": int, "sha256": str}  # what the loader checks a shard against
+PREPARED_SHARD_RECORD = {**SHARD_RECORD, "next_document": int, "next_offset": int}  # + where the next shard starts
 
 
 class ShardFormatError(ValueError):
@@ -64,16 +70,33 @@ def shard_name(prefix: str, split: str, index: int, suffix: str = ".npy") -> str
     return f"{prefix}_{split}_{index:06d}{suffix}"
 
 
+def split_of(index: int) -> str:
+    """The split of prepare_data.py's shard `index`."""
+    return SPLITS[0] if index == 0 else SPLITS[1]
+
+
+def split_name_end(splits: tuple[str, ...] = SPLITS) -> re.Pattern:
+    """How a shard's name (less its suffix) puts it in one of `splits`: it ends in the split, at the start of the name
+    or after _ - or ., then optionally `_` and the shard's index."""
+    return re.compile(rf"(?:^|[_.-])(?:{'|'.join(map(re.escape, splits))})(?:_\d+)?$")
+
+
+def shard_files(data_dir: Path, splits: tuple[str, ...] = SPLITS) -> list[Path]:
+    """The `.npy`/`.bin` files of `data_dir` named as shards of `splits` (by default: every file training would read
+    as a shard), in name order (= shard order)."""
+    name_end = split_name_end(splits)
+    return sorted(p for p in data_dir.iterdir()
+                  if p.suffix in SHARD_SUFFIXES and name_end.search(p.stem) and p.is_file())
+
+
 def list_shards(data_dir: str | Path, split: str) -> list[Path]:
-    """The `.npy`/`.bin` files of `data_dir` whose name ends in `split` (+ `_index`), in name order (= shard order)."""
+    """The shards of `split` in `data_dir`, in shard order; an error when there are none."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise ShardFormatError(
             f"data folder {data_dir} does not exist: make it with `python prepare_data.py --output_dir {data_dir}`"
         )
-    named = re.compile(rf"(?:^|[_.-]){re.escape(split)}(?:_\d+)?$")  # the end of the name: split, then its index
-    shards = sorted(p for p in data_dir.iterdir()
-                    if p.suffix in SHARD_SUFFIXES and named.search(p.stem) and p.is_file())
+    shards = shard_files(data_dir, (split,))
     if not shards:
         raise ShardFormatError(
             f"no '{split}' shards (*.npy or *.bin files named like prefix_{split}_000001) in {data_dir}: "
@@ -86,12 +109,12 @@ def open_shard(path: str | Path) -> np.ndarray:
     """A shard's tokens as a read-only memory-mapped 1-D uint16 array, after checking its format."""
     path = Path(path)
     rewrite_hint = "delete it and re-run prepare_data.py with the same arguments to rewrite it"
+    if not path.exists():
+        raise ShardFormatError(f"shard {path} does not exist")
     if path.suffix == ".bin":
         return _open_llmc_bin(path, rewrite_hint)
     try:
         tokens = np.load(path, mmap_mode="r", allow_pickle=False)
-    except FileNotFoundError:
-        raise ShardFormatError(f"shard {path} does not exist") from None
     except (ValueError, OSError, EOFError) as error:
         raise ShardFormatError(f"shard {path} is truncated or not a .npy file ({error}): {rewrite_hint}") from None
     if tokens.dtype != TOKEN_DTYPE or tokens.ndim != 1:
@@ -102,11 +125,8 @@ def open_shard(path: str | Path) -> np.ndarray:
 
 
 def _open_llmc_bin(path: Path, rewrite_hint: str) -> np.ndarray:
-    try:
-        size = path.stat().st_size
-        header = np.fromfile(path, dtype="<i4", count=LLMC_HEADER_INTS)
-    except FileNotFoundError:
-        raise ShardFormatError(f"shard {path} does not exist") from None
+    size = path.stat().st_size
+    header = np.fromfile(path, dtype="<i4", count=LLMC_HEADER_INTS)
     if header.size < LLMC_HEADER_INTS:
         raise ShardFormatError(f"shard {path} is {size} bytes, shorter than llm.c's 1024-byte header: {rewrite_hint}")
     magic, version, num_tokens = (int(v) for v in header[:3])
@@ -170,6 +190,44 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def read_manifest(path: Path, strict: bool = True) -> dict:
+    """prepare_data.py's manifest at `path`, or a ShardFormatError saying what is wrong with it. `strict` (a resume
+    after the recorded shards): its format, every record as prepare_data.py writes them; else (training) a record of
+    each shard's name, token count and sha256 is enough, so a hand-made manifest does."""
+    fix = ("delete it and the shards to start over" if strict
+           else "re-run prepare_data.py, or remove it to train on the shards unchecked")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ShardFormatError(f"{path} is unreadable ({error}): {fix}") from None
+    if strict and (not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT):
+        raise ShardFormatError(f"{path} is not a manifest of prepare_data.py (format {MANIFEST_FORMAT}): "
+                               f"choose another --output_dir")
+    if not lists_shards_as_written(manifest, strict):
+        raise ShardFormatError(f"{path} is damaged (its shards are not listed as prepare_data.py lists them): {fix}")
+    return manifest
+
+
+def lists_shards_as_written(manifest, strict: bool) -> bool:
+    """Whether `manifest` records its shards with the keys and types the loader needs, or (`strict`) exactly as
+    prepare_data.py writes them: every key, the names its settings give, a finished run's total."""
+    shards = manifest.get("shards") if isinstance(manifest, dict) else None
+    record = PREPARED_SHARD_RECORD if strict else SHARD_RECORD
+    if not isinstance(shards, list) or not all(has_types(shard, record) for shard in shards):
+        return False
+    if not strict:
+        return True
+    finished = {"total_tokens": int} if manifest.get("complete") else {}  # the total is written with complete=True
+    if not has_types(manifest, {"settings": dict, "complete": bool, **finished}):
+        return False
+    prefix, suffix = manifest["settings"].get("prefix"), f".{manifest['settings'].get('format')}"
+    return all(shard["name"] == shard_name(prefix, split_of(i), i, suffix) for i, shard in enumerate(shards))
+
+
+def has_types(record, types: dict[str, type]) -> bool:
+    return isinstance(record, dict) and all(isinstance(record.get(key), kind) for key, kind in types.items())
+
+
 class TokenStream:
     """The shards of one split read as one continuous memory-mapped stream of tokens.
 
@@ -181,9 +239,9 @@ class TokenStream:
         self.paths = list_shards(data_dir, split)
         self.shards = [open_shard(p) for p in self.paths]
         self.vocab_size = vocab_size
-        check_against_manifest(Path(data_dir), self.paths, [len(s) for s in self.shards], verify_checksums)
-        lengths = np.array([len(s) for s in self.shards], dtype=np.int64)
-        self.starts = np.concatenate([[0], np.cumsum(lengths)])  # shard i holds stream[starts[i]:starts[i+1]]
+        lengths = [len(s) for s in self.shards]
+        check_against_manifest(Path(data_dir), self.paths, lengths, verify_checksums)
+        self.starts = np.cumsum([0, *lengths], dtype=np.int64)  # shard i holds stream[starts[i]:starts[i+1]]
         self.num_tokens = int(self.starts[-1])
 
     def read(self, start: int, stop: int) -> np.ndarray:
@@ -217,11 +275,7 @@ def check_against_manifest(data_dir: Path, paths: list[Path], lengths: list[int]
     manifest_path = data_dir / MANIFEST_NAME
     if not manifest_path.is_file():
         return
-    try:
-        recorded = {shard["name"]: shard for shard in json.loads(manifest_path.read_text())["shards"]}
-    except (ValueError, KeyError, TypeError) as error:
-        raise ShardFormatError(f"{manifest_path} is not a readable prepare_data.py manifest ({error}): re-run "
-                               f"prepare_data.py, or remove it to train on the shards unchecked") from None
+    recorded = {shard["name"]: shard for shard in read_manifest(manifest_path, strict=False)["shards"]}
     for path, length in zip(paths, lengths, strict=True):
         shard = recorded.get(path.name)
         if shard is None:
@@ -253,19 +307,9 @@ class ShardedTokenLoader:
     or batch size is allowed and continues from the same place in the window sequence.
     """
 
-    def __init__(
-        self,
-        data_dir: str | Path,
-        split: str,
-        batch_size: int,
-        seq_len: int,
-        rank: int = 0,
-        world_size: int = 1,
-        shuffle: bool = False,
-        seed: int = 0,
-        vocab_size: int = GPT2_VOCAB_SIZE,
-        verify_checksums: bool = False,
-    ):
+    def __init__(self, data_dir: str | Path, split: str, batch_size: int, seq_len: int, rank: int = 0,
+                 world_size: int = 1, shuffle: bool = False, seed: int = 0, vocab_size: int = GPT2_VOCAB_SIZE,
+                 verify_checksums: bool = False):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
         self.batch_size, self.seq_len = batch_size, seq_len
@@ -313,13 +357,8 @@ class ShardedTokenLoader:
         return _windows_to_batch(rows)
 
     def state_dict(self) -> dict:
-        return {
-            "next_window": self.next_window,
-            "seq_len": self.seq_len,
-            "num_tokens": self.stream.num_tokens,
-            "shuffle": self.shuffle,
-            "seed": self.seed,
-        }
+        return {"next_window": self.next_window, "seq_len": self.seq_len, "num_tokens": self.stream.num_tokens,
+                "shuffle": self.shuffle, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()
@@ -370,16 +409,9 @@ class BatchPrefetcher:
         self.executor.shutdown(wait=True, cancel_futures=True)
 
 
-def validation_batches(
-    data_dir: str | Path,
-    batch_size: int,
-    seq_len: int,
-    num_tokens: int,
-    rank: int = 0,
-    world_size: int = 1,
-    vocab_size: int = GPT2_VOCAB_SIZE,
-    verify_checksums: bool = False,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def validation_batches(data_dir: str | Path, batch_size: int, seq_len: int, num_tokens: int, rank: int = 0,
+                       world_size: int = 1, vocab_size: int = GPT2_VOCAB_SIZE,
+                       verify_checksums: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches covering exactly the first `num_tokens` tokens of the val split, whatever the world size.
 
     The prefix is cut into windows of stride T (num_tokens - 1 targets in all; the last window is padded
