@@ -75,6 +75,11 @@ def split_of(index: int) -> str:
     return SPLITS[0] if index == 0 else SPLITS[1]
 
 
+def prepared_shard_name(settings: dict, index: int) -> str:
+    """The name prepare_data.py gives shard `index` of a preparation with these settings (prefix, format)."""
+    return shard_name(settings["prefix"], split_of(index), index, f".{settings['format']}")
+
+
 def split_name_end(splits: tuple[str, ...] = SPLITS) -> re.Pattern:
     """How a shard's name (less its suffix) puts it in one of `splits`: it ends in the split, at the start of the name
     or after _ - or ., then optionally `_` and the shard's index."""
@@ -92,16 +97,13 @@ def shard_files(data_dir: Path, splits: tuple[str, ...] = SPLITS) -> list[Path]:
 def list_shards(data_dir: str | Path, split: str) -> list[Path]:
     """The shards of `split` in `data_dir`, in shard order; an error when there are none."""
     data_dir = Path(data_dir)
+    command = f"`python prepare_data.py --output_dir {data_dir}`"
     if not data_dir.is_dir():
-        raise ShardFormatError(
-            f"data folder {data_dir} does not exist: make it with `python prepare_data.py --output_dir {data_dir}`"
-        )
+        raise ShardFormatError(f"data folder {data_dir} does not exist: make it with {command}")
     shards = shard_files(data_dir, (split,))
     if not shards:
-        raise ShardFormatError(
-            f"no '{split}' shards (*.npy or *.bin files named like prefix_{split}_000001) in {data_dir}: "
-            f"make them with `python prepare_data.py --output_dir {data_dir}`"
-        )
+        raise ShardFormatError(f"no '{split}' shards (*.npy or *.bin files named like prefix_{split}_000001) in "
+                               f"{data_dir}: make them with {command}")
     return shards
 
 
@@ -217,11 +219,11 @@ def lists_shards_as_written(manifest, strict: bool) -> bool:
         return False
     if not strict:
         return True
-    finished = {"total_tokens": int} if manifest.get("complete") else {}  # the total is written with complete=True
-    if not has_types(manifest, {"settings": dict, "complete": bool, **finished}):
+    total = {"total_tokens": int} if manifest.get("complete") else {}  # written with complete=True
+    settings = manifest.get("settings")
+    if not (has_types(manifest, {"complete": bool, **total}) and has_types(settings, {"prefix": str, "format": str})):
         return False
-    prefix, suffix = manifest["settings"].get("prefix"), f".{manifest['settings'].get('format')}"
-    return all(shard["name"] == shard_name(prefix, split_of(i), i, suffix) for i, shard in enumerate(shards))
+    return all(shard["name"] == prepared_shard_name(settings, i) for i, shard in enumerate(shards))
 
 
 def has_types(record, types: dict[str, type]) -> bool:
