@@ -41,6 +41,10 @@ class GPT2ReproConfig(PreTrainedConfig):
         "num_attention_heads": "n_head",
         "max_position_embeddings": "n_positions",
     }
+    # The options beside the shape, each a training flag: what the speedrun recipe changes, what a resumed run must
+    # keep, and (all but zero_init_residual, which only sets the initial weights) what to_gpt2() cannot export.
+    architecture_options = ("position_embedding", "qk_norm", "mlp_activation", "norm", "tie_word_embeddings",
+                            "logit_softcap", "zero_init_residual", "bias")
 
     vocab_size: int = 50257
     n_positions: int = 1024

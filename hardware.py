@@ -9,10 +9,16 @@ the device has it natively, and fp16 never (it needs loss scaling, which this re
 from __future__ import annotations
 
 import ctypes
+import datetime
 import functools
+import os
 import sys
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 # /proc/cpuinfo flags of native bf16 arithmetic: x86 AVX512-BF16 and AMX (Sapphire Rapids and later, Zen 4 and
 # later), and the Armv8.6 BF16 extension on aarch64.
@@ -136,3 +142,36 @@ def peak_flops_per_device(device: torch.device, mixed_precision: str) -> float |
     if device.type == "cpu":
         return cpu_peak_flops()
     return None
+
+
+def build_accelerator(mixed_precision: str, compile: str, report_to: str, ddp_timeout_s: int,
+                      project_dir: str) -> tuple[Accelerator, str, str, str]:
+    """The Accelerator of a training launch on this machine; returns it with the mixed precision and compile setting
+    chosen for its device (`auto` resolved: bf16 where native; compile on CUDA, where it pays, or when `accelerate
+    launch --dynamo_backend` named a backend) and the line that says why that precision. Also sets TF32 matmuls on
+    CUDA and the CPU allocator's pinning. A tracker whose package is missing is a CommandError."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs, TorchDynamoPlugin, is_tensorboard_available, is_wandb_available
+
+    from io_helpers import CommandError
+
+    if report_to in ("tensorboard", "all") and not is_tensorboard_available():
+        raise CommandError("--report_to tensorboard needs the tensorboard package: pip install tensorboard")
+    if report_to == "wandb" and not is_wandb_available():
+        raise CommandError("--report_to wandb needs the wandb package: pip install wandb")
+    process_group = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=ddp_timeout_s))
+    device = accelerate_device(timeout=process_group.timeout)  # to_kwargs() would drop a timeout equal to its default
+    mixed_precision, precision_line = resolve_mixed_precision(mixed_precision, device)
+    launch_backend = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower()  # accelerate launch --dynamo_backend
+    if compile == "auto":
+        compile = "on" if device.type == "cuda" or launch_backend != "no" else "off"
+    backend = "no" if compile == "off" else launch_backend if launch_backend != "no" else "inductor"
+    dynamo = TorchDynamoPlugin(backend=backend, fullgraph=True)  # a graph break would silently cost compile's speed
+    accelerator = Accelerator(mixed_precision=mixed_precision, project_dir=project_dir,
+                              log_with=None if report_to == "none" else report_to, dynamo_plugin=dynamo,
+                              kwargs_handlers=[process_group])
+    if accelerator.device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # fp32 matmuls outside autocast run as TF32 (~3x on A100)
+    elif accelerator.device.type == "cpu":
+        pin_cpu_allocator()
+    return accelerator, mixed_precision, compile, precision_line

@@ -371,7 +371,10 @@ class GPT2ReproPreTrainedModel(PreTrainedModel):
             try:
                 distribution = torch.distributions.MultivariateNormal(mean, covariance_matrix=1e-9 * covariance)
                 rows = distribution.sample((added,))
-            except ValueError:  # not positive definite (fewer tokens than channels, or degenerate rows): the mean
+            # Not positive definite (fewer tokens than channels, or degenerate rows, e.g. an untied head still at zero):
+            # the mean. The argument check raises ValueError; with validation off (a process-wide switch that other
+            # code may flip), the Cholesky factorisation raises LinAlgError.
+            except (ValueError, torch.linalg.LinAlgError):
                 rows = mean.expand(added, -1)
             weight[kept:new_num_tokens] = rows.to(old.dtype)
         elif added > 0:
@@ -667,8 +670,7 @@ class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
         c = self.config
         gpt2 = GPT2ReproConfig()
         # zero_init_residual only changes the initial weights: a trained model of it is a plain GPT-2
-        options = ("position_embedding", "qk_norm", "mlp_activation", "norm", "tie_word_embeddings", "logit_softcap",
-                   "bias")
+        options = [name for name in c.architecture_options if name != "zero_init_residual"]
         different = [f"{name}={getattr(c, name)!r}" for name in options if getattr(c, name) != getattr(gpt2, name)]
         if different:
             raise ValueError(f"to_gpt2() exports the GPT-2 architecture only; this model has {', '.join(different)}: "
@@ -704,5 +706,15 @@ GPT2ReproForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 AutoConfig.register("gpt2repro", GPT2ReproConfig, exist_ok=True)
 AutoModel.register(GPT2ReproConfig, GPT2ReproModel, exist_ok=True)
 AutoModelForCausalLM.register(GPT2ReproConfig, GPT2ReproForCausalLM, exist_ok=True)
+
+
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each block's activations in backward instead of keeping them (memory for ~1/3 more compute).
+    transformers 5.24 renamed gradient_checkpointing_enable (now deprecated) to activation_checkpointing_enable."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
 
 __all__ = ["GPT2ReproForCausalLM", "GPT2ReproModel", "GPT2ReproPreTrainedModel"]

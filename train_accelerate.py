@@ -10,109 +10,78 @@ The learning rate is set by hand before each optimiser step, so it follows the s
 processes. Every `--eval_every` steps: validation loss over a fixed number of tokens, HellaSwag when its data
 is there, and samples from `generate`. Every `--checkpoint_every` steps and at the end: the full training
 state (for `--resume_from_checkpoint`) and a Hugging Face model folder, written to a temporary folder and
-renamed into place, so a killed run never leaves a half-written checkpoint behind. That plumbing (checkpoints, Hub
-pushes, metrics and plots, preemption) is in training_infra.py: this file is the recipe and its loop.
+renamed into place, so a killed run never leaves a half-written checkpoint behind. This file is the recipe and its
+loop; recipes.py holds the presets, checkpointing.py the checkpoints and Hub pushes, metrics_log.py the metrics and
+plot, run_control.py how the processes stop together (errors, Ctrl-C, preemption).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import functools
 import gc
 import math
-import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import (
-    InitProcessGroupKwargs,
-    TorchDynamoPlugin,
-    is_tensorboard_available,
-    is_wandb_available,
-    set_seed,
-)
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-import training_infra as infra  # the plumbing: checkpoints, Hub pushes, metrics and plots, preemption
+import checkpointing
+import prepare_data
 from configuration_gpt2repro import GPT2ReproConfig
-from eval_hellaswag import HellaSwagScoringError, evaluate_hellaswag
-from hardware import accelerate_device, peak_flops_per_device, pin_cpu_allocator, resolve_mixed_precision
-from modeling_gpt2repro import GPT2ReproForCausalLM
-from muon import Muon
-from token_shards import BatchPrefetcher, ShardedTokenLoader, ShardFormatError, TokenStream, validation_batches
-from tokenization_gpt2repro import EOT_TOKEN_ID, IGNORE_INDEX, get_tokenizer
-from training_infra import TrainingError
-
-SAMPLE_PROMPT = "Hello, I'm a language model,"
-RECIPE_VAL_TOKENS = 20 * 64 * 1024 * 8  # 10,485,760: build-nanogpt's 20 val batches of 64 x 1024 on 8 GPUs
-
-# Every preset only changes defaults; any flag given on the command line wins.
-PRESETS = {
-    # build-nanogpt's GPT-2 124M run on FineWeb-Edu sample-10BT (the parser's defaults are this run).
-    "gpt2-124m": dict(data_dir="data/edu_fineweb10B", output_dir="runs/gpt2-124m"),
-    # A small GPT on the embedded corpus that shows a falling validation loss in ~5 minutes on 2 CPU cores.
-    "cpu-demo": dict(
-        data_dir="data/kjv", output_dir="runs/cpu-demo",
-        n_layer=4, n_head=4, n_embd=64, seq_len=128,  # the 50304 x 64 lm_head is most of the FLOPs
-        micro_batch_size=8, total_batch_size=8 * 128,  # one micro-batch per step: 1024 tokens
-        max_lr=3e-3, min_lr=3e-4,  # a small model takes a larger LR; min stays 10% of max as in the recipe
-        warmup_steps=20, max_steps=800,  # 819,200 tokens, most of one epoch of the ~0.94M train tokens
-        eval_every=100, val_tokens=8 * 128 * 16, checkpoint_every=400,  # val: 16 batches of 8 x 128
-        hellaswag=False,  # 10,042 examples would take longer than the run, and a model this small scores chance
-    ),
-    # The speedrun recipe at GPT-2 124M on FineWeb-Edu: modded-nanogpt's Nov 2024 records reached FineWeb val loss
-    # 3.28 in 2.40B tokens; 4578 steps x 2**19 = 2.40B. Unverified on GPU here.
-    "speedrun-124m": dict(data_dir="data/edu_fineweb10B", output_dir="runs/speedrun-124m", recipe="speedrun",
-                          max_steps=4578),
-}
-# What --recipe sets (as defaults: a flag given on the command line wins). "gpt2" is the parser's defaults.
-RECIPES = {
-    "gpt2": {},
-    # modded-nanogpt's GPT-2 speedrun (Nov 2024 records): rotary, QK-norm, ReLU², parameter-free RMSNorm, no biases,
-    # untied zero-initialised head, zero-initialised projections, logits soft-capped at 30; Muon (lr 0.04) on the
-    # blocks' matrices, Adam (betas 0.8, 0.95, no decay) on the rest: embeddings 0.6, head 0.008 (biases and gains,
-    # if turned back on, 0.04); no warm-up, constant LR, then a linear decay to zero over the last ~30% of the steps
-    # (914 of 3000).
-    "speedrun": dict(position_embedding="rope", qk_norm=True, mlp_activation="relu2", norm="rmsnorm",
-                     tie_word_embeddings=False, logit_softcap=30.0, zero_init_residual=True, bias=False,
-                     optimizer="muon", muon_lr=0.04, embed_lr=0.6, head_lr=0.008, adamw_lr=0.04, beta1=0.8,
-                     weight_decay=0.0, lr_schedule="trapezoid", warmup_steps=0, min_lr=0.0, cooldown_frac=0.3),
-}
-# A preset's own values for a recipe, over both (the cpu-demo model takes other LRs than a 124M one).
-PRESET_RECIPES = {
-    # Tuned on the 64-wide demo model (600-step runs, val loss at the end): Muon momentum 0.95 -> 0.8 and embeddings'
-    # LR 0.1 -> 0.3 took 4.436 to 4.314; Muon LR 0.025 and 0.06 did no better than 0.04, nor head LR 0.02. No
-    # soft-cap: with it, 4.438 instead of 4.436, for a tanh over all (1024, 50304) logits that costs ~0.18 s a step
-    # on 2 CPU cores. 550 steps take the wall-clock of the GPT-2 recipe's 800 here (285 s against 299 s):
-    # a speedrun step costs ~1.4x, about half of it Muon's step, whose Newton-Schulz torch runs in bf16 (emulated on
-    # AVX2).
-    ("cpu-demo", "speedrun"): dict(logit_softcap=None, muon_momentum=0.8, muon_lr=0.04, embed_lr=0.3, head_lr=0.01,
-                                   adamw_lr=0.01, warmup_steps=20, max_steps=550, cooldown_frac=0.6),
-}
-
+from eval_hellaswag import load_hellaswag_for_training
+from evaluation import RECIPE_VAL_TOKENS, choose_val_tokens, evaluate
+from hardware import build_accelerator, peak_flops_per_device
+from io_helpers import check_writable_folder, run_command
+from metrics_log import MetricsLog, log_evaluation, log_train_step
+from modeling_gpt2repro import GPT2ReproForCausalLM, enable_activation_checkpointing
+from muon import configure_muon
+from recipes import PRESETS, RECIPES, as_flags
+from run_control import (
+    EXIT_PREEMPTED,
+    StopSignals,
+    TrainingError,
+    TrainingInterrupted,
+    checked_on_every_rank,
+    decided_on_rank0,
+    parse_signals,
+    where_to_continue,
+)
+from token_shards import BatchPrefetcher, ShardedTokenLoader, ShardFormatError, validation_batches
+from tokenization_gpt2repro import get_tokenizer
 
 # ---- arguments -------------------------------------------------------------------------------------------------------
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except the unset ones (their help says what happens then)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def float_or_none(text: str) -> float | None:
+    """A flag's number, or None for 'none' (to unset a value a recipe or preset gave); argparse names this function
+    in its error for anything else."""
+    return None if text.strip().lower() == "none" else float(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Train GPT-2 from scratch with Hugging Face Accelerate (defaults: build-nanogpt's 124M run).",
-        formatter_class=infra.HelpFormatter,
-        epilog="presets: " + "; ".join(f"{name} = {infra.preset_as_flags(preset)}" for name, preset in PRESETS.items())
-               + ". recipes: " + "; ".join(f"{name} = {infra.preset_as_flags(r) or 'the defaults'}"
-                                           for name, r in RECIPES.items())
-               + ". preset + recipe: " + "; ".join(f"{' + '.join(key)} = {infra.preset_as_flags(values)}"
-                                                   for key, values in PRESET_RECIPES.items()),
+        formatter_class=HelpFormatter,
+        epilog="presets (each sets its recipe's values, then these): "
+               + "; ".join(f"{name} = {as_flags(preset)}" for name, preset in PRESETS.items())
+               + ". recipes: " + "; ".join(f"{name} = {as_flags(r) or 'the defaults'}" for name, r in RECIPES.items()),
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), help="a named set of defaults; explicit flags still win")
-    parser.add_argument("--recipe", choices=sorted(RECIPES), default="gpt2",
-                        help="gpt2: build-nanogpt's GPT-2 recipe; speedrun: modded-nanogpt's architecture and Muon "
-                             "(its values are defaults, listed below; explicit flags still win)")
+    parser.add_argument("--recipe", choices=sorted(RECIPES),
+                        help="gpt2 (the default): build-nanogpt's GPT-2 recipe; speedrun: modded-nanogpt's "
+                             "architecture and Muon (its values are defaults, listed below; explicit flags still win)")
     data = parser.add_argument_group("data and output")
     data.add_argument("--data_dir", default="data/edu_fineweb10B", help="folder of token shards (prepare_data.py)")
     data.add_argument("--output_dir", default="runs/gpt2-124m", help="where checkpoints, metrics.jsonl and loss.png go")
@@ -137,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="LayerNorm, or RMSNorm without parameters")
     model.add_argument("--tie_word_embeddings", action=argparse.BooleanOptionalAction, default=True,
                        help="the head shares the token embedding (untied: it starts at zero)")
-    model.add_argument("--logit_softcap", type=infra.float_or_none,
+    model.add_argument("--logit_softcap", type=float_or_none,
                        help="logits c * tanh(logits / c); unset or 'none': no cap (GPT-2)")
     model.add_argument("--zero_init_residual", action=argparse.BooleanOptionalAction, default=False,
                        help="each block's two residual projections start at zero")
@@ -205,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "or a checkpoint folder")
     ckpt.add_argument("--save_on_signals", default="SIGTERM,SIGUSR1",
                       help="signals on which every process finishes its step, a checkpoint is written and the run "
-                           f"exits with status {infra.EXIT_PREEMPTED} (clusters send SIGTERM to preempt; SLURM's "
+                           f"exits with status {EXIT_PREEMPTED} (clusters send SIGTERM to preempt; SLURM's "
                            "--signal sends SIGUSR1 ahead of the time limit); 'none' leaves the signals' default action")
     ckpt.add_argument("--ddp_timeout", type=int, default=1800,
                       help="seconds a process waits in a collective (e.g. for rank 0 writing a checkpoint) before the "
@@ -217,12 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
-    preset = parser.parse_known_args(argv)[0].preset
-    if preset:
-        parser.set_defaults(**PRESETS[preset])
-    recipe = parser.parse_known_args(argv)[0].recipe  # given, or the preset's
-    # the recipe's values, then the preset's over them, then the preset's own for this recipe; explicit flags win
-    parser.set_defaults(**{**RECIPES[recipe], **PRESETS.get(preset, {}), **PRESET_RECIPES.get((preset, recipe), {})})
+    known = parser.parse_known_args(argv)[0]
+    preset = PRESETS.get(known.preset, {})
+    recipe = preset.get("recipe", known.recipe or "gpt2")
+    if known.preset and known.recipe not in (None, recipe):
+        others = [name for name, values in PRESETS.items() if values["recipe"] == known.recipe]
+        parser.error(f"--preset {known.preset} is the {recipe} recipe, not --recipe {known.recipe}"
+                     + (f": use --preset {' or '.join(others)}" if others else ""))
+    parser.set_defaults(**{"recipe": recipe, **RECIPES[recipe], **preset})  # explicit flags still win
     args = parser.parse_args(argv)
     if args.eval_batch_size is None:
         args.eval_batch_size = args.micro_batch_size
@@ -236,7 +207,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) is not None and getattr(args, name) < 0:
             parser.error(f"--{name} must not be negative, got {getattr(args, name)}")
     try:
-        args.save_on_signals = infra.parse_signals(args.save_on_signals)
+        args.save_on_signals = parse_signals(args.save_on_signals)
     except ValueError as error:
         parser.error(f"--save_on_signals: {error}")
     if not 0 <= args.cooldown_frac <= 1:
@@ -246,8 +217,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def gradient_accumulation_steps(total_batch_size: int, micro_batch_size: int, seq_len: int, world_size: int) -> int:
-    """Micro-steps per optimiser step: total / (B * T * world), which must divide exactly."""
+def gradient_accumulation_steps(total_batch_size: int, micro_batch_size: int, seq_len: int, world_size: int,
+                                launch_setting: int = 1) -> int:
+    """Micro-steps per optimiser step: total / (B * T * world), which must divide exactly. `launch_setting`: accelerate
+    launch's --gradient_accumulation_steps, refused (accelerator.backward would divide the loss a second time)."""
     tokens_per_micro_step = micro_batch_size * seq_len * world_size
     if total_batch_size % tokens_per_micro_step:
         raise TrainingError(
@@ -255,19 +228,11 @@ def gradient_accumulation_steps(total_batch_size: int, micro_batch_size: int, se
             f"{micro_batch_size} x {seq_len} x {world_size} = {tokens_per_micro_step}: change one of them so that it "
             f"divides"
         )
+    if launch_setting != 1:
+        raise TrainingError(f"this script derives gradient accumulation from --total_batch_size "
+                            f"({total_batch_size // tokens_per_micro_step} micro-steps per step here): drop accelerate "
+                            f"launch's --gradient_accumulation_steps {launch_setting}")
     return total_batch_size // tokens_per_micro_step
-
-
-def choose_val_tokens(args: argparse.Namespace, notify: bool) -> None:
-    """Unset --val_tokens: the recipe's number, or the whole val split of a smaller corpus (with a notice). An explicit
-    value larger than the split stays an error (validation_batches says so)."""
-    if args.val_tokens is not None:
-        return
-    split_tokens = TokenStream(args.data_dir, "val").num_tokens
-    args.val_tokens = min(RECIPE_VAL_TOKENS, split_tokens)
-    if args.val_tokens < RECIPE_VAL_TOKENS and notify:
-        tqdm.write(f"notice: validation uses the whole val split of {args.data_dir} ({split_tokens:,} tokens), fewer "
-                   f"than the recipe's {RECIPE_VAL_TOKENS:,}")
 
 
 # ---- recipe: learning rate, optimiser, one step, evaluation ----------------------------------------------------------
@@ -293,33 +258,10 @@ def configure_optimizer(model: torch.nn.Module, weight_decay: float, betas: tupl
                         device_type: str) -> torch.optim.AdamW:
     """AdamW with weight decay on matmul and embedding weights (dim >= 2) only, never on biases or LayerNorms."""
     params = [p for p in model.parameters() if p.requires_grad]  # the tied wte/lm_head matrix appears once
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     fused = device_type in ("cuda", "cpu")  # torch's fused AdamW kernel exists for these devices
     return torch.optim.AdamW(groups, lr=0.0, betas=betas, eps=eps, fused=fused)  # lr is set before every step
-
-
-def configure_muon(model: GPT2ReproForCausalLM, args: argparse.Namespace,
-                   device_type: str) -> list[torch.optim.Optimizer]:
-    """Muon on every 2-D weight matrix inside the blocks, the fused q|k|v projection as three C x C matrices (as the
-    speedrun records orthogonalise them), the work shared out among the processes; AdamW on the rest: the embeddings
-    and an untied head (with weight decay, as matrices), biases and norm gains (without). Each group is named for
-    `peak_lr`."""
-    qkv = [block.attn.c_attn.weight for block in model.transformer.h]
-    matrices = [p for p in model.transformer.h.parameters() if p.dim() == 2 and all(p is not q for q in qkv)]
-    embeddings = [m.weight for m in (model.transformer.wte, model.transformer.wpe) if m is not None]
-    head = [] if model.config.tie_word_embeddings else [model.lm_head.weight]
-    named = {id(p) for p in qkv + matrices + embeddings + head}
-    groups = [{"params": embeddings, "name": "embeddings", "weight_decay": args.weight_decay},
-              {"params": head, "name": "head", "weight_decay": args.weight_decay},
-              {"params": [p for p in model.parameters() if id(p) not in named], "name": "adamw", "weight_decay": 0.0}]
-    muon = Muon([{"params": qkv, "name": "muon", "parts": 3}, {"params": matrices, "name": "muon"}], lr=0.0,
-                momentum=args.muon_momentum, weight_decay=args.weight_decay)
-    adamw = torch.optim.AdamW([g for g in groups if g["params"]], lr=0.0, betas=(args.beta1, args.beta2),
-                              eps=args.adam_eps, fused=device_type in ("cuda", "cpu"))
-    return [muon, adamw]
 
 
 def peak_lr(group: dict, args: argparse.Namespace) -> tuple[float, float]:
@@ -337,8 +279,8 @@ def train_step(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], 
     """One optimiser step: `grad_accum` micro-batches of forward and backward, gradients clipped to `grad_clip`, then
     the update at the LRs already set in `optimizers`. Returns the loss (averaged over micro-batches and processes),
     the gradient norm before clipping, and `flags()` summed over processes, read once the step's compute is queued
-    (a signal that came during this step stops the run after it). When the loss or the norm is not finite the
-    weights are left as they were.
+    (a signal that came during this step stops the run after it). A loss or norm that is not finite stops the run
+    with the weights left as they were.
 
     The device is read once per step, never per micro-step: the loss, the norm and the flags travel in one collective
     and one device-to-host copy (on a GPU each read is a stall of the whole queue)."""
@@ -362,176 +304,115 @@ def train_step(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], 
     stats = accelerator.reduce(stats, reduction="sum")  # the step's one collective
     stats[0] /= accelerator.num_processes  # the loss averaged over processes
     step_loss, grad_norm, *flags = torch.cat([stats[:1], grad_norm.reshape(1).to(stats.dtype), stats[1:]]).tolist()
+    if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):  # the run's NaN policy, on every process alike
+        raise TrainingError(f"loss {step_loss} / grad norm {grad_norm} is not finite; stopped without updating the "
+                            f"weights: continue from the newest checkpoint with --resume_from_checkpoint latest and "
+                            f"a lower --max_lr")
     for optimizer in optimizers:
-        if math.isfinite(step_loss) and math.isfinite(grad_norm):
-            optimizer.step()
+        optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step_loss, grad_norm, flags
-
-
-@torch.no_grad()
-def evaluate(accelerator: Accelerator, model: GPT2ReproForCausalLM, tokenizer, args: argparse.Namespace,
-             hellaswag_examples: list[dict] | None) -> dict:
-    """Val loss over the first --val_tokens val tokens (identical on any world size), HellaSwag, and samples.
-
-    `model` is the plain module (no DDP, no compile): evaluation never goes through the compiled graph.
-    """
-    model.eval()
-    device = accelerator.device
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    target_count = torch.zeros((), dtype=torch.float64, device=device)
-    batches = validation_batches(args.data_dir, args.eval_batch_size, args.seq_len, args.val_tokens,
-                                 accelerator.process_index, accelerator.num_processes)
-    with accelerator.autocast():
-        for x, y in batches:
-            count = int((y != IGNORE_INDEX).sum())
-            if count == 0:  # a filler batch: ranks yield equally many batches, some have nothing left to score
-                continue
-            loss = model(input_ids=x.to(device), shift_labels=y.to(device), return_logits=False).loss
-            loss_sum += loss.double() * count  # the mean over this batch's targets, back to a sum
-            target_count += count
-    totals = accelerator.reduce(torch.stack([loss_sum, target_count]), reduction="sum")
-    result = {"val_loss": (totals[0] / totals[1]).item()}
-
-    if hellaswag_examples:
-        try:
-            with accelerator.autocast():
-                scores = evaluate_hellaswag(model, tokenizer, hellaswag_examples, style="completion",
-                                            batch_size=args.eval_batch_size, accelerator=accelerator,
-                                            limit=args.hellaswag_limit, show_progress=False)
-        except HellaSwagScoringError as error:  # raised on every process alike
-            raise TrainingError(f"{error} (--no-hellaswag trains without it)") from None
-        result.update(hellaswag_acc=scores["acc"], hellaswag_acc_norm=scores["acc_norm"],
-                      hellaswag_count=scores["count"])
-
-    if accelerator.is_main_process and args.num_samples > 0:
-        prompt = tokenizer(SAMPLE_PROMPT, return_tensors="pt").input_ids.to(device)  # (1, 8)
-        # The samples draw from their own seeded RNG, so training's random state is the same with or without them.
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), accelerator.autocast():
-            torch.manual_seed(args.seed)
-            max_new_tokens = min(args.sample_tokens, args.seq_len - prompt.shape[1])  # stay inside the context
-            output = model.generate(prompt, do_sample=True, top_k=args.top_k, max_new_tokens=max_new_tokens,
-                                    num_return_sequences=args.num_samples, pad_token_id=EOT_TOKEN_ID)
-        result["samples"] = tokenizer.batch_decode(output)
-    model.train()
-    return result
 
 
 # ---- training --------------------------------------------------------------------------------------------------------
 
 
-def build_accelerator(args: argparse.Namespace) -> tuple[Accelerator, str]:
-    """The Accelerator of this run, with `auto` precision resolved for its device; and the line saying which."""
-    if args.report_to in ("tensorboard", "all") and not is_tensorboard_available():
-        raise TrainingError("--report_to tensorboard needs the tensorboard package: pip install tensorboard")
-    if args.report_to == "wandb" and not is_wandb_available():
-        raise TrainingError("--report_to wandb needs the wandb package: pip install wandb")
-    process_group = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=args.ddp_timeout))
-    device = accelerate_device(timeout=process_group.timeout)  # to_kwargs() would drop a timeout equal to its default
-    args.mixed_precision, precision_line = resolve_mixed_precision(args.mixed_precision, device)
-    launch_backend = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower()  # accelerate launch --dynamo_backend
-    if args.compile == "auto":
-        args.compile = "on" if device.type == "cuda" or launch_backend != "no" else "off"
-    backend = "no" if args.compile == "off" else launch_backend if launch_backend != "no" else "inductor"
-    dynamo = TorchDynamoPlugin(backend=backend, fullgraph=True)  # a graph break would silently cost compile's speed
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, project_dir=args.output_dir,
-                              log_with=None if args.report_to == "none" else args.report_to, dynamo_plugin=dynamo,
-                              kwargs_handlers=[process_group])
-    if accelerator.gradient_accumulation_steps != 1:  # accelerator.backward would divide the loss a second time
-        grad_accum = gradient_accumulation_steps(args.total_batch_size, args.micro_batch_size, args.seq_len,
-                                                 accelerator.num_processes)
-        raise TrainingError(f"this script derives gradient accumulation from --total_batch_size ({grad_accum} "
-                            f"micro-steps per step here): drop accelerate launch's --gradient_accumulation_steps "
-                            f"{accelerator.gradient_accumulation_steps}")
-    if accelerator.device.type == "cuda":
-        torch.set_float32_matmul_precision("high")  # fp32 matmuls outside autocast run as TF32 (~3x on A100)
-    elif accelerator.device.type == "cpu":
-        pin_cpu_allocator()
-    return accelerator, precision_line
+def open_run(accelerator: Accelerator, args: argparse.Namespace) -> tuple[Path | None, ShardedTokenLoader,
+                                                                         checkpointing.HubPusher | None, list | None]:
+    """What the run starts from, each outcome agreed by every rank before any compute: the checkpoint to resume from
+    (None: a fresh start), the training data (both splits checked now, not at the first evaluation), the Hub pusher
+    (rank 0's; None without --push_to_hub) and HellaSwag's examples (None: not scored)."""
+    output_dir, is_main = Path(args.output_dir), accelerator.is_main_process
+    checked_on_every_rank(accelerator, lambda: check_writable_folder(output_dir, "--output_dir"))
+    resume_from = decided_on_rank0(accelerator, lambda: checkpointing.choose_resume_checkpoint(args, output_dir))
+    if args.preset in ("cpu-demo", "cpu-demo-speedrun") and not any(Path(args.data_dir).glob("*train*")):
+        # The demo's data is built from the embedded corpus the first time, by rank 0: the others wait, whatever happens
+        demo_data = prepare_data.parse_args(["--dataset", "embedded", "--output_dir", args.data_dir])
+        decided_on_rank0(accelerator, lambda: prepare_data.prepare(demo_data))
 
-
-def train(args: argparse.Namespace) -> Path:
-    """Run the whole training; returns the final checkpoint folder."""
-    accelerator, precision_line = build_accelerator(args)
-    device, rank, world_size = accelerator.device, accelerator.process_index, accelerator.num_processes
-    is_main = accelerator.is_main_process
-    grad_accum = gradient_accumulation_steps(args.total_batch_size, args.micro_batch_size, args.seq_len, world_size)
-    try:
-        config = GPT2ReproConfig(n_positions=args.seq_len, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
-                                 **{name: getattr(args, name) for name in infra.ARCHITECTURE_FLAGS})
-    except ValueError as error:  # e.g. --n_embd not divisible by --n_head
-        raise TrainingError(str(error)) from None
-
-    output_dir = Path(args.output_dir)
-    infra.checked_on_every_rank(accelerator, lambda: infra.check_output_dir(output_dir))
-    resume_from = infra.decided_on_rank0(accelerator, lambda: infra.choose_resume_checkpoint(args, output_dir))
-    if args.preset == "cpu-demo":
-        infra.prepare_demo_data(accelerator, args)
-    def open_data() -> ShardedTokenLoader:  # both splits are checked now, not at the first evaluation
+    def open_data() -> ShardedTokenLoader:  # on every rank: a node without the shards stops them all
         try:
             choose_val_tokens(args, notify=is_main)
             next(validation_batches(args.data_dir, args.eval_batch_size, args.seq_len, args.val_tokens,
                                     verify_checksums=args.verify_data))
-            return ShardedTokenLoader(args.data_dir, "train", args.micro_batch_size, args.seq_len, rank, world_size,
-                                      shuffle=args.shuffle, seed=args.seed, verify_checksums=args.verify_data)
+            return ShardedTokenLoader(args.data_dir, "train", args.micro_batch_size, args.seq_len,
+                                      accelerator.process_index, accelerator.num_processes, shuffle=args.shuffle,
+                                      seed=args.seed, verify_checksums=args.verify_data)
         except ValueError as error:  # ShardFormatError included: missing or corrupt shards, too few val tokens
             raise TrainingError(str(error)) from None
 
-    train_loader = infra.checked_on_every_rank(accelerator, open_data)  # a node without the shards stops them all
-    pusher = infra.start_hub_pusher(accelerator, args.hub_model_id if args.push_to_hub else None)
+    train_loader = checked_on_every_rank(accelerator, open_data)
+    pusher = checkpointing.start_hub_pusher(accelerator, args.hub_model_id if args.push_to_hub else None)
     # Every rank scores its share of what rank 0 found: ranks deciding alone could disagree (a node without the file
     # and the network) and leave the others waiting in the scoring's collectives.
-    hellaswag_examples = infra.decided_on_rank0(accelerator, lambda: infra.load_hellaswag_examples(args, notify=True))
-    tokenizer = get_tokenizer()
+    hellaswag = decided_on_rank0(accelerator, lambda: load_hellaswag_for_training(args.hellaswag_file)
+                                 if args.hellaswag else None)
+    return resume_from, train_loader, pusher, hellaswag
 
-    set_seed(args.seed)  # the same initial weights on every process
+
+def build_model(args: argparse.Namespace, device_type: str) -> tuple[GPT2ReproForCausalLM, list]:
+    """The model, initialised from --seed (the same weights on every process), and its optimisers."""
+    try:
+        config = GPT2ReproConfig(n_positions=args.seq_len, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                                 **{name: getattr(args, name) for name in GPT2ReproConfig.architecture_options})
+    except ValueError as error:  # e.g. --n_embd not divisible by --n_head
+        raise TrainingError(str(error)) from None
+    set_seed(args.seed)
     model = GPT2ReproForCausalLM(config)
     if args.gradient_checkpointing:
-        infra.enable_activation_checkpointing(model)
-    flops_per_token = model.flops_per_token(args.seq_len)
+        enable_activation_checkpointing(model)
     if args.optimizer == "muon":
-        optimizers = configure_muon(model, args, device.type)
-    else:
-        optimizers = [configure_optimizer(model, args.weight_decay, (args.beta1, args.beta2), args.adam_eps,
-                                          device.type)]
+        return model, configure_muon(model, args.muon_momentum, args.weight_decay, (args.beta1, args.beta2),
+                                     args.adam_eps, device_type)
+    return model, [configure_optimizer(model, args.weight_decay, (args.beta1, args.beta2), args.adam_eps, device_type)]
+
+
+def train(args: argparse.Namespace) -> Path | None:
+    """Run the whole training; returns the final checkpoint folder."""
+    accelerator, args.mixed_precision, args.compile, precision_line = build_accelerator(
+        args.mixed_precision, args.compile, args.report_to, args.ddp_timeout, args.output_dir)
+    device, world_size, is_main = accelerator.device, accelerator.num_processes, accelerator.is_main_process
+    grad_accum = gradient_accumulation_steps(args.total_batch_size, args.micro_batch_size, args.seq_len, world_size,
+                                             accelerator.gradient_accumulation_steps)
+    output_dir = Path(args.output_dir)
+    resume_from, train_loader, pusher, hellaswag_examples = open_run(accelerator, args)
+    tokenizer = get_tokenizer()
+    model, optimizers = build_model(args, device.type)
+    flops_per_token, parameters = model.flops_per_token(args.seq_len), sum(p.numel() for p in model.parameters())
     model, *optimizers = accelerator.prepare(model, *optimizers)
     raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)  # for evaluation, sampling and saving
     start_step, start_evaluated = 0, False
     if resume_from is not None:
-        start_step, start_evaluated = infra.load_checkpoint(accelerator, resume_from, train_loader, args.max_steps)
-    metrics = infra.MetricsLog(output_dir / "metrics.jsonl", start_step if resume_from else None) if is_main else None
+        start_step, start_evaluated = checkpointing.load_checkpoint(accelerator, resume_from, train_loader,
+                                                                    args.max_steps)
+    metrics = MetricsLog(output_dir / "metrics.jsonl", start_step if resume_from else None) if is_main else None
     if args.report_to != "none":
         accelerator.init_trackers("gpt2repro", config={k: v for k, v in vars(args).items() if v is not None})
     peak_flops = args.peak_flops or peak_flops_per_device(device, args.mixed_precision)
     if is_main:
-        tqdm.write(precision_line)
-        tqdm.write(f"{sum(p.numel() for p in raw_model.parameters()):,} parameters | {world_size} process(es) on "
-                   f"{device.type} | {grad_accum} micro-steps of {args.micro_batch_size} x {args.seq_len} per step "
-                   f"= {args.total_batch_size:,} tokens | mixed precision {args.mixed_precision} "
-                   f"| compile {args.compile}"
-                   + (f" | resuming at step {start_step} from {resume_from}" if resume_from else ""))
+        peak_lrs = {group.get("name", "adamw"): peak_lr(group, args)[0] for o in optimizers for group in o.param_groups}
+        tqdm.write(f"{precision_line}\n{parameters:,} parameters | {world_size} process(es) on {device.type} | "
+                   f"{grad_accum} micro-steps of {args.micro_batch_size} x {args.seq_len} per step = "
+                   f"{args.total_batch_size:,} tokens | mixed precision {args.mixed_precision} | compile {args.compile}"
+                   + (f" | resuming at step {start_step} from {resume_from}" if resume_from else "")
+                   + "\npeak LR: " + ", ".join(f"{name} {lr:g}" for name, lr in peak_lrs.items()))
     # The next micro-batch is read (and pinned) in a thread while this one computes; checkpoints save the position of
     # the batches used, not of those read ahead.
     train_batches = BatchPrefetcher(train_loader, pin_memory=device.type == "cuda")
-    save = functools.partial(infra.save_checkpoint, accelerator, model, tokenizer, train_batches, args=args,
-                             metrics=metrics)
-
+    checkpoints = checkpointing.RunCheckpoints(
+        functools.partial(checkpointing.save_checkpoint, accelerator, model, tokenizer, train_batches, args=args,
+                          metrics=metrics),
+        latest=resume_from if resume_from is not None and checkpointing.in_run(resume_from, output_dir) else None,
+        evaluated=start_evaluated)
     progress = tqdm(total=args.max_steps, initial=start_step, disable=not is_main, desc="training", dynamic_ncols=True)
-    final_checkpoint = resume_from if resume_from is not None and infra.in_run(resume_from, output_dir) else None
-    final_evaluated = start_evaluated  # whether final_checkpoint's step had its evaluation when it was written
-    signals = infra.StopSignals(args.save_on_signals)  # from here on Ctrl-C too is acted on at a step boundary
+    signals = StopSignals(args.save_on_signals)  # from here on Ctrl-C too is acted on at a step boundary
 
     def stop_on_signal(summed_flags, step: int, evaluated: bool) -> None:
-        """End the run with a checkpoint at `step` (written unless there is one) when any process got a signal."""
-        nonlocal final_checkpoint, final_evaluated
-        if not any(summed_flags):
-            return
-        if pusher is not None:
-            pusher.cancel_queued()  # the process waits for queued uploads before it exits
-        current = final_checkpoint is not None and final_checkpoint.name == f"{infra.CHECKPOINT_PREFIX}{step:06d}"
-        if not current or (evaluated and not final_evaluated):  # else a resume would evaluate (and log) it again
-            final_checkpoint, final_evaluated = save(step, pusher=None, evaluated=evaluated), evaluated
-        signals.stop(summed_flags, step, final_checkpoint, output_dir)
+        """End the run with a checkpoint at `step` when any process got a signal (`summed_flags`)."""
+        if any(summed_flags):
+            if pusher is not None:
+                pusher.cancel_queued()  # the process waits for queued uploads before it exits
+            signals.stop(summed_flags, step, checkpoints.at(step, evaluated))
 
     step = start_step
     try:
@@ -546,10 +427,10 @@ def train(args: argparse.Namespace) -> Path:
             busy = False
             if (step % args.eval_every == 0 or step == args.max_steps) and not (step == start_step and start_evaluated):
                 result = evaluate(accelerator, raw_model, tokenizer, args, hellaswag_examples)
-                infra.log_evaluation(accelerator, metrics, step, result, output_dir / "loss.png")
+                log_evaluation(accelerator, metrics, step, result, output_dir / "loss.png")
                 busy = True
             if step > start_step and (step % args.checkpoint_every == 0 or step == args.max_steps):
-                final_checkpoint, final_evaluated = save(step, pusher=pusher), True
+                checkpoints.save(step, pusher=pusher)
                 busy = True
             if step == args.max_steps:  # the run is complete and saved: a signal now changes nothing
                 break
@@ -563,50 +444,32 @@ def train(args: argparse.Namespace) -> Path:
             lr = optimizers[0].param_groups[0]["lr"]  # GPT-2's AdamW, or Muon's
             loss, grad_norm, stop_flags = train_step(model, optimizers, accelerator, train_batches, grad_accum,
                                                      args.grad_clip, signals.flags)
-            infra.check_finite(step, loss, grad_norm, output_dir)
             step_time = time.perf_counter() - start  # train_step's one read of the device waited for it
             tokens_per_sec = args.total_batch_size / step_time
-            record = {"type": "train", "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                      "step_time": step_time, "tokens_per_sec": tokens_per_sec}
-            if peak_flops:
-                record["mfu"] = flops_per_token * tokens_per_sec / (peak_flops * world_size)
-            if is_main:
-                metrics.append(record)
-                progress.update(1)
-                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", norm=f"{grad_norm:.3f}",
-                                     tok_s=f"{tokens_per_sec:,.0f}", mfu=f"{record.get('mfu', float('nan')):.1%}")
-            accelerator.log({f"train/{k}": v for k, v in record.items() if k not in ("type", "step")}, step=step)
+            mfu = flops_per_token * tokens_per_sec / (peak_flops * world_size) if peak_flops else None
+            log_train_step(accelerator, metrics, progress, step, loss=loss, lr=lr, grad_norm=grad_norm,
+                           step_time=step_time, tokens_per_sec=tokens_per_sec, mfu=mfu)
         signals.close()  # the run is complete: from here a Ctrl-C stops at once (e.g. the wait for uploads)
         if pusher is not None:  # rank 0 alone, after the last collective
-            tqdm.write(f"waiting for the uploads to {args.hub_model_id} to finish ...")
-            for failure in pusher.wait():
-                tqdm.write(f"warning: {failure}")
-            infra.prune_checkpoints(output_dir, args.keep_checkpoints, None)  # those kept while they uploaded
+            pusher.finish(output_dir, args.keep_checkpoints)
         accelerator.end_training()
-    except KeyboardInterrupt:  # a second Ctrl-C, or one after the loop: one line in main() naming where to continue
-        raise infra.TrainingInterrupted(step, output_dir) from None
+    except KeyboardInterrupt:  # a second Ctrl-C, or one after the loop: one line naming where to continue
+        raise TrainingInterrupted(step, checkpointing.latest_checkpoint(output_dir)) from None
     finally:
         train_batches.close()
         progress.close()  # ends the bar's line, so that an error message gets a line of its own
         signals.close()
-    if is_main and final_checkpoint is not None:
-        tqdm.write(f"done: model folder {final_checkpoint / 'hf'}")
-    return final_checkpoint
+    if is_main and checkpoints.latest is not None:
+        tqdm.write(f"done: model folder {checkpoints.latest / 'hf'}")
+    return checkpoints.latest
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    try:
-        train(args)
-    except (TrainingError, ShardFormatError) as error:  # a shard may turn out corrupt mid-run
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
-    except (infra.TrainingPreempted, infra.TrainingInterrupted, KeyboardInterrupt) as stop:
-        if isinstance(stop, KeyboardInterrupt):  # Ctrl-C before the training loop
-            stop = infra.TrainingInterrupted(None, Path(args.output_dir))
-        if os.environ.get("RANK", "0") == "0":  # one line for the whole job, not one per process
-            print(stop, file=sys.stderr)
-        sys.exit(stop.exit_code)
+    # Ctrl-C before the loop (the loop raises TrainingInterrupted); each rank prints its own error: a shard can turn
+    # out corrupt mid-run on one rank only.
+    run_command(lambda: train(args), errors=(ShardFormatError,), errors_on_every_rank=True,
+                on_ctrl_c=lambda: where_to_continue(checkpointing.latest_checkpoint(Path(args.output_dir))))
 
 
 if __name__ == "__main__":

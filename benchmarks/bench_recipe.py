@@ -24,10 +24,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from train_accelerate import PRESETS  # noqa: E402
+from recipes import PRESETS  # noqa: E402
 
 SHAPE = ["--n_layer", "4", "--n_head", "4", "--n_embd", "128", "--seq_len", "128"]
-RECIPES = ("gpt2", "speedrun")
+PRESETS_OF_RECIPES = {"gpt2": "cpu-demo", "speedrun": "cpu-demo-speedrun"}
 STDLIB_CHARS = 4_000_000  # 148 files, 1.8M tokens of Python 3.11 source (the KJV: 1.0M tokens)
 
 
@@ -61,10 +61,10 @@ def prepare(corpus: str, data_dir: Path) -> None:
 def train_both(data_dir: Path, output_dir: Path, args: argparse.Namespace) -> None:
     """Both recipes at once, one thread each (the cpu-demo preset's batch, val tokens and values for each recipe)."""
     runs = []
-    for recipe in RECIPES:
+    for recipe, preset in PRESETS_OF_RECIPES.items():
         if (output_dir / recipe / "checkpoints" / f"step_{args.steps:06d}").exists():
             continue
-        command = [sys.executable, str(REPO / "train_accelerate.py"), "--preset", "cpu-demo", "--recipe", recipe,
+        command = [sys.executable, str(REPO / "train_accelerate.py"), "--preset", preset,
                    *SHAPE, "--data_dir", str(data_dir), "--output_dir", str(output_dir / recipe), "--max_steps",
                    str(args.steps), "--eval_every", str(args.eval_every), "--checkpoint_every", str(args.steps),
                    "--num_samples", "0", "--seed", str(args.seed)]
@@ -97,7 +97,7 @@ def main() -> None:
         corpus_dir.mkdir(parents=True, exist_ok=True)
         prepare(corpus, corpus_dir / "data")
         train_both(corpus_dir / "data", corpus_dir, args)
-        curves[corpus] = {recipe: val_curve(corpus_dir / recipe) for recipe in RECIPES}
+        curves[corpus] = {recipe: val_curve(corpus_dir / recipe) for recipe in PRESETS_OF_RECIPES}
 
     tokens_per_step = PRESETS["cpu-demo"]["total_batch_size"]
     lines = ["| corpus | GPT-2 recipe: final val loss (tokens) | speedrun: first eval at or below it (tokens) | "

@@ -14,9 +14,8 @@ from transformers.cache_utils import DynamicCache
 
 import modeling_gpt2repro
 from configuration_gpt2repro import GPT2ReproConfig
-from modeling_gpt2repro import CACHE_FIELD, GPT2ReproForCausalLM, GPT2ReproModel
+from modeling_gpt2repro import CACHE_FIELD, GPT2ReproForCausalLM, GPT2ReproModel, enable_activation_checkpointing
 from tokenization_gpt2repro import EOT_TOKEN_ID, IGNORE_INDEX, get_tokenizer
-from training_infra import enable_activation_checkpointing
 
 V = 50257
 

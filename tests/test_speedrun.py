@@ -13,9 +13,10 @@ import torch
 from test_model import BLOCK_OUR_MODULES
 
 import train_accelerate
-import training_infra
 from configuration_gpt2repro import GPT2ReproConfig
 from modeling_gpt2repro import GPT2ReproForCausalLM, apply_rotary, rotary_cos_sin
+from muon import configure_muon
+from recipes import PRESETS, as_flags
 from train_helpers import TINY_RUN, final_weights, records, run_main, run_training, write_tiny_data
 
 TINY = dict(n_layer=2, n_head=4, n_embd=64, n_positions=64)
@@ -183,7 +184,8 @@ def test_compiled_training_forward_and_loss_are_one_graph_equal_to_eager(recipe)
 def test_muon_gets_every_block_matrix_and_nothing_else():
     args = train_accelerate.parse_args(["--recipe", "speedrun"])
     model = GPT2ReproForCausalLM(GPT2ReproConfig(**TINY, **{k: getattr(args, k) for k in OPTIONS["speedrun"]}))
-    muon, adamw = train_accelerate.configure_muon(model, args, "cpu")
+    muon, adamw = configure_muon(model, args.muon_momentum, args.weight_decay, (args.beta1, args.beta2), args.adam_eps,
+                                 "cpu")
     assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
     in_muon = {id(p) for group in muon.param_groups for p in group["params"]}
     names = {id(p): n for n, p in model.named_parameters()}
@@ -205,16 +207,17 @@ def test_recipe_values_are_defaults_that_flags_and_presets_override():
                                         "--logit_softcap", "none"])
     assert (args.optimizer, args.lr_schedule, args.position_embedding) == ("muon", "trapezoid", "rope")
     assert args.muon_lr == 0.02 and args.qk_norm is False and args.logit_softcap is None
-    demo = train_accelerate.parse_args(["--preset", "cpu-demo", "--recipe", "speedrun"])
-    assert demo.n_embd == 64 and demo.optimizer == "muon"
-    assert demo.embed_lr == train_accelerate.PRESET_RECIPES[("cpu-demo", "speedrun")]["embed_lr"]
+    demo = train_accelerate.parse_args(["--preset", "cpu-demo-speedrun"])
+    assert demo.n_embd == 64 and demo.optimizer == "muon" and demo.recipe == "speedrun"
+    assert demo.embed_lr == PRESETS["cpu-demo-speedrun"]["embed_lr"] == 0.3  # the preset's, over the recipe's 0.6
     assert demo.logit_softcap is None  # the preset unsets the recipe's cap; a flag sets it back
-    assert train_accelerate.parse_args(["--preset", "cpu-demo", "--recipe", "speedrun",
-                                        "--logit_softcap", "30"]).logit_softcap == 30.0
-    # what --help prints for the preset's own values, given as flags, is the same run
-    shown = training_infra.preset_as_flags(train_accelerate.PRESET_RECIPES[("cpu-demo", "speedrun")])
-    assert "--logit_softcap none" in shown
-    assert train_accelerate.parse_args(["--preset", "cpu-demo", "--recipe", "speedrun", *shown.split()]) == demo
+    assert train_accelerate.parse_args(["--preset", "cpu-demo-speedrun", "--logit_softcap", "30"]).logit_softcap == 30.0
+    # what --help prints for the preset, given as flags, is the same run
+    shown = as_flags(PRESETS["cpu-demo-speedrun"])
+    assert "--logit_softcap none" in shown and shown in " ".join(train_accelerate.build_parser().format_help().split())
+    assert {**vars(train_accelerate.parse_args(shown.split())), "preset": "cpu-demo-speedrun"} == vars(demo)
+    with pytest.raises(SystemExit):  # a preset names its recipe: cpu-demo-speedrun is the way to the speedrun's
+        train_accelerate.parse_args(["--preset", "cpu-demo", "--recipe", "speedrun"])
     assert train_accelerate.parse_args(["--preset", "speedrun-124m"]).recipe == "speedrun"
     gpt2 = train_accelerate.parse_args([])
     assert (gpt2.optimizer, gpt2.lr_schedule, gpt2.tie_word_embeddings, gpt2.logit_softcap) == \

@@ -15,9 +15,9 @@ from huggingface_hub import HfApi
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import eval_hellaswag
 import hardware
 import train_accelerate
-import training_infra
 from configuration_gpt2repro import GPT2ReproConfig
 from eval_hellaswag import HellaSwagUnavailable
 from modeling_gpt2repro import GPT2ReproForCausalLM
@@ -148,7 +148,8 @@ def test_one_step_equals_hand_computed_reference(tiny_data, tmp_path, capsys, fr
 
 def test_train_step_accumulates_clips_and_updates_like_one_big_batch(tiny_data, tiny_config, fresh_accelerate):
     """train_step on its own: 4 micro-batches of 2 rows give the loss, grad norm and AdamW update of the 8 rows as one
-    batch (torch's cross_entropy, clip_grad_norm_ and a plain AdamW); a non-finite loss leaves the weights alone."""
+    batch (torch's cross_entropy, clip_grad_norm_ and a plain AdamW); a non-finite loss stops with the weights as they
+    were."""
     from accelerate import Accelerator
 
     data_dir, _ = tiny_data
@@ -184,9 +185,8 @@ def test_train_step_accumulates_clips_and_updates_like_one_big_batch(tiny_data, 
     with torch.no_grad():
         model.transformer.wte.weight[0, 0] = float("nan")  # every loss is NaN from here on
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    loss, grad_norm, _ = train_accelerate.train_step(model, [optimizer], accelerator, batches, grad_accum=4,
-                                                     grad_clip=0.5)
-    assert math.isnan(loss) or math.isnan(grad_norm)
+    with pytest.raises(train_accelerate.TrainingError, match="loss nan / grad norm nan is not finite"):
+        train_accelerate.train_step(model, [optimizer], accelerator, batches, grad_accum=4, grad_clip=0.5)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), before[name], rtol=0, atol=0, equal_nan=True, msg=name)
 
@@ -328,8 +328,8 @@ def test_missing_hellaswag_notice_names_the_training_flag(monkeypatch, capsys):
     def unavailable(data_file):
         raise HellaSwagUnavailable("HellaSwag validation data is not available offline: pass --data_file ...")
 
-    monkeypatch.setattr(training_infra, "load_hellaswag", unavailable)
-    assert training_infra.load_hellaswag_examples(train_accelerate.parse_args([]), notify=True) is None
+    monkeypatch.setattr(eval_hellaswag, "load_hellaswag", unavailable)
+    assert eval_hellaswag.load_hellaswag_for_training(train_accelerate.parse_args([]).hellaswag_file) is None
     out = capsys.readouterr().out
     assert out.startswith("notice: HellaSwag is skipped") and "--hellaswag_file" in out and "--data_file" not in out
 
@@ -344,7 +344,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_data, tmp_path
     trained_steps = len(records(tmp_path, "train"))
     kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert kept == [f"step_{trained_steps:06d}"]  # the checkpoint before the failing step, none after
-    assert f"Last good checkpoint: {tmp_path / 'checkpoints' / kept[0]}" in err
+    assert "continue from the newest checkpoint with --resume_from_checkpoint latest and a lower --max_lr" in err
 
 
 class FakeHub:

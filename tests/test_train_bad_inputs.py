@@ -15,8 +15,8 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 
+import checkpointing
 import train_accelerate
-import training_infra
 from token_shards import file_sha256, open_shard, shard_name, write_shard
 from train_helpers import TINY_RUN, records, run_main, training_command, write_tiny_data
 
@@ -103,7 +103,7 @@ def test_a_damaged_checkpoint_is_named_and_latest_falls_back(run_copy, capsys, d
     assert status == 0, err
     # steps 4 and 5 were trained again from the step-4 checkpoint, which replaced the damaged one
     assert [r["step"] for r in records(run, "train")] == list(range(STEPS))
-    assert training_infra.checkpoint_problem(newest) is None
+    assert checkpointing.checkpoint_problem(newest) is None
     # the damaged one was moved aside, not left for rotation or a later `latest` to pick
     [abandoned] = [p for p in (run / "checkpoints").iterdir() if p.name.startswith("abandoned_step_000006_")]
     assert (abandoned / damaged).read_bytes() == bytes(data)

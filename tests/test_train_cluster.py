@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import run_control
 import train_accelerate
-import training_infra
 from train_helpers import (
     REPO,
     TINY_RUN,
@@ -71,7 +71,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_is_exact(workspace, processes):
     step = int(lines[0].split("at step ")[1].split(":")[0])
     assert 0 < step < STEPS
     if processes == 1:  # (accelerate's launcher reports the SIGTERM it got itself, with a traceback of its own)
-        assert process.returncode == training_infra.EXIT_PREEMPTED and "Traceback" not in err
+        assert process.returncode == run_control.EXIT_PREEMPTED and "Traceback" not in err
     checkpoint = output_dir / "checkpoints" / f"step_{step:06d}"
     assert f"checkpoint {checkpoint} written" in lines[0] and (checkpoint / "trainer_state.json").is_file()
 
@@ -134,12 +134,12 @@ def test_a_slow_upload_never_blocks_a_barrier(workspace, tmp_path):
 
 RANK0_ONLY_HELLASWAG = """
 import os, sys
-import eval_hellaswag, train_accelerate, training_infra
+import eval_hellaswag, train_accelerate
 
 if os.environ["RANK"] != "0":  # this node has neither the file nor the network
     def unavailable(*args, **kwargs):
         raise eval_hellaswag.HellaSwagUnavailable("no HellaSwag data on this node")
-    training_infra.load_hellaswag = unavailable
+    eval_hellaswag.load_hellaswag = unavailable
 train_accelerate.main(sys.argv[1:])
 """
 
@@ -190,14 +190,14 @@ def test_shards_missing_on_one_rank_stop_every_rank_with_the_same_line(workspace
 
 
 def test_signal_names_are_checked(capsys):
-    assert training_infra.parse_signals("SIGTERM, usr1") == [signal.SIGTERM, signal.SIGUSR1]
-    assert training_infra.parse_signals("none") == []
+    assert run_control.parse_signals("SIGTERM, usr1") == [signal.SIGTERM, signal.SIGUSR1]
+    assert run_control.parse_signals("none") == []
     with pytest.raises(ValueError, match="unknown signal 'SIGFOO'"):
-        training_infra.parse_signals("SIGFOO")
+        run_control.parse_signals("SIGFOO")
     with pytest.raises(ValueError, match="SIGKILL cannot be caught"):
-        training_infra.parse_signals("SIGTERM,SIGKILL")
+        run_control.parse_signals("SIGTERM,SIGKILL")
     with pytest.raises(ValueError, match="SIGINT is Ctrl-C, which always saves and stops the run"):
-        training_infra.parse_signals("SIGTERM,SIGINT")
+        run_control.parse_signals("SIGTERM,SIGINT")
     with pytest.raises(SystemExit) as exit_:
         train_accelerate.parse_args(["--save_on_signals", "TERM,FOO"])
     assert exit_.value.code == 2 and "--save_on_signals: unknown signal 'FOO'" in capsys.readouterr().err
@@ -229,12 +229,12 @@ def test_a_signal_stops_at_the_end_of_its_step_and_an_evaluated_stop_is_not_eval
     with monkeypatch.context() as patch:
         signal_during(patch, "train_step", {2})
         status, _, err = run_main(train_accelerate.main, run, capsys)
-    assert status == training_infra.EXIT_PREEMPTED and "preempted by SIGTERM at step 3:" in err, err[-2000:]
+    assert status == run_control.EXIT_PREEMPTED and "preempted by SIGTERM at step 3:" in err, err[-2000:]
     assert [r["step"] for r in records(tmp_path, "train")] == [0, 1, 2]
     with monkeypatch.context() as patch:
         signal_during(patch, "evaluate", {0})  # the resumed run's first call: step 3's evaluation
         status, _, err = run_main(train_accelerate.main, run, capsys)
-    assert status == training_infra.EXIT_PREEMPTED and "at step 3:" in err, err[-2000:]
+    assert status == run_control.EXIT_PREEMPTED and "at step 3:" in err, err[-2000:]
     state = json.loads((tmp_path / "checkpoints" / "step_000003" / "trainer_state.json").read_text())
     assert state["evaluated"] is True
     with monkeypatch.context() as patch:

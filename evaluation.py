@@ -1,0 +1,77 @@
+"""What a training run measures at each evaluation: the validation loss, HellaSwag, and samples from `generate`."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from eval_hellaswag import HellaSwagScoringError, evaluate_hellaswag
+from modeling_gpt2repro import GPT2ReproForCausalLM
+from run_control import TrainingError
+from token_shards import TokenStream, validation_batches
+from tokenization_gpt2repro import EOT_TOKEN_ID, IGNORE_INDEX
+
+SAMPLE_PROMPT = "Hello, I'm a language model,"
+RECIPE_VAL_TOKENS = 20 * 64 * 1024 * 8  # 10,485,760: build-nanogpt's 20 val batches of 64 x 1024 on 8 GPUs
+
+
+@torch.no_grad()
+def evaluate(accelerator: Accelerator, model: GPT2ReproForCausalLM, tokenizer, args: argparse.Namespace,
+             hellaswag_examples: list[dict] | None) -> dict:
+    """Val loss over the first --val_tokens val tokens (identical on any world size), HellaSwag, and samples.
+
+    `model` is the plain module (no DDP, no compile): evaluation never goes through the compiled graph.
+    """
+    model.eval()
+    device = accelerator.device
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    target_count = torch.zeros((), dtype=torch.float64, device=device)
+    batches = validation_batches(args.data_dir, args.eval_batch_size, args.seq_len, args.val_tokens,
+                                 accelerator.process_index, accelerator.num_processes)
+    with accelerator.autocast():
+        for x, y in batches:
+            count = int((y != IGNORE_INDEX).sum())
+            if count == 0:  # a filler batch: ranks yield equally many batches, some have nothing left to score
+                continue
+            loss = model(input_ids=x.to(device), shift_labels=y.to(device), return_logits=False).loss
+            loss_sum += loss.double() * count  # the mean over this batch's targets, back to a sum
+            target_count += count
+    totals = accelerator.reduce(torch.stack([loss_sum, target_count]), reduction="sum")
+    result = {"val_loss": (totals[0] / totals[1]).item()}
+
+    if hellaswag_examples:
+        try:
+            with accelerator.autocast():
+                scores = evaluate_hellaswag(model, tokenizer, hellaswag_examples, style="completion",
+                                            batch_size=args.eval_batch_size, accelerator=accelerator,
+                                            limit=args.hellaswag_limit, show_progress=False)
+        except HellaSwagScoringError as error:  # raised on every process alike
+            raise TrainingError(f"{error} (--no-hellaswag trains without it)") from None
+        result.update(hellaswag_acc=scores["acc"], hellaswag_acc_norm=scores["acc_norm"],
+                      hellaswag_count=scores["count"])
+
+    if accelerator.is_main_process and args.num_samples > 0:
+        prompt = tokenizer(SAMPLE_PROMPT, return_tensors="pt").input_ids.to(device)  # (1, 8)
+        # The samples draw from their own seeded RNG, so training's random state is the same with or without them.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), accelerator.autocast():
+            torch.manual_seed(args.seed)
+            max_new_tokens = min(args.sample_tokens, args.seq_len - prompt.shape[1])  # stay inside the context
+            output = model.generate(prompt, do_sample=True, top_k=args.top_k, max_new_tokens=max_new_tokens,
+                                    num_return_sequences=args.num_samples, pad_token_id=EOT_TOKEN_ID)
+        result["samples"] = tokenizer.batch_decode(output)
+    model.train()
+    return result
+
+
+def choose_val_tokens(args: argparse.Namespace, notify: bool) -> None:
+    """Unset --val_tokens: the recipe's number, or the whole val split of a smaller corpus (with a notice). An explicit
+    value larger than the split stays an error (validation_batches says so)."""
+    if args.val_tokens is not None:
+        return
+    split_tokens = TokenStream(args.data_dir, "val").num_tokens
+    args.val_tokens = min(RECIPE_VAL_TOKENS, split_tokens)
+    if args.val_tokens < RECIPE_VAL_TOKENS and notify:
+        tqdm.write(f"notice: validation uses the whole val split of {args.data_dir} ({split_tokens:,} tokens), fewer "
+                   f"than the recipe's {RECIPE_VAL_TOKENS:,}")
