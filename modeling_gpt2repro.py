@@ -606,10 +606,11 @@ class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
         return result if return_dict else result.to_tuple()
 
     def num_parameters_for_flops(self) -> int:
-        """Parameters that do a multiply-add per token: all but the position embeddings (the tied wte counts once,
-        as the lm_head matmul)."""
-        wpe = self.transformer.wpe
-        return sum(p.numel() for p in self.parameters()) - (wpe.weight.numel() if wpe is not None else 0)
+        """Parameters that do a multiply-add per token: all but the embedding tables, which are looked up (a tied wte
+        counts once, as the lm_head matmul; an untied one not at all). Biases and norm gains count as in PaLM's
+        formula, though they only add."""
+        tables = [self.transformer.wpe] + ([] if self.config.tie_word_embeddings else [self.transformer.wte])
+        return sum(p.numel() for p in self.parameters()) - sum(t.weight.numel() for t in tables if t is not None)
 
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token (forward + backward): `training_flops_per_token` of this model."""
