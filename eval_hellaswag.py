@@ -41,13 +41,13 @@ import sys
 import tempfile
 import urllib.request
 from pathlib import Path
-from typing import NoReturn
+from typing import NamedTuple, NoReturn
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from hardware import resolve_dtype
+from hardware import pin_cpu_allocator, resolve_dtype
 from io_helpers import EXIT_INTERRUPTED, CommandError, atomic_write, ctrl_c_held, first_line, write_json_atomic
 
 HUB_DATASET = "Rowan/hellaswag"
@@ -57,6 +57,7 @@ NUM_ENDINGS = 4
 TEXT_FIELDS = ("ctx", "activity_label", "ctx_a", "ctx_b")
 METRIC_PATH = Path(__file__).with_name("hellaswag_accuracy.py")  # a sibling module, in a checkout or installed
 STYLES = ("completion", "harness")
+CROSS_ENTROPY_SLICE_BYTES = 4 << 20  # fp32 logits per slice in token_losses: ~20 positions at GPT-2's vocabulary
 
 
 class HellaSwagUnavailable(RuntimeError):
@@ -280,24 +281,32 @@ def fit_to_context(example: dict, max_positions: int | None) -> dict | None:
     return {**example, "context": context, "context_tokens_dropped": len(example["context"]) - len(context)}
 
 
-def score_batch(model: torch.nn.Module, batch: list[dict], device: torch.device) -> torch.Tensor:
-    """Summed cross-entropy (nats) of each ending given its context: (B, 4), float32 on the CPU.
+class PackedBatch(NamedTuple):
+    """Examples packed one per row by `pack_batch`; N counts the ending tokens of the whole batch."""
 
-    One forward for the batch. Each example is one packed row, context then its 4 endings back to back, each
-    ending without its last token (an input that predicts nothing scored); a 4-D attention mask lets each ending
-    see the context and its own earlier tokens only, and position ids restart at len(context) for every ending, so
-    each ending is scored exactly as the row context + ending would be, while the context is computed once
-    instead of 4 times. The highest position is len(context) + len(longest ending) - 2. Rows are left-padded so
-    that all endings sit in the last positions, the only ones whose logits are computed (`logits_to_keep`). An
-    ending's first token is predicted by the last context token, each later one by the ending's previous token.
-    """
+    input_ids: torch.Tensor  # (B, T), left-padded
+    position_ids: torch.Tensor  # (B, T)
+    attention_allowed: torch.Tensor  # (B, T, T) bool: the keys each query may attend to
+    predictors: torch.Tensor  # (N, 2): the (row, position) whose logits predict each ending token
+    targets: torch.Tensor  # (N,): the ending tokens
+    ending_index: torch.Tensor  # (N,): per ending token, 4 * (its example's row) + its ending
+    logits_needed: int  # every predictor lies in the last `logits_needed` positions of its row
+
+
+def pack_batch(batch: list[dict]) -> PackedBatch:
+    """One row per example: its context, then its 4 endings back to back, each ending without its last token (an
+    input that predicts nothing scored). Each ending sees the context and its own earlier tokens only, and its
+    position ids restart at len(context), so it is scored exactly as the row context + ending would be, while the
+    context is computed once instead of 4 times. The highest position is len(context) + len(longest ending) - 2.
+    Rows are left-padded so that all endings sit in the last positions. An ending's first token is predicted by the
+    last context token, each later one by the ending's previous token."""
     B = len(batch)
     lengths = [len(ex["context"]) + sum(len(ending) - 1 for ending in ex["endings"]) for ex in batch]
     T = max(lengths)
     input_ids = torch.zeros(B, T, dtype=torch.long)  # pad id 0: any valid id, it is masked
     position_ids = torch.zeros(B, T, dtype=torch.long)
     segment = torch.full((B, T), -1)  # per position: -1 padding, 0 context, j + 1 ending j
-    predictors, targets, ending_rows = [], [], []  # per ending token: (row, position predicting it), token, 4i + j
+    predictors, targets, ending_index = [], [], []
     for i, ex in enumerate(batch):
         context_len = len(ex["context"])
         at = T - lengths[i]  # left padding
@@ -313,7 +322,7 @@ def score_batch(model: torch.nn.Module, batch: list[dict], device: torch.device)
             segment[i, at: at + n] = j + 1
             predictors += [(i, last_context_position)] + [(i, at + k) for k in range(n)]
             targets += ending
-            ending_rows += [NUM_ENDINGS * i + j] * len(ending)
+            ending_index += [NUM_ENDINGS * i + j] * len(ending)
             at += n
 
     positions = torch.arange(T)
@@ -321,30 +330,58 @@ def score_batch(model: torch.nn.Module, batch: list[dict], device: torch.device)
     query_segment, key_segment = segment[:, :, None], segment[:, None, :]  # (B, T, 1), (B, 1, T)
     allowed = causal & (key_segment != -1) & ((key_segment == 0) | (key_segment == query_segment))  # (B, T, T)
     # Padding queries see themselves: an all-masked row would be NaN. This also keeps the mask safe where autocast
-    # turns the fp32 minimum below into bf16 -inf: no row is all -inf.
+    # turns the most negative fp32 bias into bf16 -inf: no row is all -inf.
     allowed |= torch.eye(T, dtype=torch.bool)
+    predictors = torch.tensor(predictors)
+    return PackedBatch(input_ids, position_ids, allowed, predictors, torch.tensor(targets), torch.tensor(ending_index),
+                       logits_needed=T - int(predictors[:, 1].min()))
+
+
+def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the model's forward takes `logits_to_keep` (transformers' causal LMs and ours): an int n there computes
+    the logits of the last n positions only, the lm_head being most of a small model's FLOPs."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def token_losses(logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy (nats, fp32) of targets[k] under logits[rows[k]], for (R, V) logits of any dtype; a row may
+    predict several targets. The log-softmax runs in fp32 over slices of consecutive rows: on a CPU a few rows, so
+    that each slice's fp32 copy stays in the cache, where a gather and fp32 copy of all the scored rows would go
+    through memory several times (measured: ~2x faster at GPT-2's vocabulary); on a GPU all rows at once."""
+    per_slice = max(1, CROSS_ENTROPY_SLICE_BYTES // (4 * logits.shape[-1])) if logits.device.type == "cpu" \
+        else len(logits)
+    order = rows.argsort(stable=True)  # by row: each slice's targets are then consecutive
+    counts = torch.bincount(rows // per_slice, minlength=-(-len(logits) // per_slice)).tolist()
+    losses = []
+    for logits_slice, slice_rows, slice_targets, count in zip(
+            logits.split(per_slice), rows[order].split(counts), targets[order].split(counts), counts, strict=True):
+        if count:  # e.g. the context positions when the model computed logits everywhere
+            log_probs = F.log_softmax(logits_slice.float(), dim=-1)
+            losses.append(-log_probs[slice_rows % per_slice, slice_targets])
+    return torch.empty(len(rows), device=logits.device).index_copy_(0, order, torch.cat(losses))
+
+
+def score_batch(model: torch.nn.Module, batch: list[dict], device: torch.device) -> torch.Tensor:
+    """Summed cross-entropy (nats) of each ending given its context: (B, 4), float32 on the CPU. One forward for the
+    batch, packed by `pack_batch`; logits only for the last positions, which hold every ending, where the model
+    accepts `logits_to_keep`, and the log-softmax in fp32 (whatever the model's dtype) only where an ending token
+    is predicted."""
+    packed = pack_batch(batch)
     # Additive float mask (0 / most negative): what every attention implementation accepts as a custom 4-D mask
     # (eager attention adds it to the scores; a boolean mask would be added as 0/1 there).
     dtype = next(model.parameters()).dtype
-    attention_bias = torch.zeros(B, 1, T, T, dtype=dtype).masked_fill(~allowed[:, None], torch.finfo(dtype).min)
-
-    # Keep the logits of the last positions only: every ending input and the last context token.
-    keep = max(length - len(ex["context"]) + 1 for length, ex in zip(lengths, batch, strict=True))
-    keep_kwargs = {"logits_to_keep": keep} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    first_kept = T - keep if keep_kwargs else 0
+    attention_bias = torch.zeros(packed.attention_allowed.shape, dtype=dtype).masked_fill(
+        ~packed.attention_allowed, torch.finfo(dtype).min)[:, None]  # (B, 1, T, T)
+    keep = {"logits_to_keep": packed.logits_needed} if accepts_logits_to_keep(model) else {}
     logits = model(
-        input_ids.to(device), attention_mask=attention_bias.to(device), position_ids=position_ids.to(device),
-        use_cache=False, **keep_kwargs,
-    ).logits  # (B, keep or T, V)
-    predictors = torch.tensor(predictors).to(logits.device)
-    # Log-softmax only where an ending token is predicted, in fp32 whatever the model's dtype.
-    token_losses = F.cross_entropy(
-        logits[predictors[:, 0], predictors[:, 1] - first_kept].float(),
-        torch.tensor(targets, device=logits.device),
-        reduction="none",
-    ).cpu()  # (N,) over all ending tokens of the batch
-    losses = torch.zeros(NUM_ENDINGS * B).index_add_(0, torch.tensor(ending_rows), token_losses)
-    return losses.view(B, NUM_ENDINGS)
+        packed.input_ids.to(device), attention_mask=attention_bias.to(device),
+        position_ids=packed.position_ids.to(device), use_cache=False, **keep,
+    ).logits  # (B, kept, V): the last `kept` positions, all T without logits_to_keep
+    B, kept, _ = logits.shape
+    first_kept = packed.input_ids.shape[1] - kept
+    rows = packed.predictors[:, 0] * kept + packed.predictors[:, 1] - first_kept  # in logits.flatten(0, 1)
+    losses = token_losses(logits.flatten(0, 1), rows.to(logits.device), packed.targets.to(logits.device)).cpu()
+    return torch.zeros(NUM_ENDINGS * B).index_add_(0, packed.ending_index, losses).view(B, NUM_ENDINGS)
 
 
 def load_metric():
@@ -582,6 +619,8 @@ def score_from_command_line(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM
 
     accelerator = Accelerator()
+    if accelerator.device.type == "cpu":
+        pin_cpu_allocator()  # as training does: the logits (~100 MB a batch) would page-fault in again each batch
     # The user's inputs are all checked before the model loads and the scoring runs: a mistake costs seconds.
     output = None if args.output_json is None else Path(args.output_json)
     if output is not None and (problem := output_problem(output, args.data_file)):

@@ -522,6 +522,50 @@ def test_our_model_scores_like_transformers_gpt2(model, tokenizer, examples):
     assert got == expected
 
 
+class WithoutLogitsToKeep(torch.nn.Module):
+    """`model` behind a forward that cannot limit its logits: the plain path, logits at every position."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None):
+        return self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache)
+
+
+def test_logits_only_where_scored_give_the_full_logit_scores(model, tokenizer, examples):
+    """The fast path (logits_to_keep: the lm_head sees the ending positions only) scores as the plain path does."""
+    lm_head_positions = []
+    hook = model.lm_head.register_forward_hook(lambda module, args, output: lm_head_positions.append(args[0].shape[1]))
+    try:
+        fast = evaluate_hellaswag(model, tokenizer, examples, batch_size=3, show_progress=False,
+                                  return_predictions=True)
+        plain = evaluate_hellaswag(WithoutLogitsToKeep(model), tokenizer, examples, batch_size=3,
+                                   show_progress=False, return_predictions=True)
+    finally:
+        hook.remove()
+    batches = len(lm_head_positions) // 2
+    fast_positions, plain_positions = lm_head_positions[:batches], lm_head_positions[batches:]
+    assert all(kept < total for kept, total in zip(fast_positions, plain_positions, strict=True))
+    for a, b in zip(fast.pop("predictions"), plain.pop("predictions"), strict=True):
+        assert (a["pred"], a["pred_norm"]) == (b["pred"], b["pred_norm"])
+        torch.testing.assert_close(a["ending_nll"], b["ending_nll"])
+    assert fast == plain
+
+
+@pytest.mark.parametrize("rows_per_slice", [1, 3, 1000])
+def test_cross_entropy_in_slices_is_exact(monkeypatch, rows_per_slice):
+    """token_losses, whatever its slices (1 row, a few, all at once; some without a target, rows with several),
+    gives exactly the cross-entropy of each target over its row."""
+    torch.manual_seed(0)
+    logits = torch.randn(10, 50, dtype=torch.bfloat16) * 4
+    rows = torch.tensor([4, 0, 4, 4, 9, 1, 4, 8])  # row 4 predicts several targets; rows 2, 3, 5-7 none
+    targets = torch.randint(0, 50, (len(rows),))
+    expected = torch.nn.functional.cross_entropy(logits[rows].float(), targets, reduction="none")
+    monkeypatch.setattr(eval_hellaswag, "CROSS_ENTROPY_SLICE_BYTES", 4 * 50 * rows_per_slice)  # fp32 bytes
+    assert torch.equal(eval_hellaswag.token_losses(logits, rows, targets), expected)
+
+
 def test_fit_to_context_keeps_the_endings_and_the_last_context_tokens():
     example = {"context": list(range(10)), "endings": [[1] * 5, [2] * 3, [3], [4] * 2], "norm_divisors": [5, 3, 1, 2]}
     assert fit_to_context(example, None) == {**example, "context_tokens_dropped": 0}
