@@ -25,3 +25,21 @@ def tiny_gpt2():
     torch.manual_seed(0)
     config = GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """A test that runs a command's main in this process, with Accelerate's singletons cleared around it."""
+    from train_helpers import fresh_accelerate_state
+
+    with fresh_accelerate_state():
+        yield
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """A test module's own tiny token shards and HellaSwag file: (data_dir, hellaswag_file), in a folder of their
+    own (data_dir.parent) that the module's runs may write into."""
+    from train_helpers import write_tiny_data
+
+    return write_tiny_data(tmp_path_factory.mktemp("tiny_data"))

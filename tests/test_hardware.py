@@ -1,4 +1,4 @@
-"""The precision rule: bf16 only where the device computes it natively."""
+"""The device facts: bf16 only where the device computes it natively; the peak FLOP/s that MFU divides by."""
 import pytest
 import torch
 
@@ -42,3 +42,22 @@ def test_auto_on_cuda_follows_bf16_support(monkeypatch, supported, expected):
     precision, line = hardware.resolve_mixed_precision("auto", torch.device("cuda", 0))
     assert precision == expected and "NVIDIA H100 80GB HBM3" in line
     assert hardware.resolve_mixed_precision("auto", torch.device("mps"))[0] == "no"  # unknown: the safe choice
+
+
+@pytest.mark.parametrize("device_name, bf16_peak, tf32_peak", [  # NVIDIA datasheets, dense TFLOP/s
+    ("NVIDIA A100-SXM4-80GB", 312, 156),
+    ("NVIDIA A100-PCIE-40GB", 312, 156),
+    ("NVIDIA H100 80GB HBM3", 989, 495),  # SXM: 989.4 / 494.7
+    ("NVIDIA H100 PCIe", 756, 378),
+    ("NVIDIA H100 NVL", 835, 418),  # 835.5 / 417.5 (the datasheet's 1671 / 835 are with sparsity)
+    ("NVIDIA H200", 989, 495),  # SXM: 989.5 / 494.5 (1979 / 989 with sparsity)
+    ("NVIDIA H200 NVL", 835, 418),  # 835.5 / 417.5
+    ("NVIDIA GH200 480GB", 989, 495),  # the superchip's GPU: H100/H200 SXM peaks
+    ("NVIDIA GeForce RTX 4090", None, None),  # unknown: no MFU rather than a wrong one
+])
+def test_gpu_peak_flops_follow_the_name_and_precision(device_name, bf16_peak, tf32_peak, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: device_name)
+    cuda = torch.device("cuda", 0)
+    for precision, tflops in (("bf16", bf16_peak), ("no", tf32_peak)):
+        peak = hardware.peak_flops_per_device(cuda, precision)
+        assert peak == (None if tflops is None else pytest.approx(tflops * 1e12, rel=2e-3)), precision

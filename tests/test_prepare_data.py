@@ -27,6 +27,7 @@ import prepare_data
 from prepare_data import main
 from token_shards import list_shards, write_shard
 from tokenization_gpt2repro import get_tiktoken_encoding, get_tokenizer
+from train_helpers import the_error_line, tree_checksums
 
 REPO = Path(__file__).resolve().parents[1]
 EOT = 50256
@@ -363,18 +364,11 @@ def test_non_positive_sizes_are_refused(tmp_path, flag, capsys):
 
 # ---- hostile input: one line, nothing changed ------------------------------------------------------------------------
 
-def folder_digest(folder):
-    """sha256 of every file under `folder`, by path: what must not change when a run is refused."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def assert_one_error_line(stderr, message, status=1):
     """stderr holds no traceback and exactly one error line (progress bars aside): `error: MESSAGE`, or for a usage
     error (status 2) argparse's `prepare_data.py: error: MESSAGE`."""
-    assert "Traceback" not in stderr
-    expected = f"prepare_data.py: error: {message}" if status == 2 else f"error: {message}"
-    assert [line for line in stderr.splitlines() if "error:" in line] == [expected], stderr
+    prefix = "prepare_data.py: error: " if status == 2 else "error: "
+    assert the_error_line(stderr, prefix) == prefix + message
 
 
 def error_output(argv, capsys, status=1):
@@ -428,9 +422,9 @@ def split_problem(prefix, fix):
 ])
 def test_ambiguous_or_path_prefixes_are_refused(tmp_path, capsys, prefix, message):
     args = prepare_small(tmp_path)
-    before = folder_digest(tmp_path)
+    before = tree_checksums(tmp_path)
     refused([*args, "--prefix", prefix], capsys, 2, message)
-    assert folder_digest(tmp_path) == before
+    assert tree_checksums(tmp_path) == before
 
 
 @pytest.mark.parametrize("prefix", ["train_data", "interval", "a" * LONGEST_PREFIX])
@@ -466,12 +460,12 @@ def test_folders_holding_other_shards_are_refused(tmp_path, capsys, prepared, st
                 *SMALL_SHARDS]
         out.mkdir()
     write_shard(out / stray, [EOT, 1, 2])
-    before = folder_digest(tmp_path)
+    before = tree_checksums(tmp_path)
     why = ("that its manifest.json does not describe (of another preparation): training would mix them in" if prepared
            else "and no manifest.json: they would be read with the new shards in training")
     refused(args, capsys, 1,
             f"{out} already holds shards ({stray}) {why}; move them out or choose another --output_dir")
-    assert folder_digest(tmp_path) == before
+    assert tree_checksums(tmp_path) == before
 
 
 @pytest.mark.parametrize("stopped_after", ["the manifest", "shard 2"])
@@ -481,7 +475,7 @@ def test_a_shard_written_before_its_record_is_rewritten_on_resume(tmp_path, stop
     own and writes it again. Files the loader does not read (not named like a split's shard) do not stop a run."""
     args = prepare_small(tmp_path)
     out = tmp_path / "out"
-    whole = folder_digest(out)
+    whole = tree_checksums(out)
     manifest = json.loads((out / "manifest.json").read_text())
     names = [shard["name"] for shard in manifest["shards"]]
     recorded = 0 if stopped_after == "the manifest" else 2
@@ -493,7 +487,7 @@ def test_a_shard_written_before_its_record_is_rewritten_on_resume(tmp_path, stop
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     np.save(out / "embeddings.npy", np.zeros(3))
     main(args)
-    after = folder_digest(out)
+    after = tree_checksums(out)
     assert after.pop("embeddings.npy") and after == whole
 
 
@@ -520,9 +514,9 @@ def test_foreign_or_damaged_manifests_are_refused(tmp_path, capsys, content, mes
     elif content == "no total":
         del manifest["total_tokens"]
     manifest_path.write_text(json.dumps(manifest) if content in ("no sha256", "renamed", "no total") else content)
-    before = folder_digest(tmp_path)
+    before = tree_checksums(tmp_path)
     refused(args, capsys, 1, message.format(manifest=manifest_path))
-    assert folder_digest(tmp_path) == before
+    assert tree_checksums(tmp_path) == before
 
 
 def utf8_message(path, offset):
@@ -538,10 +532,10 @@ def test_invalid_utf8_names_its_file_and_the_offset_of_the_first_bad_byte(tmp_pa
     bad = tmp_path / f"b.{kind}"
     bad.write_bytes(b"\xc3\xa9t\xc3\xa9 " * 1000 + b"caf\xe9" if kind == "txt" else good_line * 1000 + bad_line)
     offset = 6003 if kind == "txt" else len(good_line) * 1000 + len('{"text": "caf')
-    before = folder_digest(tmp_path)
+    before = tree_checksums(tmp_path)
     refused(["--data_files", str(tmp_path / f"a.{kind}"), str(bad), "--output_dir", str(tmp_path / "out"),
              "--num_proc", str(num_proc)], capsys, 1, utf8_message(bad, offset))
-    assert folder_digest(tmp_path) == before
+    assert tree_checksums(tmp_path) == before
 
 
 def test_invalid_utf8_in_parquet_names_the_row(tmp_path, capsys):
@@ -602,9 +596,9 @@ def test_unusable_output_dir_is_refused_before_tokenising(tmp_path, capsys, monk
         output_dir = locked if where == "unwritable" else locked / "sub"
         message = f"--output_dir {output_dir} is not writable ({locked_error})"
     monkeypatch.setattr(prepare_data, "tokenize", lambda *args: pytest.fail("tokenising began"))
-    before = folder_digest(tmp_path)
+    before = tree_checksums(tmp_path)
     refused(["--data_files", *paths, "--output_dir", str(output_dir)], capsys, 1, message)
-    assert folder_digest(tmp_path) == before
+    assert tree_checksums(tmp_path) == before
 
 
 GIVEN_TWICE = ("input file {{tmp}}/{name} is given twice (by overlapping --data_files): its documents would be in the "
@@ -640,10 +634,10 @@ def test_unusable_data_files_are_refused(tmp_path, capsys, files, message):
     pq.write_table(pa.table({"text": pa.array([], type=pa.string())}), tmp_path / "empty.parquet")
     (tmp_path / "some_rows.jsonl").write_text('{"text": "a document"}\n{"body": "no text"}\n')
     (tmp_path / "bom_inside.jsonl").write_bytes(b'{"text": "a"}\n\xef\xbb\xbf{"text": "b"}\n')
-    before = folder_digest(tmp_path)
+    before = tree_checksums(tmp_path)
     refused(["--data_files", *(str(tmp_path / f) for f in files), "--output_dir", str(tmp_path / "out"), "--num_proc",
              "1", "--val_tokens", "1000"], capsys, 1, message.format(tmp=tmp_path))
-    assert folder_digest(tmp_path) == before
+    assert tree_checksums(tmp_path) == before
 
 
 def test_a_file_name_with_glob_characters_is_that_file(tmp_path, reference_tokens):
@@ -684,7 +678,7 @@ def test_a_shard_too_large_for_memory_is_one_line(tmp_path, capsys):
 
 def test_a_full_disk_is_one_line_and_the_re_run_resumes(tmp_path, capsys, monkeypatch):
     args = prepare_small(tmp_path)
-    whole = folder_digest(tmp_path / "out")
+    whole = tree_checksums(tmp_path / "out")
     real_write_shard, calls = prepare_data.write_shard, []
 
     def full_on_third_shard(path, tokens):
@@ -700,7 +694,7 @@ def test_a_full_disk_is_one_line_and_the_re_run_resumes(tmp_path, capsys, monkey
                              f"the last finished shard")
     monkeypatch.setattr(prepare_data, "write_shard", real_write_shard)
     main(args)
-    assert folder_digest(tmp_path / "full") == whole
+    assert tree_checksums(tmp_path / "full") == whole
 
 
 def test_more_shards_than_names_sort_is_refused(tmp_path, capsys, monkeypatch):

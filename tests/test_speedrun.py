@@ -17,7 +17,7 @@ from configuration_gpt2repro import GPT2ReproConfig
 from modeling_gpt2repro import GPT2ReproForCausalLM, apply_rotary, rotary_cos_sin
 from muon import configure_muon
 from recipes import PRESETS, as_flags
-from train_helpers import TINY_RUN, final_weights, records, run_main, run_training, write_tiny_data
+from train_helpers import TINY_RUN, final_weights, records, run_main, run_training
 
 TINY = dict(n_layer=2, n_head=4, n_embd=64, n_positions=64)
 OPTIONS = {  # one option at a time, then all of them as the speedrun recipe sets them
@@ -230,9 +230,9 @@ def test_trapezoid_schedule():
 
 
 @pytest.fixture(scope="module")
-def speedrun_workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("speedrun")
-    data_dir, _ = write_tiny_data(root)
+def speedrun_workspace(tiny_data):
+    data_dir, _ = tiny_data
+    root = data_dir.parent
     args = TINY_RUN + ["--data_dir", str(data_dir), "--recipe", "speedrun", "--micro_batch_size", "4", "--max_steps",
                        "8", "--no-hellaswag", "--num_samples", "0", "--logit_softcap", "15", "--muon_lr", "0.02",
                        "--embed_lr", "0.05", "--head_lr", "0.01", "--adamw_lr", "0.01"]
@@ -244,8 +244,9 @@ def test_speedrun_run_trains_and_resumes_exactly(speedrun_workspace, capsys):
     (Muon's momentum and both optimisers' states are in the checkpoint); the zero-initialised head and projections
     train; the LR follows the schedule."""
     root, args = speedrun_workspace
-    status, _, err = run_main(train_accelerate.main, args + ["--output_dir", str(root / "straight")], capsys)
+    status, out, err = run_main(train_accelerate.main, args + ["--output_dir", str(root / "straight")], capsys)
     assert status == 0, err
+    assert "peak LR: muon 0.02, embeddings 0.05, head 0.01\n" in out  # every group's, said at start
     checkpoint = root / "straight" / "checkpoints" / "step_000004"
     status, _, err = run_main(train_accelerate.main, args + ["--output_dir", str(root / "resumed"),
                                                              "--resume_from_checkpoint", str(checkpoint)], capsys)

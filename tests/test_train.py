@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from accelerate.state import AcceleratorState, GradientState
 from huggingface_hub import HfApi
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -22,26 +21,7 @@ from configuration_gpt2repro import GPT2ReproConfig
 from eval_hellaswag import HellaSwagUnavailable
 from modeling_gpt2repro import GPT2ReproForCausalLM
 from token_shards import BatchPrefetcher, ShardedTokenLoader, list_shards, open_shard
-from train_helpers import SEED, TINY_MODEL, TINY_RUN, final_weights, records, run_main, write_tiny_data
-
-
-@pytest.fixture
-def fresh_accelerate():
-    """Each in-process run builds its own Accelerator: clear Accelerate's process-wide singletons around it.
-    One thread: the tiny model's ops are far faster without thread hand-offs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    return write_tiny_data(tmp_path_factory.mktemp("tiny_data"))
+from train_helpers import SEED, TINY_MODEL, TINY_RUN, final_weights, records, run_main
 
 
 def test_lr_schedule_is_build_nanogpt_formula():
@@ -67,25 +47,6 @@ def test_gradient_accumulation_steps_is_total_over_micro_times_world():
     assert train_accelerate.gradient_accumulation_steps(2**19, 64, 1024, 8) == 1  # and on 8
     with pytest.raises(train_accelerate.TrainingError, match="not a multiple"):
         train_accelerate.gradient_accumulation_steps(2**19, 48, 1024, 1)
-
-
-@pytest.mark.parametrize("device_name, bf16_peak, tf32_peak", [  # NVIDIA datasheets, dense TFLOP/s
-    ("NVIDIA A100-SXM4-80GB", 312, 156),
-    ("NVIDIA A100-PCIE-40GB", 312, 156),
-    ("NVIDIA H100 80GB HBM3", 989, 495),  # SXM: 989.4 / 494.7
-    ("NVIDIA H100 PCIe", 756, 378),
-    ("NVIDIA H100 NVL", 835, 418),  # 835.5 / 417.5 (the datasheet's 1671 / 835 are with sparsity)
-    ("NVIDIA H200", 989, 495),  # SXM: 989.5 / 494.5 (1979 / 989 with sparsity)
-    ("NVIDIA H200 NVL", 835, 418),  # 835.5 / 417.5
-    ("NVIDIA GH200 480GB", 989, 495),  # the superchip's GPU: H100/H200 SXM peaks
-    ("NVIDIA GeForce RTX 4090", None, None),  # unknown: no MFU rather than a wrong one
-])
-def test_gpu_peak_flops_follow_the_name_and_precision(device_name, bf16_peak, tf32_peak, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: device_name)
-    cuda = torch.device("cuda", 0)
-    for precision, tflops in (("bf16", bf16_peak), ("no", tf32_peak)):
-        peak = hardware.peak_flops_per_device(cuda, precision)
-        assert peak == (None if tflops is None else pytest.approx(tflops * 1e12, rel=2e-3)), precision
 
 
 def test_weight_decay_only_on_matrices_and_embeddings(tiny_config):

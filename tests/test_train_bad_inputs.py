@@ -2,41 +2,38 @@
 valid file changes; a damaged newest checkpoint with `latest` falls back to the one before."""
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from accelerate.state import AcceleratorState, GradientState
 
 import checkpointing
 import train_accelerate
 from token_shards import file_sha256, open_shard, shard_name, write_shard
-from train_helpers import TINY_RUN, records, run_main, training_command, write_tiny_data
+from train_helpers import (
+    TINY_RUN,
+    fresh_accelerate_state,
+    records,
+    run_main,
+    the_error_line,
+    training_command,
+    tree_checksums,
+    write_tiny_data,
+)
 
 STEPS = 6
 RUN = TINY_RUN + ["--micro_batch_size", "8", "--checkpoint_every", "2", "--keep_checkpoints", "3", "--eval_every",
                   "100", "--no-hellaswag", "--num_samples", "0"]
 
 
-def tree_checksums(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def assert_one_error_line(status: int, err: str, *fragments: str) -> None:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert status == 1 and "Traceback" not in err, err[-3000:]
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1, err[-3000:]
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
+def assert_refused(status: int, err: str, *fragments: str) -> None:
+    assert status == 1, err[-3000:]
+    line = the_error_line(err)
+    assert all(fragment in line for fragment in fragments), line
 
 
 @pytest.fixture(scope="module")
@@ -44,15 +41,9 @@ def finished_run(tmp_path_factory):
     """A 6-step run with checkpoints at steps 2, 4 and 6."""
     root = tmp_path_factory.mktemp("bad_inputs")
     data_dir, _ = write_tiny_data(root)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    try:
+    with fresh_accelerate_state():
         train_accelerate.main(RUN + ["--data_dir", str(data_dir), "--output_dir", str(root / "run"),
                                      "--max_steps", str(STEPS)])
-    finally:
-        torch.set_num_threads(threads)
     return root, data_dir
 
 
@@ -70,7 +61,7 @@ def test_resuming_into_a_folder_of_another_run_is_refused(finished_run, run_copy
     before = tree_checksums(other_run)
     status, _, err = run_main(train_accelerate.main, argv + ["--max_steps", "8", "--resume_from_checkpoint",
                                                              str(root / "run" / "checkpoints" / "step_000004")], capsys)
-    assert_one_error_line(status, err, "holds another run's checkpoints or metrics")
+    assert_refused(status, err, "holds another run's checkpoints or metrics")
     assert tree_checksums(other_run) == before
 
 
@@ -95,7 +86,7 @@ def test_a_damaged_checkpoint_is_named_and_latest_falls_back(run_copy, capsys, d
     before = tree_checksums(run)
     status, _, err = run_main(train_accelerate.main,
                               argv + ["--max_steps", str(STEPS), "--resume_from_checkpoint", str(newest)], capsys)
-    assert_one_error_line(status, err, f"cannot resume from --resume_from_checkpoint {newest}", str(path))
+    assert_refused(status, err, f"cannot resume from --resume_from_checkpoint {newest}", str(path))
     assert tree_checksums(run) == before
 
     status, _, err = run_main(train_accelerate.main,
@@ -109,12 +100,10 @@ def test_a_damaged_checkpoint_is_named_and_latest_falls_back(run_copy, capsys, d
     assert (abandoned / damaged).read_bytes() == bytes(data)
 
 
-def test_fallback_notice_names_the_damaged_file(run_copy, capsys):
+def test_fallback_notice_names_the_damaged_file(run_copy, capsys, fresh_accelerate):
     run, argv = run_copy
     newest = run / "checkpoints" / "step_000006"
     (newest / "training_state" / "optimizer.bin").write_bytes(b"")
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
     train_accelerate.main(argv + ["--max_steps", str(STEPS), "--resume_from_checkpoint", "latest"])
     out = capsys.readouterr().out
     assert f"notice: skipping checkpoint {newest}: {newest / 'training_state' / 'optimizer.bin'} is 0 bytes" in out
@@ -144,15 +133,13 @@ def test_resume_with_other_flags_is_refused(run_copy, capsys, change, fragments)
     run, argv = run_copy
     before = tree_checksums(run)
     status, _, err = run_main(train_accelerate.main, argv + change + ["--resume_from_checkpoint", "latest"], capsys)
-    assert_one_error_line(status, err, *fragments)
+    assert_refused(status, err, *fragments)
     assert tree_checksums(run) == before
 
 
-def test_a_finished_run_resumed_says_there_is_nothing_to_do(run_copy, capsys):
+def test_a_finished_run_resumed_says_there_is_nothing_to_do(run_copy, capsys, fresh_accelerate):
     run, argv = run_copy
     before = tree_checksums(run / "checkpoints")
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
     train_accelerate.main(argv + ["--max_steps", str(STEPS), "--resume_from_checkpoint", "latest"])
     assert "is already at --max_steps 6: nothing to train" in capsys.readouterr().out
     assert tree_checksums(run / "checkpoints") == before
@@ -164,7 +151,7 @@ def test_output_dir_that_is_a_file_is_refused(finished_run, tmp_path, capsys):
     target.write_text("not a folder")
     status, _, err = run_main(train_accelerate.main, RUN + ["--data_dir", str(data_dir), "--output_dir", str(target)],
                               capsys)
-    assert_one_error_line(status, err, f"--output_dir {target} is a file")
+    assert_refused(status, err, f"--output_dir {target} is a file")
     assert target.read_text() == "not a folder"
 
 
@@ -190,7 +177,7 @@ def test_bad_shards_are_named(finished_run, tmp_path, capsys):
                               RUN + ["--data_dir", str(bad), "--output_dir", str(tmp_path / "o"), "--no-shuffle"],
                               capsys)
     # in order, offset 777 is in window 24 (777 // 32), read at step 3 (8 windows per step)
-    assert_one_error_line(status, err, f"{train_shard} holds token id 65000 at offset 777")
+    assert_refused(status, err, f"{train_shard} holds token id 65000 at offset 777")
     assert [r["step"] for r in records(tmp_path / "o", "train")] == [0, 1, 2]
 
     # with a manifest, a shard changed in place after preparation: --verify_data names it
@@ -205,7 +192,7 @@ def test_bad_shards_are_named(finished_run, tmp_path, capsys):
     status, _, err = run_main(train_accelerate.main,
                               RUN + ["--data_dir", str(bad), "--output_dir", str(tmp_path / "o2"), "--verify_data"],
                               capsys)
-    assert_one_error_line(status, err, f"{train_shard} does not match the sha256")
+    assert_refused(status, err, f"{train_shard} does not match the sha256")
 
 
 def test_ctrl_c_is_one_line_naming_how_to_continue(finished_run, tmp_path):

@@ -23,7 +23,6 @@ from train_helpers import (
     run_main,
     run_training,
     training_command,
-    write_tiny_data,
 )
 
 STEPS = 8
@@ -31,10 +30,9 @@ QUIET = ["--max_steps", str(STEPS), "--num_samples", "0", "--eval_every", "100",
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cluster")
-    data_dir, hellaswag_file = write_tiny_data(root)
-    return root, TINY_RUN + ["--data_dir", str(data_dir)], hellaswag_file
+def workspace(tiny_data):
+    data_dir, hellaswag_file = tiny_data
+    return data_dir.parent, TINY_RUN + ["--data_dir", str(data_dir)], hellaswag_file
 
 
 def without_timing(record: dict) -> dict:
@@ -187,6 +185,20 @@ def test_shards_missing_on_one_rank_stop_every_rank_with_the_same_line(workspace
               for rank in (0, 1)]
     assert len(errors[0]) == len(errors[1]) == 1 and errors[0] == errors[1], errors
     assert errors[0][0].startswith("error: rank 1: ") and str(tmp_path / "empty") in errors[0][0]
+
+
+def test_demo_data_that_rank0_cannot_prepare_stops_every_rank_at_once(tmp_path):
+    """The demo's data is prepared by rank 0 alone; when that fails, the other rank learns it at once instead of
+    waiting in a barrier until the process-group timeout."""
+    (tmp_path / "a_file").write_text("not a folder")
+    data_dir = tmp_path / "a_file" / "kjv"
+    command, env = training_command(["--preset", "cpu-demo", "--micro_batch_size", "4", "--data_dir", str(data_dir),
+                                     "--output_dir", str(tmp_path / "out"), "--ddp_timeout", "120"], processes=2)
+    started = time.monotonic()
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 1 and time.monotonic() - started < 60, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and errors[0] == errors[1] and str(data_dir) in errors[0], result.stderr[-3000:]
 
 
 def test_signal_names_are_checked(capsys):

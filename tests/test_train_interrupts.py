@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_helpers import TINY_RUN, final_weights, records, run_training, training_command, write_tiny_data
+from train_helpers import TINY_RUN, final_weights, records, run_training, training_command
 
 STEPS = 16
 # Frequent evaluations (val, HellaSwag, samples) and checkpoints, so that random moments land in them too.
@@ -57,9 +57,9 @@ def wait_for_moment(output_dir: Path, process: subprocess.Popen, moment: str, rn
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("interrupts")
-    data_dir, hellaswag_file = write_tiny_data(root)
+def workspace(tiny_data):
+    data_dir, hellaswag_file = tiny_data
+    root = data_dir.parent
     args = RUN + ["--data_dir", str(data_dir), "--hellaswag_file", str(hellaswag_file)]
     run_training(args + ["--output_dir", str(root / "uninterrupted")])
     return root, args

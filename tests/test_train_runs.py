@@ -17,17 +17,16 @@ from test_model import BLOCK_OUR_MODULES
 import train_accelerate
 from configuration_gpt2repro import GPT2ReproConfig
 from modeling_gpt2repro import GPT2ReproForCausalLM
-from train_helpers import REPO, TINY_RUN, final_weights, records, run_training, training_command, write_tiny_data
+from train_helpers import REPO, TINY_RUN, final_weights, records, run_training, training_command
 
 MAX_STEPS = 12
 TIMING_KEYS = ("step_time", "tokens_per_sec", "mfu")  # wall-clock figures, the only fields that may differ
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train_runs")
-    data_dir, hellaswag_file = write_tiny_data(root)
-    return root, TINY_RUN + ["--data_dir", str(data_dir), "--hellaswag_file", str(hellaswag_file)]
+def workspace(tiny_data):
+    data_dir, hellaswag_file = tiny_data
+    return data_dir.parent, TINY_RUN + ["--data_dir", str(data_dir), "--hellaswag_file", str(hellaswag_file)]
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,9 @@
 """Shared by the tests: tiny shards, a tiny HellaSwag file, running a script's main in-process, launching runs,
-reading results."""
+reading results, and the checks every command's refusals share (one error line, files unchanged)."""
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import socket
@@ -99,3 +101,34 @@ def records(output_dir: Path, record_type: str) -> list[dict]:
 
 def final_weights(output_dir: Path, step: int) -> dict[str, torch.Tensor]:
     return load_file(output_dir / "checkpoints" / f"step_{step:06d}" / "hf" / "model.safetensors")
+
+
+@contextlib.contextmanager
+def fresh_accelerate_state():
+    """An in-process run of a command builds its own Accelerator: Accelerate's process-wide singletons are cleared
+    around it. One thread: the tiny models' ops are far faster without thread hand-offs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        yield
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        torch.set_num_threads(threads)
+
+
+def tree_checksums(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder`, by path: what must not change when a command is refused."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def the_error_line(stderr: str, prefix: str = "error: ") -> str:
+    """The one line of `stderr` that says what went wrong (progress bars aside), after asserting that there is
+    exactly one (no line else names an error) and no traceback."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith(prefix), stderr[-3000:]
+    return errors[0]
