@@ -31,6 +31,8 @@ From a training loop (every process calls it; each scores its share of the examp
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import inspect
 import json
 import math
@@ -39,7 +41,6 @@ import random
 import re
 import sys
 import tempfile
-import urllib.request
 from pathlib import Path
 from typing import NamedTuple, NoReturn
 
@@ -177,6 +178,8 @@ def load_hellaswag(data_file: str | None = None, split: str = "validation", cach
         pass  # unreachable, not cached, or a Hub layout this `datasets` cannot read: try the original file
     else:
         return [normalize_example(row, f"{HUB_DATASET} ({split}) row {i}") for i, row in enumerate(rows, start=1)]
+
+    import urllib.request
 
     try:
         with urllib.request.urlopen(url, timeout=60) as response:
@@ -384,8 +387,10 @@ def score_batch(model: torch.nn.Module, batch: list[dict], device: torch.device)
     return torch.zeros(NUM_ENDINGS * B).index_add_(0, packed.ending_index, losses).view(B, NUM_ENDINGS)
 
 
+@functools.cache
 def load_metric():
-    """The shipped `evaluate` metric, by path (no Hub), in memory (no cache files shared between processes)."""
+    """The shipped `evaluate` metric, by path (no Hub), in memory (no cache files shared between processes); loaded
+    once per process."""
     import evaluate
 
     return evaluate.load(str(METRIC_PATH), keep_in_memory=True)
@@ -476,10 +481,6 @@ def evaluate_hellaswag(
         raise ValueError("no HellaSwag examples to evaluate")
     if accelerator is not None:
         model = accelerator.unwrap_model(model)  # no DDP forward: the processes run different numbers of batches
-        with accelerator.main_process_first():  # the first load copies the module into evaluate's cache
-            metric = load_metric()
-    else:
-        metric = load_metric()
     device = next(model.parameters()).device
 
     indices = list(range(len(examples)))
@@ -511,6 +512,10 @@ def evaluate_hellaswag(
         raise RuntimeError("HellaSwag results were not gathered exactly once per example")
     scored = [r for r in records if not r["skipped"]]
     if scored:
+        # Loaded after the scoring, not before: importing `evaluate` (and `datasets`) is half a second of start-up.
+        # The first load copies the module into evaluate's cache: the main process first.
+        with accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext():
+            metric = load_metric()
         result = metric.compute(
             predictions=[r["pred"] for r in scored],
             predictions_norm=[r["pred_norm"] for r in scored],
