@@ -42,14 +42,22 @@ import re
 import sys
 import tempfile
 from pathlib import Path
-from typing import NamedTuple, NoReturn
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from hardware import pin_cpu_allocator, resolve_dtype
-from io_helpers import EXIT_INTERRUPTED, CommandError, atomic_write, ctrl_c_held, first_line, write_json_atomic
+from io_helpers import (
+    CommandError,
+    CommandStopped,
+    atomic_write,
+    ctrl_c_held,
+    first_line,
+    run_command,
+    write_json_atomic,
+)
 
 HUB_DATASET = "Rowan/hellaswag"
 ORIGINAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
@@ -602,20 +610,11 @@ def output_problem(output: Path, data_file: str | None) -> str | None:
     return None
 
 
-def exit_with_error(accelerator, message: str) -> NoReturn:
-    """One `error:` line (from the main process) and exit status 1: every process stops alike."""
-    accelerator.print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    try:
-        score_from_command_line(args)
-    except KeyboardInterrupt:  # one line for the whole job, not a traceback from each process
-        if os.environ.get("RANK", "0") == "0":
-            print("error: interrupted; nothing was written: run the same command again", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
+    # An error is met by every process alike (the inputs all of them read, the gathered scoring) or by the main
+    # process alone (writing --output_json): rank 0 prints it, once.
+    run_command(lambda: score_from_command_line(args), "nothing was written: run the same command again")
 
 
 def score_from_command_line(args: argparse.Namespace) -> None:
@@ -629,7 +628,7 @@ def score_from_command_line(args: argparse.Namespace) -> None:
     # The user's inputs are all checked before the model loads and the scoring runs: a mistake costs seconds.
     output = None if args.output_json is None else Path(args.output_json)
     if output is not None and (problem := output_problem(output, args.data_file)):
-        exit_with_error(accelerator, problem)
+        raise CommandError(problem)
     error = None
     with accelerator.main_process_first():  # one download, then the others read the cached file
         try:  # caught inside, so that every process still reaches the barrier at the end of the block
@@ -637,17 +636,17 @@ def score_from_command_line(args: argparse.Namespace) -> None:
         except (HellaSwagUnavailable, HellaSwagFormatError) as err:
             error = err
     if error is not None:
-        exit_with_error(accelerator, str(error))
+        raise CommandError(str(error))
     if args.limit is not None and args.limit > len(examples):
-        exit_with_error(accelerator, f"--limit {args.limit} is more than the {len(examples)} examples of "
-                                     f"{args.data_file or 'the HellaSwag validation split'}")
+        raise CommandError(f"--limit {args.limit} is more than the {len(examples)} examples of "
+                           f"{args.data_file or 'the HellaSwag validation split'}")
     if args.limit is not None and args.seed is not None:
         sample = random.Random(args.seed).sample(range(len(examples)), args.limit)
         examples = [examples[i] for i in sorted(sample)]  # in dataset order; `ind` in the output names them
     model_path = Path(args.model).expanduser()
     if args.model.startswith(("/", ".", "~")) and not model_path.is_dir():
-        exit_with_error(accelerator, f"the model folder {args.model} "
-                                     f"{'is a file, not a folder' if model_path.exists() else 'does not exist'}")
+        raise CommandError(f"the model folder {args.model} "
+                           f"{'is a file, not a folder' if model_path.exists() else 'does not exist'}")
     args.dtype, precision_line = resolve_dtype(args.dtype, accelerator.device)
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -655,9 +654,9 @@ def score_from_command_line(args: argparse.Namespace) -> None:
         )
     # ValueError: a folder that holds no model config; SafetensorError: truncated or corrupt weights.
     except (OSError, ValueError, SafetensorError) as err:
-        exit_with_error(accelerator, f"could not load the model '{args.model}' (a checkpoint folder, e.g. a training "
-                                     f"checkpoint's hf/ folder, or a Hub id that needs the network or the local Hub "
-                                     f"cache): {first_line(err)}")
+        raise CommandError(f"could not load the model '{args.model}' (a checkpoint folder, e.g. a training "
+                           f"checkpoint's hf/ folder, or a Hub id that needs the network or the local Hub "
+                           f"cache): {first_line(err)}") from None
     accelerator.print(precision_line, file=sys.stderr)  # once the model loaded: an error stays the only line
     model.to(accelerator.device)
     tokenizer = load_tokenizer(args.model)
@@ -666,12 +665,12 @@ def score_from_command_line(args: argparse.Namespace) -> None:
         result = evaluate_hellaswag(model, tokenizer, examples, style=args.style, batch_size=args.batch_size,
                                     accelerator=accelerator, limit=args.limit, return_predictions=True)
     except HellaSwagScoringError as error:
-        exit_with_error(accelerator, str(error))
+        raise CommandError(str(error)) from None
     predictions = result.pop("predictions")
     max_positions = context_window(model)
     if result["count"] == 0:
-        exit_with_error(accelerator, f"none of the {result['skipped']} examples fits the model's context of "
-                                     f"{max_positions} tokens: in each, an ending alone fills it")
+        raise CommandError(f"none of the {result['skipped']} examples fits the model's context of "
+                           f"{max_positions} tokens: in each, an ending alone fills it")
     fitted = ""
     if result["truncated"] or result["skipped"]:
         fitted = (f"; longer than the model's context of {max_positions} tokens: {result['truncated']} cut from "
@@ -686,11 +685,9 @@ def score_from_command_line(args: argparse.Namespace) -> None:
             with ctrl_c_held() as ctrl_c:
                 write_json_atomic(output, report)
         except OSError as err:  # e.g. the disk filled up: the previous file, if any, is intact
-            exit_with_error(accelerator, f"could not write --output_json {output}: {err.strerror or first_line(err)}")
+            raise CommandError(f"could not write --output_json {output}: {err.strerror or first_line(err)}") from None
         if ctrl_c:
-            print(f"error: interrupted while writing --output_json {output}, which was written whole",
-                  file=sys.stderr)
-            sys.exit(EXIT_INTERRUPTED)
+            raise CommandStopped(f"error: interrupted while writing --output_json {output}, which was written whole")
 
 
 if __name__ == "__main__":

@@ -441,6 +441,19 @@ def test_cli_ctrl_c_during_the_write_leaves_the_result_whole(tmp_path, model_dir
     assert sorted(os.listdir(tmp_path)) == ["result.json", "val.jsonl"]
 
 
+def test_cli_ctrl_c_during_scoring_is_one_line_and_writes_nothing(tmp_path, model_dir, capsys, fresh_accelerate,
+                                                                 monkeypatch):
+    arguments = good_cli_run(tmp_path, model_dir)
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(eval_hellaswag, "score_batch", ctrl_c)
+    status, _, err = run_bad_cli(arguments, tmp_path, capsys)
+    assert status == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "error: interrupted; nothing was written: run the same command again"
+
+
 # ---- scoring ---------------------------------------------------------------------------------------------------------
 
 def test_harness_preprocessing():
