@@ -36,6 +36,19 @@ PRESETS = {
     # 3.28 in 2.40B tokens; 4578 steps x 2**19 = 2.40B. Unverified on GPU here.
     "speedrun-124m": dict(recipe="speedrun", data_dir="data/edu_fineweb10B", output_dir="runs/speedrun-124m",
                           max_steps=4578),
+    # The larger GPT-2s as llm.c trained them (its run scripts): AdamW, weight decay 0.1, 700 warm-up steps. The step
+    # counts are llm.c's token budgets: 60,000 x 2**19 = 31.5B; 286,102 x 2**19 = 150B; 32,000 x 2**20 = 33.6B. Their
+    # data: FineWeb-Edu sample-100BT (sample-350BT for 774M's 150B), `prepare_data.py --dataset fineweb-edu
+    # --fineweb_config ...`. micro_batch_size is llm.c's per GPU; see `--dry_run` for what fits a device.
+    "gpt2-350m": dict(recipe="gpt2", data_dir="data/edu_fineweb100B", output_dir="runs/gpt2-350m",
+                      n_layer=24, n_head=16, n_embd=1024, micro_batch_size=64,
+                      max_lr=3e-4, min_lr=0.0, warmup_steps=700, max_steps=60000),
+    "gpt2-774m": dict(recipe="gpt2", data_dir="data/edu_fineweb350B", output_dir="runs/gpt2-774m",
+                      n_layer=36, n_head=20, n_embd=1280, micro_batch_size=32,
+                      max_lr=2.5e-4, min_lr=0.0, warmup_steps=700, max_steps=286102),
+    "gpt2-1558m": dict(recipe="gpt2", data_dir="data/edu_fineweb100B", output_dir="runs/gpt2-1558m",
+                       n_layer=48, n_head=25, n_embd=1600, micro_batch_size=16, total_batch_size=2**20,
+                       max_lr=6e-4, min_lr=6e-5, warmup_steps=700, max_steps=32000),  # cosine to 10%
     "cpu-demo": dict(recipe="gpt2", **CPU_DEMO, output_dir="runs/cpu-demo",
                      warmup_steps=20, max_steps=800),  # 819,200 tokens, most of one epoch of the ~0.94M train tokens
     # The speedrun recipe on the demo model, tuned on it (600-step runs, val loss at the end): Muon momentum

@@ -31,6 +31,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 import checkpointing
+import memory_plan
 import prepare_data
 from configuration_gpt2repro import GPT2ReproConfig
 from eval_hellaswag import load_hellaswag_for_training
@@ -181,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "job fails")
     ckpt.add_argument("--push_to_hub", action="store_true", help="upload each checkpoint's hf/ in the background")
     ckpt.add_argument("--hub_model_id", help="Hub repository for --push_to_hub, e.g. user/gpt2-124m-repro")
+    memory_plan.add_arguments(parser)
     return parser
 
 
@@ -305,9 +307,8 @@ def train_step(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], 
     stats[0] /= accelerator.num_processes  # the loss averaged over processes
     step_loss, grad_norm, *flags = torch.cat([stats[:1], grad_norm.reshape(1).to(stats.dtype), stats[1:]]).tolist()
     if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):  # the run's NaN policy, on every process alike
-        raise TrainingError(f"loss {step_loss} / grad norm {grad_norm} is not finite; stopped without updating the "
-                            f"weights: continue from the newest checkpoint with --resume_from_checkpoint latest and "
-                            f"a lower --max_lr")
+        raise TrainingError(f"loss {step_loss} / grad norm {grad_norm} is not finite; weights not updated: continue "
+                            f"from the newest checkpoint with --resume_from_checkpoint latest and a lower --max_lr")
     for optimizer in optimizers:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -466,9 +467,9 @@ def train(args: argparse.Namespace) -> Path | None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    # Ctrl-C before the loop (the loop raises TrainingInterrupted); each rank prints its own error: a shard can turn
-    # out corrupt mid-run on one rank only.
-    run_command(lambda: train(args), errors=(ShardFormatError,), errors_on_every_rank=True,
+    # Each rank prints its own error: a shard can turn out corrupt mid-run on one rank only.
+    run_command(lambda: memory_plan.print_plan(args) if args.dry_run else train(args), errors=(ShardFormatError,),
+                errors_on_every_rank=True,
                 on_ctrl_c=lambda: where_to_continue(checkpointing.latest_checkpoint(Path(args.output_dir))))
 
 

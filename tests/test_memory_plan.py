@@ -1,0 +1,111 @@
+"""--dry_run's memory plan: the GPT-2 family's parameter counts, the optimiser state to the byte and the activations
+against what torch keeps on a CPU, and the verdicts the README quotes."""
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import memory_plan
+import train_accelerate
+from modeling_gpt2repro import GPT2ReproForCausalLM
+from muon import configure_muon
+from train_helpers import REPO
+
+# OpenAI's GPT-2 sizes (their 50257-row embeddings) and ours: 47 padding rows of width C more (50304 = 393 x 128)
+GPT2_FAMILY = {"gpt2-124m": (124_439_808, 768), "gpt2-350m": (354_823_168, 1024), "gpt2-774m": (774_030_080, 1280),
+               "gpt2-1558m": (1_557_611_200, 1600)}
+
+
+@pytest.mark.parametrize("preset", sorted(GPT2_FAMILY))
+def test_presets_have_the_gpt2_family_parameter_counts(preset):
+    openai, width = GPT2_FAMILY[preset]
+    model = memory_plan.model_on_meta(train_accelerate.parse_args(["--preset", preset]))
+    assert sum(p.numel() for p in model.parameters()) == openai + 47 * width
+
+
+def small_args(recipe: str, precision: str, *extra: str):
+    return train_accelerate.parse_args(["--recipe", recipe, "--n_layer", "3", "--n_head", "4", "--n_embd", "64",
+                                        "--seq_len", "128", "--micro_batch_size", "8", "--mixed_precision", precision,
+                                        *extra])
+
+
+@pytest.mark.parametrize("recipe", ["gpt2", "speedrun"])
+def test_optimizer_state_is_planned_to_the_byte(recipe):
+    args = small_args(recipe, "no")
+    torch.manual_seed(0)
+    model = GPT2ReproForCausalLM(memory_plan.model_on_meta(args).config)
+    if recipe == "speedrun":
+        optimizers = configure_muon(model, args.muon_momentum, args.weight_decay, (args.beta1, args.beta2),
+                                    args.adam_eps, "cpu")
+    else:
+        optimizers = [train_accelerate.configure_optimizer(model, args.weight_decay, (args.beta1, args.beta2),
+                                                           args.adam_eps, "cpu")]
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    for optimizer in optimizers:
+        optimizer.step()
+    held = sum(t.nbytes for o in optimizers for state in o.state.values() for t in state.values()
+               if isinstance(t, torch.Tensor))
+    assert memory_plan.optimizer_state_bytes(model, args) == held
+
+
+def saved_tensor_bytes(model: torch.nn.Module, x: torch.Tensor, bf16: bool) -> int:
+    """Bytes autograd holds for backward at the end of a training forward (the peak of what it keeps), each storage
+    once, the parameters left out."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    precision = torch.autocast("cpu", torch.bfloat16) if bf16 else contextlib.nullcontext()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), precision:
+        model(input_ids=x, shift_labels=x, return_logits=False)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("recipe", ["gpt2", "speedrun"])
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_activations_are_planned_within_a_quarter_of_what_autograd_keeps(recipe, precision, checkpointing):
+    args = small_args(recipe, precision, *(["--gradient_checkpointing"] if checkpointing else []))
+    torch.manual_seed(0)
+    model = GPT2ReproForCausalLM(memory_plan.model_on_meta(args).config).train()
+    if checkpointing:
+        train_accelerate.enable_activation_checkpointing(model)
+    x = torch.randint(0, 50257, (args.micro_batch_size, args.seq_len))
+    measured = saved_tensor_bytes(model, x, precision == "bf16")
+    # Take away what the plan knows exactly: the loss's d(lm_head), and the bf16 weights the matmuls keep (a
+    # checkpointed forward keeps none: its blocks run again in backward, one at a time).
+    config, tokens = model.config, x.numel()
+    measured -= 4 * config.padded_vocab_size * config.n_embd
+    if not checkpointing:
+        measured -= memory_plan.plan(args, world_size=1)["bf16 weight copies (autocast)"]
+    planned = memory_plan.activation_bytes(model, args, args.micro_batch_size, checkpointing)
+    if checkpointing:  # the plan's peak adds the block recomputed in backward, which the forward does not hold
+        planned -= memory_plan.BLOCK_BYTES_PER_TOKEN[(recipe, precision)] * config.n_embd * tokens
+    assert abs(planned - measured) <= 0.25 * measured, (planned, measured)
+
+
+@pytest.mark.parametrize("preset, processes, device_memory, verdict, remedy", [
+    ("gpt2-1558m", 8, "80GB", "fit: no", "--gradient_checkpointing: 42.1 GB (8 micro-steps per step)"),
+    ("gpt2-350m", 1, "24GB", "fit: no", "--micro_batch_size 8: 15.5 GB (64 micro-steps per step)"),
+    ("gpt2-124m", 8, "80GB", "fit: yes", None),
+])
+def test_dry_run_plans_without_data_and_names_the_flags_that_fit(tmp_path, preset, processes, device_memory, verdict,
+                                                                 remedy):
+    result = subprocess.run([sys.executable, str(REPO / "train_accelerate.py"), "--preset", preset, "--dry_run",
+                             "--device_memory", device_memory, "--data_dir", str(tmp_path / "no_data")],
+                            capture_output=True, text=True, timeout=120, env={"WORLD_SIZE": str(processes),
+                                                                               "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0 and result.stderr == "", result.stderr[-3000:]
+    assert f"{processes} process(es)" in result.stdout and verdict in result.stdout, result.stdout
+    assert remedy is None or remedy in result.stdout, result.stdout
+    assert not (tmp_path / "no_data").exists() and not any(tmp_path.iterdir())
