@@ -360,10 +360,13 @@ def check_resume(args: argparse.Namespace, resume_from: Path | None, output_dir:
                             f"--max_steps to train on")
 
 
-def load_checkpoint(accelerator: Accelerator, checkpoint: Path, train_loader: ShardedTokenLoader,
+def load_checkpoint(accelerator: Accelerator, checkpoint: Path | None, train_loader: ShardedTokenLoader,
                     max_steps: int) -> tuple[int, bool]:
     """Restore the weights, optimiser, RNG states and this rank's data position from `checkpoint`; returns (its step,
-    whether that step's evaluation was done). A damaged file is one TrainingError naming it."""
+    whether that step's evaluation was done), or (0, False) for a fresh start (None). A damaged file is one
+    TrainingError naming it."""
+    if checkpoint is None:
+        return 0, False
     trainer_state = json.loads((checkpoint / "trainer_state.json").read_text())
     notify = accelerator.is_main_process
     if trainer_state["world_size"] != accelerator.num_processes and notify:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import torch
 from accelerate import Accelerator
@@ -9,7 +10,7 @@ from tqdm.auto import tqdm
 
 from eval_hellaswag import HellaSwagScoringError, evaluate_hellaswag
 from modeling_gpt2repro import GPT2ReproForCausalLM
-from run_control import TrainingError
+from run_control import StopSignals, TrainingError
 from token_shards import TokenStream, validation_batches
 from tokenization_gpt2repro import EOT_TOKEN_ID, IGNORE_INDEX
 
@@ -19,12 +20,37 @@ RECIPE_VAL_TOKENS = 20 * 64 * 1024 * 8  # 10,485,760: build-nanogpt's 20 val bat
 
 @torch.no_grad()
 def evaluate(accelerator: Accelerator, model: GPT2ReproForCausalLM, tokenizer, args: argparse.Namespace,
-             hellaswag_examples: list[dict] | None) -> dict:
+             hellaswag_examples: list[dict] | None, signals: StopSignals | None = None) -> dict | None:
     """Val loss over the first --val_tokens val tokens (identical on any world size), HellaSwag, and samples.
 
-    `model` is the plain module (no DDP, no compile): evaluation never goes through the compiled graph.
+    `model` is the plain module (no DDP, no compile): evaluation never goes through the compiled graph. With
+    `signals`, every process checks them between validation batches and between the parts, all at the same points,
+    and None is returned when one came: the run then saves within seconds (a scheduler's grace period may be 30 s)
+    instead of after a long evaluation.
     """
+    def stop_requested() -> bool:
+        return signals is not None and any(signals.requested(accelerator))
+
     model.eval()
+    try:
+        val_loss = validation_loss(accelerator, model, args, stop_requested)
+        if val_loss is None or stop_requested():
+            return None
+        result = {"val_loss": val_loss}
+        if hellaswag_examples:
+            result.update(hellaswag_scores(accelerator, model, tokenizer, args, hellaswag_examples))
+            if stop_requested():
+                return None
+        if accelerator.is_main_process and args.num_samples > 0:
+            result["samples"] = samples(accelerator, model, tokenizer, args)
+        return result
+    finally:
+        model.train()
+
+
+def validation_loss(accelerator: Accelerator, model: GPT2ReproForCausalLM, args: argparse.Namespace,
+                    stop_requested: Callable[[], bool]) -> float | None:
+    """The mean loss over every target of the validation tokens, over all processes; None when stop_requested()."""
     device = accelerator.device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     target_count = torch.zeros((), dtype=torch.float64, device=device)
@@ -32,6 +58,8 @@ def evaluate(accelerator: Accelerator, model: GPT2ReproForCausalLM, tokenizer, a
                                  accelerator.process_index, accelerator.num_processes)
     with accelerator.autocast():
         for x, y in batches:
+            if stop_requested():  # before the filler check: every process checks at every batch
+                return None
             count = int((y != IGNORE_INDEX).sum())
             if count == 0:  # a filler batch: ranks yield equally many batches, some have nothing left to score
                 continue
@@ -39,30 +67,32 @@ def evaluate(accelerator: Accelerator, model: GPT2ReproForCausalLM, tokenizer, a
             loss_sum += loss.double() * count  # the mean over this batch's targets, back to a sum
             target_count += count
     totals = accelerator.reduce(torch.stack([loss_sum, target_count]), reduction="sum")
-    result = {"val_loss": (totals[0] / totals[1]).item()}
+    return (totals[0] / totals[1]).item()
 
-    if hellaswag_examples:
-        try:
-            with accelerator.autocast():
-                scores = evaluate_hellaswag(model, tokenizer, hellaswag_examples, style="completion",
-                                            batch_size=args.eval_batch_size, accelerator=accelerator,
-                                            limit=args.hellaswag_limit, show_progress=False)
-        except HellaSwagScoringError as error:  # raised on every process alike
-            raise TrainingError(f"{error} (--no-hellaswag trains without it)") from None
-        result.update(hellaswag_acc=scores["acc"], hellaswag_acc_norm=scores["acc_norm"],
-                      hellaswag_count=scores["count"])
 
-    if accelerator.is_main_process and args.num_samples > 0:
-        prompt = tokenizer(SAMPLE_PROMPT, return_tensors="pt").input_ids.to(device)  # (1, 8)
-        # The samples draw from their own seeded RNG, so training's random state is the same with or without them.
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), accelerator.autocast():
-            torch.manual_seed(args.seed)
-            max_new_tokens = min(args.sample_tokens, args.seq_len - prompt.shape[1])  # stay inside the context
-            output = model.generate(prompt, do_sample=True, top_k=args.top_k, max_new_tokens=max_new_tokens,
-                                    num_return_sequences=args.num_samples, pad_token_id=EOT_TOKEN_ID)
-        result["samples"] = tokenizer.batch_decode(output)
-    model.train()
-    return result
+def hellaswag_scores(accelerator: Accelerator, model: GPT2ReproForCausalLM, tokenizer, args: argparse.Namespace,
+                     examples: list[dict]) -> dict:
+    try:
+        with accelerator.autocast():
+            scores = evaluate_hellaswag(model, tokenizer, examples, style="completion", batch_size=args.eval_batch_size,
+                                        accelerator=accelerator, limit=args.hellaswag_limit, show_progress=False)
+    except HellaSwagScoringError as error:  # raised on every process alike
+        raise TrainingError(f"{error} (--no-hellaswag trains without it)") from None
+    return {"hellaswag_acc": scores["acc"], "hellaswag_acc_norm": scores["acc_norm"],
+            "hellaswag_count": scores["count"]}
+
+
+def samples(accelerator: Accelerator, model: GPT2ReproForCausalLM, tokenizer, args: argparse.Namespace) -> list[str]:
+    """--num_samples continuations of SAMPLE_PROMPT, drawn from their own seeded RNG: training's random state is the
+    same with or without them."""
+    device = accelerator.device
+    prompt = tokenizer(SAMPLE_PROMPT, return_tensors="pt").input_ids.to(device)  # (1, 8)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), accelerator.autocast():
+        torch.manual_seed(args.seed)
+        max_new_tokens = min(args.sample_tokens, args.seq_len - prompt.shape[1])  # stay inside the context
+        output = model.generate(prompt, do_sample=True, top_k=args.top_k, max_new_tokens=max_new_tokens,
+                                num_return_sequences=args.num_samples, pad_token_id=EOT_TOKEN_ID)
+    return tokenizer.batch_decode(output)
 
 
 def choose_val_tokens(args: argparse.Namespace, notify: bool) -> None:

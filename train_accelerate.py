@@ -382,10 +382,7 @@ def train(args: argparse.Namespace) -> Path | None:
     flops_per_token, parameters = model.flops_per_token(args.seq_len), sum(p.numel() for p in model.parameters())
     model, *optimizers = accelerator.prepare(model, *optimizers)
     raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)  # for evaluation, sampling and saving
-    start_step, start_evaluated = 0, False
-    if resume_from is not None:
-        start_step, start_evaluated = checkpointing.load_checkpoint(accelerator, resume_from, train_loader,
-                                                                    args.max_steps)
+    start_step, start_evaluated = checkpointing.load_checkpoint(accelerator, resume_from, train_loader, args.max_steps)
     metrics = MetricsLog(output_dir / "metrics.jsonl", start_step if resume_from else None) if is_main else None
     if args.report_to != "none":
         accelerator.init_trackers("gpt2repro", config={k: v for k, v in vars(args).items() if v is not None})
@@ -427,7 +424,10 @@ def train(args: argparse.Namespace) -> Path | None:
             # unless its checkpoint was written on a signal, before that eval.
             busy = False
             if (step % args.eval_every == 0 or step == args.max_steps) and not (step == start_step and start_evaluated):
-                result = evaluate(accelerator, raw_model, tokenizer, args, hellaswag_examples)
+                result = evaluate(accelerator, raw_model, tokenizer, args, hellaswag_examples,
+                                  signals if step < args.max_steps else None)  # the last: a signal changes nothing
+                if result is None:  # a signal came during it: stop now, with this step's evaluation not done
+                    stop_on_signal(signals.requested(accelerator), step, evaluated=False)
                 log_evaluation(accelerator, metrics, step, result, output_dir / "loss.png")
                 busy = True
             if step > start_step and (step % args.checkpoint_every == 0 or step == args.max_steps):

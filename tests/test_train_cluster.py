@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import evaluation
 import run_control
 import train_accelerate
 from train_helpers import (
@@ -215,10 +216,11 @@ def test_signal_names_are_checked(capsys):
     assert exit_.value.code == 2 and "--save_on_signals: unknown signal 'FOO'" in capsys.readouterr().err
 
 
-def signal_during(monkeypatch, name: str, calls: set[int], sig: signal.Signals = signal.SIGTERM) -> None:
-    """train_accelerate.`name` (train_step or evaluate) sends `sig` to this process during its calls numbered in
+def signal_during(monkeypatch, name: str, calls: set[int], sig: signal.Signals = signal.SIGTERM,
+                  module=train_accelerate) -> None:
+    """`module`.`name` (e.g. train_accelerate.train_step) sends `sig` to this process during its calls numbered in
     `calls` (0-based), as a scheduler's signal landing while it runs."""
-    original, count = getattr(train_accelerate, name), [0]
+    original, count = getattr(module, name), [0]
 
     def with_signal(*args, **kwargs):
         if count[0] in calls:
@@ -226,32 +228,56 @@ def signal_during(monkeypatch, name: str, calls: set[int], sig: signal.Signals =
         count[0] += 1
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(train_accelerate, name, with_signal)
+    monkeypatch.setattr(module, name, with_signal)
 
 
-def test_a_signal_stops_at_the_end_of_its_step_and_an_evaluated_stop_is_not_evaluated_again(workspace, tmp_path,
-                                                                                          capsys, monkeypatch):
-    """SIGTERM during step 2 stops the run after that step (a checkpoint at step 3, its evaluation not done); the
-    resumed run is signalled during that evaluation and stops right after it, with a checkpoint saying it is done; the
-    next resume finishes without evaluating step 3 again. A signal during the last step lets the run finish."""
+def test_a_signal_stops_at_the_end_of_its_step_or_within_an_evaluation_and_the_chain_is_exact(workspace, tmp_path,
+                                                                                             capsys, monkeypatch):
+    """SIGTERM during step 2 stops the run after that step (a checkpoint at step 3, its evaluation not done). The
+    resumed run is signalled at the second validation batch of that evaluation and stops there, not at its end: still
+    not evaluated. The next resume evaluates step 3 and is signalled after it (while it is logged): its checkpoint says
+    it is done, and the last resume finishes without evaluating step 3 again. A signal during the last step lets the
+    run finish. The chain's weights and records equal an uninterrupted run's."""
     root, args, _ = workspace
-    run = args + ["--output_dir", str(tmp_path), "--micro_batch_size", "8", "--max_steps", "6", "--eval_every", "3",
-                  "--checkpoint_every", "100", "--no-hellaswag", "--num_samples", "0", "--resume_from_checkpoint",
-                  "latest"]
+    run = args + ["--micro_batch_size", "8", "--max_steps", "6", "--eval_every", "3", "--checkpoint_every", "100",
+                  "--no-hellaswag", "--num_samples", "0", "--eval_batch_size", "1"]
+    chain = run + ["--output_dir", str(tmp_path / "chain"), "--resume_from_checkpoint", "latest"]
     with monkeypatch.context() as patch:
         signal_during(patch, "train_step", {2})
-        status, _, err = run_main(train_accelerate.main, run, capsys)
+        status, _, err = run_main(train_accelerate.main, chain, capsys)
     assert status == run_control.EXIT_PREEMPTED and "preempted by SIGTERM at step 3:" in err, err[-2000:]
-    assert [r["step"] for r in records(tmp_path, "train")] == [0, 1, 2]
+    assert [r["step"] for r in records(tmp_path / "chain", "train")] == [0, 1, 2]
+    batches_read, original = [], evaluation.validation_batches
+
+    def signal_at_the_second_batch(*args, **kwargs):
+        for batch in original(*args, **kwargs):
+            batches_read.append(batch)
+            if len(batches_read) == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
     with monkeypatch.context() as patch:
-        signal_during(patch, "evaluate", {0})  # the resumed run's first call: step 3's evaluation
-        status, _, err = run_main(train_accelerate.main, run, capsys)
+        patch.setattr(evaluation, "validation_batches", signal_at_the_second_batch)
+        status, _, err = run_main(train_accelerate.main, chain, capsys)
     assert status == run_control.EXIT_PREEMPTED and "at step 3:" in err, err[-2000:]
-    state = json.loads((tmp_path / "checkpoints" / "step_000003" / "trainer_state.json").read_text())
-    assert state["evaluated"] is True
+    assert len(batches_read) == 2  # of 1000 / 32 = 31: the check before the second batch's forward saw the signal
+    state_file = tmp_path / "chain" / "checkpoints" / "step_000003" / "trainer_state.json"
+    assert json.loads(state_file.read_text())["evaluated"] is False
+    assert [r["step"] for r in records(tmp_path / "chain", "eval")] == [0]
+    with monkeypatch.context() as patch:
+        signal_during(patch, "log_evaluation", {0})  # step 3's evaluation is done when the signal comes
+        status, _, err = run_main(train_accelerate.main, chain, capsys)
+    assert status == run_control.EXIT_PREEMPTED and "at step 3:" in err, err[-2000:]
+    assert json.loads(state_file.read_text())["evaluated"] is True
     with monkeypatch.context() as patch:
         signal_during(patch, "train_step", {2})  # step 5, the last one
-        status, _, err = run_main(train_accelerate.main, run, capsys)
+        status, _, err = run_main(train_accelerate.main, chain, capsys)
     assert status == 0, err[-2000:]
-    assert [r["step"] for r in records(tmp_path, "eval")] == [0, 3, 6]
-    assert [r["step"] for r in records(tmp_path, "train")] == list(range(6))
+    assert [r["step"] for r in records(tmp_path / "chain", "eval")] == [0, 3, 6]
+    assert [r["step"] for r in records(tmp_path / "chain", "train")] == list(range(6))
+    status, _, err = run_main(train_accelerate.main, run + ["--output_dir", str(tmp_path / "straight")], capsys)
+    assert status == 0, err[-2000:]
+    straight, chained = final_weights(tmp_path / "straight", 6), final_weights(tmp_path / "chain", 6)
+    assert all(torch.equal(straight[name], chained[name]) for name in straight)
+    assert [without_timing(r) for r in records(tmp_path / "chain", "eval")] == \
+        [without_timing(r) for r in records(tmp_path / "straight", "eval")]
