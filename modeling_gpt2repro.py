@@ -19,6 +19,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, Generation
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
 
 try:
     from .configuration_gpt2repro import GPT2ReproConfig
@@ -194,8 +196,9 @@ def resolve_cache_argument(cache: Cache | None, past_key_values: Cache | None) -
 
 
 def check_extra_kwargs(model: nn.Module, kwargs: dict) -> None:
-    """`**kwargs` only exists for `cache_position` (see `check_cache_position`): anything else is a caller's mistake
-    that would otherwise be ignored without a word."""
+    """The base model's `**kwargs` only exists for `cache_position` (see `check_cache_position`); the causal LM passes
+    its own on unread, so this one check covers both. Anything else is a caller's mistake that would otherwise be
+    ignored without a word."""
     unexpected = [name for name in kwargs if name != "cache_position"]
     if unexpected:
         raise TypeError(f"{type(model).__name__}.forward() got an unexpected keyword argument '{unexpected[0]}'")
@@ -417,6 +420,7 @@ class GPT2ReproModel(GPT2ReproPreTrainedModel):
         self.ln_f = make_norm(config)
         self.post_init()
 
+    @can_return_tuple  # transformers' `return_dict` (default config.return_dict): False gives output.to_tuple()
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -427,10 +431,9 @@ class GPT2ReproModel(GPT2ReproPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         past_key_values: Cache | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast | tuple:
+    ) -> BaseModelOutputWithPast:
         r"""
         cache: the KV cache to extend (a `DynamicCache`); `past_key_values` is its name before transformers 5.24, and
             either name works (not both).
@@ -449,7 +452,6 @@ class GPT2ReproModel(GPT2ReproPreTrainedModel):
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = (self.config.output_hidden_states if output_hidden_states is None
                                 else output_hidden_states)
-        return_dict = self.config.return_dict if return_dict is None else return_dict
         check_attn_implementation(self.config, output_attentions)
         if use_cache is None:  # a cache serves generation; a training forward would only fill it for nothing
             use_cache = self.config.use_cache and not self.training
@@ -500,11 +502,10 @@ class GPT2ReproModel(GPT2ReproPreTrainedModel):
         x = self.ln_f(x)
         if output_hidden_states:  # as transformers' GPT-2: the last entry is the final LayerNorm's output
             all_hidden_states += (x,)
-        outputs = BaseModelOutputWithPast(
+        return BaseModelOutputWithPast(
             last_hidden_state=x, hidden_states=all_hidden_states, attentions=all_attentions,
             **{CACHE_FIELD: cache if use_cache else None},
         )
-        return outputs if return_dict else outputs.to_tuple()
 
 
 def training_flops_per_token(num_parameters_for_flops: int, n_layer: int, n_embd: int, seq_len: int) -> int:
@@ -524,24 +525,21 @@ class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
+        # Read by generate() in this signature: it builds the padding mask and the positions only for a model that
+        # names them.
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        cache: Cache | None = None,
         labels: torch.LongTensor | None = None,
         shift_labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         return_logits: bool = True,
-        inputs_embeds: torch.Tensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        past_key_values: Cache | None = None,
-        **kwargs,
-    ) -> CausalLMOutputWithPast | tuple:
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> CausalLMOutputWithPast:
         r"""
         labels: (B, T) targets in the transformers convention: shifted inside (position t predicts labels[t+1]),
             -100 ignored.
@@ -551,10 +549,10 @@ class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
             Not with a loss, which needs every position.
         return_logits: False returns the loss alone (`logits` None), computed by `LMHeadCrossEntropy` chunk by
             chunk, so training never materialises the (B, T, Vp) logits.
-        The other arguments are `GPT2ReproModel.forward`'s.
+        kwargs: the rest of `GPT2ReproModel.forward`'s arguments (`cache` or `past_key_values`, `inputs_embeds`,
+            `output_attentions`, `output_hidden_states`, `cache_position`), passed through unread; it raises a
+            TypeError for any other keyword.
         """
-        cache = resolve_cache_argument(cache, past_key_values)
-        check_extra_kwargs(self, kwargs)
         if labels is not None and shift_labels is not None:
             raise ValueError("Pass either `labels` (shifted inside) or `shift_labels` (already shifted), not both.")
         if labels is not None:
@@ -566,11 +564,10 @@ class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
         if shift_labels is not None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
             raise ValueError("`logits_to_keep` cannot be used with `labels`/`shift_labels`: "
                              "the loss needs every position.")
-        return_dict = self.config.return_dict if return_dict is None else return_dict
+        # return_dict=True: the fields are read below, whatever config.return_dict says
         outputs = self.transformer(
-            input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=use_cache,
-            inputs_embeds=inputs_embeds, output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states, return_dict=True, **kwargs,
+            input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache, return_dict=True,
+            **kwargs,
         )
         hidden_states = outputs.last_hidden_state  # (B, T, C)
         loss = logits = None
@@ -599,11 +596,10 @@ class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
                 logits[..., self.config.vocab_size:] = float("-inf")
                 loss = F.cross_entropy(logits.flatten(0, 1), shift_labels.flatten(), ignore_index=IGNORE_INDEX)
             logits = logits[..., : self.config.vocab_size]  # (B, T, V): a view, the padded columns never leave
-        result = CausalLMOutputWithPast(
+        return CausalLMOutputWithPast(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
             **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
         )
-        return result if return_dict else result.to_tuple()
 
     def num_parameters_for_flops(self) -> int:
         """Parameters that do a multiply-add per token: all but the embedding tables, which are looked up (a tied wte
