@@ -404,6 +404,16 @@ def load_metric():
     return evaluate.load(str(METRIC_PATH), keep_in_memory=True)
 
 
+def longest_first(tokenized: list[dict | None]) -> list[int]:
+    """The order in which `score_share` scores its examples (from `fit_to_context`; None: skipped): longest first,
+    so that similar lengths share a batch (little padding) and an out-of-memory shows up at once."""
+    return sorted(
+        (j for j, ex in enumerate(tokenized) if ex is not None),
+        key=lambda j: (sum(map(len, tokenized[j]["endings"])), len(tokenized[j]["context"])),
+        reverse=True,
+    )
+
+
 def score_share(model: torch.nn.Module, tokenizer, examples: list[dict], indices: list[int], style: str,
                 batch_size: int, device: torch.device, show_progress: bool) -> list[dict]:
     """This process's share of `evaluate_hellaswag`: the prediction records of examples[indices]."""
@@ -414,12 +424,7 @@ def score_share(model: torch.nn.Module, tokenizer, examples: list[dict], indices
                 "skipped": True, "context_tokens_dropped": None, "pred": None, "pred_norm": None,
                 "ending_nll": None, "ending_nll_norm": None}
                for j, ex in enumerate(tokenized) if ex is None]
-    # Longest first: similar lengths share a batch (little padding), and an out-of-memory shows up at once.
-    order = sorted(
-        (j for j, ex in enumerate(tokenized) if ex is not None),
-        key=lambda j: (sum(map(len, tokenized[j]["endings"])), len(tokenized[j]["context"])),
-        reverse=True,
-    )
+    order = longest_first(tokenized)
 
     was_training = model.training
     model.eval()

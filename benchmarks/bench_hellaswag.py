@@ -1,53 +1,93 @@
-"""HellaSwag scoring speed: eval_hellaswag.evaluate_hellaswag against the one-example-at-a-time method.
+"""HellaSwag scoring speed: the command's path (eval_hellaswag.evaluate_hellaswag) against one example at a time and
+against its ceiling, and the command's start-up.
 
-The reference method is build-nanogpt's: per example, the 4 rows context + ending padded to the longest, one
-forward with logits at every position, cross-entropy everywhere, then the ending positions summed. Both run
-on the same randomly initialised GPT-2 124M-shaped model (GPT2ReproForCausalLM) and the same synthetic,
-HellaSwag-sized examples (contexts ~40 tokens, endings ~20), in this process, interleaved chunk by chunk
-(the machine is shared and noisy). Prints the median examples/s of each over the chunks and their ratio, and
-checks that both methods pick the same endings.
+- command path: evaluate_hellaswag as eval_hellaswag.py runs it (tokenising, packing, the 4-D mask, logits only
+  at the ending positions, the fp32 cross-entropy, the metric).
+- one at a time: build-nanogpt's method: per example, the 4 rows context + ending padded to the longest, one
+  forward with logits at every position, cross-entropy everywhere, then the ending positions summed.
+- ceiling: one plain batched forward per batch over the same packed tokens (the command's batches, in its order),
+  no mask, no position ids, logits only for the last positions that hold the endings (`logits_to_keep`), nothing
+  after it: what the command's forwards would cost with no work around them.
+
+Each runs on a randomly initialised transformers GPT2LMHeadModel ("stock") and on ours (GPT2ReproForCausalLM, the
+same weights), at the 4-layer size and at 124M, over synthetic HellaSwag-shaped rows (no HellaSwag data offline),
+the three methods interleaved repetition by repetition (the machine is shared and noisy); the medians are printed.
+The start-up is the time from launching `python eval_hellaswag.py` on a saved 4-layer checkpoint to its first
+scored batch; its median over a few launches is printed with the whole command's time.
 
     python benchmarks/bench_hellaswag.py
-    python benchmarks/bench_hellaswag.py --examples 40 --chunks 4 --dtype bfloat16
+    python benchmarks/bench_hellaswag.py --sizes 4-layer --models stock --repeats 3 --dtype float32
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import random
+import re
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from transformers import GPT2Config, GPT2LMHeadModel
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from configuration_gpt2repro import GPT2ReproConfig  # noqa: E402
-from eval_hellaswag import evaluate_hellaswag, render_example  # noqa: E402
-from hardware import pin_cpu_allocator, resolve_dtype  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from eval_hellaswag import (  # noqa: E402
+    evaluate_hellaswag,
+    fit_to_context,
+    longest_first,
+    pack_batch,
+    render_example,
+    tokenize_examples,
+)
+from hardware import cpu_bf16_flags, pin_cpu_allocator, resolve_dtype  # noqa: E402
 from modeling_gpt2repro import GPT2ReproForCausalLM  # noqa: E402
 from tokenization_gpt2repro import get_tokenizer  # noqa: E402
 
+SIZES = {  # model shape; examples timed per repetition (one at a time: a quarter of them)
+    "4-layer": (dict(n_layer=4, n_head=4, n_embd=256), 96),
+    "124M": (dict(n_layer=12, n_head=12, n_embd=768), 48),
+}
 # Short common words: each is one GPT-2 token with its leading space, so n words ~ n tokens.
 WORDS = ("the a man woman he she it they then and is are was on in at to of with his her their up down over "
          "into water ball car dog rope knife paint wall floor hand hands head arm side front back top small "
          "large red blue white black new old first next last long high low good right left "
          "walks runs jumps picks puts holds cuts wipes throws smiles turns looks stands sits moves starts").split()
+# eval_hellaswag.main with the time of its first scored batch on stderr: the start-up ends there.
+STARTUP_PROBE = """
+import sys, time
+import eval_hellaswag
+
+score_batch = eval_hellaswag.score_batch
+def timed_score_batch(*args, **kwargs):
+    if timed_score_batch.first:
+        print(f"first batch at {time.time()}", file=sys.stderr, flush=True)
+        timed_score_batch.first = False
+    return score_batch(*args, **kwargs)
+timed_score_batch.first = True
+eval_hellaswag.score_batch = timed_score_batch
+eval_hellaswag.main(sys.argv[1:])
+"""
 
 
 def synthetic_examples(n: int, seed: int) -> list[dict]:
-    """HellaSwag-shaped examples: contexts of 30-50 words, endings of 12-28 (HellaSwag's ActivityNet half)."""
+    """HellaSwag-shaped examples: contexts of 60-100 words, 4 endings of 15-30 (a word ~ a token)."""
     rng = random.Random(seed)
 
     def text(low: int, high: int) -> str:
         return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high))).capitalize() + "."
 
     examples = []
-    for _ in range(n):
-        ctx = text(30, 50)
-        examples.append({"ctx": ctx, "activity_label": "Synthetic", "ctx_a": ctx, "ctx_b": "",
-                         "endings": [text(12, 28) for _ in range(4)], "label": rng.randrange(4)})
+    for i in range(n):
+        ctx = text(60, 100)
+        examples.append({"ind": i, "ctx": ctx, "activity_label": "Synthetic", "ctx_a": ctx, "ctx_b": "",
+                         "endings": [text(15, 30) for _ in range(4)], "label": rng.randrange(4)})
     return examples
 
 
@@ -72,57 +112,106 @@ def one_at_a_time(model: torch.nn.Module, tokenizer, examples: list[dict]) -> li
     return picks
 
 
+def plain_forwards(model: torch.nn.Module, batches: list) -> None:
+    """The ceiling: the command's forwards over its packed batches, with nothing around them."""
+    with torch.inference_mode():
+        for packed in batches:
+            model(packed.input_ids, logits_to_keep=packed.logits_needed, use_cache=False)
+
+
+def bench_model(model: torch.nn.Module, tokenizer, examples: list[dict], batch_size: int,
+                repeats: int) -> tuple[dict[str, float], str]:
+    """Median examples/s of the three methods, interleaved repetition by repetition, and how many of the examples
+    scored one at a time got the same ending picked by the command path (near-ties may round apart in bf16)."""
+    tokenized = [fit_to_context(ex, model.config.n_positions) for ex in tokenize_examples(examples, tokenizer,
+                                                                                          "completion")]
+    order = longest_first(tokenized)
+    batches = [pack_batch([tokenized[j] for j in order[start: start + batch_size]])
+               for start in range(0, len(order), batch_size)]
+    reference_examples = examples[: max(1, len(examples) // 4)]  # the slow method: fewer examples, same rate
+    methods = {
+        "command path": (examples, lambda: evaluate_hellaswag(model, tokenizer, examples, batch_size=batch_size,
+                                                              show_progress=False, return_predictions=True)),
+        "one at a time": (reference_examples, lambda: one_at_a_time(model, tokenizer, reference_examples)),
+        "ceiling": (examples, lambda: plain_forwards(model, batches)),
+    }
+    evaluate_hellaswag(model, tokenizer, examples[:batch_size], show_progress=False)  # warm up every path
+    one_at_a_time(model, tokenizer, examples[:1])
+    plain_forwards(model, batches[-1:])
+    rates = {name: [] for name in methods}
+    outputs = {}
+    for _ in range(repeats):
+        for name, (timed_examples, run) in methods.items():
+            start = time.perf_counter()
+            outputs[name] = run()
+            rates[name].append(len(timed_examples) / (time.perf_counter() - start))
+    picks = [p["pred"] for p in outputs["command path"]["predictions"][: len(reference_examples)]]
+    same_picks = sum(a == b for a, b in zip(picks, outputs["one at a time"], strict=True))
+    return {name: statistics.median(values) for name, values in rates.items()}, f"{same_picks}/{len(picks)}"
+
+
+def bench_startup(model: GPT2LMHeadModel, tokenizer, dtype: str, batch_size: int,
+                  launches: int) -> tuple[float, float, int]:
+    """(median start-up s, median whole command s, examples) of `python eval_hellaswag.py` on `model` saved with
+    its tokenizer, over synthetic examples."""
+    examples = synthetic_examples(4 * batch_size, seed=1)
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        data_file = Path(folder) / "val.jsonl"
+        data_file.write_text("".join(json.dumps(example) + "\n" for example in examples))
+        startups, totals = [], []
+        for _ in range(launches):
+            launched = time.time()
+            out = subprocess.run([sys.executable, "-c", STARTUP_PROBE, "--model", folder, "--data_file",
+                                  str(data_file), "--dtype", dtype, "--batch_size", str(batch_size)],
+                                 env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+            totals.append(time.time() - launched)
+            if out.returncode != 0:
+                raise RuntimeError(f"eval_hellaswag.py failed: {out.stderr[-2000:]}")
+            startups.append(float(re.search(r"first batch at ([0-9.]+)", out.stderr).group(1)) - launched)
+    return statistics.median(startups), statistics.median(totals), len(examples)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--examples", type=int, default=100)
-    parser.add_argument("--chunks", type=int, default=5,
-                        help="the examples are timed in this many chunks, both methods interleaved chunk by chunk")
+    parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
+    parser.add_argument("--models", nargs="+", choices=("stock", "ours"), default=["stock", "ours"])
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved repetitions; 124M does 3 at most")
+    parser.add_argument("--launches", type=int, default=3, help="command launches timed for the start-up")
     parser.add_argument("--batch_size", type=int, default=8, help="evaluate_hellaswag's examples per forward")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                        help="weights' dtype, both; auto: bfloat16 where this CPU has native bf16, else float32")
+                        help="weights' dtype; auto: bfloat16 where this CPU has native bf16, else float32")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    if not 1 <= args.chunks <= args.examples:
-        parser.error("--chunks must be between 1 and --examples")
 
     args.dtype, precision_line = resolve_dtype(args.dtype, torch.device("cpu"))
-    print(precision_line)
+    cpu = " + ".join([torch.backends.cpu.get_cpu_capability(), *cpu_bf16_flags()])  # e.g. AVX512 + avx512_bf16
+    print(f"{precision_line}; CPU {cpu}, {torch.get_num_threads()} threads")
     # glibc hands freed blocks over 32 MB back to the OS and page-faults them in again: noisy system time for
-    # whichever method allocates more. Both run under the pinned allocator, as training does.
+    # whichever method allocates more. All run under the pinned allocator, as the command does.
     pin_cpu_allocator()
-    torch.manual_seed(args.seed)
-    model = GPT2ReproForCausalLM(GPT2ReproConfig()).to(getattr(torch, args.dtype)).eval()  # GPT-2 124M shape
     tokenizer = get_tokenizer()
-    examples = synthetic_examples(args.examples, args.seed)
-    context_tokens = statistics.mean(len(tokenizer(e["ctx"])["input_ids"]) for e in examples)
-    ending_tokens = statistics.mean(len(tokenizer(" " + x)["input_ids"]) for e in examples for x in e["endings"])
-    print(f"{len(examples)} examples, mean context {context_tokens:.1f} tokens, mean ending {ending_tokens:.1f} "
-          f"tokens; GPT-2 124M shape, {args.dtype}, {torch.get_num_threads()} threads")
-
-    one_at_a_time(model, tokenizer, examples[:2])  # warm up both paths
-    evaluate_hellaswag(model, tokenizer, examples[:2], show_progress=False)
-    # Each example is scored once by each method; the chunks give the repetitions, each timed back to back.
-    chunk_size = -(-len(examples) // args.chunks)  # ceil
-    rates = {"one example at a time": [], "evaluate_hellaswag": []}
-    same_picks = 0
-    for start in range(0, len(examples), chunk_size):
-        chunk = examples[start: start + chunk_size]
-        t0 = time.perf_counter()
-        reference_picks = one_at_a_time(model, tokenizer, chunk)
-        t1 = time.perf_counter()
-        result = evaluate_hellaswag(model, tokenizer, chunk, batch_size=args.batch_size, show_progress=False,
-                                    return_predictions=True)
-        t2 = time.perf_counter()
-        rates["one example at a time"].append(len(chunk) / (t1 - t0))
-        rates["evaluate_hellaswag"].append(len(chunk) / (t2 - t1))
-        same_picks += sum(p["pred"] == r for p, r in zip(result["predictions"], reference_picks, strict=True))
-        print(f"examples {start}-{start + len(chunk) - 1}: one at a time {rates['one example at a time'][-1]:.2f} "
-              f"ex/s, evaluate_hellaswag {rates['evaluate_hellaswag'][-1]:.2f} ex/s")
-    medians = {name: statistics.median(values) for name, values in rates.items()}
-    for name, median in medians.items():
-        print(f"{name:>22}: {median:.2f} examples/s (median of {len(rates[name])} chunks)")
-    print(f"speed-up: {medians['evaluate_hellaswag'] / medians['one example at a time']:.2f}x; "
-          f"same endings picked: {same_picks}/{len(examples)}")
+    print("synthetic HellaSwag-shaped rows (no HellaSwag data offline): contexts of 60-100 common words, 4 endings "
+          "of 15-30, one GPT-2 token a word")
+    print(f"{'size':>8} {'model':>6} {'examples':>8} {'command ex/s':>12} {'one at a time':>13} {'speed-up':>8} "
+          f"{'ceiling ex/s':>12} {'of ceiling':>10} {'same picks':>10}")
+    for size in args.sizes:
+        shape, num_examples = SIZES[size]
+        torch.manual_seed(args.seed)
+        stock = GPT2LMHeadModel(GPT2Config(**shape)).to(getattr(torch, args.dtype)).eval()
+        models = {"stock": stock, "ours": GPT2ReproForCausalLM.from_gpt2(stock).to(getattr(torch, args.dtype)).eval()}
+        examples = synthetic_examples(num_examples, args.seed)
+        for name in args.models:
+            rates, same_picks = bench_model(models[name], tokenizer, examples, args.batch_size,
+                                args.repeats if size == "4-layer" else min(args.repeats, 3))
+            print(f"{size:>8} {name:>6} {num_examples:>8} {rates['command path']:>12.2f} "
+                  f"{rates['one at a time']:>13.2f} {rates['command path'] / rates['one at a time']:>7.1f}x "
+                  f"{rates['ceiling']:>12.2f} {rates['command path'] / rates['ceiling']:>10.0%} {same_picks:>10}")
+        if size == "4-layer" and args.launches:
+            startup, total, count = bench_startup(stock, tokenizer, args.dtype, args.batch_size, args.launches)
+            print(f"start-up of python eval_hellaswag.py (stock 4-layer checkpoint, {count} examples): {startup:.2f} s "
+                  f"to the first scored batch, {total:.2f} s in all (medians of {args.launches} launches)")
 
 
 if __name__ == "__main__":
