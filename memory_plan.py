@@ -66,15 +66,16 @@ def model_on_meta(args: argparse.Namespace) -> GPT2ReproForCausalLM:
         return GPT2ReproForCausalLM(config)
 
 
-def optimizer_state_bytes(model: torch.nn.Module, args: argparse.Namespace) -> int:
+def optimizer_state_bytes(model: torch.nn.Module, args: argparse.Namespace, shards: int = 1) -> int:
     """The optimisers' state after their first step, in bytes: AdamW's exp_avg and exp_avg_sq (fp32, each the size
-    of its parameter) and a 4-byte step per tensor; Muon's momentum buffer per matrix (configure_muon's split)."""
+    of its parameter) and a 4-byte step per tensor, split over `shards` processes by --shard_optimizer (ZeRO-1: about
+    1/shards each); Muon's momentum buffer per matrix (configure_muon's split), on every process."""
     params = [p for p in model.parameters() if p.requires_grad]
     muon = set()
     if args.optimizer == "muon":
-        blocks = model.transformer.h
-        muon = {id(p) for p in blocks.parameters() if p.dim() == 2}
-    return sum(4 * p.numel() if id(p) in muon else 8 * p.numel() + 4 for p in params)
+        muon = {id(p) for p in model.transformer.h.parameters() if p.dim() == 2}
+    adamw = sum(8 * p.numel() + 4 for p in params if id(p) not in muon)
+    return sum(4 * p.numel() for p in params if id(p) in muon) + adamw // shards
 
 
 def activation_bytes(model: GPT2ReproForCausalLM, args: argparse.Namespace, micro_batch_size: int,
@@ -99,10 +100,12 @@ def loss_bytes(model: GPT2ReproForCausalLM, args: argparse.Namespace, micro_batc
 
 
 def plan(args: argparse.Namespace, world_size: int, micro_batch_size: int | None = None,
-         checkpointing: bool | None = None) -> dict[str, int]:
-    """Bytes per process, by part, at the flags' micro-batch and activation checkpointing unless others are given."""
+         checkpointing: bool | None = None, shard: bool | None = None) -> dict[str, int]:
+    """Bytes per process, by part, at the flags' micro-batch, activation checkpointing and optimiser sharding unless
+    others are given."""
     micro_batch_size = args.micro_batch_size if micro_batch_size is None else micro_batch_size
     checkpointing = args.gradient_checkpointing if checkpointing is None else checkpointing
+    shard = args.shard_optimizer if shard is None else shard
     model = model_on_meta(args)
     parameters = sum(p.numel() for p in model.parameters())
     block_matrices = sum(p.numel() for p in model.transformer.h.parameters() if p.dim() == 2)
@@ -110,7 +113,7 @@ def plan(args: argparse.Namespace, world_size: int, micro_batch_size: int | None
         "weights (fp32)": 4 * parameters,
         "gradients (fp32)": 4 * parameters,
         "DDP gradient buckets": 4 * parameters if world_size > 1 else 0,
-        "optimiser state": optimizer_state_bytes(model, args),
+        "optimiser state": optimizer_state_bytes(model, args, world_size if shard else 1),
         "bf16 weight copies (autocast)": 2 * block_matrices if args.mixed_precision == "bf16" else 0,
         "activations": activation_bytes(model, args, micro_batch_size, checkpointing),
         "loss (chunked)": loss_bytes(model, args, micro_batch_size),
@@ -141,11 +144,6 @@ def describe(args: argparse.Namespace) -> str:
     lines += [f"  {name:32} {size / GB:8.2f} GB" for name, size in parts.items()]
     total = sum(parts.values())
     lines.append(f"  {'total':32} {total / GB:8.2f} GB")
-    if world_size > 1:
-        state = parts["optimiser state"]
-        lines.append(f"  (the optimiser state sharded over {world_size} processes, ZeRO-1, would be "
-                     f"{state / world_size / GB:.2f} GB, {(state - state / world_size) / GB:.2f} GB less: not yet a "
-                     f"flag of train_accelerate.py)")
     device_memory = args.device_memory or detected_device_memory()
     if device_memory is None:
         lines.append("fit: unknown: no GPU here; pass --device_memory (e.g. 80GB) for a verdict")
@@ -161,21 +159,25 @@ def describe(args: argparse.Namespace) -> str:
 
 
 def remedies(args: argparse.Namespace, world_size: int, usable: float) -> list[str]:
-    """The flags that make the run fit `usable` bytes: the largest smaller micro-batch that still divides the step's
-    tokens, and activation checkpointing (with the largest micro-batch it allows)."""
+    """The flags that make the run fit `usable` bytes, one line per way: the largest smaller micro-batch that still
+    divides the step's tokens; --shard_optimizer (with more than one process); activation checkpointing; each with
+    the ways before it where it needs them."""
     rows_per_step = args.total_batch_size // (args.seq_len * world_size)  # micro-batch x accumulation, per process
     batches = [b for b in range(args.micro_batch_size, 0, -1) if rows_per_step % b == 0]
+    ways = [(False, False), (True, False), (True, True)] if world_size > 1 else [(False, False), (False, True)]
     found = []
-    for checkpointing in sorted({args.gradient_checkpointing, True}):
-        flags = "--gradient_checkpointing" if checkpointing and not args.gradient_checkpointing else ""
-        for b in batches if checkpointing else batches[1:]:
-            total = sum(plan(args, world_size, b, checkpointing).values())
+    for shard, checkpointing in ways:
+        shard, checkpointing = shard or args.shard_optimizer, checkpointing or args.gradient_checkpointing
+        new_flags = (["--shard_optimizer"] if shard and not args.shard_optimizer else []) + \
+                    (["--gradient_checkpointing"] if checkpointing and not args.gradient_checkpointing else [])
+        for b in batches if new_flags else batches[1:]:
+            total = sum(plan(args, world_size, b, checkpointing, shard).values())
             if total <= usable:
-                flags = f"--micro_batch_size {b} {flags}" if b != args.micro_batch_size else flags
-                found.append(f"  {flags.strip()}: {total / GB:.1f} GB ({rows_per_step // b} micro-steps per step)")
+                flags = ([f"--micro_batch_size {b}"] if b != args.micro_batch_size else []) + new_flags
+                found.append(f"  {' '.join(flags)}: {total / GB:.1f} GB ({rows_per_step // b} micro-steps per step)")
                 break
-    return found or ["  neither a smaller micro-batch nor activation checkpointing: more processes, or FSDP "
-                     "(parameter and gradient sharding)"]
+    return list(dict.fromkeys(found)) or ["  neither a smaller micro-batch, --shard_optimizer nor activation "
+                                          "checkpointing: more processes, or FSDP (parameter and gradient sharding)"]
 
 
 def print_plan(args: argparse.Namespace) -> None:

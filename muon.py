@@ -78,25 +78,3 @@ class Muon(torch.optim.Muon):
         for work in [dist.broadcast(p, src=owner, async_op=True) for p, owner in broadcasts]:
             work.wait()
         return loss
-
-
-def configure_muon(model: torch.nn.Module, momentum: float, weight_decay: float, betas: tuple[float, float],
-                   eps: float, device_type: str) -> list[torch.optim.Optimizer]:
-    """The speedrun's optimisers for a GPT2ReproForCausalLM: Muon on every 2-D weight matrix inside the blocks, the
-    fused q|k|v projection as three C x C matrices; AdamW on the rest: the embeddings and an untied head (with weight
-    decay, as matrices), biases and norm gains (without). Every group is named for train_accelerate.peak_lr and
-    starts at LR 0 (set before every step)."""
-    blocks = model.transformer.h
-    qkv = [block.attn.c_attn.weight for block in blocks]
-    matrices = [p for p in blocks.parameters() if p.dim() == 2 and all(p is not q for q in qkv)]
-    embeddings = [m.weight for m in (model.transformer.wte, model.transformer.wpe) if m is not None]
-    head = [] if model.config.tie_word_embeddings else [model.lm_head.weight]
-    named = {id(p) for p in qkv + matrices + embeddings + head}
-    groups = [{"params": embeddings, "name": "embeddings", "weight_decay": weight_decay},
-              {"params": head, "name": "head", "weight_decay": weight_decay},
-              {"params": [p for p in model.parameters() if id(p) not in named], "name": "adamw", "weight_decay": 0.0}]
-    muon = Muon([{"params": qkv, "name": "muon", "parts": 3}, {"params": matrices, "name": "muon"}], lr=0.0,
-                momentum=momentum, weight_decay=weight_decay)
-    adamw = torch.optim.AdamW([g for g in groups if g["params"]], lr=0.0, betas=betas, eps=eps,
-                              fused=device_type in ("cuda", "cpu"))  # torch's fused kernel exists for these devices
-    return [muon, adamw]

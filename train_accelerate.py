@@ -40,7 +40,7 @@ from hardware import build_accelerator, peak_flops_per_device
 from io_helpers import check_writable_folder, run_command
 from metrics_log import MetricsLog, log_evaluation, log_train_step
 from modeling_gpt2repro import GPT2ReproForCausalLM, enable_activation_checkpointing
-from muon import configure_muon
+from optimizers import configure_muon, configure_optimizer
 from recipes import PRESETS, RECIPES, as_flags
 from run_control import (
     EXIT_PREEMPTED,
@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2")
     optim.add_argument("--adam_eps", type=float, default=1e-8, help="AdamW epsilon")
     optim.add_argument("--grad_clip", type=float, default=1.0, help="max global grad norm")
+    optim.add_argument("--shard_optimizer", action="store_true",
+                       help="split the AdamW state among the processes (ZeRO-1: each keeps 1/N of it; the same "
+                            "weights); Muon's momentum stays whole")
     optim.add_argument("--mixed_precision", choices=["auto", "no", "bf16"], default="auto",
                        help="bf16 autocast through Accelerate, fp32 master weights either way; 'auto': bf16 on GPUs "
                             "that support it and CPUs with native bf16 (AVX512-BF16/AMX), else fp32")
@@ -256,16 +259,6 @@ def get_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * decay_ratio)) * (max_lr - min_lr)
 
 
-def configure_optimizer(model: torch.nn.Module, weight_decay: float, betas: tuple[float, float], eps: float,
-                        device_type: str) -> torch.optim.AdamW:
-    """AdamW with weight decay on matmul and embedding weights (dim >= 2) only, never on biases or LayerNorms."""
-    params = [p for p in model.parameters() if p.requires_grad]  # the tied wte/lm_head matrix appears once
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    fused = device_type in ("cuda", "cpu")  # torch's fused AdamW kernel exists for these devices
-    return torch.optim.AdamW(groups, lr=0.0, betas=betas, eps=eps, fused=fused)  # lr is set before every step
-
-
 def peak_lr(group: dict, args: argparse.Namespace) -> tuple[float, float]:
     """(max, min) LR of an optimiser group: --max_lr/--min_lr for GPT-2's AdamW, else the group's own flag, decaying
     to the same fraction min_lr / max_lr of it. Read from the flags at every step, so a resumed run follows them."""
@@ -351,7 +344,7 @@ def open_run(accelerator: Accelerator, args: argparse.Namespace) -> tuple[Path |
     return resume_from, train_loader, pusher, hellaswag
 
 
-def build_model(args: argparse.Namespace, device_type: str) -> tuple[GPT2ReproForCausalLM, list]:
+def build_model(args: argparse.Namespace, device_type: str, world_size: int) -> tuple[GPT2ReproForCausalLM, list]:
     """The model, initialised from --seed (the same weights on every process), and its optimisers."""
     try:
         config = GPT2ReproConfig(n_positions=args.seq_len, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
@@ -362,10 +355,11 @@ def build_model(args: argparse.Namespace, device_type: str) -> tuple[GPT2ReproFo
     model = GPT2ReproForCausalLM(config)
     if args.gradient_checkpointing:
         enable_activation_checkpointing(model)
+    betas, shard = (args.beta1, args.beta2), args.shard_optimizer and world_size > 1  # one process: nothing to split
     if args.optimizer == "muon":
-        return model, configure_muon(model, args.muon_momentum, args.weight_decay, (args.beta1, args.beta2),
-                                     args.adam_eps, device_type)
-    return model, [configure_optimizer(model, args.weight_decay, (args.beta1, args.beta2), args.adam_eps, device_type)]
+        return model, configure_muon(model, args.muon_momentum, args.weight_decay, betas, args.adam_eps, device_type,
+                                     shard)
+    return model, [configure_optimizer(model, args.weight_decay, betas, args.adam_eps, device_type, shard)]
 
 
 def train(args: argparse.Namespace) -> Path | None:
@@ -378,7 +372,7 @@ def train(args: argparse.Namespace) -> Path | None:
     output_dir = Path(args.output_dir)
     resume_from, train_loader, pusher, hellaswag_examples = open_run(accelerator, args)
     tokenizer = get_tokenizer()
-    model, optimizers = build_model(args, device.type)
+    model, optimizers = build_model(args, device.type, world_size)
     flops_per_token, parameters = model.flops_per_token(args.seq_len), sum(p.numel() for p in model.parameters())
     model, *optimizers = accelerator.prepare(model, *optimizers)
     raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)  # for evaluation, sampling and saving

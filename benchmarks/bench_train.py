@@ -22,7 +22,7 @@ from accelerate import Accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import train_accelerate  # noqa: E402
+import optimizers  # noqa: E402
 from configuration_gpt2repro import GPT2ReproConfig  # noqa: E402
 from hardware import accelerate_device, peak_flops_per_device, pin_cpu_allocator, resolve_mixed_precision  # noqa: E402
 from modeling_gpt2repro import GPT2ReproForCausalLM, training_flops_per_token  # noqa: E402
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         for compiled in compile_modes:
             torch.manual_seed(args.seed)
             model, loss_fn = build()
-            optimizer = train_accelerate.configure_optimizer(model, 0.1, (0.9, 0.95), 1e-8, device.type)
+            optimizer = optimizers.configure_optimizer(model, 0.1, (0.9, 0.95), 1e-8, device.type)
             model, optimizer = accelerator.prepare(model, optimizer)
             step_model = torch.compile(model) if compiled else model
             label = f"{name} ({'compiled' if compiled else 'eager'})"

@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench_train import build_gpt2repro, build_transformers_gpt2, flops_per_token  # noqa: E402
 
-import train_accelerate  # noqa: E402
+import optimizers  # noqa: E402
 from hardware import peak_flops_per_device  # noqa: E402
 
 
@@ -37,7 +37,7 @@ def time_training_step(build, compiled: bool, batch_size: int, seq_len: int, ste
     device = torch.device("cuda")
     model, loss_fn = build()
     model.to(device)
-    optimizer = train_accelerate.configure_optimizer(model, 0.1, (0.9, 0.95), 1e-8, device.type)
+    optimizer = optimizers.configure_optimizer(model, 0.1, (0.9, 0.95), 1e-8, device.type)
     step_model = torch.compile(model) if compiled else model
     x = torch.randint(0, 50257, (batch_size, seq_len), device=device)  # (B, T)
     y = torch.randint(0, 50257, (batch_size, seq_len), device=device)

@@ -12,7 +12,7 @@ import torch
 import memory_plan
 import train_accelerate
 from modeling_gpt2repro import GPT2ReproForCausalLM
-from muon import configure_muon
+from optimizers import configure_muon, configure_optimizer
 from train_helpers import REPO
 
 # OpenAI's GPT-2 sizes (their 50257-row embeddings) and ours: 47 padding rows of width C more (50304 = 393 x 128)
@@ -39,16 +39,15 @@ def test_optimizer_state_is_planned_to_the_byte(recipe):
     torch.manual_seed(0)
     model = GPT2ReproForCausalLM(memory_plan.model_on_meta(args).config)
     if recipe == "speedrun":
-        optimizers = configure_muon(model, args.muon_momentum, args.weight_decay, (args.beta1, args.beta2),
-                                    args.adam_eps, "cpu")
+        built = configure_muon(model, args.muon_momentum, args.weight_decay, (args.beta1, args.beta2), args.adam_eps,
+                               "cpu")
     else:
-        optimizers = [train_accelerate.configure_optimizer(model, args.weight_decay, (args.beta1, args.beta2),
-                                                           args.adam_eps, "cpu")]
+        built = [configure_optimizer(model, args.weight_decay, (args.beta1, args.beta2), args.adam_eps, "cpu")]
     for p in model.parameters():
         p.grad = torch.randn_like(p)
-    for optimizer in optimizers:
+    for optimizer in built:
         optimizer.step()
-    held = sum(t.nbytes for o in optimizers for state in o.state.values() for t in state.values()
+    held = sum(t.nbytes for o in built for state in o.state.values() for t in state.values()
                if isinstance(t, torch.Tensor))
     assert memory_plan.optimizer_state_bytes(model, args) == held
 
@@ -95,7 +94,8 @@ def test_activations_are_planned_within_a_quarter_of_what_autograd_keeps(recipe,
 
 
 @pytest.mark.parametrize("preset, processes, device_memory, verdict, remedy", [
-    ("gpt2-1558m", 8, "80GB", "fit: no", "--gradient_checkpointing: 42.1 GB (8 micro-steps per step)"),
+    ("gpt2-1558m", 8, "80GB", "fit: no", "--micro_batch_size 8 --shard_optimizer: 48.9 GB (16 micro-steps per step)"),
+    ("gpt2-774m", 8, "80GB", "fit: no", "--shard_optimizer: 70.8 GB (2 micro-steps per step)"),
     ("gpt2-350m", 1, "24GB", "fit: no", "--micro_batch_size 8: 15.5 GB (64 micro-steps per step)"),
     ("gpt2-124m", 8, "80GB", "fit: yes", None),
 ])

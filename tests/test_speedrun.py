@@ -15,7 +15,7 @@ from test_model import BLOCK_OUR_MODULES
 import train_accelerate
 from configuration_gpt2repro import GPT2ReproConfig
 from modeling_gpt2repro import GPT2ReproForCausalLM, apply_rotary, rotary_cos_sin
-from muon import configure_muon
+from optimizers import configure_muon
 from recipes import PRESETS, as_flags
 from train_helpers import TINY_RUN, final_weights, records, run_main, run_training
 

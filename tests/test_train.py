@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import eval_hellaswag
 import hardware
+import optimizers
 import train_accelerate
 from configuration_gpt2repro import GPT2ReproConfig
 from eval_hellaswag import HellaSwagUnavailable
@@ -51,7 +52,7 @@ def test_gradient_accumulation_steps_is_total_over_micro_times_world():
 
 def test_weight_decay_only_on_matrices_and_embeddings(tiny_config):
     model = GPT2ReproForCausalLM(tiny_config)
-    optimizer = train_accelerate.configure_optimizer(model, 0.1, (0.9, 0.95), 1e-8, "cpu")
+    optimizer = optimizers.configure_optimizer(model, 0.1, (0.9, 0.95), 1e-8, "cpu")
     decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0.1 for p in g["params"]}
     for name, p in model.named_parameters():  # named_parameters lists the tied wte/lm_head matrix once
         assert (id(p) in decayed) == (p.dim() >= 2), name
@@ -119,7 +120,7 @@ def test_train_step_accumulates_clips_and_updates_like_one_big_batch(tiny_data, 
     model = GPT2ReproForCausalLM(GPT2ReproConfig(n_positions=32, n_layer=2, n_head=2, n_embd=64))
     reference = GPT2ReproForCausalLM(model.config)
     reference.load_state_dict(model.state_dict())
-    optimizer = train_accelerate.configure_optimizer(model, 0.1, (0.9, 0.95), 1e-8, "cpu")
+    optimizer = optimizers.configure_optimizer(model, 0.1, (0.9, 0.95), 1e-8, "cpu")
     for group in optimizer.param_groups:
         group["lr"] = 1e-2
     model, optimizer = accelerator.prepare(model, optimizer)

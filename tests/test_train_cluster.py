@@ -281,3 +281,30 @@ def test_a_signal_stops_at_the_end_of_its_step_or_within_an_evaluation_and_the_c
     assert all(torch.equal(straight[name], chained[name]) for name in straight)
     assert [without_timing(r) for r in records(tmp_path / "chain", "eval")] == \
         [without_timing(r) for r in records(tmp_path / "straight", "eval")]
+
+
+def test_shard_optimizer_gives_the_same_weights_and_resumes_on_any_world_size(workspace, tmp_path):
+    """2 processes with the AdamW state split (ZeRO-1) and without: the same weights, bit for bit (AdamW's update is
+    elementwise). The sharded run's checkpoint holds the whole state; it resumes exactly on 2 processes, and on 1
+    process (with a notice) to weights equal up to float summation order."""
+    root, args, _ = workspace
+    run = args + ["--micro_batch_size", "4"] + QUIET + ["--no-hellaswag"]
+    run_training(run + ["--output_dir", str(tmp_path / "plain")], processes=2)
+    run_training(run + ["--output_dir", str(tmp_path / "sharded"), "--shard_optimizer"], processes=2)
+    sharded = final_weights(tmp_path / "sharded", STEPS)
+    assert all(torch.equal(w, sharded[name]) for name, w in final_weights(tmp_path / "plain", STEPS).items())
+    checkpoint = tmp_path / "sharded" / "checkpoints" / "step_000004"
+    saved = [torch.load(folder / "checkpoints" / "step_000004" / "training_state" / "optimizer.bin", weights_only=False)
+             for folder in (tmp_path / "plain", tmp_path / "sharded")]
+    assert saved[0]["state"].keys() == saved[1]["state"].keys()  # the whole state, gathered: not rank 0's share
+    for index, moments in saved[0]["state"].items():
+        assert all(torch.equal(value, saved[1]["state"][index][key]) for key, value in moments.items()), index
+    run_training(run + ["--output_dir", str(tmp_path / "resumed_2"), "--shard_optimizer", "--resume_from_checkpoint",
+                        str(checkpoint)], processes=2)
+    assert all(torch.equal(w, sharded[name]) for name, w in final_weights(tmp_path / "resumed_2", STEPS).items())
+    one_process = args + ["--micro_batch_size", "8"] + QUIET + ["--no-hellaswag"]
+    resumed = run_training(one_process + ["--output_dir", str(tmp_path / "resumed_1"), "--resume_from_checkpoint",
+                                          str(checkpoint)])
+    assert "was written by 2 processes and this launch has 1" in resumed.stdout
+    for name, w in final_weights(tmp_path / "resumed_1", STEPS).items():
+        torch.testing.assert_close(w, sharded[name], rtol=0, atol=1e-5, msg=name)

@@ -1,0 +1,78 @@
+"""The optimisers of both recipes: which parameters each takes, and --shard_optimizer (ZeRO stage 1: each process
+keeps the AdamW state of its share of the parameters only)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.distributed.optim import ZeroRedundancyOptimizer
+
+from muon import Muon
+
+
+def configure_optimizer(model: torch.nn.Module, weight_decay: float, betas: tuple[float, float], eps: float,
+                        device_type: str, shard: bool = False) -> torch.optim.Optimizer:
+    """GPT-2's AdamW: weight decay on matmul and embedding weights (dim >= 2) only, never on biases or LayerNorms.
+    `shard`: its state split among the processes (ShardedAdamW)."""
+    params = [p for p in model.parameters() if p.requires_grad]  # the tied wte/lm_head matrix appears once
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return adamw(groups, betas, eps, device_type, shard)
+
+
+def adamw(groups: list[dict], betas: tuple[float, float], eps: float, device_type: str,
+          shard: bool) -> torch.optim.Optimizer:
+    """AdamW over `groups` at LR 0 (the LR is set before every step), fused where torch has the kernel (CPU, CUDA)."""
+    fused = device_type in ("cuda", "cpu")
+    if shard:
+        return ShardedAdamW(groups, lr=0.0, betas=betas, eps=eps, fused=fused)
+    return torch.optim.AdamW(groups, lr=0.0, betas=betas, eps=eps, fused=fused)
+
+
+class ShardedAdamW(ZeroRedundancyOptimizer):
+    """AdamW with its state split among the processes of the default process group (ZeRO stage 1, as llm.c runs its
+    larger models): each process keeps the two moments of its share of the parameters, updates that share and
+    broadcasts it. The update is AdamW's, elementwise, so the weights are those of plain AdamW.
+
+    A checkpoint holds the whole state, as plain AdamW's does: `state_dict()` gathers it on rank 0 (a collective:
+    every process calls it, as Accelerate's save_state does), and `load_state_dict()` keeps this process's share of
+    it, so a run resumes on any number of processes, and with or without sharding."""
+
+    def __init__(self, groups: list[dict], **adamw_options: Any):
+        super().__init__(groups, optimizer_class=torch.optim.AdamW, **adamw_options)
+
+    def state_dict(self) -> dict[str, Any]:
+        self.consolidate_state_dict(to=0)
+        if self.rank == 0:
+            return super().state_dict()
+        # Only rank 0's is written. The others give the groups without a state: what Accelerate's prepare() hands
+        # back to load_state_dict() (to place the state on the device) must be a state dict, and not a stale one.
+        return {"state": {}, "param_groups": torch.optim.Optimizer.state_dict(self)["param_groups"]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if self.optim.defaults.get("fused"):  # the fused kernel wants each step count beside its parameter, where
+            for param, state in self.optim.state.items():  # ZeroRedundancyOptimizer moved them to the CPU
+                if "step" in state:
+                    state["step"] = state["step"].to(param.device)
+
+
+def configure_muon(model: torch.nn.Module, momentum: float, weight_decay: float, betas: tuple[float, float],
+                   eps: float, device_type: str, shard: bool = False) -> list[torch.optim.Optimizer]:
+    """The speedrun's optimisers for a GPT2ReproForCausalLM: Muon on every 2-D weight matrix inside the blocks, the
+    fused q|k|v projection as three C x C matrices; AdamW on the rest: the embeddings and an untied head (with weight
+    decay, as matrices), biases and norm gains (without). Every group is named for train_accelerate.peak_lr and
+    starts at LR 0 (set before every step). `shard`: the AdamW state split among the processes (ShardedAdamW); Muon's
+    momentum stays on every process (its Newton-Schulz work is shared out either way)."""
+    blocks = model.transformer.h
+    qkv = [block.attn.c_attn.weight for block in blocks]
+    matrices = [p for p in blocks.parameters() if p.dim() == 2 and all(p is not q for q in qkv)]
+    embeddings = [m.weight for m in (model.transformer.wte, model.transformer.wpe) if m is not None]
+    head = [] if model.config.tie_word_embeddings else [model.lm_head.weight]
+    named = {id(p) for p in qkv + matrices + embeddings + head}
+    groups = [{"params": embeddings, "name": "embeddings", "weight_decay": weight_decay},
+              {"params": head, "name": "head", "weight_decay": weight_decay},
+              {"params": [p for p in model.parameters() if id(p) not in named], "name": "adamw", "weight_decay": 0.0}]
+    muon = Muon([{"params": qkv, "name": "muon", "parts": 3}, {"params": matrices, "name": "muon"}], lr=0.0,
+                momentum=momentum, weight_decay=weight_decay)
+    return [muon, adamw([g for g in groups if g["params"]], betas, eps, device_type, shard)]
