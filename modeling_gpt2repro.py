@@ -516,6 +516,9 @@ def training_flops_per_token(num_parameters_for_flops: int, n_layer: int, n_embd
     return 6 * num_parameters_for_flops + 12 * n_layer * n_embd * seq_len
 
 
+OPENAI_GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # 124M, 350M, 774M, 1.5B
+
+
 class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
 
@@ -615,10 +618,13 @@ class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_gpt2(cls, source: str | os.PathLike | PreTrainedModel, **from_pretrained_kwargs) -> "GPT2ReproForCausalLM":
-        """Import OpenAI GPT-2 weights (any size) from a Hub id ("openai-community/gpt2"), a local folder, or a
-        `transformers.GPT2LMHeadModel`. The padded embedding rows are zero; they never reach a caller."""
+        """Import OpenAI GPT-2 weights from one of its names ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl": 124M to
+        1.5B, under openai-community/ on the Hub), another Hub id, a local folder, or a `transformers.GPT2LMHeadModel`.
+        The padded embedding rows are zero; they never reach a caller."""
         from transformers import GPT2LMHeadModel
 
+        if isinstance(source, str) and source in OPENAI_GPT2_NAMES:
+            source = f"openai-community/{source}"
         if isinstance(source, PreTrainedModel):
             gpt2 = source
         else:

@@ -15,7 +15,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from safetensors import SafetensorError, safe_open
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
@@ -128,16 +127,6 @@ def short_models(model) -> dict:
                                          num_hidden_layers=2, num_attention_heads=4,
                                          max_position_embeddings=SHORT_CONTEXT)).eval()
     return {"gpt2": gpt2, "ours": GPT2ReproForCausalLM.from_gpt2(gpt2).eval(), "llama": llama}
-
-
-@pytest.fixture
-def fresh_accelerate():
-    """Each in-process run of main builds its own Accelerator: clear Accelerate's process-wide singletons around it."""
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def file_contents(folder: Path) -> dict[str, bytes | None]:

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import AutoConfig, AutoModelForCausalLM, GPT2LMHeadModel, pipeline
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, pipeline
 from transformers.cache_utils import DynamicCache
 
 import modeling_gpt2repro
@@ -68,6 +68,27 @@ def test_import_from_gpt2_gives_equal_logits_and_loss(tiny_gpt2):
     assert ours.logits.shape == (3, 40, V)
     torch.testing.assert_close(ours.logits, ref.logits, atol=1e-5, rtol=0)
     torch.testing.assert_close(ours.loss, ref.loss, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name, n_head, n_embd", [("gpt2-medium", 16, 1024), ("gpt2-large", 20, 1280),
+                                                 ("gpt2-xl", 25, 1600)])
+def test_every_openai_size_imports_by_name_from_the_hub_cache_and_exports_back_exactly(name, n_head, n_embd, tmp_path):
+    """OpenAI's larger GPT-2s, each in its width and heads (2 of its layers, random weights: the real ones are not
+    reachable offline), laid out in a Hub cache as a download leaves them: imported by name, the logits equal
+    GPT2LMHeadModel's, and to_gpt2() gives back every weight exactly."""
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=n_head, n_embd=n_embd)).eval()
+    repo = tmp_path / f"models--openai-community--{name}"
+    gpt2.save_pretrained(repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    model = GPT2ReproForCausalLM.from_gpt2(name, cache_dir=tmp_path).eval()  # HF_HUB_OFFLINE=1 (conftest)
+    assert (model.config.n_head, model.config.n_embd) == (n_head, n_embd)
+    x = ids(2, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, gpt2(x).logits, atol=1e-4, rtol=0)
+    exported = model.to_gpt2().state_dict()
+    assert all(torch.equal(exported[key], value) for key, value in gpt2.state_dict().items()), name
 
 
 def test_export_to_gpt2_gives_equal_logits(tiny_config):
