@@ -22,7 +22,7 @@ from io_helpers import first_line, fsync_folder, fsync_tree, write_json_atomic
 from metrics_log import GPT2_124M_HELLASWAG, GPT2_124M_VAL_LOSS, GPT3_124M_HELLASWAG, MetricsLog
 from modeling_gpt2repro import GPT2ReproForCausalLM
 from run_control import TrainingError, decided_on_rank0
-from token_shards import ShardedTokenLoader, file_sha256
+from token_shards import BatchPrefetcher, ShardedTokenLoader, file_sha256
 from tokenization_gpt2repro import EOT_TOKEN_ID
 
 CHECKPOINT_PREFIX = "step_"
@@ -206,8 +206,8 @@ def save_hf_folder(model: GPT2ReproForCausalLM, tokenizer, folder: Path, args: a
     write_model_card(folder, args, step, tokens_seen, metrics)
 
 
-def save_checkpoint(accelerator: Accelerator, model, tokenizer, train_loader: ShardedTokenLoader, step: int,
-                    args: argparse.Namespace, metrics: MetricsLog | None, pusher: HubPusher | None,
+def save_checkpoint(accelerator: Accelerator, model, tokenizer, train_loader: ShardedTokenLoader | BatchPrefetcher,
+                    step: int, args: argparse.Namespace, metrics: MetricsLog | None, pusher: HubPusher | None,
                     evaluated: bool = True) -> Path:
     """Write checkpoints/step_NNNNNN/ = training_state/ (Accelerate's state: weights, optimiser, RNG of every rank),
     loader_rank{r}.json, trainer_state.json and hf/ (the model folder). Everything goes to a temporary folder

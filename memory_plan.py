@@ -6,8 +6,9 @@ on any machine. Per process, at the peak of a step (the end of the last micro-st
   momentum), plus DDP's gradient buckets (a second copy of the gradients) with more than one process;
 - under bf16 autocast, the bf16 copies of the blocks' matmul weights that the forward casts and backward keeps;
 - activations: what autograd saves for backward, per token and block (below), times the micro-batch's tokens;
-- the loss: train_step's chunked loss keeps d(loss)/d(hidden) and d(loss)/d(lm_head), and holds one chunk of
-  (rows, padded vocab) logits and their gradient while it runs.
+- the loss: eager, the chunked loss keeps d(loss)/d(hidden) and d(loss)/d(lm_head), and holds one chunk of
+  (rows, padded vocab) logits and their gradient while it runs; compiled, the plain loss over the whole logits;
+- the optimiser state split over the processes with --shard_optimizer (AdamW's; Muon's stays whole).
 The activation and state figures are checked in tests/test_memory_plan.py against what torch holds on a CPU
 (saved-tensor hooks; the optimiser's state after a step). What no CPU can show is left to a margin: the CUDA context,
 the allocator's fragmentation and the collectives' buffers take the last 10% of the device.
@@ -15,14 +16,14 @@ the allocator's fragmentation and the collectives' buffers take the last 10% of 
 from __future__ import annotations
 
 import argparse
-import os
 import re
 
 import torch
 
 from configuration_gpt2repro import GPT2ReproConfig
-from io_helpers import CommandError, is_rank0
+from io_helpers import is_rank0
 from modeling_gpt2repro import LOSS_CHUNK_ROWS, GPT2ReproForCausalLM
+from recipes import model_config
 
 GB = 1e9
 USABLE_FRACTION = 0.9  # of a device's memory, the rest for the CUDA context, fragmentation and NCCL buffers
@@ -56,14 +57,8 @@ def parse_bytes(text: str) -> int:
 
 
 def model_on_meta(args: argparse.Namespace) -> GPT2ReproForCausalLM:
-    try:
-        config = GPT2ReproConfig(n_positions=args.seq_len, n_layer=args.n_layer, n_head=args.n_head,
-                                 n_embd=args.n_embd,
-                                 **{name: getattr(args, name) for name in GPT2ReproConfig.architecture_options})
-    except ValueError as error:  # e.g. --n_embd not divisible by --n_head
-        raise CommandError(str(error)) from None
     with torch.device("meta"):
-        return GPT2ReproForCausalLM(config)
+        return GPT2ReproForCausalLM(model_config(args))
 
 
 def optimizer_state_bytes(model: torch.nn.Module, args: argparse.Namespace, shards: int = 1) -> int:
@@ -78,67 +73,76 @@ def optimizer_state_bytes(model: torch.nn.Module, args: argparse.Namespace, shar
     return sum(4 * p.numel() for p in params if id(p) in muon) + adamw // shards
 
 
+def block_bytes_per_token(config: GPT2ReproConfig, mixed_precision: str) -> int:
+    """BLOCK_BYTES_PER_TOKEN of this block: GPT-2's when every architecture option is GPT-2's, else the speedrun's
+    (the larger: rotary, QK-norm and ReLU² each keep more)."""
+    gpt2 = GPT2ReproConfig()
+    block = "gpt2" if all(getattr(config, name) == getattr(gpt2, name) for name in config.architecture_options) \
+        else "speedrun"
+    return BLOCK_BYTES_PER_TOKEN[(block, mixed_precision)] * config.n_embd
+
+
 def activation_bytes(model: GPT2ReproForCausalLM, args: argparse.Namespace, micro_batch_size: int,
                      checkpointing: bool) -> int:
     """What autograd keeps for backward over one micro-batch: the blocks' saved tensors (with activation checkpointing
     only each block's fp32 input, and one block's full set while it is recomputed), the final norm's input and the
     loss's gradient with respect to the hidden states (fp32, 4C each)."""
     config, tokens = model.config, micro_batch_size * args.seq_len
-    block = BLOCK_BYTES_PER_TOKEN[(args.recipe, args.mixed_precision)] * config.n_embd * tokens
+    block = block_bytes_per_token(config, args.mixed_precision) * tokens
     blocks = (4 * config.n_embd * tokens * config.n_layer + block) if checkpointing else block * config.n_layer
     return blocks + 2 * 4 * config.n_embd * tokens
 
 
 def loss_bytes(model: GPT2ReproForCausalLM, args: argparse.Namespace, micro_batch_size: int) -> int:
     """The chunked loss: d(loss)/d(lm_head) (fp32, kept for backward), one chunk of fp32 logits and its gradient in
-    the matmul dtype, and under bf16 the head's bf16 copy."""
+    the matmul dtype, and under bf16 the head's bf16 copy. Compiled, the plain loss instead: the micro-batch's whole
+    (B, T, V) logits and their gradient, in the matmul dtype (an estimate: no GPU has measured inductor's buffers)."""
     vocab, width = model.config.padded_vocab_size, model.config.n_embd
     matmul_bytes = 2 if args.mixed_precision == "bf16" else 4
+    if args.compile != "off":
+        return 2 * micro_batch_size * args.seq_len * model.config.vocab_size * matmul_bytes
     rows = min(micro_batch_size * args.seq_len, LOSS_CHUNK_ROWS)
     head_copy = vocab * width * 2 if args.mixed_precision == "bf16" else 0
     return 4 * vocab * width + rows * vocab * (4 + matmul_bytes) + head_copy
 
 
-def plan(args: argparse.Namespace, world_size: int, micro_batch_size: int | None = None,
-         checkpointing: bool | None = None, shard: bool | None = None) -> dict[str, int]:
-    """Bytes per process, by part, at the flags' micro-batch, activation checkpointing and optimiser sharding unless
-    others are given."""
+def plan(args: argparse.Namespace, world_size: int, micro_batch_size: int | None = None) -> dict[str, int]:
+    """Bytes per process, by part, with the flags in `args`, at their micro-batch unless another is given."""
     micro_batch_size = args.micro_batch_size if micro_batch_size is None else micro_batch_size
-    checkpointing = args.gradient_checkpointing if checkpointing is None else checkpointing
-    shard = args.shard_optimizer if shard is None else shard
     model = model_on_meta(args)
     parameters = sum(p.numel() for p in model.parameters())
     block_matrices = sum(p.numel() for p in model.transformer.h.parameters() if p.dim() == 2)
-    parts = {
+    shards = world_size if args.shard_optimizer else 1
+    return {
         "weights (fp32)": 4 * parameters,
         "gradients (fp32)": 4 * parameters,
         "DDP gradient buckets": 4 * parameters if world_size > 1 else 0,
-        "optimiser state": optimizer_state_bytes(model, args, world_size if shard else 1),
+        "optimiser state": optimizer_state_bytes(model, args, shards),
         "bf16 weight copies (autocast)": 2 * block_matrices if args.mixed_precision == "bf16" else 0,
-        "activations": activation_bytes(model, args, micro_batch_size, checkpointing),
-        "loss (chunked)": loss_bytes(model, args, micro_batch_size),
+        "activations": activation_bytes(model, args, micro_batch_size, args.gradient_checkpointing),
+        "loss (whole logits, compiled)" if args.compile != "off" else "loss (chunked)":
+            loss_bytes(model, args, micro_batch_size),
     }
-    return parts
 
 
 def detected_device_memory() -> int | None:
     return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
 
 
-def describe(args: argparse.Namespace) -> str:
+def describe(args: argparse.Namespace, world_size: int) -> str:
     """The plan as printed by --dry_run: the run, each part's bytes per process, and the verdict with a remedy."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # accelerate launch and torchrun set it
     model = model_on_meta(args)
     parameters = sum(p.numel() for p in model.parameters())
     tokens_per_micro_step = args.micro_batch_size * args.seq_len * world_size
-    accumulation = args.total_batch_size / tokens_per_micro_step
+    accumulation = args.total_batch_size // tokens_per_micro_step
     lines = [f"memory plan: {args.preset or 'flags'}, recipe {args.recipe}, {parameters:,} parameters "
              f"({args.n_layer} layers, width {args.n_embd}, {args.n_head} heads, context {args.seq_len})",
              f"{args.max_steps:,} steps x {args.total_batch_size:,} tokens = "
              f"{args.max_steps * args.total_batch_size:,} tokens; {world_size} process(es), micro-batch "
              f"{args.micro_batch_size} x {args.seq_len}, "
-             f"{accumulation:g} micro-steps per step; mixed precision {args.mixed_precision}, activation "
-             f"checkpointing {'on' if args.gradient_checkpointing else 'off'}",
+             f"{accumulation} micro-steps per step; mixed precision {args.mixed_precision}, compile {args.compile}, "
+             f"activation checkpointing {'on' if args.gradient_checkpointing else 'off'}, optimiser state "
+             f"{'sharded' if args.shard_optimizer and world_size > 1 else 'whole'}",
              "per process:"]
     parts = plan(args, world_size)
     lines += [f"  {name:32} {size / GB:8.2f} GB" for name, size in parts.items()]
@@ -159,31 +163,39 @@ def describe(args: argparse.Namespace) -> str:
 
 
 def remedies(args: argparse.Namespace, world_size: int, usable: float) -> list[str]:
-    """The flags that make the run fit `usable` bytes, one line per way: the largest smaller micro-batch that still
-    divides the step's tokens; --shard_optimizer (with more than one process); activation checkpointing; each with
-    the ways before it where it needs them."""
+    """The flags that make the run fit `usable` bytes, one line per way that allows a larger micro-batch than the ways
+    before it: a smaller micro-batch (one that still divides the step's tokens); the chunked loss (--compile off);
+    --shard_optimizer (with more than one process); activation checkpointing."""
     rows_per_step = args.total_batch_size // (args.seq_len * world_size)  # micro-batch x accumulation, per process
     batches = [b for b in range(args.micro_batch_size, 0, -1) if rows_per_step % b == 0]
-    ways = [(False, False), (True, False), (True, True)] if world_size > 1 else [(False, False), (False, True)]
-    found = []
-    for shard, checkpointing in ways:
-        shard, checkpointing = shard or args.shard_optimizer, checkpointing or args.gradient_checkpointing
-        new_flags = (["--shard_optimizer"] if shard and not args.shard_optimizer else []) + \
-                    (["--gradient_checkpointing"] if checkpointing and not args.gradient_checkpointing else [])
-        for b in batches if new_flags else batches[1:]:
-            total = sum(plan(args, world_size, b, checkpointing, shard).values())
+    shard = {"shard_optimizer": True} if world_size > 1 else {}
+    ways = [{}, {"compile": "off"}] + ([shard] if shard else []) + [{"gradient_checkpointing": True, **shard}]
+    flags = {"compile": "--compile off", "shard_optimizer": "--shard_optimizer",
+             "gradient_checkpointing": "--gradient_checkpointing"}
+    found, largest = [], 0
+    for way in ways:
+        changed = {name: value for name, value in way.items() if getattr(args, name) != value}
+        if way and not changed:
+            continue
+        variant = argparse.Namespace(**{**vars(args), **changed})
+        for b in batches if changed else batches[1:]:
+            total = sum(plan(variant, world_size, b).values())
             if total <= usable:
-                flags = ([f"--micro_batch_size {b}"] if b != args.micro_batch_size else []) + new_flags
-                found.append(f"  {' '.join(flags)}: {total / GB:.1f} GB ({rows_per_step // b} micro-steps per step)")
+                if b > largest:
+                    named = ([f"--micro_batch_size {b}"] if b != args.micro_batch_size else []) + \
+                            [flags[name] for name in changed]
+                    found.append(f"  {' '.join(named)}: {total / GB:.1f} GB ({rows_per_step // b} micro-steps per "
+                                 f"step)")
+                    largest = b
                 break
-    return list(dict.fromkeys(found)) or ["  neither a smaller micro-batch, --shard_optimizer nor activation "
-                                          "checkpointing: more processes, or FSDP (parameter and gradient sharding)"]
+    return found or ["  none of a smaller micro-batch, --compile off, --shard_optimizer and activation checkpointing: "
+                     "more processes, or FSDP (parameter and gradient sharding)"]
 
 
-def print_plan(args: argparse.Namespace) -> None:
-    """--dry_run: the plan, printed once per launch. `auto` precision is planned as bf16, what the GPUs the presets are
-    for (A100, H100, H200) run; --mixed_precision no plans fp32."""
-    if args.mixed_precision == "auto":
-        args.mixed_precision = "bf16"
+def print_plan(args: argparse.Namespace, world_size: int) -> None:
+    """--dry_run: the plan, printed once per launch. `auto` is planned as on the GPUs the presets are for (A100, H100,
+    H200): bf16 autocast, compiled; --mixed_precision no and --compile off plan those."""
+    args.mixed_precision = "bf16" if args.mixed_precision == "auto" else args.mixed_precision
+    args.compile = "on" if args.compile == "auto" else args.compile
     if is_rank0():
-        print(describe(args))
+        print(describe(args, world_size))

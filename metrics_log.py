@@ -88,8 +88,6 @@ def log_evaluation(accelerator: Accelerator, metrics: MetricsLog | None, step: i
     accelerator.log({f"eval/{k}": v for k, v in result.items() if k != "samples"}, step=step)
 
 
-
-
 def log_train_step(accelerator: Accelerator, metrics: MetricsLog | None, progress: tqdm, step: int, *, loss: float,
                    lr: float, grad_norm: float, step_time: float, tokens_per_sec: float, mfu: float | None) -> None:
     """A train step's record in metrics.jsonl and on the progress bar (main process), and its numbers sent to the

@@ -2,6 +2,7 @@
 keeps the AdamW state of its share of the parameters only)."""
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Any
 
 import torch
@@ -44,13 +45,18 @@ class ShardedAdamW(ZeroRedundancyOptimizer):
     def state_dict(self) -> dict[str, Any]:
         self.consolidate_state_dict(to=0)
         if self.rank == 0:
-            return super().state_dict()
+            whole = super().state_dict()
+            self._all_state_dicts = []  # the gathered copies: host memory the size of the whole state until next time
+            return whole
         # Only rank 0's is written. The others give the groups without a state: what Accelerate's prepare() hands
         # back to load_state_dict() (to place the state on the device) must be a state dict, and not a stale one.
         return {"state": {}, "param_groups": torch.optim.Optimizer.state_dict(self)["param_groups"]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
+        # The wrapper's own copy of this process's share (torch's Optimizer.load_state_dict made it; the inner AdamW
+        # holds the one in use): a second copy of the shard on the device otherwise.
+        self.state = defaultdict(dict)
         if self.optim.defaults.get("fused"):  # the fused kernel wants each step count beside its parameter, where
             for param, state in self.optim.state.items():  # ZeroRedundancyOptimizer moved them to the CPU
                 if "step" in state:

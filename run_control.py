@@ -61,7 +61,7 @@ class TrainingInterrupted(CommandStopped):
     exit_code = EXIT_INTERRUPTED
 
     def __init__(self, step: int, latest: Path | None):
-        super().__init__(f"interrupted at step {step}; {where_to_continue(latest)}")
+        super().__init__(f"error: interrupted at step {step}; {where_to_continue(latest)}")  # as every Ctrl-C line
         self.step = step
 
 

@@ -21,6 +21,7 @@ import contextlib
 import functools
 import gc
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,7 +34,6 @@ from tqdm.auto import tqdm
 import checkpointing
 import memory_plan
 import prepare_data
-from configuration_gpt2repro import GPT2ReproConfig
 from eval_hellaswag import load_hellaswag_for_training
 from evaluation import RECIPE_VAL_TOKENS, choose_val_tokens, evaluate
 from hardware import build_accelerator, peak_flops_per_device
@@ -41,7 +41,7 @@ from io_helpers import check_writable_folder, run_command
 from metrics_log import MetricsLog, log_evaluation, log_train_step
 from modeling_gpt2repro import GPT2ReproForCausalLM, enable_activation_checkpointing
 from optimizers import configure_muon, configure_optimizer
-from recipes import PRESETS, RECIPES, as_flags
+from recipes import PRESETS, RECIPES, as_flags, model_config
 from run_control import (
     EXIT_PREEMPTED,
     StopSignals,
@@ -319,10 +319,8 @@ def open_run(accelerator: Accelerator, args: argparse.Namespace) -> tuple[Path |
     output_dir, is_main = Path(args.output_dir), accelerator.is_main_process
     checked_on_every_rank(accelerator, lambda: check_writable_folder(output_dir, "--output_dir"))
     resume_from = decided_on_rank0(accelerator, lambda: checkpointing.choose_resume_checkpoint(args, output_dir))
-    if args.preset in ("cpu-demo", "cpu-demo-speedrun") and not any(Path(args.data_dir).glob("*train*")):
-        # The demo's data is built from the embedded corpus the first time, by rank 0: the others wait, whatever happens
-        demo_data = prepare_data.parse_args(["--dataset", "embedded", "--output_dir", args.data_dir])
-        decided_on_rank0(accelerator, lambda: prepare_data.prepare(demo_data))
+    if args.preset in ("cpu-demo", "cpu-demo-speedrun"):  # its data is built from the embedded corpus the first time
+        decided_on_rank0(accelerator, lambda: prepare_demo_data(args.data_dir))  # by rank 0; the others wait for it
 
     def open_data() -> ShardedTokenLoader:  # on every rank: a node without the shards stops them all
         try:
@@ -344,22 +342,23 @@ def open_run(accelerator: Accelerator, args: argparse.Namespace) -> tuple[Path |
     return resume_from, train_loader, pusher, hellaswag
 
 
-def build_model(args: argparse.Namespace, device_type: str, world_size: int) -> tuple[GPT2ReproForCausalLM, list]:
-    """The model, initialised from --seed (the same weights on every process), and its optimisers."""
-    try:
-        config = GPT2ReproConfig(n_positions=args.seq_len, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
-                                 **{name: getattr(args, name) for name in GPT2ReproConfig.architecture_options})
-    except ValueError as error:  # e.g. --n_embd not divisible by --n_head
-        raise TrainingError(str(error)) from None
+def prepare_demo_data(data_dir: str) -> None:
+    if not any(Path(data_dir).glob("*train*")):
+        prepare_data.prepare(prepare_data.parse_args(["--dataset", "embedded", "--output_dir", data_dir]))
+
+
+def build_model(args: argparse.Namespace, device: torch.device, world_size: int) -> tuple[GPT2ReproForCausalLM, list]:
+    """The model, initialised from --seed (the same weights on every process), on `device`, and its optimisers (built
+    there: a sharded optimiser's collectives run on the device of its parameters)."""
     set_seed(args.seed)
-    model = GPT2ReproForCausalLM(config)
+    model = GPT2ReproForCausalLM(model_config(args)).to(device)
     if args.gradient_checkpointing:
         enable_activation_checkpointing(model)
     betas, shard = (args.beta1, args.beta2), args.shard_optimizer and world_size > 1  # one process: nothing to split
     if args.optimizer == "muon":
-        return model, configure_muon(model, args.muon_momentum, args.weight_decay, betas, args.adam_eps, device_type,
+        return model, configure_muon(model, args.muon_momentum, args.weight_decay, betas, args.adam_eps, device.type,
                                      shard)
-    return model, [configure_optimizer(model, args.weight_decay, betas, args.adam_eps, device_type, shard)]
+    return model, [configure_optimizer(model, args.weight_decay, betas, args.adam_eps, device.type, shard)]
 
 
 def train(args: argparse.Namespace) -> Path | None:
@@ -372,7 +371,7 @@ def train(args: argparse.Namespace) -> Path | None:
     output_dir = Path(args.output_dir)
     resume_from, train_loader, pusher, hellaswag_examples = open_run(accelerator, args)
     tokenizer = get_tokenizer()
-    model, optimizers = build_model(args, device.type, world_size)
+    model, optimizers = build_model(args, device, world_size)
     flops_per_token, parameters = model.flops_per_token(args.seq_len), sum(p.numel() for p in model.parameters())
     model, *optimizers = accelerator.prepare(model, *optimizers)
     raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)  # for evaluation, sampling and saving
@@ -459,10 +458,17 @@ def train(args: argparse.Namespace) -> Path | None:
     return checkpoints.latest
 
 
+def plan(args: argparse.Namespace) -> None:
+    """--dry_run: the memory plan for this launch's processes (WORLD_SIZE), whose batch must divide as train's."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    gradient_accumulation_steps(args.total_batch_size, args.micro_batch_size, args.seq_len, world_size)
+    memory_plan.print_plan(args, world_size)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     # Each rank prints its own error: a shard can turn out corrupt mid-run on one rank only.
-    run_command(lambda: memory_plan.print_plan(args) if args.dry_run else train(args), errors=(ShardFormatError,),
+    run_command(lambda: plan(args) if args.dry_run else train(args), errors=(ShardFormatError,),
                 errors_on_every_rank=True,
                 on_ctrl_c=lambda: where_to_continue(checkpointing.latest_checkpoint(Path(args.output_dir))))
 

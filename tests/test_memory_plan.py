@@ -13,7 +13,7 @@ import memory_plan
 import train_accelerate
 from modeling_gpt2repro import GPT2ReproForCausalLM
 from optimizers import configure_muon, configure_optimizer
-from train_helpers import REPO
+from train_helpers import REPO, run_main, the_error_line
 
 # OpenAI's GPT-2 sizes (their 50257-row embeddings) and ours: 47 padding rows of width C more (50304 = 393 x 128)
 GPT2_FAMILY = {"gpt2-124m": (124_439_808, 768), "gpt2-350m": (354_823_168, 1024), "gpt2-774m": (774_030_080, 1280),
@@ -89,14 +89,15 @@ def test_activations_are_planned_within_a_quarter_of_what_autograd_keeps(recipe,
         measured -= memory_plan.plan(args, world_size=1)["bf16 weight copies (autocast)"]
     planned = memory_plan.activation_bytes(model, args, args.micro_batch_size, checkpointing)
     if checkpointing:  # the plan's peak adds the block recomputed in backward, which the forward does not hold
-        planned -= memory_plan.BLOCK_BYTES_PER_TOKEN[(recipe, precision)] * config.n_embd * tokens
+        planned -= memory_plan.block_bytes_per_token(config, precision) * tokens
     assert abs(planned - measured) <= 0.25 * measured, (planned, measured)
 
 
 @pytest.mark.parametrize("preset, processes, device_memory, verdict, remedy", [
-    ("gpt2-1558m", 8, "80GB", "fit: no", "--micro_batch_size 8 --shard_optimizer: 48.9 GB (16 micro-steps per step)"),
-    ("gpt2-774m", 8, "80GB", "fit: no", "--shard_optimizer: 70.8 GB (2 micro-steps per step)"),
-    ("gpt2-350m", 1, "24GB", "fit: no", "--micro_batch_size 8: 15.5 GB (64 micro-steps per step)"),
+    ("gpt2-1558m", 8, "80GB", "fit: no", "--gradient_checkpointing --shard_optimizer: 32.7 GB (8 micro-steps"),
+    ("gpt2-774m", 8, "80GB", "fit: no", "--micro_batch_size 16: 49.0 GB (4 micro-steps per step)"),
+    ("gpt2-350m", 8, "80GB", "fit: no", "--compile off: 71.0 GB (1 micro-steps per step)"),
+    ("gpt2-350m", 1, "24GB", "fit: no", "--micro_batch_size 8: 15.6 GB (64 micro-steps per step)"),
     ("gpt2-124m", 8, "80GB", "fit: yes", None),
 ])
 def test_dry_run_plans_without_data_and_names_the_flags_that_fit(tmp_path, preset, processes, device_memory, verdict,
@@ -109,3 +110,9 @@ def test_dry_run_plans_without_data_and_names_the_flags_that_fit(tmp_path, prese
     assert f"{processes} process(es)" in result.stdout and verdict in result.stdout, result.stdout
     assert remedy is None or remedy in result.stdout, result.stdout
     assert not (tmp_path / "no_data").exists() and not any(tmp_path.iterdir())
+
+
+def test_dry_run_refuses_a_batch_the_run_would_refuse(capsys):
+    status, _, err = run_main(train_accelerate.main, ["--preset", "gpt2-124m", "--micro_batch_size", "48", "--dry_run"],
+                              capsys)
+    assert status == 1 and the_error_line(err).startswith("error: --total_batch_size 524288 is not a multiple of")

@@ -209,5 +209,5 @@ def test_ctrl_c_is_one_line_naming_how_to_continue(finished_run, tmp_path):
     assert process.returncode == 130, err[-3000:]
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
-    assert last.startswith("interrupted at step ") and "--resume_from_checkpoint latest" in last
+    assert last.startswith("error: interrupted at step ") and "--resume_from_checkpoint latest" in last
     assert str(output_dir / "checkpoints") in last

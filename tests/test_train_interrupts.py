@@ -94,7 +94,8 @@ def test_ctrl_c_at_random_moments_stops_at_once_and_resumes_exactly(workspace, l
             moments.append(moment)
             last = err.strip().splitlines()[-1]
             assert process.returncode == 130 and "Traceback" not in err, err[-3000:]
-            assert last.startswith("interrupted at step ") and "--resume_from_checkpoint latest" in last, err[-3000:]
+            assert last.startswith("error: interrupted at step ") and "--resume_from_checkpoint latest" in last, \
+                err[-3000:]
             step = int(last.split("at step ")[1].split(";")[0])
             assert f"(from {output_dir / 'checkpoints' / f'step_{step:06d}'})" in last  # saved at the step it names
     finally:
