@@ -623,7 +623,7 @@ class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
         The padded embedding rows are zero; they never reach a caller."""
         from transformers import GPT2LMHeadModel
 
-        if isinstance(source, str) and source in OPENAI_GPT2_NAMES:
+        if isinstance(source, str) and source in OPENAI_GPT2_NAMES and not os.path.isdir(source):  # a folder wins
             source = f"openai-community/{source}"
         if isinstance(source, PreTrainedModel):
             gpt2 = source
