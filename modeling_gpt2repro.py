@@ -524,6 +524,10 @@ class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
 
     def __init__(self, config: GPT2ReproConfig):
         super().__init__(config)
+        # save_pretrained maps AutoModelForCausalLM to this class; the base model too, so that AutoModel (features,
+        # serving engines' transformers backends) loads a checkpoint of this class with trust_remote_code.
+        base_model = {"AutoModel": "modeling_gpt2repro.GPT2ReproModel"}
+        config.auto_map = {**base_model, **(getattr(config, "auto_map", None) or {})}  # a loaded config's entries win
         self.transformer = GPT2ReproModel(config)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.post_init()

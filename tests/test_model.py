@@ -617,7 +617,13 @@ def test_save_then_fresh_process_auto_load_gives_equal_logits_and_generation(tmp
     model.save_pretrained(ckpt)
     config = json.loads((ckpt / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_gpt2repro.GPT2ReproForCausalLM"
+    assert config["auto_map"]["AutoModel"] == "modeling_gpt2repro.GPT2ReproModel"  # features and serving backends
     assert (ckpt / "model.safetensors").exists() and (ckpt / "configuration_gpt2repro.py").exists()
+    # AutoModel in a process of its own: in this one, remote code would replace the registered config class
+    load_base = "import sys; from transformers import AutoModel; print(type(AutoModel.from_pretrained(sys.argv[1], " \
+                "trust_remote_code=True)).__name__)"
+    result = subprocess.run([sys.executable, "-c", load_base, str(ckpt)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.split()[-1] == "GPT2ReproModel", result.stderr[-3000:]
     x = ids(2, 9)
     mask = torch.ones_like(x)
     mask[1, :3] = 0  # a left-padded row
