@@ -144,21 +144,12 @@ def run_command(body: Callable[[], None], on_ctrl_c: str | Callable[[], str],
         sys.exit(stop.exit_code)
 
 
-def writable_folder_problem(folder: Path) -> str | None:
-    """Why files cannot be written in `folder` (made with its parents when missing), or None. Nothing is created
-    when it cannot be: a path through a file, say."""
+def check_writable_folder(folder: Path, flag: str) -> None:
+    """A CommandError naming `flag` unless files can be written in `folder` (made with its parents when missing)."""
     if folder.exists() and not folder.is_dir():
-        return "is a file, not a folder"
+        raise CommandError(f"{flag} {folder} is a file, not a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()  # the sure test: root passes every os.access check
     except OSError as error:
-        return f"is not writable ({error.strerror or first_line(error)})"
-    return None
-
-
-def check_writable_folder(folder: Path, flag: str) -> None:
-    """A CommandError naming `flag` unless files can be written in `folder` (made when missing)."""
-    problem = writable_folder_problem(folder)
-    if problem is not None:
-        raise CommandError(f"{flag} {folder} {problem}")
+        raise CommandError(f"{flag} {folder} is not writable ({error.strerror or first_line(error)})") from None
