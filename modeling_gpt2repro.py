@@ -17,10 +17,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.output_capturing import capture_outputs
 
 try:
     from .configuration_gpt2repro import GPT2ReproConfig
@@ -36,38 +39,35 @@ _CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight"
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPT2ReproConfig, layer_idx: int):
         super().__init__()
-        self.config = config  # read at each call: `set_attn_implementation` switches sdpa <-> eager on a live model
+        self.config = config  # read at each call: `set_attn_implementation` switches the kernel on a live model
         self.layer_idx = layer_idx  # this layer's slot in the KV cache
         self.n_head = config.n_head
+        self.head_dim = config.n_embd // config.n_head
+        self.scaling = self.head_dim**-0.5  # softmax(q k^T / sqrt(hs))
+        self.is_causal = True  # read by transformers' attention functions
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v of all heads at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.is_residual_projection = True
 
     def forward(
-        self, x: torch.Tensor, cache: Cache | None, attn_mask: torch.Tensor | None, rotary: tuple | None,
-        output_attentions: bool = False,
+        self, x: torch.Tensor, attention_mask: torch.Tensor | None, rotary: tuple | None, cache: Cache | None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         if self.config.qk_norm:  # bounds the attention logits, which lets the speedrun's large LRs train stably
             q, k = F.rms_norm(q, (q.shape[-1],)), F.rms_norm(k, (k.shape[-1],))
         if rotary is not None:  # before the cache: cached keys keep the rotation of their own positions
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, nh, S, hs)
-        att = None
-        if self.config._attn_implementation == "eager":
-            y, att = eager_attention(q, k, v, attn_mask)
-        elif attn_mask is None:
-            # No padding and no chunk on top of a cache: the flash kernel's causal mask is exact (on CPU too).
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
-        return self.c_proj(y), att if output_attentions else None
+        # sdpa, eager, flex_attention, flash_attention_2/3 or a Hub kernel: whatever config._attn_implementation names
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        y, att = attention(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)  # (B, T, nh, hs)
+        return self.c_proj(y.reshape(B, T, C)), att  # the heads side by side again
 
 
 def rotary_cos_sin(position_ids: torch.Tensor, head_size: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,21 +84,23 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
 
 
-def eager_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None
+def eager_attention_forward(
+    module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None,
+    scaling: float, dropout: float = 0.0, **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention written out, softmax(q k^T / sqrt(hs)) v: what SDPA computes, with the probabilities kept
-    (`output_attentions`). `attn_mask` None means plain causal, aligned to the last query (a cache's new tokens)."""
+    (`output_attentions`). `attention_mask` is transformers' mask for this call (B or 1, 1, T, S): additive float, or
+    boolean where True attends; None means plain causal, aligned to the last query (a cache's new tokens)."""
     T, S = q.shape[-2], k.shape[-2]
-    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, nh, T, S)
-    if attn_mask is None:
-        attn_mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
-    if attn_mask.dtype == torch.bool:
-        att = att.masked_fill(~attn_mask, float("-inf"))
-    else:  # an additive float mask, as SDPA takes it
-        att = att + attn_mask
-    att = att.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
-    return att @ v, att  # (B, nh, T, hs), (B, nh, T, S)
+    att = (q @ k.transpose(-2, -1)) * scaling  # (B, nh, T, S)
+    if attention_mask is None:
+        attention_mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    if attention_mask.dtype == torch.bool:
+        att = att.masked_fill(~attention_mask, float("-inf"))
+    else:
+        att = att + attention_mask
+    att = F.dropout(att.softmax(dim=-1, dtype=torch.float32).to(q.dtype), p=dropout, training=module.training)
+    return (att @ v).transpose(1, 2).contiguous(), att  # (B, T, nh, hs), (B, nh, T, S)
 
 
 class MLP(nn.Module):
@@ -146,44 +148,20 @@ class Block(GradientCheckpointingLayer):
         self.mlp = MLP(config)
 
     def forward(
-        self, x: torch.Tensor, cache: Cache | None, attn_mask: torch.Tensor | None, rotary: tuple | None,
-        output_attentions: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        y, att = self.attn(self.ln_1(x), cache, attn_mask, rotary, output_attentions)
-        x = x + y
-        return x + self.mlp(self.ln_2(x)), att
-
-
-def build_attention_mask(
-    attention_mask: torch.Tensor | None, q_len: int, past_len: int, device: torch.device
-) -> torch.Tensor | None:
-    """The boolean SDPA mask (B or 1, 1, T, S) for this call, or None when `is_causal` alone is exact.
-
-    `attention_mask` is the usual (B, S) 1/0 padding mask over past + new tokens (or an explicit 4-D mask, used
-    as given). SDPA's `is_causal` is aligned to the top-left corner, which is only right without a cache or
-    for a single new token, so a multi-token chunk on top of a cache needs the explicit mask too. The mask's values
-    are never read on the host (no device sync, and `torch.export` can trace it): a given padding mask is always
-    applied, even when it is all ones.
-    """
-    if attention_mask is not None and attention_mask.dim() == 4:
-        return attention_mask
-    if attention_mask is None and (past_len == 0 or q_len == 1):
-        return None
-    q_pos = torch.arange(past_len, past_len + q_len, device=device)[:, None]  # absolute positions of the queries
-    k_pos = torch.arange(past_len + q_len, device=device)[None, :]
-    mask = (k_pos <= q_pos)[None, None]  # (1, 1, T, S) causal
-    if attention_mask is not None:
-        mask = mask & attention_mask[:, None, None, :].bool()
-        # A padding query may see no key at all, and an all-masked row makes SDPA return NaN, which would then
-        # leak through later layers' values (0 * NaN). Letting every query see itself keeps every row finite.
-        mask = mask | (k_pos == q_pos)[None, None]
-    return mask
+        self, x: torch.Tensor, attention_mask: torch.Tensor | None, rotary: tuple | None, cache: Cache | None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), attention_mask, rotary, cache, **kwargs)[0]
+        return x + self.mlp(self.ln_2(x))
 
 
 # transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache` (the old name still works
 # there, with a deprecation warning). Our forwards take either name and build outputs with the installed name.
 CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
-SUPPORTED_ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+# What a forward's `**kwargs` may hold: transformers' typed keywords, which travel on to the attention functions
+# (output flags, flash attention's packed-sequence lengths), and `cache_position`, which generate() of transformers
+# < 5.24 passes.
+FORWARD_KWARGS = TransformersKwargs.__required_keys__ | TransformersKwargs.__optional_keys__ | {"cache_position"}
 
 
 def resolve_cache_argument(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
@@ -195,25 +173,55 @@ def resolve_cache_argument(cache: Cache | None, past_key_values: Cache | None) -
     return past_key_values
 
 
-def check_extra_kwargs(model: nn.Module, kwargs: dict) -> None:
-    """The base model's `**kwargs` only exists for `cache_position` (see `check_cache_position`); the causal LM passes
-    its own on unread, so this one check covers both. Anything else is a caller's mistake that would otherwise be
-    ignored without a word."""
-    unexpected = [name for name in kwargs if name != "cache_position"]
+def check_forward_kwargs(model: PreTrainedModel, kwargs: dict) -> None:
+    """The causal LM passes its `**kwargs` on unread, so this one check in the base model covers both: any other name
+    is a caller's mistake that would otherwise be ignored without a word. The probabilities exist only in the eager
+    attention; the other kernels never form them."""
+    unexpected = [name for name in kwargs if name not in FORWARD_KWARGS]
     if unexpected:
         raise TypeError(f"{type(model).__name__}.forward() got an unexpected keyword argument '{unexpected[0]}'")
+    output_attentions = kwargs.get("output_attentions")
+    output_attentions = model.config.output_attentions if output_attentions is None else output_attentions
+    if output_attentions and model.config._attn_implementation != "eager":
+        raise ValueError(
+            f"output_attentions=True needs the eager attention ({model.config._attn_implementation} never forms the "
+            f"probabilities): load the model with attn_implementation='eager' or call "
+            f"model.set_attn_implementation('eager')."
+        )
+
+
+def checked_position_ids(
+    config: GPT2ReproConfig, position_ids: torch.Tensor | None, cache: Cache | None, q_len: int, device: torch.device,
+    cache_position: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The new tokens' positions (B or 1, T): given, or following the cache; every one must have an embedding (or a
+    trained rotation). Explicit positions (left padding, packed rows) may make a row longer than the context; only
+    a position beyond it is refused. The checks read tensors on the host, so they are left out when tracing."""
+    if position_ids is not None:
+        if position_ids.numel() and not tracing() and int(position_ids.max()) >= config.n_positions:
+            raise ValueError(f"Position id {int(position_ids.max())} is beyond the model's context of "
+                             f"n_positions={config.n_positions} tokens; truncate or window the input.")
+        return position_ids
+    past_len = cache.get_seq_length() if cache is not None else 0
+    check_cache_position(cache_position, past_len, q_len)
+    if not tracing() and past_len + q_len > config.n_positions:
+        raise ValueError(
+            f"Sequence of {past_len + q_len} tokens ({past_len} cached + {q_len} new) is longer than the model's "
+            f"context of n_positions={config.n_positions} tokens; truncate or window the input."
+        )
+    return torch.arange(q_len, device=device)[None] + past_len  # (1, T)
 
 
 def check_cache_position(cache_position: torch.Tensor | None, past_len: int, q_len: int) -> None:
-    """transformers < 5.24 passes `cache_position` (the new tokens' slots in the cache). Our cache only appends, so
+    """transformers < 5.24 passes `cache_position` (the new tokens' slots in the cache). Our caches only append, so
     it must be past_len, ..., past_len + T - 1; any other value asks for something this model does not do."""
     if cache_position is None or tracing():
         return
     expected = torch.arange(past_len, past_len + q_len, device=cache_position.device)
     if not torch.equal(cache_position.flatten(), expected):
         raise ValueError(
-            f"cache_position must follow the cache ({past_len}..{past_len + q_len - 1}): this model only appends to a "
-            f"DynamicCache; pass position_ids for other positions."
+            f"cache_position must follow the cache ({past_len}..{past_len + q_len - 1}): this model's caches only "
+            f"append; pass position_ids for other positions."
         )
 
 
@@ -221,19 +229,6 @@ def tracing() -> bool:
     """Under torch.compile or torch.export, where the value checks that read tensors on the host are left out: they
     would break the graph (or fail with fullgraph=True and in export)."""
     return torch.compiler.is_compiling() or torch.compiler.is_exporting()
-
-
-def check_attn_implementation(config: GPT2ReproConfig, output_attentions: bool) -> None:
-    if config._attn_implementation not in SUPPORTED_ATTN_IMPLEMENTATIONS:
-        raise ValueError(
-            f"attn_implementation={config._attn_implementation!r} is not supported by gpt2repro; use 'sdpa' (the "
-            f"default) or 'eager'."
-        )
-    if output_attentions and config._attn_implementation != "eager":
-        raise ValueError(
-            "output_attentions=True needs the eager attention (SDPA never forms the probabilities): load the model "
-            "with attn_implementation='eager' or call model.set_attn_implementation('eager')."
-        )
 
 
 # Rows of logits the training loss holds at once: (4096, 50304) fp32 is 0.8 GB, where a whole micro-batch of
@@ -311,16 +306,17 @@ class GPT2ReproPreTrainedModel(PreTrainedModel):
     base_model_prefix = "transformer"
     _no_split_modules = ["Block"]
     _skip_keys_device_placement = ["cache", "past_key_values"]
+    # The attention runs through transformers' attention interface, so every kernel it offers works here
     _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True  # serving engines' transformers backends plug in their own kernels
+    _can_compile_fullgraph = True  # static-cache generation compiles the decoding step whole
     supports_gradient_checkpointing = True  # per Block
     accepts_loss_kwargs = False  # Trainer: our loss is a mean over the call's targets; it takes no num_items_in_batch
     _input_embed_layer = "wte"  # transformers' get/set_input_embeddings find it here, or through `transformer`
-
-    @classmethod
-    def _can_set_attn_implementation(cls) -> bool:
-        # transformers guesses this from the module's source and would say no (our attention is not its
-        # AttentionInterface), ignoring `set_attn_implementation`; our layers read config._attn_implementation per call.
-        return True
+    # output_hidden_states / output_attentions: transformers' output capture records these modules' outputs
+    _can_record_outputs = {"hidden_states": Block, "attentions": CausalSelfAttention}
 
     def resize_token_embeddings(
         self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True
@@ -420,7 +416,10 @@ class GPT2ReproModel(GPT2ReproPreTrainedModel):
         self.ln_f = make_norm(config)
         self.post_init()
 
-    @can_return_tuple  # transformers' `return_dict` (default config.return_dict): False gives output.to_tuple()
+    # Output capture: output_hidden_states gives the residual stream after the embeddings and after each block, the last
+    # one after ln_f (as transformers' GPT-2); output_attentions each layer's probabilities (B, nh, T, S), eager only.
+    # It also turns the output into a tuple for return_dict=False.
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -429,83 +428,45 @@ class GPT2ReproModel(GPT2ReproPreTrainedModel):
         cache: Cache | None = None,
         use_cache: bool | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
         past_key_values: Cache | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPast:
         r"""
-        cache: the KV cache to extend (a `DynamicCache`); `past_key_values` is its name before transformers 5.24, and
-            either name works (not both).
+        cache: the KV cache to extend (a `DynamicCache`, or a `StaticCache` for compiled decoding); `past_key_values`
+            is its name before transformers 5.24, and either name works (not both).
         inputs_embeds: (B, T, C) token embeddings to use instead of `input_ids` (exactly one of the two).
-        output_attentions: each layer's attention probabilities (B, nh, T, S); needs `attn_implementation="eager"`.
-        output_hidden_states: the residual stream after the embeddings and after each block (the last one after ln_f).
-        kwargs: only `cache_position`, which `generate` of transformers < 5.24 passes; it must be the positions that
-            follow the cache. Any other keyword raises a TypeError.
+        kwargs: transformers' typed keywords (`output_hidden_states`, `output_attentions`, flash attention's
+            packed-sequence arguments) and `cache_position`, which must be the positions that follow the cache. Any
+            other keyword raises a TypeError.
         """
         cache = resolve_cache_argument(cache, past_key_values)
-        check_extra_kwargs(self, kwargs)
+        check_forward_kwargs(self, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
-        B, T = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
-        device = input_ids.device if input_ids is not None else inputs_embeds.device
-        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
-        output_hidden_states = (self.config.output_hidden_states if output_hidden_states is None
-                                else output_hidden_states)
-        check_attn_implementation(self.config, output_attentions)
+        if inputs_embeds is None:
+            inputs_embeds = self.wte(input_ids)  # (B, T, C)
         if use_cache is None:  # a cache serves generation; a training forward would only fill it for nothing
             use_cache = self.config.use_cache and not self.training
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
-        if cache is not None and not isinstance(cache, DynamicCache):
-            # A static cache hands back all its slots, empty ones included, which our masks (built for a cache that
-            # holds exactly the tokens seen so far) would let the queries attend to.
-            raise ValueError(f"gpt2repro's attention works with a DynamicCache (generate's default), not a "
-                             f"{type(cache).__name__}: drop cache_implementation / pass a DynamicCache.")
-        past_len = cache.get_seq_length() if cache is not None else 0
-        check_cache_position(kwargs.get("cache_position"), past_len, T)
-        if position_ids is None:
-            if past_len + T > self.config.n_positions:
-                raise ValueError(
-                    f"Sequence of {past_len + T} tokens ({past_len} cached + {T} new) is longer than the model's "
-                    f"context of n_positions={self.config.n_positions} tokens; truncate or window the input."
-                )
-            position_ids = torch.arange(past_len, past_len + T, device=device)[None]  # (1, T)
-        elif position_ids.numel() and not tracing() and int(position_ids.max()) >= self.config.n_positions:
-            # Explicit positions (left padding, packed rows) may make a row longer than the context; only a
-            # position beyond it has no embedding.
-            raise ValueError(
-                f"Position id {int(position_ids.max())} is beyond the model's context of "
-                f"n_positions={self.config.n_positions} tokens; truncate or window the input."
-            )
-        attn_mask = build_attention_mask(attention_mask, T, past_len, device)
-        if inputs_embeds is None:
-            inputs_embeds = self.wte(input_ids)
-        rotary = None
-        if self.wpe is not None:
-            x = inputs_embeds + self.wpe(position_ids)  # (B, T, C)
-        else:
-            x = inputs_embeds
-            rotary = rotary_cos_sin(position_ids, self.config.n_embd // self.config.n_head, self.config.rope_theta)
-        all_hidden_states = (x,) if output_hidden_states else None
-        all_attentions = () if output_attentions else None
-        if self.training and torch.is_grad_enabled() and cache is not None and \
-                any(block.gradient_checkpointing for block in self.h):
+        checkpointing = any(block.gradient_checkpointing for block in self.h)
+        if cache is not None and self.training and torch.is_grad_enabled() and checkpointing:
             raise ValueError("Activation checkpointing recomputes blocks in backward, which would write the KV cache "
                              "twice: train with use_cache=False (the default in training mode).")
-        for i, block in enumerate(self.h):
-            x, att = block(x, cache, attn_mask, rotary, output_attentions)
-            if output_attentions:
-                all_attentions += (att,)
-            if output_hidden_states and i < len(self.h) - 1:
-                all_hidden_states += (x,)
-        x = self.ln_f(x)
-        if output_hidden_states:  # as transformers' GPT-2: the last entry is the final LayerNorm's output
-            all_hidden_states += (x,)
-        return BaseModelOutputWithPast(
-            last_hidden_state=x, hidden_states=all_hidden_states, attentions=all_attentions,
-            **{CACHE_FIELD: cache if use_cache else None},
-        )
+        position_ids = checked_position_ids(self.config, position_ids, cache, inputs_embeds.shape[1],
+                                            inputs_embeds.device, kwargs.pop("cache_position", None))
+        # transformers' mask for the configured kernel: None where `is_causal` alone is exact, else padding and the
+        # cache's layout (a static cache's empty slots) folded into an SDPA/eager mask or a flex BlockMask
+        mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                  position_ids=position_ids, **{CACHE_FIELD: cache})
+        x, rotary = inputs_embeds, None
+        if self.wpe is not None:
+            x = x + self.wpe(position_ids)  # (B, T, C)
+        else:
+            rotary = rotary_cos_sin(position_ids, self.config.n_embd // self.config.n_head, self.config.rope_theta)
+        for block in self.h:
+            x = block(x, mask, rotary, cache, position_ids=position_ids, **kwargs)
+        return BaseModelOutputWithPast(last_hidden_state=self.ln_f(x), **{CACHE_FIELD: cache if use_cache else None})
 
 
 def training_flops_per_token(num_parameters_for_flops: int, n_layer: int, n_embd: int, seq_len: int) -> int:

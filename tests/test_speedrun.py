@@ -77,6 +77,60 @@ def test_cached_generation_equals_uncached_also_batched_and_left_padded(name):
     batched = model.generate(prompt, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=50256)
     alone = model.generate(prompt[:1, 4:], max_new_tokens=12, do_sample=False, pad_token_id=50256)
     assert torch.equal(batched[0, 4:], alone[0])
+    # transformers' StaticCache (preallocated, its empty slots masked) and the eager attention: the same tokens
+    static = model.generate(prompt, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=50256,
+                            cache_implementation="static")
+    assert torch.equal(static, batched)
+    model.set_attn_implementation("eager")
+    assert torch.equal(model.generate(prompt, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                                      pad_token_id=50256), batched)
+
+
+@pytest.mark.parametrize("recipe", ["gpt2", "speedrun"])
+def test_attention_kernels_agree(recipe):
+    """Every kernel of transformers' attention interface that runs on a CPU gives sdpa's logits, padded or not, and on
+    top of a cache. Not flex with a padding mask (generate() of transformers 5.4 passes one even unpadded): torch
+    2.13's CPU flex template fails to compile it (a C++ error, `cur_kvSplitSize0` not declared), for transformers'
+    own Llama alike."""
+    model = model_with(OPTIONS.get(recipe, {})).eval()
+    x = torch.randint(0, 50257, (3, 20), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(x)
+    mask[0, :5] = 0  # left padding
+    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+
+    def logits(padded: bool) -> list[torch.Tensor]:
+        with torch.no_grad():
+            first = model(x[:, :12], use_cache=True)
+            cache = first.cache if hasattr(first, "cache") else first.past_key_values
+            results = [model(x).logits, model(x[:, 12:], cache=cache).logits]  # a multi-token chunk on a cache
+            if padded:
+                results.append(model(x, attention_mask=mask, position_ids=position_ids).logits[mask.bool()])
+            return results
+
+    sdpa = logits(padded=True)
+    for name in ("eager", "flex_attention"):
+        model.set_attn_implementation(name)
+        for ours, ref in zip(logits(padded=name != "flex_attention"), sdpa, strict=False):
+            torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("recipe", ["gpt2", "speedrun"])
+def test_compiled_static_cache_decoding_equals_dynamic(recipe):
+    """generate() with a StaticCache and its decoding step compiled whole (fullgraph: a graph break raises), as it runs
+    by default on a GPU; here the compile is asked for (`_compile_all_devices`, transformers' switch for other
+    devices). Left-padded rows included: the tokens of the dynamic cache."""
+    from transformers import CompileConfig
+
+    model = model_with(OPTIONS.get(recipe, {})).eval()
+    prompt = torch.randint(0, 50257, (2, 10), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(prompt)
+    mask[0, :4] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=50256)
+    compile_config = CompileConfig(fullgraph=True)
+    compile_config._compile_all_devices = True
+    torch._dynamo.reset()
+    compiled = model.generate(prompt, cache_implementation="static", compile_config=compile_config, **kw)
+    assert torch.equal(compiled, model.generate(prompt, **kw))
 
 
 def test_save_and_fresh_process_load_give_equal_logits(tmp_path):
