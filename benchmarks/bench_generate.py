@@ -12,14 +12,18 @@ bound: at batch B every forward reads all the weights once (plus the KV cache) f
 tokens/s <= B x read bandwidth / bytes read per forward, with the read bandwidth of this machine measured in the
 same run, between the generate calls. At batch 1 that is the real limit; at batch 8 it is loose, since matmuls of 8
 rows run far below both the bandwidth and the FMA peak of a CPU (~20 GFLOP/s on one AVX2 core here, both models).
+It also prints what torch's matmuls over the same weights take alone, with no model around them: the ceiling that
+any model built on these kernels can reach on this machine.
 
---compile runs both models' forwards under torch.compile, with generate's default dynamic KV cache (gpt2repro refuses
-a static cache): the first call of each model and batch size compiles, 0.3-2.5 min each here (less once inductor's
-on-disk cache is warm).
+Each model runs with each KV cache of --caches: `dynamic` (generate's default: the cache grows by concatenation),
+`static` (transformers' StaticCache, preallocated for prompt + new tokens, its empty slots masked), and
+`static_compiled` (the static cache with the decoding step compiled whole by generate's own compile, as transformers
+does by default on a GPU; asked for here with CompileConfig's `_compile_all_devices`). The first call of a compiled
+variant compiles (its time is printed); the timed calls reuse the graph.
 
     python benchmarks/bench_generate.py                          # float32 and auto, batch 1 and 8, 3 reps
     python benchmarks/bench_generate.py --dtypes float32 --batch_sizes 1 --reps 5 --threads 2
-    python benchmarks/bench_generate.py --compile
+    python benchmarks/bench_generate.py --caches dynamic static_compiled
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import CompileConfig, GPT2Config, GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from hardware import pin_cpu_allocator, resolve_dtype  # noqa: E402
@@ -39,6 +43,7 @@ from modeling_gpt2repro import GPT2ReproForCausalLM  # noqa: E402
 from tokenization_gpt2repro import EOT_TOKEN_ID  # noqa: E402
 
 OURS, THEIRS = "gpt2repro", "transformers GPT2LMHeadModel"
+CACHES = ("dynamic", "static", "static_compiled")
 # 256 MiB: 8x this machine's 32 MiB L3 (and larger than any L3 we know of), so the read streams from DRAM, as the
 # ~0.5 GB of float32 weights do; small enough to read several times per measurement in ~0.1 s.
 BANDWIDTH_BUFFER_BYTES = 256 << 20
@@ -58,20 +63,26 @@ def read_bandwidth(buffer: torch.Tensor, reps: int = 3) -> float:
     return buffer.numel() * buffer.element_size() / best
 
 
-def make_models(dtype: torch.dtype, seed: int, compile_models: bool) -> dict[str, torch.nn.Module]:
+def make_models(dtype: torch.dtype, seed: int) -> dict[str, torch.nn.Module]:
     """Transformers' GPT-2 124M with random weights (no Hub here) and ours with the same weights, in `dtype`."""
     torch.manual_seed(seed)
     theirs = GPT2LMHeadModel._from_config(GPT2Config(), attn_implementation="sdpa").eval()
     assert theirs.config._attn_implementation == "sdpa"
     ours = GPT2ReproForCausalLM.from_gpt2(theirs)
-    models = {OURS: ours, THEIRS: theirs}
-    for model in models.values():
-        # Whole models in `dtype`, not autocast: generation is bound by reading the weights, and autocast would read
-        # the fp32 weights and write a bf16 copy of each at every step, more traffic than fp32 alone.
-        model.to(dtype)
-        if compile_models:
-            model.compile()  # in place: generate calls the module itself, which a torch.compile wrapper would bypass
-    return models
+    # Whole models in `dtype`, not autocast: generation is bound by reading the weights, and autocast would read the
+    # fp32 weights and write a bf16 copy of each at every step, more traffic than fp32 alone.
+    return {OURS: ours.to(dtype), THEIRS: theirs.to(dtype)}
+
+
+def cache_kwargs(cache: str) -> dict:
+    """generate()'s arguments for one KV cache variant of --caches."""
+    if cache == "dynamic":
+        return {}
+    if cache == "static":
+        return {"cache_implementation": "static"}
+    compile_config = CompileConfig(fullgraph=True)  # a graph break in the decoding step is an error, not a slowdown
+    compile_config._compile_all_devices = True  # transformers compiles on accelerators only unless told
+    return {"cache_implementation": "static", "compile_config": compile_config}
 
 
 def bytes_per_forward(model: torch.nn.Module, batch_size: int, prompt_len: int, new_tokens: int) -> tuple[int, int]:
@@ -89,6 +100,22 @@ def bytes_per_forward(model: torch.nn.Module, batch_size: int, prompt_len: int, 
     return weights, int(kv_cache)
 
 
+def matmuls_alone_s(model: torch.nn.Module, batch_size: int, reps: int = 5) -> float:
+    """Seconds of one forward's weight matmuls alone (every Linear and the tied head, on (B, in) random rows), the
+    best of `reps`: what torch's kernels on this CPU take to stream the weights, with no model around them. Where it
+    is well below the bandwidth bound, the bound is out of reach for any model built on these kernels."""
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = [torch.randn(batch_size, w.shape[1], dtype=w.dtype) for w in weights]
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(reps + 1):  # the first one warms up
+            t0 = time.perf_counter()
+            for w, x in zip(weights, inputs, strict=True):
+                torch.nn.functional.linear(x, w)
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def first_difference(a: torch.Tensor, b: torch.Tensor) -> str:
     """Where two (B, T) token tensors first differ, for the error message."""
     row, col = (a != b).nonzero()[0].tolist()
@@ -98,61 +125,67 @@ def first_difference(a: torch.Tensor, b: torch.Tensor) -> str:
 
 def bench_batch(models: dict[str, torch.nn.Module], dtype: torch.dtype, batch_size: int, args: argparse.Namespace,
                 bandwidth_buffer: torch.Tensor) -> None:
-    """Times `generate` of both models, interleaved, and prints one block of results."""
+    """Times `generate` of both models with each cache of --caches, interleaved, and prints one block of results."""
     prompt = torch.randint(0, GPT2Config().vocab_size, (batch_size, args.prompt_len))
     # The all-ones mask says there is no padding; without it generate guesses (and warns) at batch > 1, since the
     # pad token is also the end-of-text token that may occur in a prompt.
     kwargs = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "do_sample": False,
               "pad_token_id": EOT_TOKEN_ID, "attention_mask": torch.ones_like(prompt)}
+    variants = [(name, cache) for cache in args.caches for name in models]
 
     tokens, warm_up_s = {}, {}
-    for name, model in models.items():  # warm up (and compile), and the tokens to check
+    for name, cache in variants:  # warm up (and compile), and the tokens to check
         t0 = time.perf_counter()
-        tokens[name] = model.generate(prompt, **kwargs)
-        warm_up_s[name] = time.perf_counter() - t0
-    for name, out in tokens.items():
-        assert out.shape == (batch_size, args.prompt_len + args.new_tokens), f"{name} generated {tuple(out.shape)}"
-    same = torch.equal(tokens[OURS], tokens[THEIRS])
-    if not same and dtype == torch.float32:
-        raise AssertionError(f"float32: the two models generated different tokens, "
-                             f"{first_difference(tokens[OURS], tokens[THEIRS])}")
+        tokens[name, cache] = models[name].generate(prompt, **kwargs, **cache_kwargs(cache))
+        warm_up_s[name, cache] = time.perf_counter() - t0
+        assert tokens[name, cache].shape == (batch_size, args.prompt_len + args.new_tokens), (name, cache)
+    reference = tokens[variants[0]]
+    differ = [variant for variant, out in tokens.items() if not torch.equal(out, reference)]
+    if differ and dtype == torch.float32:
+        raise AssertionError(f"float32: {differ[0]} generated other tokens than {variants[0]}: "
+                             f"{first_difference(tokens[differ[0]], reference)}")
 
-    times: dict[str, list[float]] = {name: [] for name in models}
+    times: dict[tuple[str, str], list[float]] = {variant: [] for variant in variants}
     bandwidths = []
-    order = list(models)
     for rep in range(args.reps):
         bandwidths.append(read_bandwidth(bandwidth_buffer))
-        # Alternating who goes first: the machine's load drifts, and the second call of a pair finds the caches
-        # warm with the first one's allocations; each model gets both positions equally often.
-        for name in order if rep % 2 == 0 else order[::-1]:
+        # Alternating the order: the machine's load drifts, and a call finds the caches warm with the previous call's
+        # allocations; each variant gets the early and late positions equally often.
+        for variant in variants if rep % 2 == 0 else variants[::-1]:
             t0 = time.perf_counter()
-            out = models[name].generate(prompt, **kwargs)
-            times[name].append(time.perf_counter() - t0)
-            assert torch.equal(out, tokens[name]), f"{name}: greedy generation is not deterministic"
+            out = models[variant[0]].generate(prompt, **kwargs, **cache_kwargs(variant[1]))
+            times[variant].append(time.perf_counter() - t0)
+            assert torch.equal(out, tokens[variant]), f"{variant}: greedy generation is not deterministic"
 
     bandwidth = statistics.median(bandwidths)
     new_tokens = batch_size * args.new_tokens
     print(f"\n{str(dtype).removeprefix('torch.')}, batch {batch_size}: {args.prompt_len}-token prompt + "
-          f"{args.new_tokens} new tokens, {args.reps} interleaved reps; tokens {'equal' if same else 'DIFFER'}"
-          + ("" if same else f" (bf16 rounding: {first_difference(tokens[OURS], tokens[THEIRS])})"))
-    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s (median of {len(bandwidths)}, max {max(bandwidths) / 1e9:.1f})"
-          + ("; first call (compiling): " + ", ".join(f"{name} {s:.0f} s" for name, s in warm_up_s.items())
-             if args.compile else ""))
+          f"{args.new_tokens} new tokens, {args.reps} interleaved reps; tokens "
+          + ("all equal" if not differ else f"DIFFER (bf16 rounding: {differ} vs {variants[0]})"))
+    weights, kv_cache = bytes_per_forward(models[OURS], batch_size, args.prompt_len, args.new_tokens)
+    bound = batch_size * bandwidth / (weights + kv_cache)
+    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s (median of {len(bandwidths)}, max {max(bandwidths) / 1e9:.1f}); "
+          f"bound {bound:.1f} tokens/s = batch x bandwidth / ({weights / 1e6:.0f} MB weights + {kv_cache / 1e6:.0f} MB "
+          f"KV cache per forward: {(weights + kv_cache) / batch_size / 1e6:.0f} MB per token)")
+    matmuls = batch_size / matmuls_alone_s(models[OURS], batch_size)
+    print(f"torch's matmuls over these weights alone, no model around them: {matmuls:.1f} tokens/s "
+          f"({matmuls / bound:.0%} of the bound)")
     tokens_per_s = {}
-    for name, ts in times.items():
+    for (name, cache), ts in times.items():
         median = statistics.median(ts)
-        tokens_per_s[name] = new_tokens / median
-        weights, kv_cache = bytes_per_forward(models[name], batch_size, args.prompt_len, args.new_tokens)
-        bound = batch_size * bandwidth / (weights + kv_cache)
-        print(f"  {name:30s} {tokens_per_s[name]:7.1f} tokens/s  median {median:6.2f} s/call (min {min(ts):.2f}, "
-              f"max {max(ts):.2f})  bound {bound:6.1f} tokens/s ({tokens_per_s[name] / bound:4.0%}): "
-              f"{weights / 1e6:.0f} MB weights + {kv_cache / 1e6:.0f} MB KV cache per forward, "
-              f"{(weights + kv_cache) / batch_size / 1e6:.0f} MB per token")
-    # The load of this shared machine drifts within a run (whole calls of one model vary 2x): the ratio of each rep's
-    # two neighbouring calls cancels the drift that the ratio of the medians still carries.
-    paired = statistics.median(t_theirs / t_ours for t_ours, t_theirs in zip(times[OURS], times[THEIRS], strict=True))
-    print(f"  ratio gpt2repro / transformers: {tokens_per_s[OURS] / tokens_per_s[THEIRS]:.2f}x "
-          f"(median of the reps' paired ratios: {paired:.2f}x)")
+        rate = tokens_per_s[name, cache] = new_tokens / median
+        print(f"  {name:29s} {cache:16s} {rate:7.1f} tokens/s ({rate / bound:4.0%} of the bound)  "
+              f"median {median:6.2f} s/call (min {min(ts):.2f}, max {max(ts):.2f}; first call "
+              f"{warm_up_s[name, cache]:.1f} s)")
+    # The load of this shared machine drifts within a run (whole calls vary 2x): the ratio of each rep's neighbouring
+    # calls cancels the drift that the ratio of the medians still carries.
+    for cache in args.caches:
+        paired = statistics.median(theirs / ours for ours, theirs in zip(times[OURS, cache], times[THEIRS, cache],
+                                                                        strict=True))
+        print(f"  {cache}: gpt2repro / transformers {tokens_per_s[OURS, cache] / tokens_per_s[THEIRS, cache]:.2f}x "
+              f"(median of the reps' paired ratios: {paired:.2f}x)"
+              + (f"; gpt2repro {cache} / dynamic {tokens_per_s[OURS, cache] / tokens_per_s[OURS, 'dynamic']:.2f}x"
+                 if cache != "dynamic" and "dynamic" in args.caches else ""))
 
 
 def main() -> None:
@@ -170,7 +203,9 @@ def main() -> None:
     # (measured: 32 tokens took 3.3 s on 1 thread, 15.5 s on 2, within a minute of each other).
     parser.add_argument("--threads", type=int, default=1,
                         help=f"torch threads (default 1; torch's own default here is {torch.get_num_threads()})")
-    parser.add_argument("--compile", action="store_true", help="torch.compile both models' forwards")
+    parser.add_argument("--caches", nargs="+", choices=CACHES, default=list(CACHES),
+                        help="KV caches to measure: dynamic (generate's default), static (StaticCache), "
+                             "static_compiled (StaticCache with the decoding step compiled whole)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -189,11 +224,11 @@ def main() -> None:
             dtypes.append(dtype)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
           f"CPU {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads, pinned allocator, "
-          f"SDPA attention, dynamic KV cache, {'torch.compile' if args.compile else 'eager'}")
+          f"SDPA attention")
 
     bandwidth_buffer = torch.ones(BANDWIDTH_BUFFER_BYTES // 4, dtype=torch.float32)
     for dtype in dtypes:
-        models = make_models(dtype, args.seed, args.compile)
+        models = make_models(dtype, args.seed)
         for batch_size in args.batch_sizes:
             bench_batch(models, dtype, batch_size, args, bandwidth_buffer)
         del models  # before the next dtype's pair is built: one pair in memory at a time
