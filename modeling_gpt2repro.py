@@ -453,12 +453,14 @@ class GPT2ReproModel(GPT2ReproPreTrainedModel):
         if cache is not None and self.training and torch.is_grad_enabled() and checkpointing:
             raise ValueError("Activation checkpointing recomputes blocks in backward, which would write the KV cache "
                              "twice: train with use_cache=False (the default in training mode).")
-        position_ids = checked_position_ids(self.config, position_ids, cache, inputs_embeds.shape[1],
-                                            inputs_embeds.device, kwargs.pop("cache_position", None))
         # transformers' mask for the configured kernel: None where `is_causal` alone is exact, else padding and the
-        # cache's layout (a static cache's empty slots) folded into an SDPA/eager mask or a flex BlockMask
+        # cache's layout (a static cache's empty slots) folded into an SDPA/eager mask or a flex BlockMask. Given
+        # positions that restart at 0 with no mask mark packed sequences, kept apart (transformers' convention); that
+        # check reads the device, so the positions we make ourselves are not passed.
         mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                   position_ids=position_ids, **{CACHE_FIELD: cache})
+        position_ids = checked_position_ids(self.config, position_ids, cache, inputs_embeds.shape[1],
+                                            inputs_embeds.device, kwargs.pop("cache_position", None))
         x, rotary = inputs_embeds, None
         if self.wpe is not None:
             x = x + self.wpe(position_ids)  # (B, T, C)
