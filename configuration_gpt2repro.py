@@ -40,6 +40,8 @@ class GPT2ReproConfig(PreTrainedConfig):
         "num_hidden_layers": "n_layer",
         "num_attention_heads": "n_head",
         "max_position_embeddings": "n_positions",
+        # Gemma 2's name, which serving engines read to cap the logits they compute with their own LM head
+        "final_logit_softcapping": "logit_softcap",
     }
     # The options beside the shape, each a training flag: what the speedrun recipe changes, what a resumed run must
     # keep, and (all but zero_init_residual, which only sets the initial weights) what to_gpt2() cannot export.
