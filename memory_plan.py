@@ -8,7 +8,7 @@ on any machine. Per process, at the peak of a step (the end of the last micro-st
 - activations: what autograd saves for backward, per token and block (below), times the micro-batch's tokens;
 - the loss: eager, the chunked loss keeps d(loss)/d(hidden) and d(loss)/d(lm_head), and holds one chunk of
   (rows, padded vocab) logits and their gradient while it runs; compiled, the plain loss over the whole logits;
-- the optimiser state split over the processes with --shard_optimizer (AdamW's; Muon's stays whole).
+- the optimiser state split over the processes with --shard_optimizer (AdamW's by parameter, Muon's by matrix).
 The activation and state figures are checked in tests/test_memory_plan.py against what torch holds on a CPU
 (saved-tensor hooks; the optimiser's state after a step). What no CPU can show is left to a margin: the CUDA context,
 the allocator's fragmentation and the collectives' buffers take the last 10% of the device.
@@ -23,6 +23,7 @@ import torch
 from configuration_gpt2repro import GPT2ReproConfig
 from io_helpers import is_rank0
 from modeling_gpt2repro import LOSS_CHUNK_ROWS, GPT2ReproForCausalLM
+from muon import owners
 from recipes import model_config
 
 GB = 1e9
@@ -64,13 +65,18 @@ def model_on_meta(args: argparse.Namespace) -> GPT2ReproForCausalLM:
 def optimizer_state_bytes(model: torch.nn.Module, args: argparse.Namespace, shards: int = 1) -> int:
     """The optimisers' state after their first step, in bytes: AdamW's exp_avg and exp_avg_sq (fp32, each the size
     of its parameter) and a 4-byte step per tensor, split over `shards` processes by --shard_optimizer (ZeRO-1: about
-    1/shards each); Muon's momentum buffer per matrix (configure_muon's split), on every process."""
+    1/shards each); Muon's momentum buffer per matrix (configure_muon's split), each kept by its matrix's owner only
+    when sharded: the figure is the most any process keeps."""
     params = [p for p in model.parameters() if p.requires_grad]
     muon = set()
     if args.optimizer == "muon":
         muon = {id(p) for p in model.transformer.h.parameters() if p.dim() == 2}
     adamw = sum(8 * p.numel() + 4 for p in params if id(p) not in muon)
-    return sum(4 * p.numel() for p in params if id(p) in muon) + adamw // shards
+    sizes = [p.numel() for p in params if id(p) in muon]
+    kept = [0] * shards  # Muon's bytes on each process
+    for size, owner in zip(sizes, owners(sizes, shards), strict=True):
+        kept[owner] += 4 * size
+    return max(kept) + adamw // shards
 
 
 def block_bytes_per_token(config: GPT2ReproConfig, mixed_precision: str) -> int:

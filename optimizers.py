@@ -1,5 +1,5 @@
 """The optimisers of both recipes: which parameters each takes, and --shard_optimizer (ZeRO stage 1: each process
-keeps the AdamW state of its share of the parameters only)."""
+keeps the optimiser state of its share of the parameters only)."""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -68,8 +68,8 @@ def configure_muon(model: torch.nn.Module, momentum: float, weight_decay: float,
     """The speedrun's optimisers for a GPT2ReproForCausalLM: Muon on every 2-D weight matrix inside the blocks, the
     fused q|k|v projection as three C x C matrices; AdamW on the rest: the embeddings and an untied head (with weight
     decay, as matrices), biases and norm gains (without). Every group is named for train_accelerate.peak_lr and
-    starts at LR 0 (set before every step). `shard`: the AdamW state split among the processes (ShardedAdamW); Muon's
-    momentum stays on every process (its Newton-Schulz work is shared out either way)."""
+    starts at LR 0 (set before every step). `shard`: the state split among the processes, AdamW's (ShardedAdamW) and
+    Muon's (each momentum buffer on the process that orthogonalises its matrix; that work is shared out either way)."""
     blocks = model.transformer.h
     qkv = [block.attn.c_attn.weight for block in blocks]
     matrices = [p for p in blocks.parameters() if p.dim() == 2 and all(p is not q for q in qkv)]
@@ -80,5 +80,5 @@ def configure_muon(model: torch.nn.Module, momentum: float, weight_decay: float,
               {"params": head, "name": "head", "weight_decay": weight_decay},
               {"params": [p for p in model.parameters() if id(p) not in named], "name": "adamw", "weight_decay": 0.0}]
     muon = Muon([{"params": qkv, "name": "muon", "parts": 3}, {"params": matrices, "name": "muon"}], lr=0.0,
-                momentum=momentum, weight_decay=weight_decay)
+                momentum=momentum, weight_decay=weight_decay, shard_state=shard)
     return [muon, adamw([g for g in groups if g["params"]], betas, eps, device_type, shard)]

@@ -138,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--adam_eps", type=float, default=1e-8, help="AdamW epsilon")
     optim.add_argument("--grad_clip", type=float, default=1.0, help="max global grad norm")
     optim.add_argument("--shard_optimizer", action="store_true",
-                       help="split the AdamW state among the processes (ZeRO-1: each keeps 1/N of it; the same "
-                            "weights); Muon's momentum stays whole")
+                       help="split the optimiser state among the processes (ZeRO-1: each keeps ~1/N of AdamW's and "
+                            "Muon's state; the same weights)")
     optim.add_argument("--mixed_precision", choices=["auto", "no", "bf16"], default="auto",
                        help="bf16 autocast through Accelerate, fp32 master weights either way; 'auto': bf16 on GPUs "
                             "that support it and CPUs with native bf16 (AVX512-BF16/AMX), else fp32")

@@ -26,8 +26,8 @@ def set_gradients(params: list[torch.Tensor], step: int) -> None:
         p.grad = torch.randn(p.shape, generator=generator)
 
 
-def train(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], steps: int = 3) -> None:
-    for step in range(steps):
+def train(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], steps: int = 3, first: int = 0) -> None:
+    for step in range(first, first + steps):
         set_gradients(params, step)
         optimizer.step()
 
@@ -68,33 +68,62 @@ def test_parts_must_divide_the_rows():
         Muon([{"params": matrices()[4:], "parts": 5}])
 
 
-def sharded_worker(rank: int, port: int, queue) -> None:
+def muon(params: list[torch.nn.Parameter], shard_state: bool = False) -> Muon:
+    return Muon([{"params": params[:1], "parts": 3}, {"params": params[1:]}], lr=0.05, weight_decay=0.1,
+                shard_state=shard_state)
+
+
+def sharded_worker(rank: int, port: int, queue, shard_state: bool) -> None:
+    """3 steps, the whole state gathered (as a checkpoint is written), then 2 more steps of an optimiser that loads
+    it (as every process of a resumed run does)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         params = matrices()
-        optimizer = Muon([{"params": params[:1], "parts": 3}, {"params": params[1:]}], lr=0.05, weight_decay=0.1)
-        owners = optimizer.owners()
+        optimizer = muon(params, shard_state)
         train(optimizer, params)
-        queue.put((rank, owners, [p.detach().numpy().copy() for p in params]))  # plain arrays: the worker exits
+        held = [i for i, p in enumerate(params) if p in optimizer.state]
+        whole = optimizer.state_dict()  # a collective: every process calls it
+        gathered = {i: s["momentum_buffer"].numpy().copy() for i, s in whole["state"].items()}  # plain arrays: the
+        shared = [whole]  # worker exits; rank 0's is the file every process loads on resume
+        dist.broadcast_object_list(shared, src=0)
+        resumed = muon(params, shard_state)
+        resumed.load_state_dict(shared[0])
+        held_on_resume = [i for i, p in enumerate(params) if p in resumed.state]
+        train(resumed, params, steps=2, first=3)
+        queue.put((rank, optimizer.owners(), held, held_on_resume, gathered,
+                   [p.detach().numpy().copy() for p in params]))
     finally:
         dist.destroy_process_group()
 
 
-def test_two_processes_share_the_work_and_end_with_the_same_bits():
+@pytest.mark.parametrize("shard_state", [False, True], ids=["momentum_everywhere", "momentum_sharded"])
+def test_two_processes_share_the_work_and_end_with_the_same_bits(shard_state):
+    """2 processes end with the weights of 1, bit for bit, and their checkpointed state is the whole state of 1; with
+    `shard_state` each keeps the momentum of the matrices it owns only, after a step and after a resume."""
     single = matrices()
-    train(Muon([{"params": single[:1], "parts": 3}, {"params": single[1:]}], lr=0.05, weight_decay=0.1), single)
+    optimizer = muon(single)
+    train(optimizer, single)
+    reference_state = {i: s["momentum_buffer"].clone() for i, s in optimizer.state_dict()["state"].items()}
+    train(optimizer, single, steps=2, first=3)
     context = mp.get_context("spawn")
     queue = context.SimpleQueue()
-    workers = mp.start_processes(sharded_worker, args=(free_port(), queue), nprocs=2, join=False,
+    workers = mp.start_processes(sharded_worker, args=(free_port(), queue, shard_state), nprocs=2, join=False,
                                  start_method="spawn")
-    results = {rank: (owners, params) for rank, owners, params in (queue.get(), queue.get())}  # before the join:
-    while not workers.join():  # a worker's put waits for the pipe to be read
+    results = {result[0]: result[1:] for result in (queue.get(), queue.get())}  # before the join: a worker's put
+    while not workers.join():  # waits for the pipe to be read
         pass
     owners = results[0][0]
     assert owners == results[1][0] and sorted(owners) == [0, 0, 0, 1, 1]  # round-robin, largest first
     assert owners[2] == 0 and owners[3] == 1  # the two (128, 32)-sized matrices go one to each process
     for rank in (0, 1):
-        for a, b in zip(results[rank][1], single, strict=True):
+        _, held, held_on_resume, _, params = results[rank]
+        expected = [i for i, owner in enumerate(owners) if owner == rank] if shard_state else list(range(len(owners)))
+        assert held == expected and held_on_resume == expected
+        for a, b in zip(params, single, strict=True):
             assert torch.equal(torch.from_numpy(a), b)
+    gathered = results[0][3]
+    assert gathered.keys() == reference_state.keys()
+    for i, buffer in reference_state.items():
+        assert torch.equal(torch.from_numpy(gathered[i]), buffer), i

@@ -283,11 +283,14 @@ def test_a_signal_stops_at_the_end_of_its_step_or_within_an_evaluation_and_the_c
         [without_timing(r) for r in records(tmp_path / "straight", "eval")]
 
 
-def test_shard_optimizer_gives_the_same_weights_and_resumes_on_any_world_size(workspace, tmp_path):
-    """2 processes with the AdamW state split (ZeRO-1) and without: the same weights, bit for bit (AdamW's update is
-    elementwise). The sharded run's checkpoint holds the whole state; it resumes exactly on 2 processes, and on 1
-    process (with a notice) to weights equal up to float summation order."""
+@pytest.mark.parametrize("recipe", ["gpt2", "speedrun"])
+def test_shard_optimizer_gives_the_same_weights_and_resumes_on_any_world_size(workspace, tmp_path, recipe):
+    """2 processes with the optimiser state split (ZeRO-1: AdamW's moments by parameter, Muon's momentum by matrix)
+    and without: the same weights, bit for bit (each update is computed once, by the same arithmetic). The sharded
+    run's checkpoint holds the whole state; it resumes exactly on 2 processes, and on 1 process (with a notice) to
+    weights equal up to float summation order (Muon's bf16 Newton-Schulz magnifies that order's last bits)."""
     root, args, _ = workspace
+    args = args + ["--recipe", recipe]
     run = args + ["--micro_batch_size", "4"] + QUIET + ["--no-hellaswag"]
     run_training(run + ["--output_dir", str(tmp_path / "plain")], processes=2)
     run_training(run + ["--output_dir", str(tmp_path / "sharded"), "--shard_optimizer"], processes=2)
@@ -307,4 +310,4 @@ def test_shard_optimizer_gives_the_same_weights_and_resumes_on_any_world_size(wo
                                           str(checkpoint)])
     assert "was written by 2 processes and this launch has 1" in resumed.stdout
     for name, w in final_weights(tmp_path / "resumed_1", STEPS).items():
-        torch.testing.assert_close(w, sharded[name], rtol=0, atol=1e-5, msg=name)
+        torch.testing.assert_close(w, sharded[name], rtol=0, atol=1e-5 if recipe == "gpt2" else 1e-3, msg=name)
