@@ -13,7 +13,9 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 from transformers.utils import logging as transformers_logging
 
@@ -206,6 +208,15 @@ def save_hf_folder(model: GPT2ReproForCausalLM, tokenizer, folder: Path, args: a
     write_model_card(folder, args, step, tokens_seen, metrics)
 
 
+def plain_model(config: GPT2ReproConfig, weights: dict[str, torch.Tensor]) -> GPT2ReproForCausalLM:
+    """A GPT2ReproForCausalLM holding `weights` themselves (no copy, no initialisation), its head tied again."""
+    with torch.device("meta"):
+        model = GPT2ReproForCausalLM(config)
+    model.load_state_dict(weights, assign=True)
+    model.tie_weights()
+    return model
+
+
 def save_checkpoint(accelerator: Accelerator, model, tokenizer, train_loader: ShardedTokenLoader | BatchPrefetcher,
                     step: int, args: argparse.Namespace, metrics: MetricsLog | None, pusher: HubPusher | None,
                     evaluated: bool = True) -> Path:
@@ -222,6 +233,8 @@ def save_checkpoint(accelerator: Accelerator, model, tokenizer, train_loader: Sh
     accelerator.wait_for_everyone()
     accelerator.save_state(str(temporary / "training_state"))
     write_json_atomic(temporary / f"loader_rank{accelerator.process_index}.json", train_loader.state_dict())
+    # Under FSDP each process holds a shard of every weight: the whole ones are gathered on rank 0 (a collective).
+    whole_weights = accelerator.get_state_dict(model) if accelerator.distributed_type == DistributedType.FSDP else None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         tokens_seen = step * args.total_batch_size
@@ -229,6 +242,8 @@ def save_checkpoint(accelerator: Accelerator, model, tokenizer, train_loader: Sh
                           {"step": step, "tokens_seen": tokens_seen, "world_size": accelerator.num_processes,
                            "evaluated": evaluated, "args": vars(args), "files": describe_checkpoint_files(temporary)})
         unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+        if whole_weights is not None:  # FSDP made the model a subclass of its own: save a plain one
+            unwrapped = plain_model(unwrapped.config, whole_weights)
         save_hf_folder(unwrapped, tokenizer, temporary / "hf", args, step, tokens_seen, metrics)
         fsync_tree(temporary)  # all of it on disk before the rename says it is whole (~1 s per GB)
         if final.exists():  # written before by a run this one resumed from an earlier checkpoint of

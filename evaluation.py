@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
 from eval_hellaswag import HellaSwagScoringError, evaluate_hellaswag
@@ -27,21 +28,26 @@ def evaluate(accelerator: Accelerator, model: GPT2ReproForCausalLM, tokenizer, a
     `signals`, every process checks them between validation batches and between the parts, all at the same points,
     and None is returned when one came: the run then saves within seconds (a scheduler's grace period may be 30 s)
     instead of after a long evaluation.
+
+    Under FSDP every forward gathers the parameters from all processes, so every process runs the same forwards:
+    its share of the validation batches, fillers included; all of HellaSwag; the samples.
     """
     def stop_requested() -> bool:
         return signals is not None and any(signals.requested(accelerator))
 
+    collective_forwards = accelerator.distributed_type == DistributedType.FSDP
     model.eval()
     try:
-        val_loss = validation_loss(accelerator, model, args, stop_requested)
+        val_loss = validation_loss(accelerator, model, args, stop_requested, collective_forwards)
         if val_loss is None or stop_requested():
             return None
         result = {"val_loss": val_loss}
         if hellaswag_examples:
-            result.update(hellaswag_scores(accelerator, model, tokenizer, args, hellaswag_examples))
+            result.update(hellaswag_scores(accelerator, model, tokenizer, args, hellaswag_examples,
+                                           shared_out=not collective_forwards))
             if stop_requested():
                 return None
-        if accelerator.is_main_process and args.num_samples > 0:
+        if (accelerator.is_main_process or collective_forwards) and args.num_samples > 0:
             result["samples"] = samples(accelerator, model, tokenizer, args)
         return result
     finally:
@@ -49,8 +55,9 @@ def evaluate(accelerator: Accelerator, model: GPT2ReproForCausalLM, tokenizer, a
 
 
 def validation_loss(accelerator: Accelerator, model: GPT2ReproForCausalLM, args: argparse.Namespace,
-                    stop_requested: Callable[[], bool]) -> float | None:
-    """The mean loss over every target of the validation tokens, over all processes; None when stop_requested()."""
+                    stop_requested: Callable[[], bool], collective_forwards: bool = False) -> float | None:
+    """The mean loss over every target of the validation tokens, over all processes; None when stop_requested().
+    `collective_forwards`: every batch goes through the model, fillers too (FSDP)."""
     device = accelerator.device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     target_count = torch.zeros((), dtype=torch.float64, device=device)
@@ -61,9 +68,11 @@ def validation_loss(accelerator: Accelerator, model: GPT2ReproForCausalLM, args:
             if stop_requested():  # before the filler check: every process checks at every batch
                 return None
             count = int((y != IGNORE_INDEX).sum())
-            if count == 0:  # a filler batch: ranks yield equally many batches, some have nothing left to score
-                continue
+            if count == 0 and not collective_forwards:  # a filler batch: ranks yield equally many batches, some
+                continue  # have nothing left to score
             loss = model(input_ids=x.to(device), shift_labels=y.to(device), return_logits=False).loss
+            if count == 0:
+                continue
             loss_sum += loss.double() * count  # the mean over this batch's targets, back to a sum
             target_count += count
     totals = accelerator.reduce(torch.stack([loss_sum, target_count]), reduction="sum")
@@ -71,11 +80,13 @@ def validation_loss(accelerator: Accelerator, model: GPT2ReproForCausalLM, args:
 
 
 def hellaswag_scores(accelerator: Accelerator, model: GPT2ReproForCausalLM, tokenizer, args: argparse.Namespace,
-                     examples: list[dict]) -> dict:
+                     examples: list[dict], shared_out: bool = True) -> dict:
+    """HellaSwag's scores: each process scores its share of `examples`, or all of them (not `shared_out`)."""
     try:
         with accelerator.autocast():
             scores = evaluate_hellaswag(model, tokenizer, examples, style="completion", batch_size=args.eval_batch_size,
-                                        accelerator=accelerator, limit=args.hellaswag_limit, show_progress=False)
+                                        accelerator=accelerator if shared_out else None, limit=args.hellaswag_limit,
+                                        show_progress=False)
     except HellaSwagScoringError as error:  # raised on every process alike
         raise TrainingError(f"{error} (--no-hellaswag trains without it)") from None
     return {"hellaswag_acc": scores["acc"], "hellaswag_acc_norm": scores["acc_norm"],

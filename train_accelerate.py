@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 import checkpointing
@@ -347,6 +347,21 @@ def prepare_demo_data(data_dir: str) -> None:
         prepare_data.prepare(prepare_data.parse_args(["--dataset", "embedded", "--output_dir", data_dir]))
 
 
+def check_fsdp_launch(accelerator: Accelerator, args: argparse.Namespace) -> None:
+    """Under an FSDP launch (accelerate_configs/fsdp2_8gpu.yaml), what cannot work with it, refused before any work."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return
+    if accelerator.state.fsdp_plugin.fsdp_version != 2:
+        raise TrainingError("this script trains with FSDP2: set fsdp_version: 2 in the Accelerate config (as "
+                            "accelerate_configs/fsdp2_8gpu.yaml does)")
+    if args.optimizer == "muon":
+        raise TrainingError("Muon orthogonalises whole matrices and FSDP splits each one among the processes: train "
+                            "with Muon under DDP (accelerate_configs/8gpu_ddp_bf16.yaml), with --shard_optimizer to "
+                            "split its state")
+    if args.shard_optimizer:
+        raise TrainingError("FSDP already splits the optimiser state with the parameters: drop --shard_optimizer")
+
+
 def build_model(args: argparse.Namespace, device: torch.device, world_size: int) -> tuple[GPT2ReproForCausalLM, list]:
     """The model, initialised from --seed (the same weights on every process), on `device`, and its optimisers (built
     there: a sharded optimiser's collectives run on the device of its parameters)."""
@@ -369,6 +384,7 @@ def train(args: argparse.Namespace) -> Path | None:
     grad_accum = gradient_accumulation_steps(args.total_batch_size, args.micro_batch_size, args.seq_len, world_size,
                                              accelerator.gradient_accumulation_steps)
     output_dir = Path(args.output_dir)
+    check_fsdp_launch(accelerator, args)
     resume_from, train_loader, pusher, hellaswag_examples = open_run(accelerator, args)
     tokenizer = get_tokenizer()
     model, optimizers = build_model(args, device, world_size)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import evaluation
 import run_control
@@ -311,3 +312,93 @@ def test_shard_optimizer_gives_the_same_weights_and_resumes_on_any_world_size(wo
     assert "was written by 2 processes and this launch has 1" in resumed.stdout
     for name, w in final_weights(tmp_path / "resumed_1", STEPS).items():
         torch.testing.assert_close(w, sharded[name], rtol=0, atol=1e-5 if recipe == "gpt2" else 1e-3, msg=name)
+
+
+FSDP_ON_CPU = """
+import accelerate
+from accelerate.state import AcceleratorState, PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+import train_accelerate
+
+accelerator_init = accelerate.Accelerator.__init__
+
+
+def init_as_on_gpus(self, *args, **kwargs):  # what Accelerate does with an FSDP config on GPUs
+    accelerator_init(self, *args, **kwargs)
+    for state in (PartialState._shared_state, AcceleratorState._shared_state):
+        state["distributed_type"] = DistributedType.FSDP
+    AcceleratorState._shared_state["fsdp_plugin"] = FullyShardedDataParallelPlugin()  # from the FSDP_* environment
+
+
+accelerate.Accelerator.__init__ = init_as_on_gpus
+train_accelerate.main()
+"""
+
+
+def fsdp_launch_environment() -> dict[str, str]:
+    """The environment `accelerate launch --config_file accelerate_configs/fsdp2_8gpu.yaml` gives each process."""
+    config = yaml.safe_load((REPO / "accelerate_configs" / "fsdp2_8gpu.yaml").read_text())
+    assert config["distributed_type"] == "FSDP"
+    env = {"ACCELERATE_USE_FSDP": "true"}
+    for key, value in config["fsdp_config"].items():
+        env[key.upper().replace("_LAYER_CLS_", "_CLS_")] = str(value).lower() if isinstance(value, bool) else str(value)
+    return env
+
+
+def test_fsdp2_trains_as_ddp_does_and_resumes_exactly(workspace, tmp_path):
+    """Accelerate under accelerate_configs/fsdp2_8gpu.yaml, on 2 CPU processes (Accelerate turns FSDP into DDP on a
+    CPU; the wrapper makes it take its GPU path): with 2 micro-steps per step, evaluations (val, HellaSwag, samples:
+    every forward is a collective under FSDP) and sharded checkpoints, it trains as DDP does (float summation order
+    apart), resumes bitwise, and each hf/ folder is the whole model, loadable."""
+    root, args, hellaswag_file = workspace
+    run = args + ["--micro_batch_size", "2", "--max_steps", "8", "--eval_every", "4", "--num_samples", "2",
+                  "--hellaswag_file", str(hellaswag_file)]
+    env = fsdp_launch_environment()
+    run_wrapper(FSDP_ON_CPU, tmp_path / "fsdp_on_cpu.py", run + ["--output_dir", str(tmp_path / "fsdp")], **env)
+    run_training(run + ["--output_dir", str(tmp_path / "ddp")], processes=2)
+    checkpoint = tmp_path / "fsdp" / "checkpoints" / "step_000004"
+    assert (checkpoint / "training_state" / "pytorch_model_fsdp_0").is_dir()  # sharded, not DDP's one file
+    run_wrapper(FSDP_ON_CPU, tmp_path / "fsdp_on_cpu.py", run + ["--output_dir", str(tmp_path / "resumed"),
+                                                                   "--resume_from_checkpoint", str(checkpoint)], **env)
+
+    fsdp, ddp = records(tmp_path / "fsdp", "train"), records(tmp_path / "ddp", "train")
+    assert [r["step"] for r in fsdp] == list(range(8))
+    for a, b in zip(fsdp, ddp, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"],
+                                                                                                 rel=1e-4)
+    evals = records(tmp_path / "fsdp", "eval")
+    assert [r["step"] for r in evals] == [0, 4, 8] and all(len(r["samples"]) == 2 for r in evals)
+    for a, b in zip(evals, records(tmp_path / "ddp", "eval"), strict=True):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+        assert a["hellaswag_count"] == b["hellaswag_count"] == 3
+    weights, expected = final_weights(tmp_path / "fsdp", 8), final_weights(tmp_path / "ddp", 8)
+    assert weights.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(weights[name], value, rtol=0, atol=1e-5, msg=name)
+    resumed = final_weights(tmp_path / "resumed", 8)
+    assert all(torch.equal(resumed[name], value) for name, value in weights.items())
+    assert [without_timing(r) for r in records(tmp_path / "resumed", "train")] == \
+        [without_timing(r) for r in fsdp if r["step"] >= 4]
+    hf = tmp_path / "fsdp" / "checkpoints" / "step_000008" / "hf"
+    assert sorted(path.name for path in hf.glob("*.py")) == ["configuration_gpt2repro.py", "modeling_gpt2repro.py"]
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(hf, trust_remote_code=True)
+    assert all(torch.equal(model.state_dict()[name], value) for name, value in weights.items())
+
+
+@pytest.mark.parametrize("flags, line", [
+    (["--recipe", "speedrun"], "error: Muon orthogonalises whole matrices and FSDP splits each one among the"),
+    (["--shard_optimizer"], "error: FSDP already splits the optimiser state with the parameters: drop"),
+    (["--compile", "on"], "error: --compile on does not work under FSDP in this script yet"),
+], ids=["muon", "shard_optimizer", "compile"])
+def test_fsdp2_refuses_what_cannot_work_with_it_in_one_line(workspace, tmp_path, flags, line):
+    root, args, _ = workspace
+    script = tmp_path / "fsdp_on_cpu.py"
+    script.write_text(FSDP_ON_CPU)
+    command, env = training_command(args + ["--output_dir", str(tmp_path / "out"), "--micro_batch_size", "4", *flags],
+                                    processes=2, script=str(script))
+    env.update(PYTHONPATH=str(REPO), **fsdp_launch_environment())
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode != 0 and line in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "out" / "checkpoints").exists()
