@@ -26,9 +26,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import accelerate
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
+from packaging.version import Version
 from tqdm.auto import tqdm
 
 import checkpointing
@@ -347,10 +349,16 @@ def prepare_demo_data(data_dir: str) -> None:
         prepare_data.prepare(prepare_data.parse_args(["--dataset", "embedded", "--output_dir", data_dir]))
 
 
+FSDP_ACCELERATE = Version("1.16")  # its FSDP2 path is what tests/test_train_cluster.py runs
+
+
 def check_fsdp_launch(accelerator: Accelerator, args: argparse.Namespace) -> None:
     """Under an FSDP launch (accelerate_configs/fsdp2_8gpu.yaml), what cannot work with it, refused before any work."""
     if accelerator.distributed_type != DistributedType.FSDP:
         return
+    if Version(accelerate.__version__) < FSDP_ACCELERATE:
+        raise TrainingError(f"FSDP needs accelerate >= {FSDP_ACCELERATE} (the release its FSDP2 path is tested with "
+                            f"here); this is {accelerate.__version__}: pip install -U accelerate")
     if accelerator.state.fsdp_plugin.fsdp_version != 2:
         raise TrainingError("this script trains with FSDP2: set fsdp_version: 2 in the Accelerate config (as "
                             "accelerate_configs/fsdp2_8gpu.yaml does)")
