@@ -8,7 +8,11 @@ on any machine. Per process, at the peak of a step (the end of the last micro-st
 - activations: what autograd saves for backward, per token and block (below), times the micro-batch's tokens;
 - the loss: eager, the chunked loss keeps d(loss)/d(hidden) and d(loss)/d(lm_head), and holds one chunk of
   (rows, padded vocab) logits and their gradient while it runs; compiled, the plain loss over the whole logits;
-- the optimiser state split over the processes with --shard_optimizer (AdamW's by parameter, Muon's by matrix).
+- the optimiser state split over the processes with --shard_optimizer (AdamW's by parameter, Muon's by matrix);
+- under an FSDP launch (accelerate_configs/fsdp2_8gpu.yaml): weights, gradients and AdamW's state split too (each
+  parameter's rows in N chunks), no DDP buckets, eager (the chunked loss), plus the weights FSDP gathers: the root's
+  (embeddings, final norm, head: kept through backward) and two blocks' at a time (the one running, the next one
+  prefetched), in the matmul dtype.
 The activation and state figures are checked in tests/test_memory_plan.py against what torch holds on a CPU
 (saved-tensor hooks; the optimiser's state after a step). What no CPU can show is left to a margin: the CUDA context,
 the allocator's fragmentation and the collectives' buffers take the last 10% of the device.
@@ -16,6 +20,7 @@ the allocator's fragmentation and the collectives' buffers take the last 10% of 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 
 import torch
@@ -79,6 +84,20 @@ def optimizer_state_bytes(model: torch.nn.Module, args: argparse.Namespace, shar
     return max(kept) + adamw // shards
 
 
+def fsdp_share(param: torch.Tensor, processes: int) -> int:
+    """Elements of `param` on the busiest process under FSDP2: rows cut in `processes` chunks of ceil(rows / N)."""
+    rows = param.shape[0]
+    return -(-rows // processes) * (param.numel() // rows)
+
+
+def fsdp_gathered_bytes(model: GPT2ReproForCausalLM, mixed_precision: str) -> int:
+    """The weights FSDP2 holds whole at the peak of a step: the root's (not in a block) and two blocks'."""
+    in_blocks = {id(p) for p in model.transformer.h.parameters()}
+    root = sum(p.numel() for p in model.parameters() if id(p) not in in_blocks)
+    block = sum(p.numel() for p in model.transformer.h[0].parameters())
+    return (root + 2 * block) * (2 if mixed_precision == "bf16" else 4)
+
+
 def block_bytes_per_token(config: GPT2ReproConfig, mixed_precision: str) -> int:
     """BLOCK_BYTES_PER_TOKEN of this block: GPT-2's when every architecture option is GPT-2's, else the speedrun's
     (the larger: rotary, QK-norm and ReLU² each keep more)."""
@@ -118,6 +137,17 @@ def plan(args: argparse.Namespace, world_size: int, micro_batch_size: int | None
     model = model_on_meta(args)
     parameters = sum(p.numel() for p in model.parameters())
     block_matrices = sum(p.numel() for p in model.transformer.h.parameters() if p.dim() == 2)
+    if getattr(args, "fsdp", False):
+        share = sum(fsdp_share(p, world_size) for p in model.parameters())
+        return {
+            "weights (fp32, FSDP share)": 4 * share,
+            "gradients (fp32, FSDP share)": 4 * share,
+            "optimiser state (FSDP share)": 8 * share + 4 * len(list(model.parameters())),
+            "weights gathered by FSDP": fsdp_gathered_bytes(model, args.mixed_precision),
+            "bf16 weight copies (autocast)": 2 * block_matrices if args.mixed_precision == "bf16" else 0,
+            "activations": activation_bytes(model, args, micro_batch_size, args.gradient_checkpointing),
+            "loss (chunked)": loss_bytes(model, args, micro_batch_size),
+        }
     shards = world_size if args.shard_optimizer else 1
     return {
         "weights (fp32)": 4 * parameters,
@@ -147,8 +177,9 @@ def describe(args: argparse.Namespace, world_size: int) -> str:
              f"{args.max_steps * args.total_batch_size:,} tokens; {world_size} process(es), micro-batch "
              f"{args.micro_batch_size} x {args.seq_len}, "
              f"{accumulation} micro-steps per step; mixed precision {args.mixed_precision}, compile {args.compile}, "
-             f"activation checkpointing {'on' if args.gradient_checkpointing else 'off'}, optimiser state "
-             f"{'sharded' if args.shard_optimizer and world_size > 1 else 'whole'}",
+             f"activation checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
+             + ("FSDP" if getattr(args, "fsdp", False) else
+                "optimiser state " + ("sharded" if args.shard_optimizer and world_size > 1 else "whole")),
              "per process:"]
     parts = plan(args, world_size)
     lines += [f"  {name:32} {size / GB:8.2f} GB" for name, size in parts.items()]
@@ -171,16 +202,23 @@ def describe(args: argparse.Namespace, world_size: int) -> str:
 def remedies(args: argparse.Namespace, world_size: int, usable: float) -> list[str]:
     """The flags that make the run fit `usable` bytes, one line per way that allows a larger micro-batch than the ways
     before it: a smaller micro-batch (one that still divides the step's tokens); the chunked loss (--compile off);
-    --shard_optimizer (with more than one process); activation checkpointing."""
+    --shard_optimizer (with more than one process); activation checkpointing; then, with more than one process and
+    the GPT-2 recipe, FSDP (eager there), alone and with activation checkpointing."""
     rows_per_step = args.total_batch_size // (args.seq_len * world_size)  # micro-batch x accumulation, per process
     batches = [b for b in range(args.micro_batch_size, 0, -1) if rows_per_step % b == 0]
-    shard = {"shard_optimizer": True} if world_size > 1 else {}
-    ways = [{}, {"compile": "off"}] + ([shard] if shard else []) + [{"gradient_checkpointing": True, **shard}]
+    if getattr(args, "fsdp", False):
+        ways = [{}, {"gradient_checkpointing": True}]
+    else:
+        shard = {"shard_optimizer": True} if world_size > 1 else {}
+        ways = [{}, {"compile": "off"}] + ([shard] if shard else []) + [{"gradient_checkpointing": True, **shard}]
+        if world_size > 1 and args.optimizer == "adamw":  # Muon is refused under FSDP
+            fsdp = {"fsdp": True, "compile": "off"}
+            ways += [fsdp, {**fsdp, "gradient_checkpointing": True}]
     flags = {"compile": "--compile off", "shard_optimizer": "--shard_optimizer",
-             "gradient_checkpointing": "--gradient_checkpointing"}
+             "gradient_checkpointing": "--gradient_checkpointing", "fsdp": "FSDP (accelerate_configs/fsdp2_8gpu.yaml)"}
     found, largest = [], 0
     for way in ways:
-        changed = {name: value for name, value in way.items() if getattr(args, name) != value}
+        changed = {name: value for name, value in way.items() if getattr(args, name, False) != value}
         if way and not changed:
             continue
         variant = argparse.Namespace(**{**vars(args), **changed})
@@ -189,19 +227,20 @@ def remedies(args: argparse.Namespace, world_size: int, usable: float) -> list[s
             if total <= usable:
                 if b > largest:
                     named = ([f"--micro_batch_size {b}"] if b != args.micro_batch_size else []) + \
-                            [flags[name] for name in changed]
+                            [flags[name] for name in changed if not (name == "compile" and way.get("fsdp"))]
                     found.append(f"  {' '.join(named)}: {total / GB:.1f} GB ({rows_per_step // b} micro-steps per "
                                  f"step)")
                     largest = b
                 break
-    return found or ["  none of a smaller micro-batch, --compile off, --shard_optimizer and activation checkpointing: "
-                     "more processes, or FSDP (parameter and gradient sharding)"]
+    return found or ["  none of a smaller micro-batch, --compile off, --shard_optimizer, activation checkpointing and "
+                     "FSDP: more processes"]
 
 
 def print_plan(args: argparse.Namespace, world_size: int) -> None:
     """--dry_run: the plan, printed once per launch. `auto` is planned as on the GPUs the presets are for (A100, H100,
     H200): bf16 autocast, compiled; --mixed_precision no and --compile off plan those."""
     args.mixed_precision = "bf16" if args.mixed_precision == "auto" else args.mixed_precision
-    args.compile = "on" if args.compile == "auto" else args.compile
+    args.fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and world_size > 1  # as training
+    args.compile = "off" if args.fsdp else "on" if args.compile == "auto" else args.compile  # decides it
     if is_rank0():
         print(describe(args, world_size))

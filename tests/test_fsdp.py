@@ -2,7 +2,8 @@
 over gloo, each block and then the whole model sharded, the tied embedding included. Accelerate turns FSDP into DDP
 on a CPU, so this is the part of that path that a CPU can show: the loss and the gradients equal the unsharded model's
 on the whole batch, the project's AdamW steps the sharded (DTensor) parameters as it steps plain ones, and a sharded
-checkpoint (torch.distributed.checkpoint) restores weights and optimiser state exactly."""
+checkpoint (torch.distributed.checkpoint) restores weights and optimiser state exactly; each process holds the share
+of the weights that --dry_run plans."""
 from __future__ import annotations
 
 import os
@@ -24,6 +25,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
+import memory_plan
 from modeling_gpt2repro import GPT2ReproForCausalLM
 from optimizers import configure_optimizer
 from train_helpers import free_port
@@ -85,7 +87,8 @@ def fsdp_worker(rank: int, port: int, options: dict, folder: Path) -> None:
         result = {"loss": mean_loss / 2, "grads": grads, "weights": get_model_state_dict(model, options=FULL),
                   "restored": get_model_state_dict(restored, options=FULL),
                   "optimizer": get_optimizer_state_dict(model, optimizer, options=FULL),
-                  "restored_optimizer": get_optimizer_state_dict(restored, restored_optimizer, options=FULL)}
+                  "restored_optimizer": get_optimizer_state_dict(restored, restored_optimizer, options=FULL),
+                  "local_elements": sum(p.to_local().numel() for p in model.parameters())}
         if rank == 0:
             torch.save(result, folder / "result.pt")
     finally:
@@ -120,5 +123,7 @@ def test_sharded_model_trains_and_checkpoints_as_the_whole_one(tmp_path, recipe)
     assert saved.keys() == restored.keys() == named.keys()
     for name, moments in saved.items():  # ... and the optimiser state
         assert all(torch.equal(value, restored[name][key]) for key, value in moments.items()), name
+    # rank 0 holds the larger chunk of each parameter's rows: what --dry_run plans under FSDP
+    assert result["local_elements"] == sum(memory_plan.fsdp_share(p, 2) for p in model.parameters())
     reloaded = GPT2ReproForCausalLM(model.config)
     reloaded.load_state_dict(weights)  # the full state dict is a plain one: what a hf/ folder is written from

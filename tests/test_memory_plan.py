@@ -93,19 +93,25 @@ def test_activations_are_planned_within_a_quarter_of_what_autograd_keeps(recipe,
     assert abs(planned - measured) <= 0.25 * measured, (planned, measured)
 
 
-@pytest.mark.parametrize("preset, processes, device_memory, verdict, remedy", [
-    ("gpt2-1558m", 8, "80GB", "fit: no", "--gradient_checkpointing --shard_optimizer: 32.7 GB (8 micro-steps"),
-    ("gpt2-774m", 8, "80GB", "fit: no", "--micro_batch_size 16: 49.0 GB (4 micro-steps per step)"),
-    ("gpt2-350m", 8, "80GB", "fit: no", "--compile off: 71.0 GB (1 micro-steps per step)"),
-    ("gpt2-350m", 1, "24GB", "fit: no", "--micro_batch_size 8: 15.6 GB (64 micro-steps per step)"),
-    ("gpt2-124m", 8, "80GB", "fit: yes", None),
+FSDP_LAUNCH = {"ACCELERATE_USE_FSDP": "true"}  # what accelerate launch sets under accelerate_configs/fsdp2_8gpu.yaml
+
+
+@pytest.mark.parametrize("preset, processes, device_memory, verdict, remedy, launch", [
+    ("gpt2-1558m", 8, "80GB", "fit: no", "--gradient_checkpointing --shard_optimizer: 32.7 GB (8 micro-steps", {}),
+    ("gpt2-774m", 8, "80GB", "fit: no", "--micro_batch_size 16: 49.0 GB (4 micro-steps per step)", {}),
+    ("gpt2-350m", 8, "80GB", "fit: no", "--compile off: 71.0 GB (1 micro-steps per step)", {}),
+    ("gpt2-350m", 1, "24GB", "fit: no", "--micro_batch_size 8: 15.6 GB (64 micro-steps per step)", {}),
+    ("gpt2-124m", 8, "80GB", "fit: yes", None, {}),
+    ("gpt2-1558m", 8, "24GB", "fit: no", "FSDP (accelerate_configs/fsdp2_8gpu.yaml) --gradient_checkpointing: 14.3 GB",
+     {}),
+    ("gpt2-1558m", 8, "80GB", "fit: yes", "activation checkpointing off, FSDP", FSDP_LAUNCH),
 ])
 def test_dry_run_plans_without_data_and_names_the_flags_that_fit(tmp_path, preset, processes, device_memory, verdict,
-                                                                 remedy):
+                                                                 remedy, launch):
     result = subprocess.run([sys.executable, str(REPO / "train_accelerate.py"), "--preset", preset, "--dry_run",
                              "--device_memory", device_memory, "--data_dir", str(tmp_path / "no_data")],
                             capture_output=True, text=True, timeout=120, env={"WORLD_SIZE": str(processes),
-                                                                               "PATH": "/usr/bin:/bin"})
+                                                                               "PATH": "/usr/bin:/bin", **launch})
     assert result.returncode == 0 and result.stderr == "", result.stderr[-3000:]
     assert f"{processes} process(es)" in result.stdout and verdict in result.stdout, result.stdout
     assert remedy is None or remedy in result.stdout, result.stdout
