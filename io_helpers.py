@@ -122,6 +122,13 @@ def is_rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def print_line(text: str) -> None:
+    """`text` and its newline to stderr in one write: `print` writes them apart, and with an unbuffered stderr
+    (PYTHONUNBUFFERED) two processes sharing a pipe can splice their lines into one."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
 def run_command(body: Callable[[], None], on_ctrl_c: str | Callable[[], str],
                 errors: tuple[type[Exception], ...] = (), errors_on_every_rank: bool = False) -> None:
     """Run a command's `body` with the exit statuses every command of this project documents: 0 when it returns;
@@ -132,15 +139,15 @@ def run_command(body: Callable[[], None], on_ctrl_c: str | Callable[[], str],
         body()
     except (CommandError, *errors) as error:
         if errors_on_every_rank or is_rank0():
-            print(f"error: {error}", file=sys.stderr)
+            print_line(f"error: {error}")
         sys.exit(EXIT_ERROR)
     except KeyboardInterrupt:
         if is_rank0():  # one line for the whole job, not a traceback from each process
-            print(f"error: interrupted; {on_ctrl_c if isinstance(on_ctrl_c, str) else on_ctrl_c()}", file=sys.stderr)
+            print_line(f"error: interrupted; {on_ctrl_c if isinstance(on_ctrl_c, str) else on_ctrl_c()}")
         sys.exit(EXIT_INTERRUPTED)
     except CommandStopped as stop:
         if is_rank0():
-            print(stop, file=sys.stderr)
+            print_line(str(stop))
         sys.exit(stop.exit_code)
 
 

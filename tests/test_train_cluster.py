@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -203,6 +204,23 @@ def test_demo_data_that_rank0_cannot_prepare_stops_every_rank_at_once(tmp_path):
     assert result.returncode == 1 and time.monotonic() - started < 60, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 2 and errors[0] == errors[1] and str(data_dir) in errors[0], result.stderr[-3000:]
+
+
+SPLICE_CHECK = """
+import sys
+from io_helpers import print_line
+for _ in range(1000):
+    print_line("error: " + "x" * 150)
+"""
+
+
+def test_error_lines_of_two_processes_sharing_a_pipe_never_splice():
+    """With PYTHONUNBUFFERED (as CI machines set it), `print` writes a line and its newline apart, and two ranks'
+    error lines were once read back as one (CI, stop 25). Each line must reach the pipe whole."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
+    command = f"{sys.executable} -c '{SPLICE_CHECK}' & {sys.executable} -c '{SPLICE_CHECK}' & wait"
+    lines = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True, timeout=60).stderr
+    assert [len(line) for line in lines.splitlines()] == [157] * 2000
 
 
 def test_signal_names_are_checked(capsys):
