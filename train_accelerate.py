@@ -468,6 +468,9 @@ def train(args: argparse.Namespace) -> Path | None:
             log_train_step(accelerator, metrics, progress, step, loss=loss, lr=lr, grad_norm=grad_norm,
                            step_time=step_time, tokens_per_sec=tokens_per_sec, mfu=mfu)
         signals.close()  # the run is complete: from here a Ctrl-C stops at once (e.g. the wait for uploads)
+        # Every process past its last collective (Muon's broadcasts return on the sender before the receiver has
+        # them) before any tears the process group down: gloo aborts a process whose peer left mid-transfer.
+        accelerator.wait_for_everyone()
         if pusher is not None:  # rank 0 alone, after the last collective
             pusher.finish(output_dir, args.keep_checkpoints)
         accelerator.end_training()

@@ -61,6 +61,7 @@ def worker(rank: int, world_size: int, port: int, args: argparse.Namespace, queu
     if rank == 0:
         queue.put({label: statistics.median(t) for label, t in times.items()})
     if world_size > 1:
+        dist.barrier()  # no process leaves while another still receives Muon's broadcasts: gloo would abort it
         dist.destroy_process_group()
 
 

@@ -94,6 +94,7 @@ def sharded_worker(rank: int, port: int, queue, shard_state: bool) -> None:
         train(resumed, params, steps=2, first=3)
         queue.put((rank, optimizer.owners(), held, held_on_resume, gathered,
                    [p.detach().numpy().copy() for p in params]))
+        dist.barrier()  # no process leaves while the other still receives a broadcast: gloo would abort it
     finally:
         dist.destroy_process_group()
 
