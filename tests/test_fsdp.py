@@ -91,6 +91,7 @@ def fsdp_worker(rank: int, port: int, options: dict, folder: Path) -> None:
                   "local_elements": sum(p.to_local().numel() for p in model.parameters())}
         if rank == 0:
             torch.save(result, folder / "result.pt")
+        dist.barrier()  # no process leaves while the other still receives its last gather: gloo would abort it
     finally:
         dist.destroy_process_group()
 
