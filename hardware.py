@@ -144,6 +144,12 @@ def peak_flops_per_device(device: torch.device, mixed_precision: str) -> float |
     return None
 
 
+def compile_backend() -> str:
+    """torch.compile's backend for training: the one `accelerate launch --dynamo_backend` named, else inductor."""
+    launch_backend = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower()
+    return "inductor" if launch_backend == "no" else launch_backend
+
+
 def build_accelerator(mixed_precision: str, compile: str, report_to: str, ddp_timeout_s: int,
                       project_dir: str) -> tuple[Accelerator, str, str, str]:
     """The Accelerator of a training launch on this machine; returns it with the mixed precision and compile setting
@@ -163,14 +169,13 @@ def build_accelerator(mixed_precision: str, compile: str, report_to: str, ddp_ti
     device = accelerate_device(timeout=process_group.timeout)  # to_kwargs() would drop a timeout equal to its default
     mixed_precision, precision_line = resolve_mixed_precision(mixed_precision, device)
     launch_backend = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower()  # accelerate launch --dynamo_backend
-    # Accelerate shards the compiled wrapper under FSDP, so the plain module that evaluation runs has no FSDP root
-    # (measured: "FSDP requires a single root module" at the first evaluation): FSDP runs eager here.
-    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"  # set by an FSDP launch config
-    if compile == "on" and fsdp:
-        raise CommandError("--compile on does not work under FSDP in this script yet: use --compile off (or auto)")
     if compile == "auto":
-        compile = "on" if (device.type == "cuda" or launch_backend != "no") and not fsdp else "off"
-    backend = "no" if compile == "off" else launch_backend if launch_backend != "no" else "inductor"
+        compile = "on" if device.type == "cuda" or launch_backend != "no" else "off"
+    # Under FSDP Accelerate would shard the compiled wrapper, and the plain module that evaluation runs would have no
+    # FSDP root (measured: "FSDP requires a single root module"): there the training script compiles each Block
+    # after prepare instead (train_accelerate.compile_blocks_for_training).
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"  # set by an FSDP launch config
+    backend = "no" if compile == "off" or fsdp else compile_backend()
     dynamo = TorchDynamoPlugin(backend=backend, fullgraph=True)  # a graph break would silently cost compile's speed
     accelerator = Accelerator(mixed_precision=mixed_precision, project_dir=project_dir,
                               log_with=None if report_to == "none" else report_to, dynamo_plugin=dynamo,

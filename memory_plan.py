@@ -10,9 +10,9 @@ on any machine. Per process, at the peak of a step (the end of the last micro-st
   (rows, padded vocab) logits and their gradient while it runs; compiled, the plain loss over the whole logits;
 - the optimiser state split over the processes with --shard_optimizer (AdamW's by parameter, Muon's by matrix);
 - under an FSDP launch (accelerate_configs/fsdp2_8gpu.yaml): weights, gradients and AdamW's state split too (each
-  parameter's rows in N chunks), no DDP buckets, eager (the chunked loss), plus the weights FSDP gathers: the root's
-  (embeddings, final norm, head: kept through backward) and two blocks' at a time (the one running, the next one
-  prefetched), in the matmul dtype.
+  parameter's rows in N chunks), no DDP buckets, the chunked loss (compiled, only the blocks are), plus the weights
+  FSDP gathers: the root's (embeddings, final norm, head: kept through backward) and two blocks' at a time (the one
+  running, the next one prefetched), in the matmul dtype.
 The activation and state figures are checked in tests/test_memory_plan.py against what torch holds on a CPU
 (saved-tensor hooks; the optimiser's state after a step). What no CPU can show is left to a margin: the CUDA context,
 the allocator's fragmentation and the collectives' buffers take the last 10% of the device.
@@ -124,7 +124,7 @@ def loss_bytes(model: GPT2ReproForCausalLM, args: argparse.Namespace, micro_batc
     (B, T, V) logits and their gradient, in the matmul dtype (an estimate: no GPU has measured inductor's buffers)."""
     vocab, width = model.config.padded_vocab_size, model.config.n_embd
     matmul_bytes = 2 if args.mixed_precision == "bf16" else 4
-    if args.compile != "off":
+    if args.compile != "off" and not getattr(args, "fsdp", False):  # FSDP compiles the blocks, not the loss
         return 2 * micro_batch_size * args.seq_len * model.config.vocab_size * matmul_bytes
     rows = min(micro_batch_size * args.seq_len, LOSS_CHUNK_ROWS)
     head_copy = vocab * width * 2 if args.mixed_precision == "bf16" else 0
@@ -203,7 +203,7 @@ def remedies(args: argparse.Namespace, world_size: int, usable: float) -> list[s
     """The flags that make the run fit `usable` bytes, one line per way that allows a larger micro-batch than the ways
     before it: a smaller micro-batch (one that still divides the step's tokens); the chunked loss (--compile off);
     --shard_optimizer (with more than one process); activation checkpointing; then, with more than one process and
-    the GPT-2 recipe, FSDP (eager there), alone and with activation checkpointing."""
+    the GPT-2 recipe, FSDP, alone and with activation checkpointing."""
     rows_per_step = args.total_batch_size // (args.seq_len * world_size)  # micro-batch x accumulation, per process
     batches = [b for b in range(args.micro_batch_size, 0, -1) if rows_per_step % b == 0]
     if getattr(args, "fsdp", False):
@@ -212,8 +212,7 @@ def remedies(args: argparse.Namespace, world_size: int, usable: float) -> list[s
         shard = {"shard_optimizer": True} if world_size > 1 else {}
         ways = [{}, {"compile": "off"}] + ([shard] if shard else []) + [{"gradient_checkpointing": True, **shard}]
         if world_size > 1 and args.optimizer == "adamw":  # Muon is refused under FSDP
-            fsdp = {"fsdp": True, "compile": "off"}
-            ways += [fsdp, {**fsdp, "gradient_checkpointing": True}]
+            ways += [{"fsdp": True}, {"fsdp": True, "gradient_checkpointing": True}]
     flags = {"compile": "--compile off", "shard_optimizer": "--shard_optimizer",
              "gradient_checkpointing": "--gradient_checkpointing", "fsdp": "FSDP (accelerate_configs/fsdp2_8gpu.yaml)"}
     found, largest = [], 0
@@ -227,7 +226,7 @@ def remedies(args: argparse.Namespace, world_size: int, usable: float) -> list[s
             if total <= usable:
                 if b > largest:
                     named = ([f"--micro_batch_size {b}"] if b != args.micro_batch_size else []) + \
-                            [flags[name] for name in changed if not (name == "compile" and way.get("fsdp"))]
+                            [flags[name] for name in changed]
                     found.append(f"  {' '.join(named)}: {total / GB:.1f} GB ({rows_per_step // b} micro-steps per "
                                  f"step)")
                     largest = b
@@ -241,6 +240,6 @@ def print_plan(args: argparse.Namespace, world_size: int) -> None:
     H200): bf16 autocast, compiled; --mixed_precision no and --compile off plan those."""
     args.mixed_precision = "bf16" if args.mixed_precision == "auto" else args.mixed_precision
     args.fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and world_size > 1  # as training
-    args.compile = "off" if args.fsdp else "on" if args.compile == "auto" else args.compile  # decides it
+    args.compile = "on" if args.compile == "auto" else args.compile  # as training decides it on a GPU
     if is_rank0():
         print(describe(args, world_size))

@@ -38,7 +38,7 @@ import memory_plan
 import prepare_data
 from eval_hellaswag import load_hellaswag_for_training
 from evaluation import RECIPE_VAL_TOKENS, choose_val_tokens, evaluate
-from hardware import build_accelerator, peak_flops_per_device
+from hardware import build_accelerator, compile_backend, peak_flops_per_device
 from io_helpers import check_writable_folder, run_command
 from metrics_log import MetricsLog, log_evaluation, log_train_step
 from modeling_gpt2repro import GPT2ReproForCausalLM, enable_activation_checkpointing
@@ -146,9 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="bf16 autocast through Accelerate, fp32 master weights either way; 'auto': bf16 on GPUs "
                             "that support it and CPUs with native bf16 (AVX512-BF16/AMX), else fp32")
     optim.add_argument("--compile", nargs="?", const="on", choices=["auto", "on", "off"], default="auto",
-                       help="torch.compile the training forward and loss as one graph (a graph break is an error); "
-                            "auto: on CUDA, where it pays, else off (on a CPU it did not: see the README); "
-                            "evaluation and sampling use the eager module")
+                       help="torch.compile the training forward and loss as one graph (a graph break is an error; "
+                            "under FSDP each Block's forward, the loss staying the chunked one); auto: on CUDA, where "
+                            "it pays, else off (on a CPU it did not: see the README); evaluation and sampling run "
+                            "eager")
     optim.add_argument("--gradient_checkpointing", action="store_true",
                        help="recompute each block's activations in backward: far less memory for ~1/3 more compute "
                             "(large micro-batches on one GPU)")
@@ -370,6 +371,21 @@ def check_fsdp_launch(accelerator: Accelerator, args: argparse.Namespace) -> Non
         raise TrainingError("FSDP already splits the optimiser state with the parameters: drop --shard_optimizer")
 
 
+def compile_blocks_for_training(model: GPT2ReproForCausalLM, backend: str | Callable) -> None:
+    """--compile under FSDP: each Block's forward compiled whole (fullgraph), inside the FSDP module whose hooks
+    gather and free its weights, so those stay eager and the FSDP root stays the module everything runs. Identical
+    Blocks share one compiled graph (their parameters are its inputs). As with DDP's compiled wrapper, only training
+    runs compiled: under no_grad (evaluation, sampling with its KV cache) a Block runs its eager forward."""
+    for block in model.transformer.h:
+        eager = block.forward
+        compiled = torch.compile(eager, backend=backend, fullgraph=True)
+        block.forward = functools.partial(run_compiled_with_grad, compiled, eager)
+
+
+def run_compiled_with_grad(compiled: Callable, eager: Callable, *args, **kwargs):
+    return (compiled if torch.is_grad_enabled() else eager)(*args, **kwargs)
+
+
 def build_model(args: argparse.Namespace, device: torch.device, world_size: int) -> tuple[GPT2ReproForCausalLM, list]:
     """The model, initialised from --seed (the same weights on every process), on `device`, and its optimisers (built
     there: a sharded optimiser's collectives run on the device of its parameters)."""
@@ -399,6 +415,8 @@ def train(args: argparse.Namespace) -> Path | None:
     flops_per_token, parameters = model.flops_per_token(args.seq_len), sum(p.numel() for p in model.parameters())
     model, *optimizers = accelerator.prepare(model, *optimizers)
     raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)  # for evaluation, sampling and saving
+    if args.compile == "on" and accelerator.distributed_type == DistributedType.FSDP:
+        compile_blocks_for_training(raw_model, compile_backend())
     start_step, start_evaluated = checkpointing.load_checkpoint(accelerator, resume_from, train_loader, args.max_steps)
     metrics = MetricsLog(output_dir / "metrics.jsonl", start_step if resume_from else None) if is_main else None
     if args.report_to != "none":

@@ -3,6 +3,7 @@
 Hugging Face client calls replaced."""
 from __future__ import annotations
 
+import copy
 import math
 import time
 from pathlib import Path
@@ -227,6 +228,35 @@ def test_compiled_run_evaluates_samples_and_resumes_exactly(tiny_data, tmp_path,
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name
     assert records(tmp_path / "resumed", "eval")[-1] == evals[-1]
+
+
+def test_fsdp_block_compile_is_one_graph_for_every_block_and_leaves_evaluation_eager():
+    """--compile under FSDP compiles each Block's forward (compile_blocks_for_training): the three Blocks share one
+    graph (fullgraph: a break would raise), loss and gradients are eager's, and under no_grad (evaluation, sampling
+    with its KV cache) the Blocks run eager, adding no graph."""
+    torch.manual_seed(0)
+    model = GPT2ReproForCausalLM(GPT2ReproConfig(n_layer=3, n_head=2, n_embd=64))
+    reference = copy.deepcopy(model)
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    train_accelerate.compile_blocks_for_training(model, counting_backend)
+    x = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(2))
+    for m in (model, reference):
+        m(input_ids=x, shift_labels=y, return_logits=False).loss.backward()
+    assert len(graphs) == 1
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, reference(x).logits)
+    assert torch.equal(model.generate(x[:1, :4], max_new_tokens=4, do_sample=False),
+                       reference.generate(x[:1, :4], max_new_tokens=4, do_sample=False))
+    assert len(graphs) == 1
 
 
 def test_defaults_fit_the_cpu_and_a_small_corpus(tiny_data, tmp_path, capsys, monkeypatch, fresh_accelerate):

@@ -372,7 +372,8 @@ def test_fsdp2_trains_as_ddp_does_and_resumes_exactly(workspace, tmp_path):
     """Accelerate under accelerate_configs/fsdp2_8gpu.yaml, on 2 CPU processes (Accelerate turns FSDP into DDP on a
     CPU; the wrapper makes it take its GPU path): with 2 micro-steps per step, evaluations (val, HellaSwag, samples:
     every forward is a collective under FSDP) and sharded checkpoints, it trains as DDP does (float summation order
-    apart), resumes bitwise, and each hf/ folder is the whole model, loadable."""
+    apart), resumes bitwise, and each hf/ folder is the whole model, loadable. With --compile on (the Blocks compiled
+    inside FSDP) it trains as eager FSDP does and evaluates and samples alike."""
     root, args, hellaswag_file = workspace
     run = args + ["--micro_batch_size", "2", "--max_steps", "8", "--eval_every", "4", "--num_samples", "2",
                   "--hellaswag_file", str(hellaswag_file)]
@@ -383,14 +384,21 @@ def test_fsdp2_trains_as_ddp_does_and_resumes_exactly(workspace, tmp_path):
     assert (checkpoint / "training_state" / "pytorch_model_fsdp_0").is_dir()  # sharded, not DDP's one file
     run_wrapper(FSDP_ON_CPU, tmp_path / "fsdp_on_cpu.py", run + ["--output_dir", str(tmp_path / "resumed"),
                                                                    "--resume_from_checkpoint", str(checkpoint)], **env)
+    # --compile on: each Block compiled inside its FSDP module (inductor), evaluation and sampling eager
+    run_wrapper(FSDP_ON_CPU, tmp_path / "fsdp_on_cpu.py", run + ["--output_dir", str(tmp_path / "compiled"),
+                                                                   "--compile", "on"], **env)
 
     fsdp, ddp = records(tmp_path / "fsdp", "train"), records(tmp_path / "ddp", "train")
     assert [r["step"] for r in fsdp] == list(range(8))
     for a, b in zip(fsdp, ddp, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"],
                                                                                                  rel=1e-4)
+    for a, b in zip(records(tmp_path / "compiled", "train"), fsdp, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
     evals = records(tmp_path / "fsdp", "eval")
     assert [r["step"] for r in evals] == [0, 4, 8] and all(len(r["samples"]) == 2 for r in evals)
+    for a, b in zip(records(tmp_path / "compiled", "eval"), evals, strict=True):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4) and len(a["samples"]) == 2
     for a, b in zip(evals, records(tmp_path / "ddp", "eval"), strict=True):
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
         assert a["hellaswag_count"] == b["hellaswag_count"] == 3
@@ -412,12 +420,11 @@ def test_fsdp2_trains_as_ddp_does_and_resumes_exactly(workspace, tmp_path):
 @pytest.mark.parametrize("flags, line", [
     (["--recipe", "speedrun"], "error: Muon orthogonalises whole matrices and FSDP splits each one among the"),
     (["--shard_optimizer"], "error: FSDP already splits the optimiser state with the parameters: drop"),
-    (["--compile", "on"], "error: --compile on does not work under FSDP in this script yet"),
-], ids=["muon", "shard_optimizer", "compile"])
+], ids=["muon", "shard_optimizer"])
 def test_fsdp2_refuses_what_cannot_work_with_it_in_one_line(workspace, tmp_path, flags, line):
-    """Each before any work; with an accelerate too old for FSDP2, that comes first (after --compile's check)."""
+    """Each before any work; with an accelerate too old for FSDP2, that comes first."""
     root, args, _ = workspace
-    if FSDP_REFUSED and "--compile" not in flags:
+    if FSDP_REFUSED:
         line = f"error: FSDP needs accelerate >= {train_accelerate.FSDP_ACCELERATE}"
     script = tmp_path / "fsdp_on_cpu.py"
     script.write_text(FSDP_ON_CPU)
