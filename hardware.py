@@ -144,6 +144,11 @@ def peak_flops_per_device(device: torch.device, mixed_precision: str) -> float |
     return None
 
 
+def fsdp_launch() -> bool:
+    """Whether `accelerate launch` was given an FSDP config (it sets ACCELERATE_USE_FSDP for every process)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
 def compile_backend() -> str:
     """torch.compile's backend for training: the one `accelerate launch --dynamo_backend` named, else inductor."""
     launch_backend = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower()
@@ -174,8 +179,7 @@ def build_accelerator(mixed_precision: str, compile: str, report_to: str, ddp_ti
     # Under FSDP Accelerate would shard the compiled wrapper, and the plain module that evaluation runs would have no
     # FSDP root (measured: "FSDP requires a single root module"): there the training script compiles each Block
     # after prepare instead (train_accelerate.compile_blocks_for_training).
-    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"  # set by an FSDP launch config
-    backend = "no" if compile == "off" or fsdp else compile_backend()
+    backend = "no" if compile == "off" or fsdp_launch() else compile_backend()
     dynamo = TorchDynamoPlugin(backend=backend, fullgraph=True)  # a graph break would silently cost compile's speed
     accelerator = Accelerator(mixed_precision=mixed_precision, project_dir=project_dir,
                               log_with=None if report_to == "none" else report_to, dynamo_plugin=dynamo,

@@ -20,12 +20,12 @@ the allocator's fragmentation and the collectives' buffers take the last 10% of 
 from __future__ import annotations
 
 import argparse
-import os
 import re
 
 import torch
 
 from configuration_gpt2repro import GPT2ReproConfig
+from hardware import fsdp_launch
 from io_helpers import is_rank0
 from modeling_gpt2repro import LOSS_CHUNK_ROWS, GPT2ReproForCausalLM
 from muon import owners
@@ -239,7 +239,7 @@ def print_plan(args: argparse.Namespace, world_size: int) -> None:
     """--dry_run: the plan, printed once per launch. `auto` is planned as on the GPUs the presets are for (A100, H100,
     H200): bf16 autocast, compiled; --mixed_precision no and --compile off plan those."""
     args.mixed_precision = "bf16" if args.mixed_precision == "auto" else args.mixed_precision
-    args.fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and world_size > 1  # as training
+    args.fsdp = fsdp_launch() and world_size > 1  # as training
     args.compile = "on" if args.compile == "auto" else args.compile  # as training decides it on a GPU
     if is_rank0():
         print(describe(args, world_size))

@@ -38,7 +38,7 @@ import memory_plan
 import prepare_data
 from eval_hellaswag import load_hellaswag_for_training
 from evaluation import RECIPE_VAL_TOKENS, choose_val_tokens, evaluate
-from hardware import build_accelerator, compile_backend, peak_flops_per_device
+from hardware import build_accelerator, compile_backend, fsdp_launch, peak_flops_per_device
 from io_helpers import check_writable_folder, run_command
 from metrics_log import MetricsLog, log_evaluation, log_train_step
 from modeling_gpt2repro import GPT2ReproForCausalLM, enable_activation_checkpointing
@@ -415,7 +415,7 @@ def train(args: argparse.Namespace) -> Path | None:
     flops_per_token, parameters = model.flops_per_token(args.seq_len), sum(p.numel() for p in model.parameters())
     model, *optimizers = accelerator.prepare(model, *optimizers)
     raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)  # for evaluation, sampling and saving
-    if args.compile == "on" and accelerator.distributed_type == DistributedType.FSDP:
+    if args.compile == "on" and fsdp_launch():  # build_accelerator left the compiling to this
         compile_blocks_for_training(raw_model, compile_backend())
     start_step, start_evaluated = checkpointing.load_checkpoint(accelerator, resume_from, train_loader, args.max_steps)
     metrics = MetricsLog(output_dir / "metrics.jsonl", start_step if resume_from else None) if is_main else None
