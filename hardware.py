@@ -155,6 +155,15 @@ def compile_backend() -> str:
     return "inductor" if launch_backend == "no" else launch_backend
 
 
+def compile_kwargs() -> dict:
+    """torch.compile's arguments for training as `accelerate launch` gives them (--dynamo_backend, else inductor;
+    --dynamo_mode; --dynamo_use_dynamic), with fullgraph: a graph break would silently cost compile's speed."""
+    from accelerate.utils import TorchDynamoPlugin
+
+    launch = TorchDynamoPlugin()  # reads the ACCELERATE_DYNAMO_* environment
+    return {"backend": compile_backend(), "mode": launch.mode, "dynamic": launch.dynamic, "fullgraph": True}
+
+
 def build_accelerator(mixed_precision: str, compile: str, report_to: str, ddp_timeout_s: int,
                       project_dir: str) -> tuple[Accelerator, str, str, str]:
     """The Accelerator of a training launch on this machine; returns it with the mixed precision and compile setting
@@ -174,11 +183,12 @@ def build_accelerator(mixed_precision: str, compile: str, report_to: str, ddp_ti
     device = accelerate_device(timeout=process_group.timeout)  # to_kwargs() would drop a timeout equal to its default
     mixed_precision, precision_line = resolve_mixed_precision(mixed_precision, device)
     launch_backend = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower()  # accelerate launch --dynamo_backend
-    if compile == "auto":
-        compile = "on" if device.type == "cuda" or launch_backend != "no" else "off"
     # Under FSDP Accelerate would shard the compiled wrapper, and the plain module that evaluation runs would have no
-    # FSDP root (measured: "FSDP requires a single root module"): there the training script compiles each Block
-    # after prepare instead (train_accelerate.compile_blocks_for_training).
+    # FSDP root (measured: "FSDP requires a single root module"): there --compile on makes the training script compile
+    # each Block after prepare instead (train_accelerate.compile_blocks_for_training). `auto` leaves FSDP eager until
+    # that has been measured on a GPU.
+    if compile == "auto":
+        compile = "on" if (device.type == "cuda" or launch_backend != "no") and not fsdp_launch() else "off"
     backend = "no" if compile == "off" or fsdp_launch() else compile_backend()
     dynamo = TorchDynamoPlugin(backend=backend, fullgraph=True)  # a graph break would silently cost compile's speed
     accelerator = Accelerator(mixed_precision=mixed_precision, project_dir=project_dir,

@@ -121,11 +121,11 @@ def activation_bytes(model: GPT2ReproForCausalLM, args: argparse.Namespace, micr
 def loss_bytes(model: GPT2ReproForCausalLM, args: argparse.Namespace, micro_batch_size: int) -> int:
     """The chunked loss: d(loss)/d(lm_head) (fp32, kept for backward), one chunk of fp32 logits and its gradient in
     the matmul dtype, and under bf16 the head's bf16 copy. Compiled, the plain loss instead: the micro-batch's whole
-    (B, T, V) logits and their gradient, in the matmul dtype (an estimate: no GPU has measured inductor's buffers)."""
+    (B, T, Vp) logits and their gradient, in the matmul dtype (an estimate: no GPU has measured inductor's buffers)."""
     vocab, width = model.config.padded_vocab_size, model.config.n_embd
     matmul_bytes = 2 if args.mixed_precision == "bf16" else 4
     if args.compile != "off" and not getattr(args, "fsdp", False):  # FSDP compiles the blocks, not the loss
-        return 2 * micro_batch_size * args.seq_len * model.config.vocab_size * matmul_bytes
+        return 2 * micro_batch_size * args.seq_len * vocab * matmul_bytes
     rows = min(micro_batch_size * args.seq_len, LOSS_CHUNK_ROWS)
     head_copy = vocab * width * 2 if args.mixed_precision == "bf16" else 0
     return 4 * vocab * width + rows * vocab * (4 + matmul_bytes) + head_copy
@@ -240,6 +240,6 @@ def print_plan(args: argparse.Namespace, world_size: int) -> None:
     H200): bf16 autocast, compiled; --mixed_precision no and --compile off plan those."""
     args.mixed_precision = "bf16" if args.mixed_precision == "auto" else args.mixed_precision
     args.fsdp = fsdp_launch() and world_size > 1  # as training
-    args.compile = "on" if args.compile == "auto" else args.compile  # as training decides it on a GPU
+    args.compile = ("off" if args.fsdp else "on") if args.compile == "auto" else args.compile  # as training on a GPU
     if is_rank0():
         print(describe(args, world_size))

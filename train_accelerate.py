@@ -38,7 +38,7 @@ import memory_plan
 import prepare_data
 from eval_hellaswag import load_hellaswag_for_training
 from evaluation import RECIPE_VAL_TOKENS, choose_val_tokens, evaluate
-from hardware import build_accelerator, compile_backend, fsdp_launch, peak_flops_per_device
+from hardware import build_accelerator, compile_kwargs, fsdp_launch, peak_flops_per_device
 from io_helpers import check_writable_folder, run_command
 from metrics_log import MetricsLog, log_evaluation, log_train_step
 from modeling_gpt2repro import GPT2ReproForCausalLM, enable_activation_checkpointing
@@ -148,8 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--compile", nargs="?", const="on", choices=["auto", "on", "off"], default="auto",
                        help="torch.compile the training forward and loss as one graph (a graph break is an error; "
                             "under FSDP each Block's forward, the loss staying the chunked one); auto: on CUDA, where "
-                            "it pays, else off (on a CPU it did not: see the README); evaluation and sampling run "
-                            "eager")
+                            "it pays, except under FSDP (not yet measured on a GPU), else off (on a CPU it did not: "
+                            "see the README); evaluation and sampling run eager")
     optim.add_argument("--gradient_checkpointing", action="store_true",
                        help="recompute each block's activations in backward: far less memory for ~1/3 more compute "
                             "(large micro-batches on one GPU)")
@@ -371,14 +371,14 @@ def check_fsdp_launch(accelerator: Accelerator, args: argparse.Namespace) -> Non
         raise TrainingError("FSDP already splits the optimiser state with the parameters: drop --shard_optimizer")
 
 
-def compile_blocks_for_training(model: GPT2ReproForCausalLM, backend: str | Callable) -> None:
+def compile_blocks_for_training(model: GPT2ReproForCausalLM, compile_kwargs: dict) -> None:
     """--compile under FSDP: each Block's forward compiled whole (fullgraph), inside the FSDP module whose hooks
     gather and free its weights, so those stay eager and the FSDP root stays the module everything runs. Identical
     Blocks share one compiled graph (their parameters are its inputs). As with DDP's compiled wrapper, only training
     runs compiled: under no_grad (evaluation, sampling with its KV cache) a Block runs its eager forward."""
     for block in model.transformer.h:
         eager = block.forward
-        compiled = torch.compile(eager, backend=backend, fullgraph=True)
+        compiled = torch.compile(eager, **compile_kwargs)
         block.forward = functools.partial(run_compiled_with_grad, compiled, eager)
 
 
@@ -416,7 +416,7 @@ def train(args: argparse.Namespace) -> Path | None:
     model, *optimizers = accelerator.prepare(model, *optimizers)
     raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)  # for evaluation, sampling and saving
     if args.compile == "on" and fsdp_launch():  # build_accelerator left the compiling to this
-        compile_blocks_for_training(raw_model, compile_backend())
+        compile_blocks_for_training(raw_model, compile_kwargs())
     start_step, start_evaluated = checkpointing.load_checkpoint(accelerator, resume_from, train_loader, args.max_steps)
     metrics = MetricsLog(output_dir / "metrics.jsonl", start_step if resume_from else None) if is_main else None
     if args.report_to != "none":
@@ -486,8 +486,9 @@ def train(args: argparse.Namespace) -> Path | None:
             log_train_step(accelerator, metrics, progress, step, loss=loss, lr=lr, grad_norm=grad_norm,
                            step_time=step_time, tokens_per_sec=tokens_per_sec, mfu=mfu)
         signals.close()  # the run is complete: from here a Ctrl-C stops at once (e.g. the wait for uploads)
-        # Every process past its last collective (Muon's broadcasts return on the sender before the receiver has
-        # them) before any tears the process group down: gloo aborts a process whose peer left mid-transfer.
+        # Every process past its last collective before any tears the process group down: gloo aborts a process
+        # whose peer left mid-transfer. The final checkpoint's save ends on a barrier, but a run resumed at its last
+        # step ends on Muon's broadcasts, which return on the sender before the receiver has them.
         accelerator.wait_for_everyone()
         if pusher is not None:  # rank 0 alone, after the last collective
             pusher.finish(output_dir, args.keep_checkpoints)

@@ -244,7 +244,7 @@ def test_fsdp_block_compile_is_one_graph_for_every_block_and_leaves_evaluation_e
         return graph_module.forward
 
     torch._dynamo.reset()
-    train_accelerate.compile_blocks_for_training(model, counting_backend)
+    train_accelerate.compile_blocks_for_training(model, {"backend": counting_backend, "fullgraph": True})
     x = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(1))
     y = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(2))
     for m in (model, reference):
