@@ -155,6 +155,15 @@ def compile_backend() -> str:
     return "inductor" if launch_backend == "no" else launch_backend
 
 
+def resolve_compile(compile: str, cuda: bool) -> str:
+    """--compile with `auto` resolved: on CUDA, where compiling pays, or when `accelerate launch --dynamo_backend`
+    named a backend; but not under FSDP, whose compiled blocks no GPU has measured yet; else off."""
+    if compile != "auto":
+        return compile
+    launch_asked = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower() != "no"
+    return "on" if (cuda or launch_asked) and not fsdp_launch() else "off"
+
+
 def compile_kwargs() -> dict:
     """torch.compile's arguments for training as `accelerate launch` gives them (--dynamo_backend, else inductor;
     --dynamo_mode; --dynamo_use_dynamic), with fullgraph: a graph break would silently cost compile's speed."""
@@ -182,13 +191,10 @@ def build_accelerator(mixed_precision: str, compile: str, report_to: str, ddp_ti
     process_group = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=ddp_timeout_s))
     device = accelerate_device(timeout=process_group.timeout)  # to_kwargs() would drop a timeout equal to its default
     mixed_precision, precision_line = resolve_mixed_precision(mixed_precision, device)
-    launch_backend = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower()  # accelerate launch --dynamo_backend
+    compile = resolve_compile(compile, cuda=device.type == "cuda")
     # Under FSDP Accelerate would shard the compiled wrapper, and the plain module that evaluation runs would have no
     # FSDP root (measured: "FSDP requires a single root module"): there --compile on makes the training script compile
-    # each Block after prepare instead (train_accelerate.compile_blocks_for_training). `auto` leaves FSDP eager until
-    # that has been measured on a GPU.
-    if compile == "auto":
-        compile = "on" if (device.type == "cuda" or launch_backend != "no") and not fsdp_launch() else "off"
+    # each Block after prepare instead (train_accelerate.compile_blocks_for_training).
     backend = "no" if compile == "off" or fsdp_launch() else compile_backend()
     dynamo = TorchDynamoPlugin(backend=backend, fullgraph=True)  # a graph break would silently cost compile's speed
     accelerator = Accelerator(mixed_precision=mixed_precision, project_dir=project_dir,

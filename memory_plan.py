@@ -25,7 +25,7 @@ import re
 import torch
 
 from configuration_gpt2repro import GPT2ReproConfig
-from hardware import fsdp_launch
+from hardware import fsdp_launch, resolve_compile
 from io_helpers import is_rank0
 from modeling_gpt2repro import LOSS_CHUNK_ROWS, GPT2ReproForCausalLM
 from muon import owners
@@ -240,6 +240,6 @@ def print_plan(args: argparse.Namespace, world_size: int) -> None:
     H200): bf16 autocast, compiled; --mixed_precision no and --compile off plan those."""
     args.mixed_precision = "bf16" if args.mixed_precision == "auto" else args.mixed_precision
     args.fsdp = fsdp_launch() and world_size > 1  # as training
-    args.compile = ("off" if args.fsdp else "on") if args.compile == "auto" else args.compile  # as training on a GPU
+    args.compile = resolve_compile(args.compile, cuda=True)  # as training decides it on a GPU
     if is_rank0():
         print(describe(args, world_size))
