@@ -241,7 +241,7 @@ def save_checkpoint(accelerator: Accelerator, model, tokenizer, train_loader: Sh
         write_json_atomic(temporary / "trainer_state.json",
                           {"step": step, "tokens_seen": tokens_seen, "world_size": accelerator.num_processes,
                            "evaluated": evaluated, "args": vars(args), "files": describe_checkpoint_files(temporary)})
-        unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+        unwrapped = accelerator.unwrap_model(model)
         if whole_weights is not None:  # FSDP made the model a subclass of its own: save a plain one
             unwrapped = plain_model(unwrapped.config, whole_weights)
         save_hf_folder(unwrapped, tokenizer, temporary / "hf", args, step, tokens_seen, metrics)

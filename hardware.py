@@ -166,7 +166,8 @@ def resolve_compile(compile: str, cuda: bool) -> str:
 
 def compile_kwargs() -> dict:
     """torch.compile's arguments for training as `accelerate launch` gives them (--dynamo_backend, else inductor;
-    --dynamo_mode; --dynamo_use_dynamic), with fullgraph: a graph break would silently cost compile's speed."""
+    --dynamo_mode; --dynamo_use_dynamic), with fullgraph: a graph break in our model is an error, not a silent loss of
+    compile's speed."""
     from accelerate.utils import TorchDynamoPlugin
 
     launch = TorchDynamoPlugin()  # reads the ACCELERATE_DYNAMO_* environment
@@ -192,11 +193,11 @@ def build_accelerator(mixed_precision: str, compile: str, report_to: str, ddp_ti
     device = accelerate_device(timeout=process_group.timeout)  # to_kwargs() would drop a timeout equal to its default
     mixed_precision, precision_line = resolve_mixed_precision(mixed_precision, device)
     compile = resolve_compile(compile, cuda=device.type == "cuda")
-    # Under FSDP Accelerate would shard the compiled wrapper, and the plain module that evaluation runs would have no
-    # FSDP root (measured: "FSDP requires a single root module"): there --compile on makes the training script compile
-    # each Block after prepare instead (train_accelerate.compile_blocks_for_training).
-    backend = "no" if compile == "off" or fsdp_launch() else compile_backend()
-    dynamo = TorchDynamoPlugin(backend=backend, fullgraph=True)  # a graph break would silently cost compile's speed
+    # Accelerate compiles nothing: it would compile around its DDP or FSDP wrapper, and dynamo cannot trace DDP's
+    # forward whole (a logger call breaks it: an error under fullgraph, crashing every multi-GPU launch at step 0), while
+    # FSDP's plain module, which evaluation runs, would lose its FSDP root. The training script compiles the model's
+    # (or under FSDP each Block's) forward inside the wrapper (train_accelerate.compile_for_training).
+    dynamo = TorchDynamoPlugin(backend="no")
     accelerator = Accelerator(mixed_precision=mixed_precision, project_dir=project_dir,
                               log_with=None if report_to == "none" else report_to, dynamo_plugin=dynamo,
                               kwargs_handlers=[process_group])

@@ -371,19 +371,25 @@ def check_fsdp_launch(accelerator: Accelerator, args: argparse.Namespace) -> Non
         raise TrainingError("FSDP already splits the optimiser state with the parameters: drop --shard_optimizer")
 
 
-def compile_blocks_for_training(model: GPT2ReproForCausalLM, compile_kwargs: dict) -> None:
-    """--compile under FSDP: each Block's forward compiled whole (fullgraph), inside the FSDP module whose hooks
-    gather and free its weights, so those stay eager and the FSDP root stays the module everything runs. Identical
-    Blocks share one compiled graph (their parameters are its inputs). As with DDP's compiled wrapper, only training
-    runs compiled: under no_grad (evaluation, sampling with its KV cache) a Block runs its eager forward."""
-    for block in model.transformer.h:
-        eager = block.forward
-        compiled = torch.compile(eager, **compile_kwargs)
-        block.forward = functools.partial(run_compiled_with_grad, compiled, eager)
+def compile_for_training(module: torch.nn.Module, compile_kwargs: dict) -> None:
+    """--compile: `module`'s forward compiled whole (fullgraph: a graph break is an error), for training only: under
+    no_grad (evaluation, sampling with its KV cache) it runs its eager forward, which build-nanogpt's compile broke.
 
+    The compiled forward runs inside the wrapper that distributes it, never around it. DDP's own forward stays eager,
+    and dynamo, compiling while it runs (DistributedDataParallel._inside_ddp_forward), splits our graph at DDP's
+    gradient buckets (torch._dynamo's DDPOptimizer): each bucket's all-reduce starts as soon as the backward of its
+    layers ends, beside the backward of the layers before them (benchmarks/bench_ddp_compile.py counts it). A
+    model compiled whole before DDP wraps it hands DDP every gradient at the end of one compiled backward. Under FSDP
+    `module` is each Block, inside the FSDP module whose hooks gather and free its weights; identical Blocks share one
+    compiled graph (their parameters are its inputs)."""
+    eager = module.forward
+    compiled = torch.compile(eager, **compile_kwargs)
 
-def run_compiled_with_grad(compiled: Callable, eager: Callable, *args, **kwargs):
-    return (compiled if torch.is_grad_enabled() else eager)(*args, **kwargs)
+    @functools.wraps(eager)  # generate() reads the forward's signature
+    def forward(*args, **kwargs):
+        return (compiled if torch.is_grad_enabled() else eager)(*args, **kwargs)
+
+    module.forward = forward
 
 
 def build_model(args: argparse.Namespace, device: torch.device, world_size: int) -> tuple[GPT2ReproForCausalLM, list]:
@@ -413,10 +419,13 @@ def train(args: argparse.Namespace) -> Path | None:
     tokenizer = get_tokenizer()
     model, optimizers = build_model(args, device, world_size)
     flops_per_token, parameters = model.flops_per_token(args.seq_len), sum(p.numel() for p in model.parameters())
+    if args.compile == "on" and not fsdp_launch():  # before DDP wraps it (build_accelerator left compiling to this)
+        compile_for_training(model, compile_kwargs())
     model, *optimizers = accelerator.prepare(model, *optimizers)
-    raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)  # for evaluation, sampling and saving
-    if args.compile == "on" and fsdp_launch():  # build_accelerator left the compiling to this
-        compile_blocks_for_training(raw_model, compile_kwargs())
+    raw_model = accelerator.unwrap_model(model)  # for evaluation, sampling and saving
+    if args.compile == "on" and fsdp_launch():  # inside the FSDP modules prepare made
+        for block in raw_model.transformer.h:
+            compile_for_training(block, compile_kwargs())
     start_step, start_evaluated = checkpointing.load_checkpoint(accelerator, resume_from, train_loader, args.max_steps)
     metrics = MetricsLog(output_dir / "metrics.jsonl", start_step if resume_from else None) if is_main else None
     if args.report_to != "none":

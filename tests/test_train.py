@@ -231,7 +231,7 @@ def test_compiled_run_evaluates_samples_and_resumes_exactly(tiny_data, tmp_path,
 
 
 def test_fsdp_block_compile_is_one_graph_for_every_block_and_leaves_evaluation_eager():
-    """--compile under FSDP compiles each Block's forward (compile_blocks_for_training): the three Blocks share one
+    """--compile under FSDP compiles each Block's forward (compile_for_training on each): the three Blocks share one
     graph (fullgraph: a break would raise), loss and gradients are eager's, and under no_grad (evaluation, sampling
     with its KV cache) the Blocks run eager, adding no graph."""
     torch.manual_seed(0)
@@ -244,7 +244,8 @@ def test_fsdp_block_compile_is_one_graph_for_every_block_and_leaves_evaluation_e
         return graph_module.forward
 
     torch._dynamo.reset()
-    train_accelerate.compile_blocks_for_training(model, {"backend": counting_backend, "fullgraph": True})
+    for block in model.transformer.h:
+        train_accelerate.compile_for_training(block, {"backend": counting_backend, "fullgraph": True})
     x = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(1))
     y = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(2))
     for m in (model, reference):
