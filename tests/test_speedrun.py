@@ -17,7 +17,7 @@ from configuration_gpt2repro import GPT2ReproConfig
 from modeling_gpt2repro import GPT2ReproForCausalLM, apply_rotary, rotary_cos_sin
 from optimizers import configure_muon
 from recipes import PRESETS, as_flags
-from train_helpers import TINY_RUN, final_weights, records, run_main, run_training
+from train_helpers import GRAPH_BREAK_LOG, TINY_RUN, final_weights, graph_breaks, records, run_main, run_training
 
 TINY = dict(n_layer=2, n_head=4, n_embd=64, n_positions=64)
 OPTIONS = {  # one option at a time, then all of them as the speedrun recipe sets them
@@ -319,16 +319,22 @@ def test_speedrun_on_two_processes_equals_one_with_twice_the_accumulation(speedr
     the accumulation. The weights agree less tightly than AdamW's in test_train_runs, as they do between accumulation
     and one big batch on a single process: Newton-Schulz lifts a gradient's float-noise directions (singular values
     ~1e-7 of the largest) ~500x, and Adam turns noise-level gradients into LR-sized steps. Measured here: 1e-4 to
-    2e-2 largest differences, at LRs of 2e-3 and 5e-3."""
+    2e-2 largest differences, at LRs of 2e-3 and 5e-3. Compiled (--compile on, as `auto` resolves it on GPUs: the
+    forward compiled whole inside DDP), the 2 processes train as eager ones do (1e-4), with no graph break."""
     root, args = speedrun_workspace
     args = args + ["--micro_batch_size", "2", "--muon_lr", "0.002", "--embed_lr", "0.005", "--head_lr", "0.001",
                    "--adamw_lr", "0.001"]  # the last value given wins: 4 micro-steps on 1 process, 2 on 2
     run_training(args + ["--output_dir", str(root / "one")])
     run_training(args + ["--output_dir", str(root / "two")], processes=2)
+    compiled = run_training(args + ["--output_dir", str(root / "compiled"), "--compile", "on"], processes=2,
+                            env=GRAPH_BREAK_LOG)
+    assert "compile on" in compiled.stdout and graph_breaks(compiled.stderr) == []
     for record_type, keys in (("train", ("loss", "grad_norm")), ("eval", ("val_loss",))):
         one, two = records(root / "one", record_type), records(root / "two", record_type)
         for key in keys:
             assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-5), key
+            assert [r[key] for r in records(root / "compiled", record_type)] == pytest.approx([r[key] for r in two],
+                                                                                             rel=1e-4), key
     weights, reference = final_weights(root / "two", 8), final_weights(root / "one", 8)
     for name in reference:
         torch.testing.assert_close(weights[name], reference[name], rtol=0, atol=0.05, msg=name)  # 10 embedding steps

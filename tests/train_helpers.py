@@ -87,11 +87,22 @@ def training_command(args: list[str], processes: int = 1, script: str = SCRIPT) 
     return [*launcher, script, *args], env
 
 
-def run_training(args: list[str], processes: int = 1, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    command, env = training_command(args, processes)
-    result = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+def run_training(args: list[str], processes: int = 1, cwd: Path | None = None,
+                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """A CPU run of train_accelerate.py (see training_command), with `env` added to its environment; it must succeed."""
+    command, run_env = training_command(args, processes)
+    run_env.update(env or {})
+    result = subprocess.run(command, env=run_env, cwd=cwd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
+
+
+# dynamo's log of every graph break (torch._logging), one "[__graph_breaks]" line each: compiled runs must have none
+GRAPH_BREAK_LOG = {"TORCH_LOGS": "graph_breaks"}
+
+
+def graph_breaks(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if "__graph_breaks" in line]
 
 
 def records(output_dir: Path, record_type: str) -> list[dict]:
