@@ -30,6 +30,12 @@ machine's load drifts; compilation happens in the untimed warm-up steps):
 On 2 CPU cores gloo's communication threads compete with the compute for the same cores, so the step times say
 little about a GPU cluster; the early / overlap columns are what carries over: they show whether the communication
 can start before the backward ends.
+
+Reading the numbers: the tied wte / lm_head matrix (50304 x n_embd, most of the parameters) gets its gradient last
+(the embedding's backward ends the backward), so its bucket is launched after the compute in every variant. Eager,
+the loss (LMHeadCrossEntropy) computes the lm_head gradient in the forward, so the eager backward is mostly the
+blocks; compiled, the plain loss leaves it to the backward, where it runs first, before any bucket is ready: hence
+the compiled variants' larger bwd and smaller overlap. Compare step times, not the fwd / bwd split, across them.
 """
 # No `from __future__ import annotations`: DDP's register_comm_hook checks the hook's annotations as objects.
 import argparse
@@ -114,7 +120,10 @@ class Variant:
 def build_variant(name: str, config: GPT2ReproConfig, bucket_cap_mb: float) -> Variant:
     """A fresh model (the same weights on every process: DDP broadcasts rank 0's) wrapped as the variant `name`."""
     torch.manual_seed(0)
-    model = GPT2ReproForCausalLM(config)
+    # Each variant its own subclass: dynamo's guards accept any model of the same class and shapes, so the variants
+    # after the first would otherwise run the first one's compiled graphs instead of compiling their own.
+    model_class = type(f"GPT2ReproForCausalLM{VARIANTS.index(name)}", (GPT2ReproForCausalLM,), {})
+    model = model_class(config)
     if name != "eager" and name != "compiled around DDP":
         compile_for_training(model, compile_kwargs())  # replaces model.forward before DDP wraps it, as training does
     ddp = DDP(model, bucket_cap_mb=bucket_cap_mb)
@@ -172,18 +181,18 @@ def run(rank: int, world_size: int, args: argparse.Namespace) -> None:
     x = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), generator=generator)
     y = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), generator=generator)
 
-    variants = []
-    for name in VARIANTS:
-        variant = build_variant(name, config, args.bucket_cap_mb)
+    # All models built before any compiles: each model class registers itself in a transformers registry whose size
+    # dynamo guards, so a model built later would make the graphs compiled before it recompile.
+    variants = [build_variant(name, config, args.bucket_cap_mb) for name in VARIANTS]
+    for variant in variants:
         graphs, breaks = dynamo_counts()
         start = time.perf_counter()
         for _ in range(args.warmup):  # the first step compiles; DDP rebuilds its buckets after the first
             train_step(variant, x, y, record=False)
         graphs_now, breaks_now = dynamo_counts()
         variant.graphs, variant.graph_breaks = graphs_now - graphs, breaks_now - breaks
-        say(f"warm-up of {name}: {time.perf_counter() - start:.1f} s, {variant.graphs} dynamo graph(s), "
+        say(f"warm-up of {variant.name}: {time.perf_counter() - start:.1f} s, {variant.graphs} dynamo graph(s), "
             f"{variant.graph_breaks} graph break(s)", file=sys.stderr, flush=True)
-        variants.append(variant)
 
     for _ in range(args.steps):  # interleaved: the machine's load drifts alike for every variant
         for variant in variants:
@@ -200,9 +209,9 @@ def run(rank: int, world_size: int, args: argparse.Namespace) -> None:
 def print_table(variants: list[Variant], config: GPT2ReproConfig, args: argparse.Namespace, world_size: int) -> None:
     parameters = sum(p.numel() for p in variants[0].ddp.module.parameters())
     print(f"GPT2Repro {args.n_layer} layers x {args.n_embd} ({parameters / 1e6:.1f}M parameters, tied embeddings: "
-          f"{config.tie_word_embeddings}), B x T = {args.batch_size} x {args.seq_len} per process, {world_size} CPU "
-          f"processes (gloo, 1 thread each), bucket_cap_mb {args.bucket_cap_mb:g}, torch {torch.__version__}; "
-          f"medians of {args.steps} interleaved steps after {args.warmup} warm-up, rank 0")
+          f"{config.tie_word_embeddings}), B x T = {args.batch_size} x {args.seq_len} per process\n"
+          f"{world_size} CPU processes (gloo, 1 thread each), bucket_cap_mb {args.bucket_cap_mb:g}, torch "
+          f"{torch.__version__}; medians of {args.steps} interleaved steps after {args.warmup} warm-up, rank 0")
     header = (f"{'variant':<34} {'graphs':>6} {'breaks':>6} {'pieces':>6} {'buckets':>7} {'early':>5} {'overlap':>7} "
               f"{'fwd ms':>8} {'bwd ms':>8} {'step ms':>8} {'x eager':>7}")
     print(header)
