@@ -193,10 +193,10 @@ def build_accelerator(mixed_precision: str, compile: str, report_to: str, ddp_ti
     device = accelerate_device(timeout=process_group.timeout)  # to_kwargs() would drop a timeout equal to its default
     mixed_precision, precision_line = resolve_mixed_precision(mixed_precision, device)
     compile = resolve_compile(compile, cuda=device.type == "cuda")
-    # Accelerate compiles nothing: it would compile around its DDP or FSDP wrapper, and dynamo cannot trace DDP's
-    # forward whole (a logger call breaks it: an error under fullgraph, crashing every multi-GPU launch at step 0), while
+    # Accelerate compiles nothing: it would compile around its DDP or FSDP wrapper. Dynamo cannot trace DDP's forward
+    # whole (a logger call breaks it: an error under fullgraph, which crashed every multi-GPU launch at step 0), and
     # FSDP's plain module, which evaluation runs, would lose its FSDP root. The training script compiles the model's
-    # (or under FSDP each Block's) forward inside the wrapper (train_accelerate.compile_for_training).
+    # (under FSDP each Block's) forward inside the wrapper instead (train_accelerate.compile_for_training).
     dynamo = TorchDynamoPlugin(backend="no")
     accelerator = Accelerator(mixed_precision=mixed_precision, project_dir=project_dir,
                               log_with=None if report_to == "none" else report_to, dynamo_plugin=dynamo,

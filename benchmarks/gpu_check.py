@@ -4,6 +4,9 @@
    compiled (bench_train.py's step): tokens/s, MFU against hardware.py's datasheet peak, peak memory, compile time.
 2. 30 optimiser steps of `train_accelerate.py --preset gpt2-124m` and of `--preset speedrun-124m` on the embedded corpus
    (prepared on the way, ~1M tokens): the exit status, the first and last losses, and the samples it printed.
+3. On a machine with 2 GPUs or more, the gpt2-124m run again through the README's DDP launch line
+   (accelerate_configs/8gpu_ddp_bf16.yaml with --num_processes 2): compiled DDP, as `auto` runs it. With one GPU the
+   table says it could not run.
 
     python benchmarks/gpu_check.py --output_dir $OUT       # gpu_check.md and gpu_check.json go there
 
@@ -64,11 +67,16 @@ def time_training_step(build, compiled: bool, batch_size: int, seq_len: int, ste
     return result
 
 
-def run_preset(preset: str, data_dir: Path, output_dir: Path, steps: int) -> dict:
-    """`steps` optimiser steps of a GPU preset on the embedded corpus; its exit status, losses and samples."""
-    command = [sys.executable, str(REPO / "train_accelerate.py"), "--preset", preset, "--data_dir", str(data_dir),
-               "--output_dir", str(output_dir), "--max_steps", str(steps), "--eval_every", str(steps),
-               "--checkpoint_every", str(steps), "--val_tokens", str(2**16), "--no-hellaswag"]
+def run_preset(preset: str, data_dir: Path, output_dir: Path, steps: int, processes: int = 1) -> dict:
+    """`steps` optimiser steps of a GPU preset on the embedded corpus, on one GPU or `processes` through the README's
+    DDP launch line; its exit status, losses and samples."""
+    launcher = [] if processes == 1 else ["-m", "accelerate.commands.launch", "--config_file",
+                                          str(REPO / "accelerate_configs" / "8gpu_ddp_bf16.yaml"), "--num_processes",
+                                          str(processes)]
+    command = [sys.executable, *launcher, str(REPO / "train_accelerate.py"), "--preset", preset,
+               "--data_dir", str(data_dir), "--output_dir", str(output_dir), "--max_steps", str(steps),
+               "--eval_every", str(steps), "--checkpoint_every", str(steps), "--val_tokens", str(2**16),
+               "--no-hellaswag"]
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -112,6 +120,11 @@ def main(argv: list[str] | None = None) -> None:
     for preset in ("gpt2-124m", "speedrun-124m"):
         report["presets"][preset] = run_preset(preset, data_dir, output_dir / preset, args.preset_steps)
         print(preset, {k: v for k, v in report["presets"][preset].items() if k != "samples"}, flush=True)
+    ddp_label = "gpt2-124m, 2 GPUs (8gpu_ddp_bf16.yaml, --num_processes 2)"
+    if torch.cuda.device_count() >= 2:
+        report["presets"][ddp_label] = run_preset("gpt2-124m", data_dir, output_dir / "gpt2-124m-ddp",
+                                                  args.preset_steps, processes=2)
+        print(ddp_label, {k: v for k, v in report["presets"][ddp_label].items() if k != "samples"}, flush=True)
 
     lines = [f"GPU check, {report['date']}, {gpu}, torch {torch.__version__}", "",
              f"| GPT-2 124M train step, B {args.batch_size} x T {args.seq_len}, bf16 | tokens/s | MFU | peak memory "
@@ -128,6 +141,8 @@ def main(argv: list[str] | None = None) -> None:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] else "n/a"
         lines.append(f"| {preset} | {r['exit_status']} | {losses} | {r['val_losses']} | {throughput} | {mfu} "
                      f"| {r['seconds']:.0f} s |")
+    if ddp_label not in report["presets"]:
+        lines.append(f"| {ddp_label} | not run: this machine has {torch.cuda.device_count()} GPU | | | | | |")
     for preset, r in report["presets"].items():
         lines += ["", *(f"{preset} sample: {text!r}" for text in r["samples"]), r["stderr_tail"]]
     table = "\n".join(lines)
