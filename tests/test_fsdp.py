@@ -110,7 +110,10 @@ def test_sharded_model_trains_and_checkpoints_as_the_whole_one(tmp_path, recipe)
     named = dict(model.named_parameters())
     assert result["grads"].keys() == named.keys()  # the tied wte/lm_head once, as in the unsharded model
     for name, param in named.items():
-        torch.testing.assert_close(result["grads"][name], param.grad, rtol=1e-5, atol=1e-7, msg=name)
+        # summed in another order: each entry within 1e-6 of the gradient's largest (measured up to 6.4e-7, the
+        # speedrun's wte on an AVX-512 CPU)
+        scale = param.grad.abs().max().item()
+        torch.testing.assert_close(result["grads"][name], param.grad, rtol=1e-5, atol=1e-6 * scale, msg=name)
         param.grad = result["grads"][name].clone()  # AdamW's first step divides by |grad|: the same gradients
     adamw(model).step()
     weights = result["weights"]
