@@ -48,23 +48,17 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from hardware import pin_cpu_allocator, resolve_dtype
-from io_helpers import (
-    CommandError,
-    CommandStopped,
-    atomic_write,
-    ctrl_c_held,
-    first_line,
-    run_command,
-    write_json_atomic,
-)
+import gpt2repro
+from gpt2repro.atomic_files import atomic_write, ctrl_c_held, write_json_atomic
+from gpt2repro.cli import CommandError, CommandStopped, first_line, run_command
+from gpt2repro.launch import pin_cpu_allocator, resolve_dtype
 
 HUB_DATASET = "Rowan/hellaswag"
 ORIGINAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
 ORIGINAL_SPLIT_NAMES = {"train": "train", "validation": "val", "test": "test"}  # the Hub's names -> the files'
 NUM_ENDINGS = 4
 TEXT_FIELDS = ("ctx", "activity_label", "ctx_a", "ctx_b")
-METRIC_PATH = Path(__file__).with_name("hellaswag_accuracy.py")  # a sibling module, in a checkout or installed
+METRIC_PATH = Path(gpt2repro.__file__).with_name("hellaswag_accuracy.py")  # in the package, in a checkout or installed
 STYLES = ("completion", "harness")
 CROSS_ENTROPY_SLICE_BYTES = 4 << 20  # fp32 logits per slice in token_losses: ~20 positions at GPT-2's vocabulary
 
@@ -551,7 +545,7 @@ def load_tokenizer(model_name: str):
     without one loads as an EMPTY tokenizer in transformers 5 rather than failing, hence the probe."""
     from transformers import AutoTokenizer
 
-    from tokenization_gpt2repro import get_tokenizer
+    from gpt2repro.tokenizer import get_tokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_name, trust_remote_code=True)

@@ -9,12 +9,12 @@ Sources (one per run):
   tokens), streamed from the Hugging Face Hub, so its 28 GB of parquet need not be on disk first.
   Defaults as build-nanogpt: shards of 1e8 tokens, the first one val.
 - `--data_files PATH...` (globs allowed): .txt (one document per file), .jsonl/.json or .parquet (one
-  document per row, column `--text_column`), read as `datasets` reads them (corpus_sources.py reads every source).
+  document per row, column `--text_column`), read as `datasets` reads them (gpt2repro/corpus.py reads every source).
 
 Every document becomes `[50256] + encode_ordinary(text)` (<|endoftext|> first, as build-nanogpt), encoded
 by `--num_proc` worker processes in document order (the workers also read the .txt files and parse the JSON
 lines, so the main process does little more than write shards). Shards are uint16 `.npy` (or llm.c `.bin`) named
-`{prefix}_val_000000.npy`, `{prefix}_train_000001.npy`, ...; see token_shards.py for the format.
+`{prefix}_val_000000.npy`, `{prefix}_train_000001.npy`, ...; see gpt2repro/shards.py for the format.
 `manifest.json` records the source, tokenizer, settings, and each shard's token count, sha256 and where
 in the corpus the next shard starts. Shards are written under a temporary name and renamed, and the
 manifest is updated after each one, so re-running the same command after an interruption verifies the
@@ -44,15 +44,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm  # not tqdm.auto: a command-line tool, and tqdm.auto's asyncio import adds ~0.1 s to start-up
 
-from corpus_sources import Task, data_files_corpus, embedded_corpus, fineweb_edu_corpus, given_texts, skip_documents
-from io_helpers import (
-    TEMPORARY_NAME_EXTRA_BYTES,
-    CommandError,
-    check_writable_folder,
-    run_command,
-    write_json_atomic,
-)
-from token_shards import (
+from gpt2repro.atomic_files import TEMPORARY_NAME_EXTRA_BYTES, write_json_atomic
+from gpt2repro.cli import CommandError, check_writable_folder, run_command
+from gpt2repro.corpus import Task, data_files_corpus, embedded_corpus, fineweb_edu_corpus, given_texts, skip_documents
+from gpt2repro.shards import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
     ShardFormatError,
@@ -66,7 +61,7 @@ from token_shards import (
     to_token_array,
     write_shard,
 )
-from tokenization_gpt2repro import EOT_TOKEN_ID, get_tiktoken_encoding
+from gpt2repro.tokenizer import EOT_TOKEN_ID, get_tiktoken_encoding
 
 FINEWEB_EDU_FOLDERS = {  # config -> default --output_dir name (build-nanogpt's edu_fineweb10B for sample-10BT)
     "sample-10BT": "edu_fineweb10B", "sample-100BT": "edu_fineweb100B", "sample-350BT": "edu_fineweb350B",

@@ -33,18 +33,16 @@ from accelerate.utils import DistributedType, set_seed
 from packaging.version import Version
 from tqdm.auto import tqdm
 
-import checkpointing
-import memory_plan
 import prepare_data
 from eval_hellaswag import load_hellaswag_for_training
-from evaluation import RECIPE_VAL_TOKENS, choose_val_tokens, evaluate
-from hardware import build_accelerator, compile_kwargs, fsdp_launch, peak_flops_per_device
-from io_helpers import check_writable_folder, run_command
-from metrics_log import MetricsLog, log_evaluation, log_train_step
-from modeling_gpt2repro import GPT2ReproForCausalLM, enable_activation_checkpointing
-from optimizers import configure_muon, configure_optimizer
-from recipes import PRESETS, RECIPES, as_flags, model_config
-from run_control import (
+from gpt2repro import checkpointing, memory_plan
+from gpt2repro.cli import check_writable_folder, run_command
+from gpt2repro.evaluation import RECIPE_VAL_TOKENS, choose_val_tokens, evaluate
+from gpt2repro.launch import build_accelerator, compile_kwargs, fsdp_launch, peak_flops_per_device
+from gpt2repro.metrics_log import MetricsLog, log_evaluation, log_train_step
+from gpt2repro.optimization import configure_muon, configure_optimizer
+from gpt2repro.recipes import PRESETS, RECIPES, as_flags, model_config
+from gpt2repro.run_control import (
     EXIT_PREEMPTED,
     StopSignals,
     TrainingError,
@@ -54,8 +52,9 @@ from run_control import (
     parse_signals,
     where_to_continue,
 )
-from token_shards import BatchPrefetcher, ShardedTokenLoader, ShardFormatError, validation_batches
-from tokenization_gpt2repro import get_tokenizer
+from gpt2repro.shards import BatchPrefetcher, ShardedTokenLoader, ShardFormatError, validation_batches
+from gpt2repro.tokenizer import get_tokenizer
+from modeling_gpt2repro import GPT2ReproForCausalLM, enable_activation_checkpointing
 
 # ---- arguments -------------------------------------------------------------------------------------------------------
 

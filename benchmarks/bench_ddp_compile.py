@@ -57,7 +57,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from configuration_gpt2repro import GPT2ReproConfig  # noqa: E402
-from hardware import compile_kwargs  # noqa: E402
+from gpt2repro.launch import compile_kwargs  # noqa: E402
 from modeling_gpt2repro import GPT2ReproForCausalLM  # noqa: E402
 from train_accelerate import compile_for_training  # noqa: E402
 

@@ -38,9 +38,9 @@ import transformers
 from transformers import CompileConfig, GPT2Config, GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from hardware import pin_cpu_allocator, resolve_dtype  # noqa: E402
+from gpt2repro.launch import pin_cpu_allocator, resolve_dtype  # noqa: E402
+from gpt2repro.tokenizer import EOT_TOKEN_ID  # noqa: E402
 from modeling_gpt2repro import GPT2ReproForCausalLM  # noqa: E402
-from tokenization_gpt2repro import EOT_TOKEN_ID  # noqa: E402
 
 OURS, THEIRS = "gpt2repro", "transformers GPT2LMHeadModel"
 CACHES = ("dynamic", "static", "static_compiled")

@@ -46,9 +46,9 @@ from eval_hellaswag import (  # noqa: E402
     render_example,
     tokenize_examples,
 )
-from hardware import cpu_bf16_flags, pin_cpu_allocator, resolve_dtype  # noqa: E402
+from gpt2repro.launch import cpu_bf16_flags, pin_cpu_allocator, resolve_dtype  # noqa: E402
+from gpt2repro.tokenizer import get_tokenizer  # noqa: E402
 from modeling_gpt2repro import GPT2ReproForCausalLM  # noqa: E402
-from tokenization_gpt2repro import get_tokenizer  # noqa: E402
 
 SIZES = {  # model shape; examples timed per repetition (one at a time: a quarter of them)
     "4-layer": (dict(n_layer=4, n_head=4, n_embd=256), 96),

@@ -21,7 +21,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from configuration_gpt2repro import GPT2ReproConfig  # noqa: E402
-from hardware import pin_cpu_allocator, resolve_dtype  # noqa: E402
+from gpt2repro.launch import pin_cpu_allocator, resolve_dtype  # noqa: E402
 from modeling_gpt2repro import GPT2ReproForCausalLM  # noqa: E402
 
 

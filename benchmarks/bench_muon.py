@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from muon import Muon  # noqa: E402
+from gpt2repro.muon import Muon  # noqa: E402
 
 
 def block_matrices(n_layer: int, width: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from recipes import PRESETS  # noqa: E402
+from gpt2repro.recipes import PRESETS  # noqa: E402
 
 SHAPE = ["--n_layer", "4", "--n_head", "4", "--n_embd", "128", "--seq_len", "128"]
 PRESETS_OF_RECIPES = {"gpt2": "cpu-demo", "speedrun": "cpu-demo-speedrun"}

@@ -34,7 +34,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the repository's modules, also where gpt2repro is not installed (or lists fewer)
-from tokenization_gpt2repro import EOT_TOKEN_ID, get_tiktoken_encoding  # noqa: E402
+from gpt2repro.tokenizer import EOT_TOKEN_ID, get_tiktoken_encoding  # noqa: E402
 
 BOOK_CHARS = 120_000  # a book-sized document (a short novel is ~300 KB; the corpus had ~120 KB files)
 SHARDS = 5  # per corpus, a val shard and 4 train shards, so shards are written during the run as in a real one

@@ -23,8 +23,9 @@ from accelerate import Accelerator
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import optimizers  # noqa: E402
+
 from configuration_gpt2repro import GPT2ReproConfig  # noqa: E402
-from hardware import accelerate_device, peak_flops_per_device, pin_cpu_allocator, resolve_mixed_precision  # noqa: E402
+from gpt2repro.launch import accelerate_device, peak_flops_per_device, pin_cpu_allocator, resolve_mixed_precision  # noqa: E402
 from modeling_gpt2repro import GPT2ReproForCausalLM, training_flops_per_token  # noqa: E402
 
 

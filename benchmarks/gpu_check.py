@@ -1,7 +1,7 @@
 """The GPU path in one command (about 8 minutes on one H100/H200; not part of CI, which has no GPU):
 
 1. GPT-2 124M training steps at B x T = 16 x 1024, bf16: gpt2repro eager and compiled, transformers' GPT2LMHeadModel
-   compiled (bench_train.py's step): tokens/s, MFU against hardware.py's datasheet peak, peak memory, compile time.
+   compiled (bench_train.py's step): tokens/s, MFU against gpt2repro/launch.py's datasheet peak, peak memory, compile time.
 2. 30 optimiser steps of `train_accelerate.py --preset gpt2-124m` and of `--preset speedrun-124m` on the embedded corpus
    (prepared on the way, ~1M tokens): the exit status, the first and last losses, and the samples it printed.
 3. On a machine with 2 GPUs or more, the gpt2-124m run again through the README's DDP launch line
@@ -28,10 +28,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+import optimizers  # noqa: E402
 from bench_train import build_gpt2repro, build_transformers_gpt2, flops_per_token  # noqa: E402
 
-import optimizers  # noqa: E402
-from hardware import peak_flops_per_device  # noqa: E402
+from gpt2repro.launch import peak_flops_per_device  # noqa: E402
 
 
 def time_training_step(build, compiled: bool, batch_size: int, seq_len: int, steps: int) -> dict:

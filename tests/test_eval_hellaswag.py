@@ -28,8 +28,8 @@ from eval_hellaswag import (
     load_hellaswag,
     render_example,
 )
+from gpt2repro.tokenizer import get_tiktoken_encoding, get_tokenizer
 from modeling_gpt2repro import GPT2ReproForCausalLM
-from tokenization_gpt2repro import get_tiktoken_encoding, get_tokenizer
 from train_helpers import free_port, run_main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -654,10 +654,10 @@ def test_cli_counts_cut_and_skipped_examples(tmp_path, short_models, tokenizer, 
 
 def test_metric_loads_offline_from_an_installed_module(tmp_path):
     """From a folder outside the checkout, with no Hub and an empty evaluate module cache: the module is found as
-    installed (setup.cfg's py_modules) next to eval_hellaswag, which loads it from there."""
+    installed (setup.cfg's packages) in the gpt2repro package, where eval_hellaswag loads it from."""
     code = ("import importlib.util as u, evaluate, numpy as np, pathlib; "
-            "path = pathlib.Path(u.find_spec('hellaswag_accuracy').origin); "
-            "assert path.parent == pathlib.Path(u.find_spec('eval_hellaswag').origin).parent, path; "
+            "path = pathlib.Path(u.find_spec('gpt2repro.hellaswag_accuracy').origin); "
+            "assert path.parent == pathlib.Path(u.find_spec('gpt2repro').origin).parent, path; "
             "m = evaluate.load(str(path), keep_in_memory=True); "
             "p, pn, r = [0, 1, 2, 3, 1], [0, 0, 2, 2, 1], [0, 1, 0, 3, 3]; "
             "out = m.compute(predictions=p, predictions_norm=pn, references=r); "

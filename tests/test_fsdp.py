@@ -25,9 +25,9 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-import memory_plan
+from gpt2repro import memory_plan
+from gpt2repro.optimization import configure_optimizer
 from modeling_gpt2repro import GPT2ReproForCausalLM
-from optimizers import configure_optimizer
 from train_helpers import free_port
 
 BATCH, ROWS_PER_PROCESS = 4, 2  # (B, T) = (4, 16): 2 rows on each of the 2 processes

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import hardware
+from gpt2repro import launch
 
 
 @pytest.mark.parametrize("flags_line, expected", [
@@ -13,24 +13,24 @@ import hardware
 def test_cpu_bf16_flags_from_cpuinfo(tmp_path, flags_line, expected):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\n{flags_line}\n\nprocessor\t: 1\n{flags_line}\n")
-    assert hardware.cpu_bf16_flags(str(cpuinfo)) == expected
+    assert launch.cpu_bf16_flags(str(cpuinfo)) == expected
 
 
 def test_auto_on_cpu_follows_native_bf16(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.setattr(hardware, "cpu_bf16_flags", lambda: ())
-    precision, line = hardware.resolve_mixed_precision("auto", cpu)
+    monkeypatch.setattr(launch, "cpu_bf16_flags", lambda: ())
+    precision, line = launch.resolve_mixed_precision("auto", cpu)
     assert precision == "no" and line.startswith("precision: fp32 (auto: ") and "emulated" in line
-    assert hardware.resolve_dtype("auto", cpu)[0] == "float32"
-    precision, line = hardware.resolve_mixed_precision("bf16", cpu)  # honoured, with a warning
+    assert launch.resolve_dtype("auto", cpu)[0] == "float32"
+    precision, line = launch.resolve_mixed_precision("bf16", cpu)  # honoured, with a warning
     assert precision == "bf16" and line.startswith("warning: ")
-    assert hardware.resolve_dtype("bfloat16", cpu)[0] == "bfloat16"
-    assert hardware.resolve_mixed_precision("no", cpu) == ("no", "precision: fp32 (as requested)")
-    monkeypatch.setattr(hardware, "cpu_bf16_flags", lambda: ("amx_bf16",))
-    precision, line = hardware.resolve_mixed_precision("auto", cpu)
+    assert launch.resolve_dtype("bfloat16", cpu)[0] == "bfloat16"
+    assert launch.resolve_mixed_precision("no", cpu) == ("no", "precision: fp32 (as requested)")
+    monkeypatch.setattr(launch, "cpu_bf16_flags", lambda: ("amx_bf16",))
+    precision, line = launch.resolve_mixed_precision("auto", cpu)
     assert precision == "bf16" and "amx_bf16" in line
-    assert hardware.resolve_dtype("auto", cpu) == ("bfloat16", line.replace("bf16 autocast", "bf16"))
-    assert hardware.resolve_mixed_precision("bf16", cpu)[1] == "precision: bf16 autocast (as requested)"
+    assert launch.resolve_dtype("auto", cpu) == ("bfloat16", line.replace("bf16 autocast", "bf16"))
+    assert launch.resolve_mixed_precision("bf16", cpu)[1] == "precision: bf16 autocast (as requested)"
 
 
 @pytest.mark.parametrize("supported, expected", [(True, "bf16"), (False, "no")])
@@ -39,9 +39,9 @@ def test_auto_on_cuda_follows_bf16_support(monkeypatch, supported, expected):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported",
                         lambda including_emulation=True: including_emulation or supported)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "NVIDIA H100 80GB HBM3")
-    precision, line = hardware.resolve_mixed_precision("auto", torch.device("cuda", 0))
+    precision, line = launch.resolve_mixed_precision("auto", torch.device("cuda", 0))
     assert precision == expected and "NVIDIA H100 80GB HBM3" in line
-    assert hardware.resolve_mixed_precision("auto", torch.device("mps"))[0] == "no"  # unknown: the safe choice
+    assert launch.resolve_mixed_precision("auto", torch.device("mps"))[0] == "no"  # unknown: the safe choice
 
 
 @pytest.mark.parametrize("device_name, bf16_peak, tf32_peak", [  # NVIDIA datasheets, dense TFLOP/s
@@ -59,5 +59,5 @@ def test_gpu_peak_flops_follow_the_name_and_precision(device_name, bf16_peak, tf
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: device_name)
     cuda = torch.device("cuda", 0)
     for precision, tflops in (("bf16", bf16_peak), ("no", tf32_peak)):
-        peak = hardware.peak_flops_per_device(cuda, precision)
+        peak = launch.peak_flops_per_device(cuda, precision)
         assert peak == (None if tflops is None else pytest.approx(tflops * 1e12, rel=2e-3)), precision

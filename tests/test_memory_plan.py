@@ -9,10 +9,10 @@ import sys
 import pytest
 import torch
 
-import memory_plan
 import train_accelerate
+from gpt2repro import memory_plan
+from gpt2repro.optimization import configure_muon, configure_optimizer
 from modeling_gpt2repro import GPT2ReproForCausalLM
-from optimizers import configure_muon, configure_optimizer
 from train_helpers import REPO, run_main, the_error_line
 
 # OpenAI's GPT-2 sizes (their 50257-row embeddings) and ours: 47 padding rows of width C more (50304 = 393 x 128)

@@ -15,9 +15,9 @@ from transformers.cache_utils import DynamicCache
 
 import modeling_gpt2repro
 from configuration_gpt2repro import GPT2ReproConfig
+from gpt2repro.recipes import RECIPES
+from gpt2repro.tokenizer import EOT_TOKEN_ID, IGNORE_INDEX, get_tokenizer
 from modeling_gpt2repro import CACHE_FIELD, GPT2ReproForCausalLM, GPT2ReproModel, enable_activation_checkpointing
-from recipes import RECIPES
-from tokenization_gpt2repro import EOT_TOKEN_ID, IGNORE_INDEX, get_tokenizer
 
 V = 50257
 
@@ -571,7 +571,7 @@ BLOCK_OUR_MODULES = textwrap.dedent("""
     import sys
     class BlockOurModules:
         def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("modeling_gpt2repro", "configuration_gpt2repro", "tokenization_gpt2repro"):
+            if name.split(".")[0] in ("modeling_gpt2repro", "configuration_gpt2repro", "gpt2repro"):
                 raise ImportError(name)
     sys.meta_path.insert(0, BlockOurModules())
 """)

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from muon import Muon
+from gpt2repro.muon import Muon
 from train_helpers import free_port
 
 SHAPES = [(96, 32), (32, 32), (128, 32), (32, 128), (48, 16)]  # the first one fused q|k|v of width 32

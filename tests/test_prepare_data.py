@@ -1,4 +1,4 @@
-"""prepare_data.py and its corpus readers (corpus_sources.py): the shard token stream against transformers' GPT-2
+"""prepare_data.py and its corpus readers (corpus.py): the shard token stream against transformers' GPT-2
 tokenizer, shard layout, resume, errors.
 
 The reference encoding is transformers' GPT2TokenizerFast (a BPE implementation independent of tiktoken,
@@ -22,11 +22,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import corpus_sources
 import prepare_data
+from gpt2repro import corpus
+from gpt2repro.shards import list_shards, write_shard
+from gpt2repro.tokenizer import get_tiktoken_encoding, get_tokenizer
 from prepare_data import main
-from token_shards import list_shards, write_shard
-from tokenization_gpt2repro import get_tiktoken_encoding, get_tokenizer
 from train_helpers import the_error_line, tree_checksums
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,7 +99,7 @@ def test_shards_hold_gpt2_tokens_of_every_document_across_shard_boundaries(tmp_p
 def test_book_sized_documents_are_encode_ordinary_on_1_and_2_processes(tmp_path):
     """Documents of ~200 KB (several to a worker task, tasks on 2 processes): exactly `[EOT] + encode_ordinary`,
     and the same bytes (shards and manifest) on 1 and 2 processes."""
-    _, tasks = corpus_sources.embedded_corpus()
+    _, tasks = corpus.embedded_corpus()
     chapters = [text for task in tasks for text in task.read(task.items)]
     books, book = [], []
     for chapter in chapters[::2]:  # every other chapter: ~2 MB in 10 books
@@ -112,7 +112,7 @@ def test_book_sized_documents_are_encode_ordinary_on_1_and_2_processes(tmp_path)
     books[3] = "\ufeffNaïve café — “quotes” 🙂 日本語. " + books[3]
     for i, book in enumerate(books):
         (tmp_path / f"book_{i}.txt").write_bytes(book.encode("utf-8"))
-    assert len(books) * 200_000 > 2 * corpus_sources.TASK_CHARS  # several tasks, each of several books
+    assert len(books) * 200_000 > 2 * corpus.TASK_CHARS  # several tasks, each of several books
     encoding = get_tiktoken_encoding()
     expected = [t for i in range(len(books))
                 for t in [EOT] + encoding.encode_ordinary((tmp_path / f"book_{i}.txt").read_text(encoding="utf-8"))]
@@ -283,7 +283,7 @@ def test_fineweb_edu_streams_and_stops_at_max_tokens(tmp_path, monkeypatch, refe
     pq.write_table(pa.table({"text": DOCUMENTS, "url": ["u"] * len(DOCUMENTS)}), tmp_path / "000_00000.parquet")
     stand_in = HubStandIn(str(tmp_path / "000_00000.parquet"))
     monkeypatch.setattr(datasets, "load_dataset", stand_in)
-    monkeypatch.setattr(corpus_sources, "hub_reachable", lambda: True)
+    monkeypatch.setattr(corpus, "hub_reachable", lambda: True)
     max_tokens = 100
     main(["--dataset", "fineweb-edu", "--output_dir", str(tmp_path / "fw"), "--max_tokens", str(max_tokens),
           *SMALL_SHARDS])
@@ -449,7 +449,7 @@ def test_plain_prefixes_are_read_as_the_right_splits(tmp_path, prefix):
     (True, "corpus_train_000099.npy"),  # this prefix, beyond the shards the manifest lists
 ])
 def test_folders_holding_other_shards_are_refused(tmp_path, capsys, prepared, stray):
-    """Shards that training would read with the new ones (token_shards.list_shards) but that are not this
+    """Shards that training would read with the new ones (shards.list_shards) but that are not this
     preparation's would mix two corpora: refused, naming one."""
     out = tmp_path / "out"
     if prepared:
@@ -551,7 +551,7 @@ def test_invalid_utf8_in_parquet_names_the_row(tmp_path, capsys):
 @pytest.mark.parametrize("chunk", [1, 2, 3, 5])
 def test_first_invalid_utf8_counts_from_the_start_of_the_file(tmp_path, monkeypatch, chunk):
     """Against bytes.decode's own position, with characters of 2-4 bytes cut by every chunk boundary."""
-    monkeypatch.setattr(corpus_sources, "UTF8_SCAN_BYTES", chunk)
+    monkeypatch.setattr(corpus, "UTF8_SCAN_BYTES", chunk)
     text = "aé€😀b".encode() * 2
     cases = [text] + [text[:i] + b"\xff" + text[i:] for i in range(len(text) + 1)] + [text + "€".encode()[:2]]
     for data in cases:
@@ -561,7 +561,7 @@ def test_first_invalid_utf8_counts_from_the_start_of_the_file(tmp_path, monkeypa
             expected = None
         except UnicodeDecodeError as error:
             expected = error.start
-        assert corpus_sources.first_invalid_utf8(str(tmp_path / "f")) == expected, data
+        assert corpus.first_invalid_utf8(str(tmp_path / "f")) == expected, data
 
 
 @pytest.fixture

@@ -16,9 +16,9 @@ pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e '.[ser
 from openai import OpenAI  # noqa: E402 (vLLM's dependency)
 
 from configuration_gpt2repro import GPT2ReproConfig  # noqa: E402
+from gpt2repro.recipes import RECIPES  # noqa: E402
+from gpt2repro.tokenizer import get_tokenizer  # noqa: E402
 from modeling_gpt2repro import GPT2ReproForCausalLM  # noqa: E402
-from recipes import RECIPES  # noqa: E402
-from tokenization_gpt2repro import get_tokenizer  # noqa: E402
 
 PROMPT = [15496, 11, 314, 1101, 257, 3303, 2746, 11]  # "Hello, I'm a language model,"
 NEW_TOKENS = 16

@@ -14,9 +14,9 @@ from test_model import BLOCK_OUR_MODULES
 
 import train_accelerate
 from configuration_gpt2repro import GPT2ReproConfig
+from gpt2repro.optimization import configure_muon
+from gpt2repro.recipes import PRESETS, as_flags
 from modeling_gpt2repro import GPT2ReproForCausalLM, apply_rotary, rotary_cos_sin
-from optimizers import configure_muon
-from recipes import PRESETS, as_flags
 from train_helpers import GRAPH_BREAK_LOG, TINY_RUN, final_weights, graph_breaks, records, run_main, run_training
 
 TINY = dict(n_layer=2, n_head=4, n_embd=64, n_positions=64)

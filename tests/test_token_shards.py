@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from token_shards import (
+from gpt2repro.shards import (
     BatchPrefetcher,
     ShardedTokenLoader,
     ShardFormatError,
@@ -26,7 +26,7 @@ SHARD_LENGTHS = [137, 64, 1, 203]  # uneven, one of a single token: windows must
 
 
 def write_llmc_reference(path, tokens):
-    """llm.c's token file, written from its documented layout with struct (not with token_shards)."""
+    """llm.c's token file, written from its documented layout with struct (not with gpt2repro.shards)."""
     header = struct.pack("<256i", 20240520, 1, len(tokens), *([0] * 253))
     path.write_bytes(header + struct.pack(f"<{len(tokens)}H", *tokens))
 
@@ -108,7 +108,7 @@ def test_a_prefix_that_contains_a_split_name_does_not_move_shards_between_splits
 
 
 def write_manifest(data_dir, names):
-    from token_shards import file_sha256
+    from gpt2repro.shards import file_sha256
 
     shards = [{"name": n, "tokens": len(open_shard(data_dir / n)), "sha256": file_sha256(data_dir / n)} for n in names]
     (data_dir / "manifest.json").write_text(json.dumps({"shards": shards}))

@@ -1,6 +1,6 @@
 from transformers import AutoTokenizer
 
-from tokenization_gpt2repro import EOT_TOKEN_ID, get_tiktoken_encoding, get_tokenizer
+from gpt2repro.tokenizer import EOT_TOKEN_ID, get_tiktoken_encoding, get_tokenizer
 
 HELLO = "Hello, I'm a language model,"
 HELLO_IDS = [15496, 11, 314, 1101, 257, 3303, 2746, 11]  # OpenAI GPT-2's encoding

@@ -16,13 +16,12 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import eval_hellaswag
-import hardware
-import optimizers
 import train_accelerate
 from configuration_gpt2repro import GPT2ReproConfig
 from eval_hellaswag import HellaSwagUnavailable
+from gpt2repro import launch, optimization
+from gpt2repro.shards import BatchPrefetcher, ShardedTokenLoader, list_shards, open_shard
 from modeling_gpt2repro import GPT2ReproForCausalLM
-from token_shards import BatchPrefetcher, ShardedTokenLoader, list_shards, open_shard
 from train_helpers import SEED, TINY_MODEL, TINY_RUN, final_weights, records, run_main
 
 
@@ -53,7 +52,7 @@ def test_gradient_accumulation_steps_is_total_over_micro_times_world():
 
 def test_weight_decay_only_on_matrices_and_embeddings(tiny_config):
     model = GPT2ReproForCausalLM(tiny_config)
-    optimizer = optimizers.configure_optimizer(model, 0.1, (0.9, 0.95), 1e-8, "cpu")
+    optimizer = optimization.configure_optimizer(model, 0.1, (0.9, 0.95), 1e-8, "cpu")
     decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0.1 for p in g["params"]}
     for name, p in model.named_parameters():  # named_parameters lists the tied wte/lm_head matrix once
         assert (id(p) in decayed) == (p.dim() >= 2), name
@@ -121,7 +120,7 @@ def test_train_step_accumulates_clips_and_updates_like_one_big_batch(tiny_data, 
     model = GPT2ReproForCausalLM(GPT2ReproConfig(n_positions=32, n_layer=2, n_head=2, n_embd=64))
     reference = GPT2ReproForCausalLM(model.config)
     reference.load_state_dict(model.state_dict())
-    optimizer = optimizers.configure_optimizer(model, 0.1, (0.9, 0.95), 1e-8, "cpu")
+    optimizer = optimization.configure_optimizer(model, 0.1, (0.9, 0.95), 1e-8, "cpu")
     for group in optimizer.param_groups:
         group["lr"] = 1e-2
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -263,7 +262,7 @@ def test_fsdp_block_compile_is_one_graph_for_every_block_and_leaves_evaluation_e
 def test_defaults_fit_the_cpu_and_a_small_corpus(tiny_data, tmp_path, capsys, monkeypatch, fresh_accelerate):
     """No --mixed_precision and no --val_tokens: fp32 on a CPU without native bf16, and validation over the whole
     4,000-token val split (the recipe's 10,485,760 would not fit), each said in one line."""
-    monkeypatch.setattr(hardware, "cpu_bf16_flags", lambda: ())
+    monkeypatch.setattr(launch, "cpu_bf16_flags", lambda: ())
     data_dir, _ = tiny_data
     argv = [a for a in TINY_RUN if a not in ("--val_tokens", "1000", "--mixed_precision", "no")]
     assert len(argv) == len(TINY_RUN) - 4

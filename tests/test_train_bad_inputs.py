@@ -11,9 +11,9 @@ import time
 import numpy as np
 import pytest
 
-import checkpointing
 import train_accelerate
-from token_shards import file_sha256, open_shard, shard_name, write_shard
+from gpt2repro import checkpointing
+from gpt2repro.shards import file_sha256, open_shard, shard_name, write_shard
 from train_helpers import (
     TINY_RUN,
     fresh_accelerate_state,

@@ -17,9 +17,8 @@ import torch
 import yaml
 from packaging.version import Version
 
-import evaluation
-import run_control
 import train_accelerate
+from gpt2repro import evaluation, run_control
 from train_helpers import (
     REPO,
     TINY_RUN,
@@ -208,7 +207,7 @@ def test_demo_data_that_rank0_cannot_prepare_stops_every_rank_at_once(tmp_path):
 
 SPLICE_CHECK = """
 import sys
-from io_helpers import print_line
+from gpt2repro.cli import print_line
 for _ in range(1000):
     print_line("error: " + "x" * 150)
 """

@@ -17,7 +17,7 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
-from token_shards import shard_name, write_shard
+from gpt2repro.shards import shard_name, write_shard
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = str(REPO / "train_accelerate.py")

@@ -183,7 +183,7 @@ def build_accelerator(mixed_precision: str, compile: str, report_to: str, ddp_ti
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, TorchDynamoPlugin, is_tensorboard_available, is_wandb_available
 
-    from io_helpers import CommandError
+    from gpt2repro.cli import CommandError
 
     if report_to in ("tensorboard", "all") and not is_tensorboard_available():
         raise CommandError("--report_to tensorboard needs the tensorboard package: pip install tensorboard")

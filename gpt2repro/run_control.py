@@ -13,7 +13,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from io_helpers import EXIT_INTERRUPTED, CommandError, CommandStopped, first_line
+from gpt2repro.cli import EXIT_INTERRUPTED, CommandError, CommandStopped, first_line
 
 T = TypeVar("T")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from io_helpers import atomic_write, write_text_atomic
+from gpt2repro.atomic_files import atomic_write, write_text_atomic
 
 GPT2_124M_VAL_LOSS = 3.2924
 GPT2_124M_HELLASWAG = 0.2955

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from configuration_gpt2repro import GPT2ReproConfig
-from io_helpers import CommandError
+from gpt2repro.cli import CommandError
 
 RECIPES = {
     "gpt2": {},  # the flags' defaults

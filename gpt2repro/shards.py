@@ -42,8 +42,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from io_helpers import atomic_write
-from tokenization_gpt2repro import EOT_TOKEN_ID, GPT2_VOCAB_SIZE, IGNORE_INDEX
+from gpt2repro.atomic_files import atomic_write
+from gpt2repro.tokenizer import EOT_TOKEN_ID, GPT2_VOCAB_SIZE, IGNORE_INDEX
 
 if TYPE_CHECKING:
     import torch
@@ -164,7 +164,7 @@ def to_token_array(token_ids) -> np.ndarray:
 
 
 def write_shard(path: str | Path, token_ids) -> str:
-    """Write a shard atomically (io_helpers.atomic_write) and return its sha256.
+    """Write a shard atomically (atomic_files.atomic_write) and return its sha256.
 
     The format follows the suffix (`.npy` or llm.c's `.bin`). An interrupted write leaves no shard that looks whole
     but is not: at most a temporary `.tmp` file, which no loader lists.

