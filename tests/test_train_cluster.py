@@ -308,7 +308,10 @@ def test_shard_optimizer_gives_the_same_weights_and_resumes_on_any_world_size(wo
     """2 processes with the optimiser state split (ZeRO-1: AdamW's moments by parameter, Muon's momentum by matrix)
     and without: the same weights, bit for bit (each update is computed once, by the same arithmetic). The sharded
     run's checkpoint holds the whole state; it resumes exactly on 2 processes, and on 1 process (with a notice) to
-    weights equal up to float summation order (Muon's bf16 Newton-Schulz magnifies that order's last bits)."""
+    weights equal up to float summation order. The speedrun's are compared by their losses and gradient norms: Adam
+    turns a gradient entry that is 0 in one summation order and float noise in the other into a whole LR step
+    (embeddings' LR 0.6), so some of its rows differ by up to 1.5 (measured on an AVX-512 CPU) while the losses
+    agree to 3e-6."""
     root, args, _ = workspace
     args = args + ["--recipe", recipe]
     run = args + ["--micro_batch_size", "4"] + QUIET + ["--no-hellaswag"]
@@ -329,8 +332,13 @@ def test_shard_optimizer_gives_the_same_weights_and_resumes_on_any_world_size(wo
     resumed = run_training(one_process + ["--output_dir", str(tmp_path / "resumed_1"), "--resume_from_checkpoint",
                                           str(checkpoint)])
     assert "was written by 2 processes and this launch has 1" in resumed.stdout
-    for name, w in final_weights(tmp_path / "resumed_1", STEPS).items():
-        torch.testing.assert_close(w, sharded[name], rtol=0, atol=1e-5 if recipe == "gpt2" else 1e-3, msg=name)
+    if recipe == "gpt2":
+        for name, w in final_weights(tmp_path / "resumed_1", STEPS).items():
+            torch.testing.assert_close(w, sharded[name], rtol=0, atol=1e-5, msg=name)
+    resumed_train, sharded_train = records(tmp_path / "resumed_1", "train"), records(tmp_path / "sharded", "train")[4:]
+    assert [r["step"] for r in resumed_train] == [r["step"] for r in sharded_train] == list(range(4, STEPS))
+    assert [r["loss"] for r in resumed_train] == pytest.approx([r["loss"] for r in sharded_train], rel=1e-5)
+    assert [r["grad_norm"] for r in resumed_train] == pytest.approx([r["grad_norm"] for r in sharded_train], rel=1e-3)
 
 
 FSDP_REFUSED = Version(accelerate.__version__) < train_accelerate.FSDP_ACCELERATE
