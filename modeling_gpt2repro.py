@@ -681,13 +681,4 @@ AutoModel.register(GPT2ReproConfig, GPT2ReproModel, exist_ok=True)
 AutoModelForCausalLM.register(GPT2ReproConfig, GPT2ReproForCausalLM, exist_ok=True)
 
 
-def enable_activation_checkpointing(model: PreTrainedModel) -> None:
-    """Recompute each block's activations in backward instead of keeping them (memory for ~1/3 more compute).
-    transformers 5.24 renamed gradient_checkpointing_enable (now deprecated) to activation_checkpointing_enable."""
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
 __all__ = ["GPT2ReproForCausalLM", "GPT2ReproModel", "GPT2ReproPreTrainedModel"]

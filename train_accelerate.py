@@ -10,51 +10,50 @@ The learning rate is set by hand before each optimiser step, so it follows the s
 processes. Every `--eval_every` steps: validation loss over a fixed number of tokens, HellaSwag when its data
 is there, and samples from `generate`. Every `--checkpoint_every` steps and at the end: the full training
 state (for `--resume_from_checkpoint`) and a Hugging Face model folder, written to a temporary folder and
-renamed into place, so a killed run never leaves a half-written checkpoint behind. This file is the recipe and its
-loop; recipes.py holds the presets, checkpointing.py the checkpoints and Hub pushes, metrics_log.py the metrics and
-plot, run_control.py how the processes stop together (errors, Ctrl-C, preemption).
+renamed into place, so a killed run never leaves a half-written checkpoint behind. This file parses the flags into
+settings (gpt2repro/settings.py) and holds the loop; the package holds the pieces: gpt2repro/training.py (the run's
+start, the model, one step), optimization.py (optimisers, LR schedule), launch.py (the Accelerator, precision,
+compile), checkpointing.py and hub.py, evaluation.py, metrics_log.py, run_control.py (errors, Ctrl-C, preemption).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import gc
-import math
 import os
 import time
-from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
-import accelerate
-import torch
-from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
-from packaging.version import Version
+from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
-import prepare_data
-from eval_hellaswag import load_hellaswag_for_training
 from gpt2repro import checkpointing, memory_plan
-from gpt2repro.cli import check_writable_folder, run_command
-from gpt2repro.evaluation import RECIPE_VAL_TOKENS, choose_val_tokens, evaluate
-from gpt2repro.launch import build_accelerator, compile_kwargs, fsdp_launch, peak_flops_per_device
-from gpt2repro.metrics_log import MetricsLog, log_evaluation, log_train_step
-from gpt2repro.optimization import configure_muon, configure_optimizer
-from gpt2repro.recipes import PRESETS, RECIPES, as_flags, model_config
-from gpt2repro.run_control import (
-    EXIT_PREEMPTED,
-    StopSignals,
-    TrainingError,
-    TrainingInterrupted,
-    checked_on_every_rank,
-    decided_on_rank0,
-    parse_signals,
-    where_to_continue,
+from gpt2repro.cli import run_command
+from gpt2repro.data_loader import BatchPrefetcher
+from gpt2repro.evaluation import RECIPE_VAL_TOKENS, ValidationData, run_evaluation
+from gpt2repro.launch import (
+    build_accelerator,
+    check_fsdp_launch,
+    fsdp_launch,
+    peak_flops_per_device,
+    resolve_compile,
 )
-from gpt2repro.shards import BatchPrefetcher, ShardedTokenLoader, ShardFormatError, validation_batches
+from gpt2repro.metrics_log import MetricsLog, log_evaluation, log_train_step
+from gpt2repro.optimization import set_learning_rates
+from gpt2repro.recipes import PRESETS, RECIPES, as_flags
+from gpt2repro.run_control import EXIT_PREEMPTED, StopSignals, TrainingInterrupted, parse_signals, where_to_continue
+from gpt2repro.settings import Resolved, TrainSettings
+from gpt2repro.shards import ShardFormatError
 from gpt2repro.tokenizer import get_tokenizer
-from modeling_gpt2repro import GPT2ReproForCausalLM, enable_activation_checkpointing
+from gpt2repro.training import (
+    describe_start,
+    gradient_accumulation_steps,
+    open_run,
+    prepare_model,
+    stop_run,
+    train_step,
+)
 
 # ---- arguments -------------------------------------------------------------------------------------------------------
 
@@ -191,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> TrainSettings:
+    """The command line as settings: a preset's and a recipe's values are defaults that explicit flags override."""
     parser = build_parser()
     known = parser.parse_known_args(argv)[0]
     preset = PRESETS.get(known.preset, {})
@@ -201,295 +201,99 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--preset {known.preset} is the {recipe} recipe, not --recipe {known.recipe}"
                      + (f": use --preset {' or '.join(others)}" if others else ""))
     parser.set_defaults(**{"recipe": recipe, **RECIPES[recipe], **preset})  # explicit flags still win
-    args = parser.parse_args(argv)
-    if args.eval_batch_size is None:
-        args.eval_batch_size = args.micro_batch_size
+    flags = vars(parser.parse_args(argv))
+    if flags["eval_batch_size"] is None:
+        flags["eval_batch_size"] = flags["micro_batch_size"]
     positive = ["n_layer", "n_head", "n_embd", "seq_len", "total_batch_size", "micro_batch_size", "max_steps",
                 "eval_every", "checkpoint_every", "keep_checkpoints", "eval_batch_size", "val_tokens", "ddp_timeout"]
     for name in positive:
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+        if flags[name] is not None and flags[name] < 1:
+            parser.error(f"--{name} must be at least 1, got {flags[name]}")
     for name in ("warmup_steps", "weight_decay", "grad_clip", "max_lr", "min_lr", "muon_lr", "embed_lr", "head_lr",
                  "adamw_lr", "logit_softcap"):
-        if getattr(args, name) is not None and getattr(args, name) < 0:
-            parser.error(f"--{name} must not be negative, got {getattr(args, name)}")
+        if flags[name] is not None and flags[name] < 0:
+            parser.error(f"--{name} must not be negative, got {flags[name]}")
     try:
-        args.save_on_signals = parse_signals(args.save_on_signals)
+        flags["save_on_signals"] = parse_signals(flags["save_on_signals"])
     except ValueError as error:
         parser.error(f"--save_on_signals: {error}")
-    if not 0 <= args.cooldown_frac <= 1:
-        parser.error(f"--cooldown_frac must be between 0 and 1, got {args.cooldown_frac}")
-    if args.push_to_hub and not args.hub_model_id:
+    if not 0 <= flags["cooldown_frac"] <= 1:
+        parser.error(f"--cooldown_frac must be between 0 and 1, got {flags['cooldown_frac']}")
+    if flags["push_to_hub"] and not flags["hub_model_id"]:
         parser.error("--push_to_hub needs --hub_model_id (e.g. your-name/gpt2-124m-repro)")
-    return args
+    return TrainSettings.from_flags(flags)
 
 
-def gradient_accumulation_steps(total_batch_size: int, micro_batch_size: int, seq_len: int, world_size: int,
-                                launch_setting: int = 1) -> int:
-    """Micro-steps per optimiser step: total / (B * T * world), which must divide exactly. `launch_setting`: accelerate
-    launch's --gradient_accumulation_steps, refused (accelerator.backward would divide the loss a second time)."""
-    tokens_per_micro_step = micro_batch_size * seq_len * world_size
-    if total_batch_size % tokens_per_micro_step:
-        raise TrainingError(
-            f"--total_batch_size {total_batch_size} is not a multiple of micro_batch_size x seq_len x processes = "
-            f"{micro_batch_size} x {seq_len} x {world_size} = {tokens_per_micro_step}: change one of them so that it "
-            f"divides"
-        )
-    if launch_setting != 1:
-        raise TrainingError(f"this script derives gradient accumulation from --total_batch_size "
-                            f"({total_batch_size // tokens_per_micro_step} micro-steps per step here): drop accelerate "
-                            f"launch's --gradient_accumulation_steps {launch_setting}")
-    return total_batch_size // tokens_per_micro_step
-
-
-# ---- recipe: learning rate, optimiser, one step, evaluation ----------------------------------------------------------
-
-
-def get_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps: int, schedule: str = "cosine",
-           cooldown_frac: float = 0.0) -> float:
-    """LR of optimiser step `step` (0-based): linear warmup, then a cosine decay to min_lr at max_steps (GPT-2), or
-    `trapezoid`: max_lr until the last `cooldown_frac` of the steps, which decay linearly to min_lr (the speedrun's);
-    min_lr from max_steps on."""
-    if step < warmup_steps:
-        return max_lr * (step + 1) / warmup_steps  # step 0 already trains, at max_lr / warmup_steps
-    if step >= max_steps:
-        return min_lr
-    if schedule == "trapezoid":
-        cooldown_steps = max(1, round(cooldown_frac * max_steps))
-        return min_lr + (max_lr - min_lr) * min(1.0, (max_steps - step) / cooldown_steps)
-    decay_ratio = (step - warmup_steps) / (max_steps - warmup_steps)  # 0 -> 1
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * decay_ratio)) * (max_lr - min_lr)
-
-
-def peak_lr(group: dict, args: argparse.Namespace) -> tuple[float, float]:
-    """(max, min) LR of an optimiser group: --max_lr/--min_lr for GPT-2's AdamW, else the group's own flag, decaying
-    to the same fraction min_lr / max_lr of it. Read from the flags at every step, so a resumed run follows them."""
-    peak = {"muon": args.muon_lr, "embeddings": args.embed_lr, "head": args.head_lr, "adamw": args.adamw_lr}
-    if group.get("name") not in peak:
-        return args.max_lr, args.min_lr
-    return peak[group["name"]], peak[group["name"]] * (args.min_lr / args.max_lr if args.max_lr else 0.0)
-
-
-def train_step(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], accelerator: Accelerator,
-               batches: BatchPrefetcher | ShardedTokenLoader, grad_accum: int, grad_clip: float,
-               flags: Callable[[], list[float]] = list) -> tuple[float, float, list[float]]:
-    """One optimiser step: `grad_accum` micro-batches of forward and backward, gradients clipped to `grad_clip`, then
-    the update at the LRs already set in `optimizers`. Returns the loss (averaged over micro-batches and processes),
-    the gradient norm before clipping, and `flags()` summed over processes, read once the step's compute is queued
-    (a signal that came during this step stops the run after it). A loss or norm that is not finite stops the run
-    with the weights left as they were.
-
-    The device is read once per step, never per micro-step: the loss, the norm and the flags travel in one collective
-    and one device-to-host copy (on a GPU each read is a stall of the whole queue)."""
-    device = accelerator.device
-    step_loss = torch.zeros((), device=device)
-    for micro_step in range(grad_accum):
-        x, y = batches.next_batch()  # (B, T) each, pinned on CUDA, so the copy really runs beside the compute
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        # DDP all-reduces gradients on the last micro-step only; the choice is made before the forward.
-        last_micro_step = micro_step == grad_accum - 1
-        with contextlib.nullcontext() if last_micro_step else accelerator.no_sync(model):
-            loss = model(input_ids=x, shift_labels=y, return_logits=False).loss
-            loss = loss / grad_accum  # the step's loss is the mean over its micro-batches, not their sum
-            step_loss += loss.detach()
-            accelerator.backward(loss)
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip)  # the same on every process after DDP
-    flags = torch.tensor(flags(), dtype=step_loss.dtype)
-    if device.type == "cuda":  # page-locked: a copy from pageable memory would wait for the whole step, a second stall
-        flags = flags.pin_memory()
-    stats = torch.cat([step_loss.reshape(1), flags.to(device, non_blocking=True)])
-    stats = accelerator.reduce(stats, reduction="sum")  # the step's one collective
-    stats[0] /= accelerator.num_processes  # the loss averaged over processes
-    step_loss, grad_norm, *flags = torch.cat([stats[:1], grad_norm.reshape(1).to(stats.dtype), stats[1:]]).tolist()
-    if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):  # the run's NaN policy, on every process alike
-        raise TrainingError(f"loss {step_loss} / grad norm {grad_norm} is not finite; weights not updated: continue "
-                            f"from the newest checkpoint with --resume_from_checkpoint latest and a lower --max_lr")
-    for optimizer in optimizers:
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return step_loss, grad_norm, flags
-
-
-# ---- training --------------------------------------------------------------------------------------------------------
-
-
-def open_run(accelerator: Accelerator, args: argparse.Namespace) -> tuple[Path | None, ShardedTokenLoader,
-                                                                         checkpointing.HubPusher | None, list | None]:
-    """What the run starts from, each outcome agreed by every rank before any compute: the checkpoint to resume from
-    (None: a fresh start), the training data (both splits checked now, not at the first evaluation), the Hub pusher
-    (rank 0's; None without --push_to_hub) and HellaSwag's examples (None: not scored)."""
-    output_dir, is_main = Path(args.output_dir), accelerator.is_main_process
-    checked_on_every_rank(accelerator, lambda: check_writable_folder(output_dir, "--output_dir"))
-    resume_from = decided_on_rank0(accelerator, lambda: checkpointing.choose_resume_checkpoint(args, output_dir))
-    if args.preset in ("cpu-demo", "cpu-demo-speedrun"):  # its data is built from the embedded corpus the first time
-        decided_on_rank0(accelerator, lambda: prepare_demo_data(args.data_dir))  # by rank 0; the others wait for it
-
-    def open_data() -> ShardedTokenLoader:  # on every rank: a node without the shards stops them all
-        try:
-            choose_val_tokens(args, notify=is_main)
-            next(validation_batches(args.data_dir, args.eval_batch_size, args.seq_len, args.val_tokens,
-                                    verify_checksums=args.verify_data))
-            return ShardedTokenLoader(args.data_dir, "train", args.micro_batch_size, args.seq_len,
-                                      accelerator.process_index, accelerator.num_processes, shuffle=args.shuffle,
-                                      seed=args.seed, verify_checksums=args.verify_data)
-        except ValueError as error:  # ShardFormatError included: missing or corrupt shards, too few val tokens
-            raise TrainingError(str(error)) from None
-
-    train_loader = checked_on_every_rank(accelerator, open_data)
-    pusher = checkpointing.start_hub_pusher(accelerator, args.hub_model_id if args.push_to_hub else None)
-    # Every rank scores its share of what rank 0 found: ranks deciding alone could disagree (a node without the file
-    # and the network) and leave the others waiting in the scoring's collectives.
-    hellaswag = decided_on_rank0(accelerator, lambda: load_hellaswag_for_training(args.hellaswag_file)
-                                 if args.hellaswag else None)
-    return resume_from, train_loader, pusher, hellaswag
-
-
-def prepare_demo_data(data_dir: str) -> None:
-    if not any(Path(data_dir).glob("*train*")):
-        prepare_data.prepare(prepare_data.parse_args(["--dataset", "embedded", "--output_dir", data_dir]))
-
-
-FSDP_ACCELERATE = Version("1.16")  # its FSDP2 path is what tests/test_train_cluster.py runs
-
-
-def check_fsdp_launch(accelerator: Accelerator, args: argparse.Namespace) -> None:
-    """Under an FSDP launch (accelerate_configs/fsdp2_8gpu.yaml), what cannot work with it, refused before any work."""
-    if accelerator.distributed_type != DistributedType.FSDP:
-        return
-    if Version(accelerate.__version__) < FSDP_ACCELERATE:
-        raise TrainingError(f"FSDP needs accelerate >= {FSDP_ACCELERATE} (the release its FSDP2 path is tested with "
-                            f"here); this is {accelerate.__version__}: pip install -U accelerate")
-    if accelerator.state.fsdp_plugin.fsdp_version != 2:
-        raise TrainingError("this script trains with FSDP2: set fsdp_version: 2 in the Accelerate config (as "
-                            "accelerate_configs/fsdp2_8gpu.yaml does)")
-    if args.optimizer == "muon":
-        raise TrainingError("Muon orthogonalises whole matrices and FSDP splits each one among the processes: train "
-                            "with Muon under DDP (accelerate_configs/8gpu_ddp_bf16.yaml), with --shard_optimizer to "
-                            "split its state")
-    if args.shard_optimizer:
-        raise TrainingError("FSDP already splits the optimiser state with the parameters: drop --shard_optimizer")
-
-
-def compile_for_training(module: torch.nn.Module, compile_kwargs: dict) -> None:
-    """--compile: `module`'s forward compiled whole (fullgraph: a graph break is an error), for training only: under
-    no_grad (evaluation, sampling with its KV cache) it runs its eager forward, which build-nanogpt's compile broke.
-
-    The compiled forward runs inside the wrapper that distributes it, never around it. DDP's own forward stays eager,
-    and dynamo, compiling while it runs (DistributedDataParallel._inside_ddp_forward), splits our graph at DDP's
-    gradient buckets (torch._dynamo's DDPOptimizer): each bucket's all-reduce starts as soon as the backward of its
-    layers ends, beside the backward of the layers before them (benchmarks/bench_ddp_compile.py counts it). A
-    model compiled whole before DDP wraps it hands DDP every gradient at the end of one compiled backward. Under FSDP
-    `module` is each Block, inside the FSDP module whose hooks gather and free its weights; identical Blocks share one
-    compiled graph (their parameters are its inputs)."""
-    eager = module.forward
-    compiled = torch.compile(eager, **compile_kwargs)
-
-    @functools.wraps(eager)  # generate() reads the forward's signature
-    def forward(*args, **kwargs):
-        return (compiled if torch.is_grad_enabled() else eager)(*args, **kwargs)
-
-    module.forward = forward
-
-
-def build_model(args: argparse.Namespace, device: torch.device, world_size: int) -> tuple[GPT2ReproForCausalLM, list]:
-    """The model, initialised from --seed (the same weights on every process), on `device`, and its optimisers (built
-    there: a sharded optimiser's collectives run on the device of its parameters)."""
-    set_seed(args.seed)
-    model = GPT2ReproForCausalLM(model_config(args)).to(device)
-    if args.gradient_checkpointing:
-        enable_activation_checkpointing(model)
-    betas, shard = (args.beta1, args.beta2), args.shard_optimizer and world_size > 1  # one process: nothing to split
-    if args.optimizer == "muon":
-        return model, configure_muon(model, args.muon_momentum, args.weight_decay, betas, args.adam_eps, device.type,
-                                     shard)
-    return model, [configure_optimizer(model, args.weight_decay, betas, args.adam_eps, device.type, shard)]
-
-
-def train(args: argparse.Namespace) -> Path | None:
+def train(settings: TrainSettings) -> Path | None:
     """Run the whole training; returns the final checkpoint folder."""
-    accelerator, args.mixed_precision, args.compile, precision_line = build_accelerator(
-        args.mixed_precision, args.compile, args.report_to, args.ddp_timeout, args.output_dir)
-    device, world_size, is_main = accelerator.device, accelerator.num_processes, accelerator.is_main_process
-    grad_accum = gradient_accumulation_steps(args.total_batch_size, args.micro_batch_size, args.seq_len, world_size,
+    compute, schedule, output_dir = settings.compute, settings.schedule, Path(settings.data.output_dir)
+    accelerator, mixed_precision, compile, precision_line = build_accelerator(
+        compute.mixed_precision, compute.compile, settings.logging.report_to, compute.ddp_timeout, str(output_dir))
+    world_size, is_main = accelerator.num_processes, accelerator.is_main_process
+    check_fsdp_launch(accelerator, settings.optim)
+    grad_accum = gradient_accumulation_steps(schedule.total_batch_size, schedule.micro_batch_size,
+                                             settings.model.seq_len, world_size,
                                              accelerator.gradient_accumulation_steps)
-    output_dir = Path(args.output_dir)
-    check_fsdp_launch(accelerator, args)
-    resume_from, train_loader, pusher, hellaswag_examples = open_run(accelerator, args)
-    tokenizer = get_tokenizer()
-    model, optimizers = build_model(args, device, world_size)
-    flops_per_token, parameters = model.flops_per_token(args.seq_len), sum(p.numel() for p in model.parameters())
-    if args.compile == "on" and not fsdp_launch():  # before DDP wraps it (build_accelerator left compiling to this)
-        compile_for_training(model, compile_kwargs())
-    model, *optimizers = accelerator.prepare(model, *optimizers)
-    raw_model = accelerator.unwrap_model(model)  # for evaluation, sampling and saving
-    if args.compile == "on" and fsdp_launch():  # inside the FSDP modules prepare made
-        for block in raw_model.transformer.h:
-            compile_for_training(block, compile_kwargs())
-    start_step, start_evaluated = checkpointing.load_checkpoint(accelerator, resume_from, train_loader, args.max_steps)
-    metrics = MetricsLog(output_dir / "metrics.jsonl", start_step if resume_from else None) if is_main else None
-    if args.report_to != "none":
-        accelerator.init_trackers("gpt2repro", config={k: v for k, v in vars(args).items() if v is not None})
-    peak_flops = args.peak_flops or peak_flops_per_device(device, args.mixed_precision)
+    run = open_run(accelerator, settings)
+    resolved = Resolved(mixed_precision, compile, accelerator.distributed_type == DistributedType.FSDP, world_size,
+                        grad_accum, run.val_tokens)
+    model, optimizers, raw_model = prepare_model(accelerator, settings, resolved)
+    start_step, start_evaluated = checkpointing.load_checkpoint(accelerator, run.resume_from, run.train_loader,
+                                                                schedule.max_steps)
+    metrics = MetricsLog(output_dir / "metrics.jsonl", start_step if run.resume_from else None) if is_main else None
+    if settings.logging.report_to != "none":
+        accelerator.init_trackers("gpt2repro", config={"settings": settings.flags(), "resolved": asdict(resolved)})
     if is_main:
-        peak_lrs = {group.get("name", "adamw"): peak_lr(group, args)[0] for o in optimizers for group in o.param_groups}
-        tqdm.write(f"{precision_line}\n{parameters:,} parameters | {world_size} process(es) on {device.type} | "
-                   f"{grad_accum} micro-steps of {args.micro_batch_size} x {args.seq_len} per step = "
-                   f"{args.total_batch_size:,} tokens | mixed precision {args.mixed_precision} | compile {args.compile}"
-                   + (f" | resuming at step {start_step} from {resume_from}" if resume_from else "")
-                   + "\npeak LR: " + ", ".join(f"{name} {lr:g}" for name, lr in peak_lrs.items()))
+        tqdm.write(describe_start(settings, resolved, precision_line, raw_model, optimizers, run.resume_from,
+                                  start_step))
     # The next micro-batch is read (and pinned) in a thread while this one computes; checkpoints save the position of
     # the batches used, not of those read ahead.
-    train_batches = BatchPrefetcher(train_loader, pin_memory=device.type == "cuda")
+    train_batches = BatchPrefetcher(run.train_loader, pin_memory=accelerator.device.type == "cuda")
     checkpoints = checkpointing.RunCheckpoints(
-        functools.partial(checkpointing.save_checkpoint, accelerator, model, tokenizer, train_batches, args=args,
-                          metrics=metrics),
-        latest=resume_from if resume_from is not None and checkpointing.in_run(resume_from, output_dir) else None,
+        functools.partial(checkpointing.save_checkpoint, accelerator, model, get_tokenizer(), train_batches,
+                          settings=settings, resolved=resolved, metrics=metrics),
+        latest=run.resume_from if run.resume_from and checkpointing.in_run(run.resume_from, output_dir) else None,
         evaluated=start_evaluated)
-    progress = tqdm(total=args.max_steps, initial=start_step, disable=not is_main, desc="training", dynamic_ncols=True)
-    signals = StopSignals(args.save_on_signals)  # from here on Ctrl-C too is acted on at a step boundary
-
-    def stop_on_signal(summed_flags, step: int, evaluated: bool) -> None:
-        """End the run with a checkpoint at `step` when any process got a signal (`summed_flags`)."""
-        if any(summed_flags):
-            if pusher is not None:
-                pusher.cancel_queued()  # the process waits for queued uploads before it exits
-            signals.stop(summed_flags, step, checkpoints.at(step, evaluated))
-
+    progress = tqdm(total=schedule.max_steps, initial=start_step, disable=not is_main, desc="training",
+                    dynamic_ncols=True)
+    signals = StopSignals(settings.checkpoint.signals())  # from here on Ctrl-C too is acted on at a step boundary
+    stop_on_signal = functools.partial(stop_run, signals, checkpoints, run.pusher)
+    validation = ValidationData(settings.data.data_dir, settings.model.seq_len, run.val_tokens, settings.data.seed)
+    flops_per_token = raw_model.flops_per_token(settings.model.seq_len)
+    peak_flops = settings.logging.peak_flops or peak_flops_per_device(accelerator.device, mixed_precision)
     step = start_step
     try:
         stop_flags = signals.requested(accelerator)
-        for step in range(start_step, args.max_steps + 1):
+        for step in range(start_step, schedule.max_steps + 1):
             # First a signal seen in the last step's collective: a grace period may not cover this step's evaluation.
             # After the last step the run finishes instead (its final evaluation, checkpoint and push).
-            if step < args.max_steps:
+            last = step == schedule.max_steps
+            if not last:
                 stop_on_signal(stop_flags, step, evaluated=False)
             # Evaluation at step s sees the weights after s optimiser steps; a resumed run has had its eval at s,
             # unless its checkpoint was written on a signal, before that eval.
             busy = False
-            if (step % args.eval_every == 0 or step == args.max_steps) and not (step == start_step and start_evaluated):
-                result = evaluate(accelerator, raw_model, tokenizer, args, hellaswag_examples,
-                                  signals if step < args.max_steps else None)  # the last: a signal changes nothing
+            if (step % settings.eval.eval_every == 0 or last) and not (step == start_step and start_evaluated):
+                result = run_evaluation(accelerator, raw_model, get_tokenizer(), settings.eval, validation,
+                                        run.hellaswag_examples, None if last else signals)  # the last: signals moot
                 if result is None:  # a signal came during it: stop now, with this step's evaluation not done
                     stop_on_signal(signals.requested(accelerator), step, evaluated=False)
                 log_evaluation(accelerator, metrics, step, result, output_dir / "loss.png")
                 busy = True
-            if step > start_step and (step % args.checkpoint_every == 0 or step == args.max_steps):
-                checkpoints.save(step, pusher=pusher)
+            if step > start_step and (step % settings.checkpoint.checkpoint_every == 0 or last):
+                checkpoints.save(step, pusher=run.pusher)
                 busy = True
-            if step == args.max_steps:  # the run is complete and saved: a signal now changes nothing
+            if last:  # the run is complete and saved: a signal now changes nothing
                 break
             if busy:  # a signal that came during them stops the run now, not after one more step
                 stop_on_signal(signals.requested(accelerator), step, evaluated=True)
 
             start = time.perf_counter()
-            for group in (group for optimizer in optimizers for group in optimizer.param_groups):
-                group["lr"] = get_lr(step, *peak_lr(group, args), args.warmup_steps, args.max_steps, args.lr_schedule,
-                                     args.cooldown_frac)
-            lr = optimizers[0].param_groups[0]["lr"]  # GPT-2's AdamW, or Muon's
+            lr = set_learning_rates(optimizers, step, settings.optim, schedule)
             loss, grad_norm, stop_flags = train_step(model, optimizers, accelerator, train_batches, grad_accum,
-                                                     args.grad_clip, signals.flags)
+                                                     settings.optim.grad_clip, signals.flags)
             step_time = time.perf_counter() - start  # train_step's one read of the device waited for it
-            tokens_per_sec = args.total_batch_size / step_time
+            tokens_per_sec = schedule.total_batch_size / step_time
             mfu = flops_per_token * tokens_per_sec / (peak_flops * world_size) if peak_flops else None
             log_train_step(accelerator, metrics, progress, step, loss=loss, lr=lr, grad_norm=grad_norm,
                            step_time=step_time, tokens_per_sec=tokens_per_sec, mfu=mfu)
@@ -498,8 +302,9 @@ def train(args: argparse.Namespace) -> Path | None:
         # whose peer left mid-transfer. The final checkpoint's save ends on a barrier, but a run resumed at its last
         # step ends on Muon's broadcasts, which return on the sender before the receiver has them.
         accelerator.wait_for_everyone()
-        if pusher is not None:  # rank 0 alone, after the last collective
-            pusher.finish(output_dir, args.keep_checkpoints)
+        if run.pusher is not None:  # rank 0 alone, after the last collective; then the checkpoints kept for it go
+            run.pusher.finish()
+            checkpointing.prune_checkpoints(output_dir, settings.checkpoint.keep_checkpoints, None)
         accelerator.end_training()
     except KeyboardInterrupt:  # a second Ctrl-C, or one after the loop: one line naming where to continue
         raise TrainingInterrupted(step, checkpointing.latest_checkpoint(output_dir)) from None
@@ -512,19 +317,25 @@ def train(args: argparse.Namespace) -> Path | None:
     return checkpoints.latest
 
 
-def plan(args: argparse.Namespace) -> None:
-    """--dry_run: the memory plan for this launch's processes (WORLD_SIZE), whose batch must divide as train's."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    gradient_accumulation_steps(args.total_batch_size, args.micro_batch_size, args.seq_len, world_size)
-    memory_plan.print_plan(args, world_size)
+def plan(settings: TrainSettings) -> None:
+    """--dry_run: the memory plan for this launch's processes (WORLD_SIZE), whose batch must divide as train's;
+    `auto` planned as on the GPUs the presets are for (A100, H100, H200): bf16 autocast, compiled."""
+    world_size, schedule = int(os.environ.get("WORLD_SIZE", "1")), settings.schedule
+    grad_accum = gradient_accumulation_steps(schedule.total_batch_size, schedule.micro_batch_size,
+                                             settings.model.seq_len, world_size)
+    compute = settings.compute
+    resolved = Resolved("bf16" if compute.mixed_precision == "auto" else compute.mixed_precision,
+                        resolve_compile(compute.compile, cuda=True), fsdp_launch() and world_size > 1, world_size,
+                        grad_accum)
+    memory_plan.print_plan(settings, resolved)
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    settings = parse_args(argv)
     # Each rank prints its own error: a shard can turn out corrupt mid-run on one rank only.
-    run_command(lambda: plan(args) if args.dry_run else train(args), errors=(ShardFormatError,),
+    run_command(lambda: plan(settings) if settings.plan.dry_run else train(settings), errors=(ShardFormatError,),
                 errors_on_every_rank=True,
-                on_ctrl_c=lambda: where_to_continue(checkpointing.latest_checkpoint(Path(args.output_dir))))
+                on_ctrl_c=lambda: where_to_continue(checkpointing.latest_checkpoint(Path(settings.data.output_dir))))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""HellaSwag scoring speed: the command's path (eval_hellaswag.evaluate_hellaswag) against one example at a time and
-against its ceiling, and the command's start-up.
+"""HellaSwag scoring speed: the command's path (gpt2repro.hellaswag.evaluate_hellaswag) against one example at a time
+and against its ceiling, and the command's start-up.
 
 - command path: evaluate_hellaswag as eval_hellaswag.py runs it (tokenising, packing, the 4-D mask, logits only
   at the ending positions, the fp32 cross-entropy, the metric).
@@ -38,14 +38,14 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from eval_hellaswag import (  # noqa: E402
+from gpt2repro.hellaswag import (  # noqa: E402
     evaluate_hellaswag,
     fit_to_context,
     longest_first,
     pack_batch,
-    render_example,
     tokenize_examples,
 )
+from gpt2repro.hellaswag_data import render_example  # noqa: E402
 from gpt2repro.launch import cpu_bf16_flags, pin_cpu_allocator, resolve_dtype  # noqa: E402
 from gpt2repro.tokenizer import get_tokenizer  # noqa: E402
 from modeling_gpt2repro import GPT2ReproForCausalLM  # noqa: E402
@@ -63,15 +63,16 @@ WORDS = ("the a man woman he she it they then and is are was on in at to of with
 STARTUP_PROBE = """
 import sys, time
 import eval_hellaswag
+from gpt2repro import hellaswag
 
-score_batch = eval_hellaswag.score_batch
+score_batch = hellaswag.score_batch
 def timed_score_batch(*args, **kwargs):
     if timed_score_batch.first:
         print(f"first batch at {time.time()}", file=sys.stderr, flush=True)
         timed_score_batch.first = False
     return score_batch(*args, **kwargs)
 timed_score_batch.first = True
-eval_hellaswag.score_batch = timed_score_batch
+hellaswag.score_batch = timed_score_batch
 eval_hellaswag.main(sys.argv[1:])
 """
 

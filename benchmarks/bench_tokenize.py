@@ -81,7 +81,7 @@ def baseline(output_dir: str, num_proc: int, shard_size: int, paths: list[str]) 
 
 def build_corpora(root: Path, book_mb: float, web_mb: float) -> dict[str, tuple[list[str], list[str]]]:
     """{regime: (input paths, documents)}: the chapters shuffled (seeded), repeated up to the sizes asked for."""
-    from prepare_data import embedded_corpus
+    from gpt2repro.corpus import embedded_corpus
 
     _, tasks = embedded_corpus()
     chapters = [text for task in tasks for text in task.read(task.items)]
@@ -135,7 +135,7 @@ def main() -> None:
     if sys.argv[1:2] == ["baseline"]:
         output_dir, num_proc, shard_size, *paths = sys.argv[2:]
         return baseline(output_dir, int(num_proc), int(shard_size), paths)
-    from prepare_data import available_cores
+    from gpt2repro.tokenizing_workers import available_cores
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num_proc", type=int, default=available_cores(), help="worker processes (default: all cores)")

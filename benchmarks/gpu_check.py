@@ -1,7 +1,8 @@
 """The GPU path in one command (about 8 minutes on one H100/H200; not part of CI, which has no GPU):
 
 1. GPT-2 124M training steps at B x T = 16 x 1024, bf16: gpt2repro eager and compiled, transformers' GPT2LMHeadModel
-   compiled (bench_train.py's step): tokens/s, MFU against gpt2repro/launch.py's datasheet peak, peak memory, compile time.
+   compiled (bench_train.py's step): tokens/s, MFU against gpt2repro/launch.py's datasheet peak, peak memory,
+   compile time.
 2. 30 optimiser steps of `train_accelerate.py --preset gpt2-124m` and of `--preset speedrun-124m` on the embedded corpus
    (prepared on the way, ~1M tokens): the exit status, the first and last losses, and the samples it printed.
 3. On a machine with 2 GPUs or more, the gpt2-124m run again through the README's DDP launch line

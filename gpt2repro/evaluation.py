@@ -1,17 +1,18 @@
 """What a training run measures at each evaluation: the validation loss, HellaSwag, and samples from `generate`."""
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
-from eval_hellaswag import HellaSwagScoringError, evaluate_hellaswag
+from gpt2repro.data_loader import TokenStream, validation_batches
+from gpt2repro.hellaswag import HellaSwagScoringError, evaluate_hellaswag
 from gpt2repro.run_control import StopSignals, TrainingError
-from gpt2repro.shards import TokenStream, validation_batches
+from gpt2repro.settings import EvalSettings
 from gpt2repro.tokenizer import EOT_TOKEN_ID, IGNORE_INDEX
 from modeling_gpt2repro import GPT2ReproForCausalLM
 
@@ -19,10 +20,21 @@ SAMPLE_PROMPT = "Hello, I'm a language model,"
 RECIPE_VAL_TOKENS = 20 * 64 * 1024 * 8  # 10,485,760: build-nanogpt's 20 val batches of 64 x 1024 on 8 GPUs
 
 
+@dataclass(frozen=True)
+class ValidationData:
+    """The validation split a run evaluates on: its first `val_tokens` tokens, in rows of `seq_len`; `seed` seeds the
+    samples."""
+    data_dir: str
+    seq_len: int
+    val_tokens: int
+    seed: int
+
+
 @torch.no_grad()
-def evaluate(accelerator: Accelerator, model: GPT2ReproForCausalLM, tokenizer, args: argparse.Namespace,
-             hellaswag_examples: list[dict] | None, signals: StopSignals | None = None) -> dict | None:
-    """Val loss over the first --val_tokens val tokens (identical on any world size), HellaSwag, and samples.
+def run_evaluation(accelerator: Accelerator, model: GPT2ReproForCausalLM, tokenizer, settings: EvalSettings,
+                   data: ValidationData, hellaswag_examples: list[dict] | None,
+                   signals: StopSignals | None = None) -> dict | None:
+    """Val loss over the first `data.val_tokens` val tokens (identical on any world size), HellaSwag, and samples.
 
     `model` is the plain module (no DDP, no compile): evaluation never goes through the compiled graph. With
     `signals`, every process checks them between validation batches and between the parts, all at the same points,
@@ -38,31 +50,32 @@ def evaluate(accelerator: Accelerator, model: GPT2ReproForCausalLM, tokenizer, a
     collective_forwards = accelerator.distributed_type == DistributedType.FSDP
     model.eval()
     try:
-        val_loss = validation_loss(accelerator, model, args, stop_requested, collective_forwards)
+        val_loss = validation_loss(accelerator, model, data, settings.eval_batch_size, stop_requested,
+                                   collective_forwards)
         if val_loss is None or stop_requested():
             return None
         result = {"val_loss": val_loss}
         if hellaswag_examples:
-            result.update(hellaswag_scores(accelerator, model, tokenizer, args, hellaswag_examples,
-                                           shared_out=not collective_forwards))
+            result.update(hellaswag_scores(accelerator, model, tokenizer, hellaswag_examples, settings.eval_batch_size,
+                                           settings.hellaswag_limit, shared_out=not collective_forwards))
             if stop_requested():
                 return None
-        if (accelerator.is_main_process or collective_forwards) and args.num_samples > 0:
-            result["samples"] = samples(accelerator, model, tokenizer, args)
+        if (accelerator.is_main_process or collective_forwards) and settings.num_samples > 0:
+            result["samples"] = samples(accelerator, model, tokenizer, settings, data.seq_len, data.seed)
         return result
     finally:
         model.train()
 
 
-def validation_loss(accelerator: Accelerator, model: GPT2ReproForCausalLM, args: argparse.Namespace,
+def validation_loss(accelerator: Accelerator, model: GPT2ReproForCausalLM, data: ValidationData, batch_size: int,
                     stop_requested: Callable[[], bool], collective_forwards: bool = False) -> float | None:
     """The mean loss over every target of the validation tokens, over all processes; None when stop_requested().
     `collective_forwards`: every batch goes through the model, fillers too (FSDP)."""
     device = accelerator.device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     target_count = torch.zeros((), dtype=torch.float64, device=device)
-    batches = validation_batches(args.data_dir, args.eval_batch_size, args.seq_len, args.val_tokens,
-                                 accelerator.process_index, accelerator.num_processes)
+    batches = validation_batches(data.data_dir, batch_size, data.seq_len, data.val_tokens, accelerator.process_index,
+                                 accelerator.num_processes)
     with accelerator.autocast():
         for x, y in batches:
             if stop_requested():  # before the filler check: every process checks at every batch
@@ -79,13 +92,13 @@ def validation_loss(accelerator: Accelerator, model: GPT2ReproForCausalLM, args:
     return (totals[0] / totals[1]).item()
 
 
-def hellaswag_scores(accelerator: Accelerator, model: GPT2ReproForCausalLM, tokenizer, args: argparse.Namespace,
-                     examples: list[dict], shared_out: bool = True) -> dict:
+def hellaswag_scores(accelerator: Accelerator, model: GPT2ReproForCausalLM, tokenizer, examples: list[dict],
+                     batch_size: int, limit: int | None, shared_out: bool = True) -> dict:
     """HellaSwag's scores: each process scores its share of `examples`, or all of them (not `shared_out`)."""
     try:
         with accelerator.autocast():
-            scores = evaluate_hellaswag(model, tokenizer, examples, style="completion", batch_size=args.eval_batch_size,
-                                        accelerator=accelerator if shared_out else None, limit=args.hellaswag_limit,
+            scores = evaluate_hellaswag(model, tokenizer, examples, style="completion", batch_size=batch_size,
+                                        accelerator=accelerator if shared_out else None, limit=limit,
                                         show_progress=False)
     except HellaSwagScoringError as error:  # raised on every process alike
         raise TrainingError(f"{error} (--no-hellaswag trains without it)") from None
@@ -93,26 +106,27 @@ def hellaswag_scores(accelerator: Accelerator, model: GPT2ReproForCausalLM, toke
             "hellaswag_count": scores["count"]}
 
 
-def samples(accelerator: Accelerator, model: GPT2ReproForCausalLM, tokenizer, args: argparse.Namespace) -> list[str]:
+def samples(accelerator: Accelerator, model: GPT2ReproForCausalLM, tokenizer, settings: EvalSettings, seq_len: int,
+            seed: int) -> list[str]:
     """--num_samples continuations of SAMPLE_PROMPT, drawn from their own seeded RNG: training's random state is the
     same with or without them."""
     device = accelerator.device
     prompt = tokenizer(SAMPLE_PROMPT, return_tensors="pt").input_ids.to(device)  # (1, 8)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), accelerator.autocast():
-        torch.manual_seed(args.seed)
-        max_new_tokens = min(args.sample_tokens, args.seq_len - prompt.shape[1])  # stay inside the context
-        output = model.generate(prompt, do_sample=True, top_k=args.top_k, max_new_tokens=max_new_tokens,
-                                num_return_sequences=args.num_samples, pad_token_id=EOT_TOKEN_ID)
+        torch.manual_seed(seed)
+        max_new_tokens = min(settings.sample_tokens, seq_len - prompt.shape[1])  # stay inside the context
+        output = model.generate(prompt, do_sample=True, top_k=settings.top_k, max_new_tokens=max_new_tokens,
+                                num_return_sequences=settings.num_samples, pad_token_id=EOT_TOKEN_ID)
     return tokenizer.batch_decode(output)
 
 
-def choose_val_tokens(args: argparse.Namespace, notify: bool) -> None:
-    """Unset --val_tokens: the recipe's number, or the whole val split of a smaller corpus (with a notice). An explicit
-    value larger than the split stays an error (validation_batches says so)."""
-    if args.val_tokens is not None:
-        return
-    split_tokens = TokenStream(args.data_dir, "val").num_tokens
-    args.val_tokens = min(RECIPE_VAL_TOKENS, split_tokens)
-    if args.val_tokens < RECIPE_VAL_TOKENS and notify:
-        tqdm.write(f"notice: validation uses the whole val split of {args.data_dir} ({split_tokens:,} tokens), fewer "
+def resolve_val_tokens(val_tokens: int | None, data_dir: str, notify: bool) -> int:
+    """--val_tokens as given, or unset: the recipe's number, or the whole val split of a smaller corpus (with a
+    notice). An explicit value larger than the split stays an error (validation_batches says so)."""
+    if val_tokens is not None:
+        return val_tokens
+    split_tokens = TokenStream(data_dir, "val").num_tokens
+    if split_tokens < RECIPE_VAL_TOKENS and notify:
+        tqdm.write(f"notice: validation uses the whole val split of {data_dir} ({split_tokens:,} tokens), fewer "
                    f"than the recipe's {RECIPE_VAL_TOKENS:,}")
+    return min(RECIPE_VAL_TOKENS, split_tokens)

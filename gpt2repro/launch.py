@@ -15,7 +15,13 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
+import accelerate
 import torch
+from accelerate.utils import DistributedType
+from packaging.version import Version
+
+from gpt2repro.run_control import TrainingError
+from gpt2repro.settings import OptimizerSettings
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -206,3 +212,24 @@ def build_accelerator(mixed_precision: str, compile: str, report_to: str, ddp_ti
     elif accelerator.device.type == "cpu":
         pin_cpu_allocator()
     return accelerator, mixed_precision, compile, precision_line
+
+
+FSDP_ACCELERATE = Version("1.16")  # its FSDP2 path is what tests/test_train_cluster.py runs
+
+
+def check_fsdp_launch(accelerator: Accelerator, optim: OptimizerSettings) -> None:
+    """Under an FSDP launch (accelerate_configs/fsdp2_8gpu.yaml), what cannot work with it, refused before any work."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return
+    if Version(accelerate.__version__) < FSDP_ACCELERATE:
+        raise TrainingError(f"FSDP needs accelerate >= {FSDP_ACCELERATE} (the release its FSDP2 path is tested with "
+                            f"here); this is {accelerate.__version__}: pip install -U accelerate")
+    if accelerator.state.fsdp_plugin.fsdp_version != 2:
+        raise TrainingError("this script trains with FSDP2: set fsdp_version: 2 in the Accelerate config (as "
+                            "accelerate_configs/fsdp2_8gpu.yaml does)")
+    if optim.optimizer == "muon":
+        raise TrainingError("Muon orthogonalises whole matrices and FSDP splits each one among the processes: train "
+                            "with Muon under DDP (accelerate_configs/8gpu_ddp_bf16.yaml), with --shard_optimizer to "
+                            "split its state")
+    if optim.shard_optimizer:
+        raise TrainingError("FSDP already splits the optimiser state with the parameters: drop --shard_optimizer")

@@ -20,15 +20,16 @@ the allocator's fragmentation and the collectives' buffers take the last 10% of 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
+from dataclasses import dataclass
 
 import torch
 
 from configuration_gpt2repro import GPT2ReproConfig
 from gpt2repro.cli import is_rank0
-from gpt2repro.launch import fsdp_launch, resolve_compile
 from gpt2repro.muon import owners
-from gpt2repro.recipes import model_config
+from gpt2repro.settings import Resolved, TrainSettings
 from modeling_gpt2repro import LOSS_CHUNK_ROWS, GPT2ReproForCausalLM
 
 GB = 1e9
@@ -62,19 +63,49 @@ def parse_bytes(text: str) -> int:
     return int(float(number) * (1024 if binary else 1000) ** power)
 
 
-def model_on_meta(args: argparse.Namespace) -> GPT2ReproForCausalLM:
+@dataclass(frozen=True)
+class PlannedRun:
+    """What a plan depends on: the model, the batch, the optimiser, and how the launch runs them (resolved)."""
+    label: str  # the preset, or "flags"
+    recipe: str
+    config: GPT2ReproConfig
+    total_batch_size: int
+    micro_batch_size: int
+    max_steps: int
+    optimizer: str
+    shard_optimizer: bool
+    gradient_checkpointing: bool
+    mixed_precision: str  # "bf16" or "no"
+    compile: str  # "on" or "off"
+    fsdp: bool
+
+    @property
+    def seq_len(self) -> int:
+        return self.config.n_positions
+
+
+def planned_run(settings: TrainSettings, resolved: Resolved) -> PlannedRun:
+    return PlannedRun(label=settings.preset or "flags", recipe=settings.recipe, config=settings.model.config(),
+                      total_batch_size=settings.schedule.total_batch_size,
+                      micro_batch_size=settings.schedule.micro_batch_size, max_steps=settings.schedule.max_steps,
+                      optimizer=settings.optim.optimizer, shard_optimizer=settings.optim.shard_optimizer,
+                      gradient_checkpointing=settings.compute.gradient_checkpointing,
+                      mixed_precision=resolved.mixed_precision, compile=resolved.compile, fsdp=resolved.fsdp)
+
+
+def model_on_meta(run: PlannedRun) -> GPT2ReproForCausalLM:
     with torch.device("meta"):
-        return GPT2ReproForCausalLM(model_config(args))
+        return GPT2ReproForCausalLM(run.config)
 
 
-def optimizer_state_bytes(model: torch.nn.Module, args: argparse.Namespace, shards: int = 1) -> int:
+def optimizer_state_bytes(model: torch.nn.Module, run: PlannedRun, shards: int = 1) -> int:
     """The optimisers' state after their first step, in bytes: AdamW's exp_avg and exp_avg_sq (fp32, each the size
     of its parameter) and a 4-byte step per tensor, split over `shards` processes by --shard_optimizer (ZeRO-1: about
     1/shards each); Muon's momentum buffer per matrix (configure_muon's split), each kept by its matrix's owner only
     when sharded: the figure is the most any process keeps."""
     params = [p for p in model.parameters() if p.requires_grad]
     muon = set()
-    if args.optimizer == "muon":
+    if run.optimizer == "muon":
         muon = {id(p) for p in model.transformer.h.parameters() if p.dim() == 2}
     adamw = sum(8 * p.numel() + 4 for p in params if id(p) not in muon)
     sizes = [p.numel() for p in params if id(p) in muon]
@@ -107,57 +138,57 @@ def block_bytes_per_token(config: GPT2ReproConfig, mixed_precision: str) -> int:
     return BLOCK_BYTES_PER_TOKEN[(block, mixed_precision)] * config.n_embd
 
 
-def activation_bytes(model: GPT2ReproForCausalLM, args: argparse.Namespace, micro_batch_size: int,
+def activation_bytes(model: GPT2ReproForCausalLM, run: PlannedRun, micro_batch_size: int,
                      checkpointing: bool) -> int:
     """What autograd keeps for backward over one micro-batch: the blocks' saved tensors (with activation checkpointing
     only each block's fp32 input, and one block's full set while it is recomputed), the final norm's input and the
     loss's gradient with respect to the hidden states (fp32, 4C each)."""
-    config, tokens = model.config, micro_batch_size * args.seq_len
-    block = block_bytes_per_token(config, args.mixed_precision) * tokens
+    config, tokens = model.config, micro_batch_size * run.seq_len
+    block = block_bytes_per_token(config, run.mixed_precision) * tokens
     blocks = (4 * config.n_embd * tokens * config.n_layer + block) if checkpointing else block * config.n_layer
     return blocks + 2 * 4 * config.n_embd * tokens
 
 
-def loss_bytes(model: GPT2ReproForCausalLM, args: argparse.Namespace, micro_batch_size: int) -> int:
+def loss_bytes(model: GPT2ReproForCausalLM, run: PlannedRun, micro_batch_size: int) -> int:
     """The chunked loss: d(loss)/d(lm_head) (fp32, kept for backward), one chunk of fp32 logits and its gradient in
     the matmul dtype, and under bf16 the head's bf16 copy. Compiled, the plain loss instead: the micro-batch's whole
     (B, T, Vp) logits and their gradient, in the matmul dtype (an estimate: no GPU has measured inductor's buffers)."""
     vocab, width = model.config.padded_vocab_size, model.config.n_embd
-    matmul_bytes = 2 if args.mixed_precision == "bf16" else 4
-    if args.compile != "off" and not getattr(args, "fsdp", False):  # FSDP compiles the blocks, not the loss
-        return 2 * micro_batch_size * args.seq_len * vocab * matmul_bytes
-    rows = min(micro_batch_size * args.seq_len, LOSS_CHUNK_ROWS)
-    head_copy = vocab * width * 2 if args.mixed_precision == "bf16" else 0
+    matmul_bytes = 2 if run.mixed_precision == "bf16" else 4
+    if run.compile != "off" and not run.fsdp:  # FSDP compiles the blocks, not the loss
+        return 2 * micro_batch_size * run.seq_len * vocab * matmul_bytes
+    rows = min(micro_batch_size * run.seq_len, LOSS_CHUNK_ROWS)
+    head_copy = vocab * width * 2 if run.mixed_precision == "bf16" else 0
     return 4 * vocab * width + rows * vocab * (4 + matmul_bytes) + head_copy
 
 
-def plan(args: argparse.Namespace, world_size: int, micro_batch_size: int | None = None) -> dict[str, int]:
-    """Bytes per process, by part, with the flags in `args`, at their micro-batch unless another is given."""
-    micro_batch_size = args.micro_batch_size if micro_batch_size is None else micro_batch_size
-    model = model_on_meta(args)
+def plan(run: PlannedRun, world_size: int, micro_batch_size: int | None = None) -> dict[str, int]:
+    """Bytes per process, by part, with the settings in `run`, at their micro-batch unless another is given."""
+    micro_batch_size = run.micro_batch_size if micro_batch_size is None else micro_batch_size
+    model = model_on_meta(run)
     parameters = sum(p.numel() for p in model.parameters())
     block_matrices = sum(p.numel() for p in model.transformer.h.parameters() if p.dim() == 2)
-    if getattr(args, "fsdp", False):
+    if run.fsdp:
         share = sum(fsdp_share(p, world_size) for p in model.parameters())
         return {
             "weights (fp32, FSDP share)": 4 * share,
             "gradients (fp32, FSDP share)": 4 * share,
             "optimiser state (FSDP share)": 8 * share + 4 * len(list(model.parameters())),
-            "weights gathered by FSDP": fsdp_gathered_bytes(model, args.mixed_precision),
-            "bf16 weight copies (autocast)": 2 * block_matrices if args.mixed_precision == "bf16" else 0,
-            "activations": activation_bytes(model, args, micro_batch_size, args.gradient_checkpointing),
-            "loss (chunked)": loss_bytes(model, args, micro_batch_size),
+            "weights gathered by FSDP": fsdp_gathered_bytes(model, run.mixed_precision),
+            "bf16 weight copies (autocast)": 2 * block_matrices if run.mixed_precision == "bf16" else 0,
+            "activations": activation_bytes(model, run, micro_batch_size, run.gradient_checkpointing),
+            "loss (chunked)": loss_bytes(model, run, micro_batch_size),
         }
-    shards = world_size if args.shard_optimizer else 1
+    shards = world_size if run.shard_optimizer else 1
     return {
         "weights (fp32)": 4 * parameters,
         "gradients (fp32)": 4 * parameters,
         "DDP gradient buckets": 4 * parameters if world_size > 1 else 0,
-        "optimiser state": optimizer_state_bytes(model, args, shards),
-        "bf16 weight copies (autocast)": 2 * block_matrices if args.mixed_precision == "bf16" else 0,
-        "activations": activation_bytes(model, args, micro_batch_size, args.gradient_checkpointing),
-        "loss (whole logits, compiled)" if args.compile != "off" else "loss (chunked)":
-            loss_bytes(model, args, micro_batch_size),
+        "optimiser state": optimizer_state_bytes(model, run, shards),
+        "bf16 weight copies (autocast)": 2 * block_matrices if run.mixed_precision == "bf16" else 0,
+        "activations": activation_bytes(model, run, micro_batch_size, run.gradient_checkpointing),
+        "loss (whole logits, compiled)" if run.compile != "off" else "loss (chunked)":
+            loss_bytes(model, run, micro_batch_size),
     }
 
 
@@ -165,27 +196,28 @@ def detected_device_memory() -> int | None:
     return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
 
 
-def describe(args: argparse.Namespace, world_size: int) -> str:
+def describe(run: PlannedRun, world_size: int, device_memory: int | None) -> str:
     """The plan as printed by --dry_run: the run, each part's bytes per process, and the verdict with a remedy."""
-    model = model_on_meta(args)
+    model = model_on_meta(run)
     parameters = sum(p.numel() for p in model.parameters())
-    tokens_per_micro_step = args.micro_batch_size * args.seq_len * world_size
-    accumulation = args.total_batch_size // tokens_per_micro_step
-    lines = [f"memory plan: {args.preset or 'flags'}, recipe {args.recipe}, {parameters:,} parameters "
-             f"({args.n_layer} layers, width {args.n_embd}, {args.n_head} heads, context {args.seq_len})",
-             f"{args.max_steps:,} steps x {args.total_batch_size:,} tokens = "
-             f"{args.max_steps * args.total_batch_size:,} tokens; {world_size} process(es), micro-batch "
-             f"{args.micro_batch_size} x {args.seq_len}, "
-             f"{accumulation} micro-steps per step; mixed precision {args.mixed_precision}, compile {args.compile}, "
-             f"activation checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
-             + ("FSDP" if getattr(args, "fsdp", False) else
-                "optimiser state " + ("sharded" if args.shard_optimizer and world_size > 1 else "whole")),
+    tokens_per_micro_step = run.micro_batch_size * run.seq_len * world_size
+    accumulation = run.total_batch_size // tokens_per_micro_step
+    lines = [f"memory plan: {run.label}, recipe {run.recipe}, {parameters:,} parameters "
+             f"({run.config.n_layer} layers, width {run.config.n_embd}, {run.config.n_head} heads, context "
+             f"{run.seq_len})",
+             f"{run.max_steps:,} steps x {run.total_batch_size:,} tokens = "
+             f"{run.max_steps * run.total_batch_size:,} tokens; {world_size} process(es), micro-batch "
+             f"{run.micro_batch_size} x {run.seq_len}, "
+             f"{accumulation} micro-steps per step; mixed precision {run.mixed_precision}, compile {run.compile}, "
+             f"activation checkpointing {'on' if run.gradient_checkpointing else 'off'}, "
+             + ("FSDP" if run.fsdp else
+                "optimiser state " + ("sharded" if run.shard_optimizer and world_size > 1 else "whole")),
              "per process:"]
-    parts = plan(args, world_size)
+    parts = plan(run, world_size)
     lines += [f"  {name:32} {size / GB:8.2f} GB" for name, size in parts.items()]
     total = sum(parts.values())
     lines.append(f"  {'total':32} {total / GB:8.2f} GB")
-    device_memory = args.device_memory or detected_device_memory()
+    device_memory = device_memory or detected_device_memory()
     if device_memory is None:
         lines.append("fit: unknown: no GPU here; pass --device_memory (e.g. 80GB) for a verdict")
         return "\n".join(lines)
@@ -195,37 +227,37 @@ def describe(args: argparse.Namespace, world_size: int) -> str:
         return "\n".join(lines)
     lines.append(f"fit: no: {total / GB:.1f} GB, more than the {usable / GB:.1f} GB usable of {device_memory / GB:.1f} "
                  f"GB; what would fit:")
-    lines += remedies(args, world_size, usable)
+    lines += remedies(run, world_size, usable)
     return "\n".join(lines)
 
 
-def remedies(args: argparse.Namespace, world_size: int, usable: float) -> list[str]:
+def remedies(run: PlannedRun, world_size: int, usable: float) -> list[str]:
     """The flags that make the run fit `usable` bytes, one line per way that allows a larger micro-batch than the ways
     before it: a smaller micro-batch (one that still divides the step's tokens); the chunked loss (--compile off);
     --shard_optimizer (with more than one process); activation checkpointing; then, with more than one process and
     the GPT-2 recipe, FSDP, alone and with activation checkpointing."""
-    rows_per_step = args.total_batch_size // (args.seq_len * world_size)  # micro-batch x accumulation, per process
-    batches = [b for b in range(args.micro_batch_size, 0, -1) if rows_per_step % b == 0]
-    if getattr(args, "fsdp", False):
+    rows_per_step = run.total_batch_size // (run.seq_len * world_size)  # micro-batch x accumulation, per process
+    batches = [b for b in range(run.micro_batch_size, 0, -1) if rows_per_step % b == 0]
+    if run.fsdp:
         ways = [{}, {"gradient_checkpointing": True}]
     else:
         shard = {"shard_optimizer": True} if world_size > 1 else {}
         ways = [{}, {"compile": "off"}] + ([shard] if shard else []) + [{"gradient_checkpointing": True, **shard}]
-        if world_size > 1 and args.optimizer == "adamw":  # Muon is refused under FSDP
+        if world_size > 1 and run.optimizer == "adamw":  # Muon is refused under FSDP
             ways += [{"fsdp": True}, {"fsdp": True, "gradient_checkpointing": True}]
     flags = {"compile": "--compile off", "shard_optimizer": "--shard_optimizer",
              "gradient_checkpointing": "--gradient_checkpointing", "fsdp": "FSDP (accelerate_configs/fsdp2_8gpu.yaml)"}
     found, largest = [], 0
     for way in ways:
-        changed = {name: value for name, value in way.items() if getattr(args, name, False) != value}
+        changed = {name: value for name, value in way.items() if getattr(run, name) != value}
         if way and not changed:
             continue
-        variant = argparse.Namespace(**{**vars(args), **changed})
+        variant = dataclasses.replace(run, **changed)
         for b in batches if changed else batches[1:]:
             total = sum(plan(variant, world_size, b).values())
             if total <= usable:
                 if b > largest:
-                    named = ([f"--micro_batch_size {b}"] if b != args.micro_batch_size else []) + \
+                    named = ([f"--micro_batch_size {b}"] if b != run.micro_batch_size else []) + \
                             [flags[name] for name in changed]
                     found.append(f"  {' '.join(named)}: {total / GB:.1f} GB ({rows_per_step // b} micro-steps per "
                                  f"step)")
@@ -235,11 +267,7 @@ def remedies(args: argparse.Namespace, world_size: int, usable: float) -> list[s
                      "FSDP: more processes"]
 
 
-def print_plan(args: argparse.Namespace, world_size: int) -> None:
-    """--dry_run: the plan, printed once per launch. `auto` is planned as on the GPUs the presets are for (A100, H100,
-    H200): bf16 autocast, compiled; --mixed_precision no and --compile off plan those."""
-    args.mixed_precision = "bf16" if args.mixed_precision == "auto" else args.mixed_precision
-    args.fsdp = fsdp_launch() and world_size > 1  # as training
-    args.compile = resolve_compile(args.compile, cuda=True)  # as training decides it on a GPU
+def print_plan(settings: TrainSettings, resolved: Resolved) -> None:
+    """--dry_run: the plan, printed once per launch."""
     if is_rank0():
-        print(describe(args, world_size))
+        print(describe(planned_run(settings, resolved), resolved.world_size, settings.plan.device_memory))

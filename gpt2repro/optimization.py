@@ -1,7 +1,8 @@
-"""The optimisers of both recipes: which parameters each takes, and --shard_optimizer (ZeRO stage 1: each process
-keeps the optimiser state of its share of the parameters only)."""
+"""The optimisers of both recipes: which parameters each takes, --shard_optimizer (ZeRO stage 1: each process keeps
+the optimiser state of its share of the parameters only), and the learning-rate schedules."""
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Any
 
@@ -9,6 +10,7 @@ import torch
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from gpt2repro.muon import Muon
+from gpt2repro.settings import OptimizerSettings, ScheduleSettings
 
 
 def configure_optimizer(model: torch.nn.Module, weight_decay: float, betas: tuple[float, float], eps: float,
@@ -82,3 +84,40 @@ def configure_muon(model: torch.nn.Module, momentum: float, weight_decay: float,
     muon = Muon([{"params": qkv, "name": "muon", "parts": 3}, {"params": matrices, "name": "muon"}], lr=0.0,
                 momentum=momentum, weight_decay=weight_decay, shard_state=shard)
     return [muon, adamw([g for g in groups if g["params"]], betas, eps, device_type, shard)]
+
+
+def get_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps: int, schedule: str = "cosine",
+           cooldown_frac: float = 0.0) -> float:
+    """LR of optimiser step `step` (0-based): linear warmup, then a cosine decay to min_lr at max_steps (GPT-2), or
+    `trapezoid`: max_lr until the last `cooldown_frac` of the steps, which decay linearly to min_lr (the speedrun's);
+    min_lr from max_steps on."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps  # step 0 already trains, at max_lr / warmup_steps
+    if step >= max_steps:
+        return min_lr
+    if schedule == "trapezoid":
+        cooldown_steps = max(1, round(cooldown_frac * max_steps))
+        return min_lr + (max_lr - min_lr) * min(1.0, (max_steps - step) / cooldown_steps)
+    decay_ratio = (step - warmup_steps) / (max_steps - warmup_steps)  # 0 -> 1
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * decay_ratio)) * (max_lr - min_lr)
+
+
+def peak_lr(group_name: str | None, optim: OptimizerSettings, schedule: ScheduleSettings) -> tuple[float, float]:
+    """(max, min) LR of an optimiser group: --max_lr/--min_lr for GPT-2's AdamW (no name), else the group's own flag,
+    decaying to the same fraction min_lr / max_lr of it. Read from the settings at every step, so a resumed run
+    follows them."""
+    peak = {"muon": optim.muon_lr, "embeddings": optim.embed_lr, "head": optim.head_lr, "adamw": optim.adamw_lr}
+    if group_name not in peak:
+        return schedule.max_lr, schedule.min_lr
+    fraction = schedule.min_lr / schedule.max_lr if schedule.max_lr else 0.0
+    return peak[group_name], peak[group_name] * fraction
+
+
+def set_learning_rates(optimizers: list[torch.optim.Optimizer], step: int, optim: OptimizerSettings,
+                       schedule: ScheduleSettings) -> float:
+    """Every group's LR for optimiser step `step`, set by hand (a prepared LR scheduler would step once per process);
+    returns the first group's (GPT-2's AdamW, or Muon's), the one logged."""
+    for group in (group for optimizer in optimizers for group in optimizer.param_groups):
+        group["lr"] = get_lr(step, *peak_lr(group.get("name"), optim, schedule), schedule.warmup_steps,
+                             schedule.max_steps, schedule.lr_schedule, schedule.cooldown_frac)
+    return optimizers[0].param_groups[0]["lr"]

@@ -6,11 +6,6 @@ what a run trains. Values given on the command line win over both.
 """
 from __future__ import annotations
 
-import argparse
-
-from configuration_gpt2repro import GPT2ReproConfig
-from gpt2repro.cli import CommandError
-
 RECIPES = {
     "gpt2": {},  # the flags' defaults
     # modded-nanogpt's GPT-2 speedrun (Nov 2024 records): rotary, QK-norm, ReLU², parameter-free RMSNorm, no biases,
@@ -68,16 +63,11 @@ PRESETS = {
 }
 
 
+# The presets whose data is the embedded corpus, which training prepares into their --data_dir the first time.
+EMBEDDED_CORPUS_PRESETS = ("cpu-demo", "cpu-demo-speedrun")
+
+
 def as_flags(values: dict) -> str:
     """A preset or recipe as the command-line flags that set the same values."""
     return " ".join(f"--{key} {'none' if value is None else value}" if not isinstance(value, bool)
                     else f"--{'' if value else 'no-'}{key}" for key, value in values.items())
-
-
-def model_config(args: argparse.Namespace) -> GPT2ReproConfig:
-    """The model a run's flags describe: its shape, with --seq_len as the context, and its architecture options."""
-    try:
-        return GPT2ReproConfig(n_positions=args.seq_len, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
-                               **{name: getattr(args, name) for name in GPT2ReproConfig.architecture_options})
-    except ValueError as error:  # e.g. --n_embd not divisible by --n_head
-        raise CommandError(str(error)) from None

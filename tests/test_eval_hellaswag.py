@@ -1,4 +1,5 @@
-"""eval_hellaswag.py and its evaluate metric, on small HellaSwag-format files written here, with a tiny random GPT-2
+"""eval_hellaswag.py, the package modules it runs (gpt2repro.hellaswag_data, .hellaswag, .hellaswag_run) and its
+evaluate metric, on small HellaSwag-format files written here, with a tiny random GPT-2
 and the real GPT-2 tokenizer. References: tiktoken's GPT-2 encoding and transformers' GPT-2 run one row at a time."""
 import errno
 import json
@@ -19,15 +20,17 @@ from safetensors import SafetensorError, safe_open
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import eval_hellaswag
-from eval_hellaswag import (
+from gpt2repro import hellaswag, hellaswag_data
+from gpt2repro.hellaswag import evaluate_hellaswag, fit_to_context
+from gpt2repro.hellaswag_data import (
     HellaSwagFormatError,
     HellaSwagUnavailable,
-    evaluate_hellaswag,
-    fit_to_context,
     harness_preprocess,
     load_hellaswag,
+    normalize_example,
     render_example,
 )
+from gpt2repro.hellaswag_run import check_report_path
 from gpt2repro.tokenizer import get_tiktoken_encoding, get_tokenizer
 from modeling_gpt2repro import GPT2ReproForCausalLM
 from train_helpers import free_port, run_main
@@ -98,7 +101,7 @@ def model_dir(model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def examples():
-    return [eval_hellaswag.normalize_example(r, "test") for r in make_records(8)]
+    return [normalize_example(r, "test") for r in make_records(8)]
 
 
 SHORT_CONTEXT = 32  # n_positions of the models that HellaSwag rows overflow
@@ -249,13 +252,13 @@ def test_hub_dataset_is_read_from_the_datasets_cache_offline(tmp_path):
     info = json.loads((Path(builder.cache_dir) / "dataset_info.json").read_text())
     (cached / "dataset_info.json").write_text(json.dumps({**info, "dataset_name": "hellaswag"}))
 
-    code = ("import json, eval_hellaswag; "
-            f"print(json.dumps(eval_hellaswag.load_hellaswag(cache_dir={str(tmp_path / 'empty')!r})))")
+    code = ("import json; from gpt2repro.hellaswag_data import load_hellaswag; "
+            f"print(json.dumps(load_hellaswag(cache_dir={str(tmp_path / 'empty')!r})))")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "datasets_cache"),
            "PYTHONPATH": str(REPO)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout.splitlines()[-1]) == [eval_hellaswag.normalize_example(r, "") for r in records]
+    assert json.loads(out.stdout.splitlines()[-1]) == [normalize_example(r, "") for r in records]
 
 
 def test_original_jsonl_is_downloaded_once_then_read_from_cache(tmp_path, monkeypatch):
@@ -263,7 +266,7 @@ def test_original_jsonl_is_downloaded_once_then_read_from_cache(tmp_path, monkey
 
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # the Hub step fails at once
     source = write_jsonl(tmp_path / "hellaswag_val.jsonl", make_records(3))
-    monkeypatch.setattr(eval_hellaswag, "ORIGINAL_URL", f"file://{tmp_path}/hellaswag_{{split}}.jsonl")
+    monkeypatch.setattr(hellaswag_data, "ORIGINAL_URL", f"file://{tmp_path}/hellaswag_{{split}}.jsonl")
     cache_dir = tmp_path / "cache"
     first = load_hellaswag(cache_dir=str(cache_dir))
     assert (cache_dir / "hellaswag_val.jsonl").read_bytes() == source.read_bytes()
@@ -278,7 +281,7 @@ def test_download_that_cannot_be_cached_says_so(tmp_path, monkeypatch):
 
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     write_jsonl(tmp_path / "hellaswag_val.jsonl", make_records(3))
-    monkeypatch.setattr(eval_hellaswag, "ORIGINAL_URL", f"file://{tmp_path}/hellaswag_{{split}}.jsonl")
+    monkeypatch.setattr(hellaswag_data, "ORIGINAL_URL", f"file://{tmp_path}/hellaswag_{{split}}.jsonl")
     not_a_folder = tmp_path / "cache"
     not_a_folder.write_text("a file")
     with pytest.raises(HellaSwagUnavailable) as err:
@@ -346,7 +349,7 @@ BAD_CLI_ARGUMENTS = {
         {"--output_json": "{tmp}"}, "--output_json {tmp} is a folder: name a file, e.g. {tmp}/hellaswag.json"),
     "output under a file": (
         {"--output_json": "{tmp}/result.json/out/r.json"},
-        "--output_json {tmp}/result.json/out/r.json: {tmp}/result.json is a file, so no folder can be made in it"),
+        "--output_json {tmp}/result.json/out/r.json: {tmp}/result.json/out is not writable (Not a directory)"),
     "output is the data file": (
         {"--output_json": "{tmp}/val.jsonl"},
         "--output_json {tmp}/val.jsonl is the --data_file: the result would overwrite the data"),
@@ -354,7 +357,7 @@ BAD_CLI_ARGUMENTS = {
     # sysfs takes no new file, from root either: a folder no one can write in.
     "output folder not writable": (
         {"--output_json": "/sys/hellaswag.json"},
-        "--output_json /sys/hellaswag.json: cannot write in /sys (Permission denied)"),
+        "--output_json /sys/hellaswag.json: /sys is not writable (Permission denied)"),
     "model is a file": ({"--model": "{tmp}/val.jsonl"}, "the model folder {tmp}/val.jsonl is a file, not a folder"),
 }
 
@@ -367,6 +370,14 @@ def test_cli_bad_argument_is_one_error_line_before_scoring(tmp_path, model_dir, 
     replacements, error = BAD_CLI_ARGUMENTS[case]
     arguments.update({key: value.format(tmp=tmp_path) for key, value in replacements.items()})
     assert run_bad_cli(arguments, tmp_path, capsys) == (1, "", f"error: {error.format(tmp=tmp_path)}\n")
+
+
+def test_report_path_check_makes_the_missing_folders(tmp_path):
+    """--output_json's folders are made by the check, before the scoring, as gpt2repro.cli.check_writable_folder
+    makes every command's output folder."""
+    output = tmp_path / "new" / "sub" / "result.json"
+    check_report_path(output, None)
+    assert output.parent.is_dir() and not output.exists()
 
 
 def test_cli_corrupt_model_weights_are_one_error_line(tmp_path, model_dir, capsys, fresh_accelerate):
@@ -437,7 +448,7 @@ def test_cli_ctrl_c_during_scoring_is_one_line_and_writes_nothing(tmp_path, mode
     def ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(eval_hellaswag, "score_batch", ctrl_c)
+    monkeypatch.setattr(hellaswag, "score_batch", ctrl_c)
     status, _, err = run_bad_cli(arguments, tmp_path, capsys)
     assert status == 130 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == "error: interrupted; nothing was written: run the same command again"
@@ -564,8 +575,8 @@ def test_cross_entropy_in_slices_is_exact(monkeypatch, rows_per_slice):
     rows = torch.tensor([4, 0, 4, 4, 9, 1, 4, 8])  # row 4 predicts several targets; rows 2, 3, 5-7 none
     targets = torch.randint(0, 50, (len(rows),))
     expected = torch.nn.functional.cross_entropy(logits[rows].float(), targets, reduction="none")
-    monkeypatch.setattr(eval_hellaswag, "CROSS_ENTROPY_SLICE_BYTES", 4 * 50 * rows_per_slice)  # fp32 bytes
-    assert torch.equal(eval_hellaswag.token_losses(logits, rows, targets), expected)
+    monkeypatch.setattr(hellaswag, "CROSS_ENTROPY_SLICE_BYTES", 4 * 50 * rows_per_slice)  # fp32 bytes
+    assert torch.equal(hellaswag.token_losses(logits, rows, targets), expected)
 
 
 def test_fit_to_context_keeps_the_endings_and_the_last_context_tokens():
@@ -602,9 +613,9 @@ def test_context_longer_than_the_model_is_cut_from_the_left(short_models, tokeni
     assert enc.encode_ordinary(cut_by_hand["ctx"]) == kept
 
     records = overflowing_records()
-    examples = [eval_hellaswag.normalize_example(r, "test") for r in records]
+    examples = [normalize_example(r, "test") for r in records]
     result = evaluate_hellaswag(model, tokenizer, examples, batch_size=2, show_progress=False, return_predictions=True)
-    by_hand = evaluate_hellaswag(model, tokenizer, [eval_hellaswag.normalize_example(r, "test")
+    by_hand = evaluate_hellaswag(model, tokenizer, [normalize_example(r, "test")
                                                     for r in [cut_by_hand, *records[1:]]],
                                  batch_size=2, show_progress=False, return_predictions=True)
     predictions, expected = result.pop("predictions"), by_hand.pop("predictions")
@@ -619,7 +630,7 @@ def test_context_longer_than_the_model_is_cut_from_the_left(short_models, tokeni
 
 
 def test_when_no_example_fits_the_result_says_so(short_models, tokenizer):
-    overlong = [eval_hellaswag.normalize_example(overflowing_records()[2], "test")]
+    overlong = [normalize_example(overflowing_records()[2], "test")]
     result = evaluate_hellaswag(short_models["ours"], tokenizer, overlong, show_progress=False)
     assert math.isnan(result.pop("acc")) and math.isnan(result.pop("acc_norm"))
     assert result == {"correct": 0, "correct_norm": 0, "count": 0, "truncated": 0, "skipped": 1}
@@ -654,7 +665,7 @@ def test_cli_counts_cut_and_skipped_examples(tmp_path, short_models, tokenizer, 
 
 def test_metric_loads_offline_from_an_installed_module(tmp_path):
     """From a folder outside the checkout, with no Hub and an empty evaluate module cache: the module is found as
-    installed (setup.cfg's packages) in the gpt2repro package, where eval_hellaswag loads it from."""
+    installed (setup.cfg's packages) in the gpt2repro package, where gpt2repro.hellaswag loads it from."""
     code = ("import importlib.util as u, evaluate, numpy as np, pathlib; "
             "path = pathlib.Path(u.find_spec('gpt2repro.hellaswag_accuracy').origin); "
             "assert path.parent == pathlib.Path(u.find_spec('gpt2repro').origin).parent, path; "
@@ -725,13 +736,14 @@ def test_two_processes_give_the_same_totals_as_one(tmp_path, model, model_dir, t
 FAIL_ON_ONE_PROCESS = """
 import sys
 import eval_hellaswag
+from gpt2repro import hellaswag
 
-tokenize = eval_hellaswag.tokenize_examples
+tokenize = hellaswag.tokenize_examples
 def tokenize_or_fail(examples, tokenizer, style):
     if any(ex["ctx"].startswith("POISON") for ex in examples):
         raise ValueError("cannot tokenise the poisoned example")
     return tokenize(examples, tokenizer, style)
-eval_hellaswag.tokenize_examples = tokenize_or_fail
+hellaswag.tokenize_examples = tokenize_or_fail
 eval_hellaswag.main(sys.argv[1:])
 """
 

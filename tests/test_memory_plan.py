@@ -12,6 +12,8 @@ import torch
 import train_accelerate
 from gpt2repro import memory_plan
 from gpt2repro.optimization import configure_muon, configure_optimizer
+from gpt2repro.settings import Resolved, TrainSettings
+from gpt2repro.training import enable_activation_checkpointing
 from modeling_gpt2repro import GPT2ReproForCausalLM
 from train_helpers import REPO, run_main, the_error_line
 
@@ -23,33 +25,42 @@ GPT2_FAMILY = {"gpt2-124m": (124_439_808, 768), "gpt2-350m": (354_823_168, 1024)
 @pytest.mark.parametrize("preset", sorted(GPT2_FAMILY))
 def test_presets_have_the_gpt2_family_parameter_counts(preset):
     openai, width = GPT2_FAMILY[preset]
-    model = memory_plan.model_on_meta(train_accelerate.parse_args(["--preset", preset]))
+    model = memory_plan.model_on_meta(planned(train_accelerate.parse_args(["--preset", preset])))
     assert sum(p.numel() for p in model.parameters()) == openai + 47 * width
 
 
-def small_args(recipe: str, precision: str, *extra: str):
-    return train_accelerate.parse_args(["--recipe", recipe, "--n_layer", "3", "--n_head", "4", "--n_embd", "64",
-                                        "--seq_len", "128", "--micro_batch_size", "8", "--mixed_precision", precision,
-                                        *extra])
+def planned(settings: TrainSettings) -> memory_plan.PlannedRun:
+    """The run a one-process --dry_run plans for these settings (eager: the chunked loss)."""
+    compute = settings.compute
+    resolved = Resolved("bf16" if compute.mixed_precision == "auto" else compute.mixed_precision, "off", False, 1, 1)
+    return memory_plan.planned_run(settings, resolved)
+
+
+def small_run(recipe: str, precision: str, *extra: str) -> tuple[TrainSettings, memory_plan.PlannedRun]:
+    settings = train_accelerate.parse_args(["--recipe", recipe, "--n_layer", "3", "--n_head", "4", "--n_embd", "64",
+                                            "--seq_len", "128", "--micro_batch_size", "8", "--mixed_precision",
+                                            precision, *extra])
+    return settings, planned(settings)
 
 
 @pytest.mark.parametrize("recipe", ["gpt2", "speedrun"])
 def test_optimizer_state_is_planned_to_the_byte(recipe):
-    args = small_args(recipe, "no")
+    settings, run = small_run(recipe, "no")
     torch.manual_seed(0)
-    model = GPT2ReproForCausalLM(memory_plan.model_on_meta(args).config)
+    model = GPT2ReproForCausalLM(run.config)
+    optim = settings.optim
     if recipe == "speedrun":
-        built = configure_muon(model, args.muon_momentum, args.weight_decay, (args.beta1, args.beta2), args.adam_eps,
-                               "cpu")
+        built = configure_muon(model, optim.muon_momentum, optim.weight_decay, (optim.beta1, optim.beta2),
+                               optim.adam_eps, "cpu")
     else:
-        built = [configure_optimizer(model, args.weight_decay, (args.beta1, args.beta2), args.adam_eps, "cpu")]
+        built = [configure_optimizer(model, optim.weight_decay, (optim.beta1, optim.beta2), optim.adam_eps, "cpu")]
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     for optimizer in built:
         optimizer.step()
     held = sum(t.nbytes for o in built for state in o.state.values() for t in state.values()
                if isinstance(t, torch.Tensor))
-    assert memory_plan.optimizer_state_bytes(model, args) == held
+    assert memory_plan.optimizer_state_bytes(model, run) == held
 
 
 def saved_tensor_bytes(model: torch.nn.Module, x: torch.Tensor, bf16: bool) -> int:
@@ -74,23 +85,23 @@ def saved_tensor_bytes(model: torch.nn.Module, x: torch.Tensor, bf16: bool) -> i
 @pytest.mark.parametrize("precision", ["no", "bf16"])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_activations_are_planned_within_a_quarter_of_what_autograd_keeps(recipe, precision, checkpointing):
-    args = small_args(recipe, precision, *(["--gradient_checkpointing"] if checkpointing else []))
+    _, run = small_run(recipe, precision, *(["--gradient_checkpointing"] if checkpointing else []))
     torch.manual_seed(0)
-    model = GPT2ReproForCausalLM(memory_plan.model_on_meta(args).config).train()
+    model = GPT2ReproForCausalLM(run.config).train()
     if checkpointing:
-        train_accelerate.enable_activation_checkpointing(model)
-    x = torch.randint(0, 50257, (args.micro_batch_size, args.seq_len))
+        enable_activation_checkpointing(model)
+    x = torch.randint(0, 50257, (run.micro_batch_size, run.seq_len))
     measured = saved_tensor_bytes(model, x, precision == "bf16")
     # Take away what the plan knows exactly: the loss's d(lm_head), and the bf16 weights the matmuls keep (a
     # checkpointed forward keeps none: its blocks run again in backward, one at a time).
     config, tokens = model.config, x.numel()
     measured -= 4 * config.padded_vocab_size * config.n_embd
     if not checkpointing:
-        measured -= memory_plan.plan(args, world_size=1)["bf16 weight copies (autocast)"]
-    planned = memory_plan.activation_bytes(model, args, args.micro_batch_size, checkpointing)
+        measured -= memory_plan.plan(run, world_size=1)["bf16 weight copies (autocast)"]
+    plan = memory_plan.activation_bytes(model, run, run.micro_batch_size, checkpointing)
     if checkpointing:  # the plan's peak adds the block recomputed in backward, which the forward does not hold
-        planned -= memory_plan.block_bytes_per_token(config, precision) * tokens
-    assert abs(planned - measured) <= 0.25 * measured, (planned, measured)
+        plan -= memory_plan.block_bytes_per_token(config, precision) * tokens
+    assert abs(plan - measured) <= 0.25 * measured, (plan, measured)
 
 
 FSDP_LAUNCH = {"ACCELERATE_USE_FSDP": "true"}  # what accelerate launch sets under accelerate_configs/fsdp2_8gpu.yaml

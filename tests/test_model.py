@@ -17,7 +17,8 @@ import modeling_gpt2repro
 from configuration_gpt2repro import GPT2ReproConfig
 from gpt2repro.recipes import RECIPES
 from gpt2repro.tokenizer import EOT_TOKEN_ID, IGNORE_INDEX, get_tokenizer
-from modeling_gpt2repro import CACHE_FIELD, GPT2ReproForCausalLM, GPT2ReproModel, enable_activation_checkpointing
+from gpt2repro.training import enable_activation_checkpointing
+from modeling_gpt2repro import CACHE_FIELD, GPT2ReproForCausalLM, GPT2ReproModel
 
 V = 50257
 

@@ -1,5 +1,6 @@
-"""prepare_data.py and its corpus readers (corpus.py): the shard token stream against transformers' GPT-2
-tokenizer, shard layout, resume, errors.
+"""prepare_data.py, its library (shard_writing.py, tokenizing_workers.py) and its corpus readers (corpus.py): the
+shard token stream against transformers' GPT-2 tokenizer, shard layout, resume, errors; the command line's flags,
+messages and exit statuses through `prepare_data.main`.
 
 The reference encoding is transformers' GPT2TokenizerFast (a BPE implementation independent of tiktoken,
 which prepare_data uses) built from the same OpenAI files; documents never contain "<|endoftext|>", on
@@ -22,8 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import prepare_data
-from gpt2repro import corpus
+from gpt2repro import corpus, shard_writing, tokenizing_workers
+from gpt2repro.shard_writing import PrepareSettings, prepare_embedded_corpus, prepare_shards
 from gpt2repro.shards import list_shards, write_shard
 from gpt2repro.tokenizer import get_tiktoken_encoding, get_tokenizer
 from prepare_data import main
@@ -42,7 +43,8 @@ DOCUMENTS = [
 ]
 # 255 bytes a name may have, less "_train_000001.npy" and the temporary name's ".<pid>.tmp" (at most 7 pid digits)
 LONGEST_PREFIX = 255 - len("_train_000001.npy") - len(".4194304.tmp")
-SMALL_SHARDS = ["--shard_size", "40", "--val_tokens", "23"]  # small enough that documents span shard boundaries
+SMALL_SIZES = {"shard_size": 40, "val_tokens": 23}  # small enough that documents span shard boundaries
+SMALL_SHARDS = ["--shard_size", str(SMALL_SIZES["shard_size"]), "--val_tokens", str(SMALL_SIZES["val_tokens"])]
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +58,11 @@ def read_stream(output_dir):
     names = sorted(p.name for p in Path(output_dir).glob("*.npy"))
     names.sort(key=lambda n: int(n.rsplit("_", 1)[1].split(".")[0]))
     return names, [int(t) for n in names for t in np.load(Path(output_dir) / n)]
+
+
+def local_files(output_dir, data_files, **fields):
+    """The settings of a preparation of local files into `output_dir`, prefix corpus (prepare_data.py's default)."""
+    return PrepareSettings(output_dir=output_dir, dataset=None, data_files=tuple(data_files), prefix="corpus", **fields)
 
 
 def write_inputs(tmp_path, kind):
@@ -77,8 +84,7 @@ def write_inputs(tmp_path, kind):
 def test_shards_hold_gpt2_tokens_of_every_document_across_shard_boundaries(tmp_path, reference_tokens, kind, num_proc):
     paths, documents = write_inputs(tmp_path, kind)
     out = tmp_path / "out"
-    main(["--data_files", *paths, "--text_column", "body", "--output_dir", str(out), "--num_proc", str(num_proc),
-          *SMALL_SHARDS])
+    prepare_shards(local_files(out, paths, text_column="body", num_proc=num_proc, **SMALL_SIZES))
     names, tokens = read_stream(out)
     expected = reference_tokens(documents)
     assert tokens == expected
@@ -116,9 +122,9 @@ def test_book_sized_documents_are_encode_ordinary_on_1_and_2_processes(tmp_path)
     encoding = get_tiktoken_encoding()
     expected = [t for i in range(len(books))
                 for t in [EOT] + encoding.encode_ordinary((tmp_path / f"book_{i}.txt").read_text(encoding="utf-8"))]
-    args = ["--data_files", str(tmp_path / "book_*.txt"), "--shard_size", "100000"]
     for num_proc in (1, 2):
-        main([*args, "--output_dir", str(tmp_path / f"out{num_proc}"), "--num_proc", str(num_proc)])
+        prepare_shards(local_files(tmp_path / f"out{num_proc}", [str(tmp_path / "book_*.txt")], shard_size=100_000,
+                                   val_tokens=100_000, num_proc=num_proc))
         assert read_stream(tmp_path / f"out{num_proc}")[1] == expected
     files = sorted(p.name for p in (tmp_path / "out1").iterdir())
     assert files == sorted(p.name for p in (tmp_path / "out2").iterdir())
@@ -128,7 +134,7 @@ def test_book_sized_documents_are_encode_ordinary_on_1_and_2_processes(tmp_path)
 
 @pytest.mark.parametrize("text", ["", "<|endoftext|> is text here", "lone \ud800 surrogate", "Naïve 🙂 日本語\r\n"])
 def test_token_arrays_are_encode_ordinary(text):
-    assert prepare_data.ordinary_tokens(text).tolist() == get_tiktoken_encoding().encode_ordinary(text)
+    assert tokenizing_workers.ordinary_tokens(text).tolist() == get_tiktoken_encoding().encode_ordinary(text)
 
 
 TRICKY_INPUTS = {  # file name -> bytes: what our own readers must read exactly as `datasets` does
@@ -168,7 +174,7 @@ def test_local_files_give_the_documents_datasets_reads(tmp_path, reference_token
     builder = {"txt": "text", "jsonl": "json", "json": "json", "parquet": "parquet"}[kind]
     options = {"sample_by": "document", "keep_linebreaks": True} if builder == "text" else {}
     texts = [row["text"] for row in load_dataset(builder, data_files=paths, split="train", streaming=True, **options)]
-    main(["--data_files", *paths, "--output_dir", str(tmp_path / "out"), "--num_proc", "2", "--val_tokens", "5"])
+    prepare_shards(local_files(tmp_path / "out", paths, num_proc=2, shard_size=10**8, val_tokens=5))
     assert read_stream(tmp_path / "out")[1] == reference_tokens(texts)
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["documents"] == len(texts)
 
@@ -176,8 +182,7 @@ def test_local_files_give_the_documents_datasets_reads(tmp_path, reference_token
 def test_bin_format_is_llmc_layout(tmp_path, reference_tokens):
     paths, documents = write_inputs(tmp_path, "parquet")
     out = tmp_path / "out"
-    main(["--data_files", *paths, "--text_column", "body", "--output_dir", str(out), "--format", "bin", "--num_proc",
-          "1", *SMALL_SHARDS])
+    prepare_shards(local_files(out, paths, text_column="body", format="bin", num_proc=1, **SMALL_SIZES))
     tokens = []
     for path in sorted(out.glob("*.bin"), key=lambda p: p.name.rsplit("_", 1)[1]):
         header = np.frombuffer(path.read_bytes()[:1024], dtype="<i4")
@@ -193,7 +198,7 @@ def test_interrupted_run_resumes_to_identical_shards(tmp_path, monkeypatch):
     args = ["--data_files", *paths, "--text_column", "body", "--num_proc", "1", *SMALL_SHARDS]
     main([*args, "--output_dir", str(tmp_path / "whole")])
 
-    real_write_shard, calls = prepare_data.write_shard, []
+    real_write_shard, calls = shard_writing.write_shard, []
 
     def killed_on_third_shard(path, tokens):
         calls.append(path)
@@ -202,12 +207,12 @@ def test_interrupted_run_resumes_to_identical_shards(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_write_shard(path, tokens)
 
-    monkeypatch.setattr(prepare_data, "write_shard", killed_on_third_shard)
+    monkeypatch.setattr(shard_writing, "write_shard", killed_on_third_shard)
     with pytest.raises(SystemExit) as stop:
         main([*args, "--output_dir", str(tmp_path / "resumed")])
     assert stop.value.code == 130  # Ctrl-C's exit status, after one line (see test_ctrl_c_...)
     assert len(list((tmp_path / "resumed").glob("*.npy"))) == 2
-    monkeypatch.setattr(prepare_data, "write_shard", real_write_shard)
+    monkeypatch.setattr(shard_writing, "write_shard", real_write_shard)
 
     (tmp_path / "resumed" / "corpus_train_000001.npy").write_bytes(b"corrupted after the run")  # re-verified, rewritten
     main([*args, "--output_dir", str(tmp_path / "resumed")])
@@ -251,9 +256,12 @@ def test_killed_run_leaves_only_whole_shards_and_resumes_identically(tmp_path, s
         assert path.read_bytes() == (tmp_path / "whole" / path.name).read_bytes()
 
 
-def test_embedded_corpus_makes_val_and_train_shards(tmp_path, reference_tokens):
+def test_embedded_corpus_makes_val_and_train_shards(tmp_path, capsys, reference_tokens):
+    """As `prepare_data.py --dataset embedded` makes them: the command finds the library's preparation complete."""
     out = tmp_path / "kjv"
+    prepare_embedded_corpus(out)
     main(["--dataset", "embedded", "--output_dir", str(out)])
+    assert capsys.readouterr().out.startswith(f"{out}: already complete (")
     names, tokens = read_stream(out)
     assert names[0] == "kjv_val_000000.npy" and len(np.load(out / names[0])) == 2**16
     assert len(names) >= 3 and all(len(np.load(out / n)) == 2**18 for n in names[1:-1])
@@ -595,7 +603,7 @@ def test_unusable_output_dir_is_refused_before_tokenising(tmp_path, capsys, monk
         locked, locked_error = request.getfixturevalue("unwritable_folder")
         output_dir = locked if where == "unwritable" else locked / "sub"
         message = f"--output_dir {output_dir} is not writable ({locked_error})"
-    monkeypatch.setattr(prepare_data, "tokenize", lambda *args: pytest.fail("tokenising began"))
+    monkeypatch.setattr(shard_writing, "tokenize", lambda *args: pytest.fail("tokenising began"))
     before = tree_checksums(tmp_path)
     refused(["--data_files", *paths, "--output_dir", str(output_dir)], capsys, 1, message)
     assert tree_checksums(tmp_path) == before
@@ -679,7 +687,7 @@ def test_a_shard_too_large_for_memory_is_one_line(tmp_path, capsys):
 def test_a_full_disk_is_one_line_and_the_re_run_resumes(tmp_path, capsys, monkeypatch):
     args = prepare_small(tmp_path)
     whole = tree_checksums(tmp_path / "out")
-    real_write_shard, calls = prepare_data.write_shard, []
+    real_write_shard, calls = shard_writing.write_shard, []
 
     def full_on_third_shard(path, tokens):
         calls.append(path)
@@ -688,18 +696,18 @@ def test_a_full_disk_is_one_line_and_the_re_run_resumes(tmp_path, capsys, monkey
         return real_write_shard(path, tokens)
 
     args[args.index(str(tmp_path / "out"))] = str(tmp_path / "full")
-    monkeypatch.setattr(prepare_data, "write_shard", full_on_third_shard)
+    monkeypatch.setattr(shard_writing, "write_shard", full_on_third_shard)
     refused(args, capsys, 1, f"could not write {tmp_path / 'full' / 'corpus_train_000002.npy'}: No space left on "
                              f"device: make room (or fix the folder) and re-run the same command, which resumes after "
                              f"the last finished shard")
-    monkeypatch.setattr(prepare_data, "write_shard", real_write_shard)
+    monkeypatch.setattr(shard_writing, "write_shard", real_write_shard)
     main(args)
     assert tree_checksums(tmp_path / "full") == whole
 
 
 def test_more_shards_than_names_sort_is_refused(tmp_path, capsys, monkeypatch):
     """The 6-digit index sorts in order up to 999,999 shards (here made 3, not to write a million)."""
-    monkeypatch.setattr(prepare_data, "MAX_SHARDS", 3)
+    monkeypatch.setattr(shard_writing, "MAX_SHARDS", 3)
     paths, _ = write_inputs(tmp_path, "jsonl")
     refused(["--data_files", *paths, "--text_column", "body", "--output_dir", str(tmp_path / "out"), "--num_proc", "1",
              *SMALL_SHARDS],

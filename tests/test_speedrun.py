@@ -3,6 +3,7 @@ equals the full-logits loss, cached generation equals uncached, save -> fresh-pr
 Muon grouping and schedule of train_accelerate.py, and an exactly resumable speedrun training run."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ from test_model import BLOCK_OUR_MODULES
 
 import train_accelerate
 from configuration_gpt2repro import GPT2ReproConfig
-from gpt2repro.optimization import configure_muon
+from gpt2repro.optimization import configure_muon, get_lr, peak_lr
 from gpt2repro.recipes import PRESETS, as_flags
 from modeling_gpt2repro import GPT2ReproForCausalLM, apply_rotary, rotary_cos_sin
 from train_helpers import GRAPH_BREAK_LOG, TINY_RUN, final_weights, graph_breaks, records, run_main, run_training
@@ -236,10 +237,12 @@ def test_compiled_training_forward_and_loss_are_one_graph_equal_to_eager(recipe)
 
 
 def test_muon_gets_every_block_matrix_and_nothing_else():
-    args = train_accelerate.parse_args(["--recipe", "speedrun"])
-    model = GPT2ReproForCausalLM(GPT2ReproConfig(**TINY, **{k: getattr(args, k) for k in OPTIONS["speedrun"]}))
-    muon, adamw = configure_muon(model, args.muon_momentum, args.weight_decay, (args.beta1, args.beta2), args.adam_eps,
-                                 "cpu")
+    settings = train_accelerate.parse_args(["--recipe", "speedrun"])
+    architecture = settings.model.architecture()
+    model = GPT2ReproForCausalLM(GPT2ReproConfig(**TINY, **{k: architecture[k] for k in OPTIONS["speedrun"]}))
+    optim = settings.optim
+    muon, adamw = configure_muon(model, optim.muon_momentum, optim.weight_decay, (optim.beta1, optim.beta2),
+                                 optim.adam_eps, "cpu")
     assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
     in_muon = {id(p) for group in muon.param_groups for p in group["params"]}
     names = {id(p): n for n, p in model.named_parameters()}
@@ -252,34 +255,36 @@ def test_muon_gets_every_block_matrix_and_nothing_else():
     in_adamw = [names[id(p)] for group in adamw.param_groups for p in group["params"]]
     assert sorted(in_adamw) == sorted(n for p_id, n in names.items() if p_id not in expected)
     groups = [group for optimizer in (muon, adamw) for group in optimizer.param_groups]
-    lrs = {group["name"]: train_accelerate.peak_lr(group, args)[0] for group in groups}
+    lrs = {group["name"]: peak_lr(group["name"], optim, settings.schedule)[0] for group in groups}
     assert lrs == {"muon": 0.04, "embeddings": 0.6, "head": 0.008}  # no biases or gains: no "adamw" group
 
 
 def test_recipe_values_are_defaults_that_flags_and_presets_override():
-    args = train_accelerate.parse_args(["--recipe", "speedrun", "--muon_lr", "0.02", "--no-qk_norm",
-                                        "--logit_softcap", "none"])
-    assert (args.optimizer, args.lr_schedule, args.position_embedding) == ("muon", "trapezoid", "rope")
-    assert args.muon_lr == 0.02 and args.qk_norm is False and args.logit_softcap is None
+    settings = train_accelerate.parse_args(["--recipe", "speedrun", "--muon_lr", "0.02", "--no-qk_norm",
+                                            "--logit_softcap", "none"])
+    assert (settings.optim.optimizer, settings.schedule.lr_schedule, settings.model.position_embedding) == \
+        ("muon", "trapezoid", "rope")
+    assert settings.optim.muon_lr == 0.02 and settings.model.qk_norm is False and settings.model.logit_softcap is None
     demo = train_accelerate.parse_args(["--preset", "cpu-demo-speedrun"])
-    assert demo.n_embd == 64 and demo.optimizer == "muon" and demo.recipe == "speedrun"
-    assert demo.embed_lr == PRESETS["cpu-demo-speedrun"]["embed_lr"] == 0.3  # the preset's, over the recipe's 0.6
-    assert demo.logit_softcap is None  # the preset unsets the recipe's cap; a flag sets it back
-    assert train_accelerate.parse_args(["--preset", "cpu-demo-speedrun", "--logit_softcap", "30"]).logit_softcap == 30.0
+    assert demo.model.n_embd == 64 and demo.optim.optimizer == "muon" and demo.recipe == "speedrun"
+    assert demo.optim.embed_lr == PRESETS["cpu-demo-speedrun"]["embed_lr"] == 0.3  # the preset's, not the recipe's
+    assert demo.model.logit_softcap is None  # the preset unsets the recipe's cap; a flag sets it back
+    capped = train_accelerate.parse_args(["--preset", "cpu-demo-speedrun", "--logit_softcap", "30"])
+    assert capped.model.logit_softcap == 30.0
     # what --help prints for the preset, given as flags, is the same run
     shown = as_flags(PRESETS["cpu-demo-speedrun"])
     assert "--logit_softcap none" in shown and shown in " ".join(train_accelerate.build_parser().format_help().split())
-    assert {**vars(train_accelerate.parse_args(shown.split())), "preset": "cpu-demo-speedrun"} == vars(demo)
+    assert dataclasses.replace(train_accelerate.parse_args(shown.split()), preset="cpu-demo-speedrun") == demo
     with pytest.raises(SystemExit):  # a preset names its recipe: cpu-demo-speedrun is the way to the speedrun's
         train_accelerate.parse_args(["--preset", "cpu-demo", "--recipe", "speedrun"])
     assert train_accelerate.parse_args(["--preset", "speedrun-124m"]).recipe == "speedrun"
     gpt2 = train_accelerate.parse_args([])
-    assert (gpt2.optimizer, gpt2.lr_schedule, gpt2.tie_word_embeddings, gpt2.logit_softcap) == \
-        ("adamw", "cosine", True, None)
+    assert (gpt2.optim.optimizer, gpt2.schedule.lr_schedule, gpt2.model.tie_word_embeddings,
+            gpt2.model.logit_softcap) == ("adamw", "cosine", True, None)
 
 
 def test_trapezoid_schedule():
-    lr = [train_accelerate.get_lr(s, 1.0, 0.0, 2, 10, "trapezoid", 0.3) for s in range(11)]
+    lr = [get_lr(s, 1.0, 0.0, 2, 10, "trapezoid", 0.3) for s in range(11)]
     assert lr == pytest.approx([0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 2 / 3, 1 / 3, 0.0])
 
 
@@ -311,7 +316,7 @@ def test_speedrun_run_trains_and_resumes_exactly(speedrun_workspace, capsys):
         assert torch.equal(straight[name], resumed[name]), name
     assert straight["lm_head.weight"].abs().max() > 0 and straight["transformer.h.0.mlp.c_proj.weight"].abs().max() > 0
     train = records(root / "straight", "train")
-    assert [r["lr"] for r in train] == [train_accelerate.get_lr(s, 0.02, 0.0, 2, 8, "trapezoid", 0.3) for s in range(8)]
+    assert [r["lr"] for r in train] == [get_lr(s, 0.02, 0.0, 2, 8, "trapezoid", 0.3) for s in range(8)]
 
 
 def test_speedrun_on_two_processes_equals_one_with_twice_the_accumulation(speedrun_workspace):

@@ -11,16 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from gpt2repro.shards import (
-    BatchPrefetcher,
-    ShardedTokenLoader,
-    ShardFormatError,
-    list_shards,
-    open_shard,
-    to_token_array,
-    validation_batches,
-    write_shard,
-)
+from gpt2repro.data_loader import BatchPrefetcher, ShardedTokenLoader, validation_batches
+from gpt2repro.shards import ShardFormatError, list_shards, open_shard, to_token_array, write_shard
 
 SHARD_LENGTHS = [137, 64, 1, 203]  # uneven, one of a single token: windows must cross boundaries
 

@@ -15,19 +15,20 @@ from huggingface_hub import HfApi
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import eval_hellaswag
 import train_accelerate
 from configuration_gpt2repro import GPT2ReproConfig
-from eval_hellaswag import HellaSwagUnavailable
-from gpt2repro import launch, optimization
-from gpt2repro.shards import BatchPrefetcher, ShardedTokenLoader, list_shards, open_shard
+from gpt2repro import hellaswag_data, launch, optimization, training
+from gpt2repro.data_loader import BatchPrefetcher, ShardedTokenLoader
+from gpt2repro.hellaswag_data import HellaSwagUnavailable
+from gpt2repro.run_control import TrainingError
+from gpt2repro.shards import list_shards, open_shard
 from modeling_gpt2repro import GPT2ReproForCausalLM
 from train_helpers import SEED, TINY_MODEL, TINY_RUN, final_weights, records, run_main
 
 
 def test_lr_schedule_is_build_nanogpt_formula():
     def lr(step):
-        return train_accelerate.get_lr(step, max_lr=6e-4, min_lr=6e-5, warmup_steps=715, max_steps=19073)
+        return optimization.get_lr(step, max_lr=6e-4, min_lr=6e-5, warmup_steps=715, max_steps=19073)
 
     def cosine(step):  # the recipe's formula, written out
         return 6e-5 + 0.5 * (1 + math.cos(math.pi * (step - 715) / (19073 - 715))) * (6e-4 - 6e-5)
@@ -44,10 +45,10 @@ def test_lr_schedule_is_build_nanogpt_formula():
 
 
 def test_gradient_accumulation_steps_is_total_over_micro_times_world():
-    assert train_accelerate.gradient_accumulation_steps(2**19, 64, 1024, 1) == 8  # build-nanogpt on one GPU
-    assert train_accelerate.gradient_accumulation_steps(2**19, 64, 1024, 8) == 1  # and on 8
-    with pytest.raises(train_accelerate.TrainingError, match="not a multiple"):
-        train_accelerate.gradient_accumulation_steps(2**19, 48, 1024, 1)
+    assert training.gradient_accumulation_steps(2**19, 64, 1024, 1) == 8  # build-nanogpt on one GPU
+    assert training.gradient_accumulation_steps(2**19, 64, 1024, 8) == 1  # and on 8
+    with pytest.raises(TrainingError, match="not a multiple"):
+        training.gradient_accumulation_steps(2**19, 48, 1024, 1)
 
 
 def test_weight_decay_only_on_matrices_and_embeddings(tiny_config):
@@ -125,7 +126,7 @@ def test_train_step_accumulates_clips_and_updates_like_one_big_batch(tiny_data, 
         group["lr"] = 1e-2
     model, optimizer = accelerator.prepare(model, optimizer)
     batches = BatchPrefetcher(ShardedTokenLoader(data_dir, "train", 2, 32, shuffle=True, seed=SEED))
-    loss, grad_norm, flags = train_accelerate.train_step(model, [optimizer], accelerator, batches, grad_accum=4,
+    loss, grad_norm, flags = training.train_step(model, [optimizer], accelerator, batches, grad_accum=4,
                                                          grad_clip=0.5, flags=lambda: [1.0, 0.0])
     assert flags == [1.0, 0.0]  # summed over the one process
 
@@ -147,8 +148,8 @@ def test_train_step_accumulates_clips_and_updates_like_one_big_batch(tiny_data, 
     with torch.no_grad():
         model.transformer.wte.weight[0, 0] = float("nan")  # every loss is NaN from here on
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    with pytest.raises(train_accelerate.TrainingError, match="loss nan / grad norm nan is not finite"):
-        train_accelerate.train_step(model, [optimizer], accelerator, batches, grad_accum=4, grad_clip=0.5)
+    with pytest.raises(TrainingError, match="loss nan / grad norm nan is not finite"):
+        training.train_step(model, [optimizer], accelerator, batches, grad_accum=4, grad_clip=0.5)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), before[name], rtol=0, atol=0, equal_nan=True, msg=name)
 
@@ -244,7 +245,7 @@ def test_fsdp_block_compile_is_one_graph_for_every_block_and_leaves_evaluation_e
 
     torch._dynamo.reset()
     for block in model.transformer.h:
-        train_accelerate.compile_for_training(block, {"backend": counting_backend, "fullgraph": True})
+        training.compile_for_training(block, {"backend": counting_backend, "fullgraph": True})
     x = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(1))
     y = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(2))
     for m in (model, reference):
@@ -320,8 +321,8 @@ def test_missing_hellaswag_notice_names_the_training_flag(monkeypatch, capsys):
     def unavailable(data_file):
         raise HellaSwagUnavailable("HellaSwag validation data is not available offline: pass --data_file ...")
 
-    monkeypatch.setattr(eval_hellaswag, "load_hellaswag", unavailable)
-    assert eval_hellaswag.load_hellaswag_for_training(train_accelerate.parse_args([]).hellaswag_file) is None
+    monkeypatch.setattr(hellaswag_data, "load_hellaswag", unavailable)
+    assert hellaswag_data.load_hellaswag_for_training(train_accelerate.parse_args([]).eval.hellaswag_file) is None
     out = capsys.readouterr().out
     assert out.startswith("notice: HellaSwag is skipped") and "--hellaswag_file" in out and "--data_file" not in out
 

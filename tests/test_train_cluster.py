@@ -18,7 +18,7 @@ import yaml
 from packaging.version import Version
 
 import train_accelerate
-from gpt2repro import evaluation, run_control
+from gpt2repro import evaluation, launch, run_control
 from train_helpers import (
     REPO,
     TINY_RUN,
@@ -136,12 +136,13 @@ def test_a_slow_upload_never_blocks_a_barrier(workspace, tmp_path):
 
 RANK0_ONLY_HELLASWAG = """
 import os, sys
-import eval_hellaswag, train_accelerate
+import train_accelerate
+from gpt2repro import hellaswag_data
 
 if os.environ["RANK"] != "0":  # this node has neither the file nor the network
     def unavailable(*args, **kwargs):
-        raise eval_hellaswag.HellaSwagUnavailable("no HellaSwag data on this node")
-    eval_hellaswag.load_hellaswag = unavailable
+        raise hellaswag_data.HellaSwagUnavailable("no HellaSwag data on this node")
+    hellaswag_data.load_hellaswag = unavailable
 train_accelerate.main(sys.argv[1:])
 """
 
@@ -341,7 +342,7 @@ def test_shard_optimizer_gives_the_same_weights_and_resumes_on_any_world_size(wo
     assert [r["grad_norm"] for r in resumed_train] == pytest.approx([r["grad_norm"] for r in sharded_train], rel=1e-3)
 
 
-FSDP_REFUSED = Version(accelerate.__version__) < train_accelerate.FSDP_ACCELERATE
+FSDP_REFUSED = Version(accelerate.__version__) < launch.FSDP_ACCELERATE
 FSDP_ON_CPU = """
 import accelerate
 from accelerate.state import AcceleratorState, PartialState
@@ -374,7 +375,7 @@ def fsdp_launch_environment() -> dict[str, str]:
     return env
 
 
-@pytest.mark.skipif(FSDP_REFUSED, reason=f"FSDP needs accelerate >= {train_accelerate.FSDP_ACCELERATE}")
+@pytest.mark.skipif(FSDP_REFUSED, reason=f"FSDP needs accelerate >= {launch.FSDP_ACCELERATE}")
 def test_fsdp2_trains_as_ddp_does_and_resumes_exactly(workspace, tmp_path):
     """Accelerate under accelerate_configs/fsdp2_8gpu.yaml, on 2 CPU processes (Accelerate turns FSDP into DDP on a
     CPU; the wrapper makes it take its GPU path): with 2 micro-steps per step, evaluations (val, HellaSwag, samples:
@@ -432,7 +433,7 @@ def test_fsdp2_refuses_what_cannot_work_with_it_in_one_line(workspace, tmp_path,
     """Each before any work; with an accelerate too old for FSDP2, that comes first."""
     root, args, _ = workspace
     if FSDP_REFUSED:
-        line = f"error: FSDP needs accelerate >= {train_accelerate.FSDP_ACCELERATE}"
+        line = f"error: FSDP needs accelerate >= {launch.FSDP_ACCELERATE}"
     script = tmp_path / "fsdp_on_cpu.py"
     script.write_text(FSDP_ON_CPU)
     command, env = training_command(args + ["--output_dir", str(tmp_path / "out"), "--micro_batch_size", "4", *flags],

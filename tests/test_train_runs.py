@@ -14,8 +14,8 @@ import pytest
 import torch
 from test_model import BLOCK_OUR_MODULES
 
-import train_accelerate
 from configuration_gpt2repro import GPT2ReproConfig
+from gpt2repro.optimization import get_lr
 from modeling_gpt2repro import GPT2ReproForCausalLM
 from train_helpers import (
     GRAPH_BREAK_LOG,
@@ -69,7 +69,7 @@ def assert_runs_close(run, reference, rel: float = 1e-5):
 def test_run_outputs(accumulated_run):
     train, evals = records(accumulated_run, "train"), records(accumulated_run, "eval")
     for record in train:  # the LR actually set at each step is the schedule's
-        assert record["lr"] == train_accelerate.get_lr(record["step"], 6e-4, 6e-5, 2, MAX_STEPS)
+        assert record["lr"] == get_lr(record["step"], 6e-4, 6e-5, 2, MAX_STEPS)
         assert record["tokens_per_sec"] > 0 and 0 < record["mfu"] < 1
     for record in evals:
         assert 0 <= record["hellaswag_acc_norm"] <= 1 and record["hellaswag_count"] == 3  # --hellaswag_limit 3
