@@ -22,10 +22,9 @@ import functools
 import gc
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
-from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
 from gpt2repro import checkpointing, memory_plan
@@ -48,9 +47,11 @@ from gpt2repro.shards import ShardFormatError
 from gpt2repro.tokenizer import get_tokenizer
 from gpt2repro.training import (
     describe_start,
+    finish_run,
     gradient_accumulation_steps,
     open_run,
     prepare_model,
+    resolve_launch,
     stop_run,
     train_step,
 )
@@ -231,12 +232,9 @@ def train(settings: TrainSettings) -> Path | None:
         compute.mixed_precision, compute.compile, settings.logging.report_to, compute.ddp_timeout, str(output_dir))
     world_size, is_main = accelerator.num_processes, accelerator.is_main_process
     check_fsdp_launch(accelerator, settings.optim)
-    grad_accum = gradient_accumulation_steps(schedule.total_batch_size, schedule.micro_batch_size,
-                                             settings.model.seq_len, world_size,
-                                             accelerator.gradient_accumulation_steps)
+    resolved = resolve_launch(accelerator, settings, mixed_precision, compile)  # before any work: a bad batch stops it
     run = open_run(accelerator, settings)
-    resolved = Resolved(mixed_precision, compile, accelerator.distributed_type == DistributedType.FSDP, world_size,
-                        grad_accum, run.val_tokens)
+    resolved, grad_accum = replace(resolved, val_tokens=run.val_tokens), resolved.gradient_accumulation_steps
     model, optimizers, raw_model = prepare_model(accelerator, settings, resolved)
     start_step, start_evaluated = checkpointing.load_checkpoint(accelerator, run.resume_from, run.train_loader,
                                                                 schedule.max_steps)
@@ -259,7 +257,7 @@ def train(settings: TrainSettings) -> Path | None:
     signals = StopSignals(settings.checkpoint.signals())  # from here on Ctrl-C too is acted on at a step boundary
     stop_on_signal = functools.partial(stop_run, signals, checkpoints, run.pusher)
     validation = ValidationData(settings.data.data_dir, settings.model.seq_len, run.val_tokens, settings.data.seed)
-    flops_per_token = raw_model.flops_per_token(settings.model.seq_len)
+    flops_per_step = raw_model.flops_per_token(settings.model.seq_len) * schedule.total_batch_size
     peak_flops = settings.logging.peak_flops or peak_flops_per_device(accelerator.device, mixed_precision)
     step = start_step
     try:
@@ -293,19 +291,11 @@ def train(settings: TrainSettings) -> Path | None:
             loss, grad_norm, stop_flags = train_step(model, optimizers, accelerator, train_batches, grad_accum,
                                                      settings.optim.grad_clip, signals.flags)
             step_time = time.perf_counter() - start  # train_step's one read of the device waited for it
-            tokens_per_sec = schedule.total_batch_size / step_time
-            mfu = flops_per_token * tokens_per_sec / (peak_flops * world_size) if peak_flops else None
             log_train_step(accelerator, metrics, progress, step, loss=loss, lr=lr, grad_norm=grad_norm,
-                           step_time=step_time, tokens_per_sec=tokens_per_sec, mfu=mfu)
+                           step_time=step_time, tokens_per_sec=schedule.total_batch_size / step_time,
+                           mfu=flops_per_step / step_time / (peak_flops * world_size) if peak_flops else None)
         signals.close()  # the run is complete: from here a Ctrl-C stops at once (e.g. the wait for uploads)
-        # Every process past its last collective before any tears the process group down: gloo aborts a process
-        # whose peer left mid-transfer. The final checkpoint's save ends on a barrier, but a run resumed at its last
-        # step ends on Muon's broadcasts, which return on the sender before the receiver has them.
-        accelerator.wait_for_everyone()
-        if run.pusher is not None:  # rank 0 alone, after the last collective; then the checkpoints kept for it go
-            run.pusher.finish()
-            checkpointing.prune_checkpoints(output_dir, settings.checkpoint.keep_checkpoints, None)
-        accelerator.end_training()
+        finish_run(accelerator, run.pusher, output_dir, settings.checkpoint.keep_checkpoints)
     except KeyboardInterrupt:  # a second Ctrl-C, or one after the loop: one line naming where to continue
         raise TrainingInterrupted(step, checkpointing.latest_checkpoint(output_dir)) from None
     finally:

@@ -1,7 +1,7 @@
 """HellaSwag accuracy as an `evaluate` metric, loaded by path so it works offline.
 
 `evaluate.load("accuracy")` fetches its script from the Hugging Face Hub; this module ships with gpt2repro
-instead, and `eval_hellaswag.py` loads it with `evaluate.load(<path of this file>)`.
+instead, and gpt2repro/hellaswag.py loads it with `evaluate.load(<path of this file>)`.
 
 Each example contributes two predicted ending indices (0-3): the ending with the lowest total loss (`acc`)
 and the one with the lowest length-normalised loss (`acc_norm`), against the labelled ending.

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from transformers import PreTrainedModel
 
-from gpt2repro.checkpointing import RunCheckpoints, choose_resume_checkpoint
+from gpt2repro.checkpointing import RunCheckpoints, choose_resume_checkpoint, prune_checkpoints
 from gpt2repro.cli import check_writable_folder
 from gpt2repro.data_loader import BatchPrefetcher, ShardedTokenLoader, validation_batches
 from gpt2repro.evaluation import resolve_val_tokens
@@ -116,6 +116,17 @@ def compile_for_training(module: torch.nn.Module, compile_kwargs: dict) -> None:
     module.forward = forward
 
 
+def resolve_launch(accelerator: Accelerator, settings: TrainSettings, mixed_precision: str, compile: str) -> Resolved:
+    """What this launch resolved (its precision and compile as build_accelerator chose them), the validation tokens
+    not yet known (they come from the data)."""
+    schedule = settings.schedule
+    grad_accum = gradient_accumulation_steps(schedule.total_batch_size, schedule.micro_batch_size,
+                                             settings.model.seq_len, accelerator.num_processes,
+                                             accelerator.gradient_accumulation_steps)
+    return Resolved(mixed_precision, compile, accelerator.distributed_type == DistributedType.FSDP,
+                    accelerator.num_processes, grad_accum)
+
+
 def gradient_accumulation_steps(total_batch_size: int, micro_batch_size: int, seq_len: int, world_size: int,
                                 launch_setting: int = 1) -> int:
     """Micro-steps per optimiser step: total / (B * T * world), which must divide exactly. `launch_setting`: accelerate
@@ -210,3 +221,15 @@ def stop_run(signals: StopSignals, checkpoints: RunCheckpoints, pusher: HubPushe
         if pusher is not None:
             pusher.cancel_queued()  # the process waits for queued uploads before it exits
         signals.stop(summed_flags, step, checkpoints.at(step, evaluated))
+
+
+def finish_run(accelerator: Accelerator, pusher: HubPusher | None, output_dir: Path, keep_checkpoints: int) -> None:
+    """After the last step: every process past its last collective before any tears the process group down (gloo
+    aborts a process whose peer left mid-transfer; a run resumed at its last step ends on Muon's broadcasts, which
+    return on the sender before the receiver has them), then rank 0 waits for its uploads and removes the checkpoints
+    kept for them."""
+    accelerator.wait_for_everyone()
+    if pusher is not None:
+        pusher.finish()
+        prune_checkpoints(output_dir, keep_checkpoints, None)
+    accelerator.end_training()
