@@ -3,7 +3,9 @@ folder inside each (gpt2repro.hub pushes it and writes its card)."""
 from __future__ import annotations
 
 import dataclasses
+import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -97,6 +99,26 @@ def plain_model(config: GPT2ReproConfig, weights: dict[str, torch.Tensor]) -> GP
     return model
 
 
+class TiedHeadNotice(logging.Filter):
+    """Drops Accelerate's warning that the tied head's weight was left out of the saved weights: the tie is the
+    model's design (GPT-2 shares wte with lm_head), and loading ties them again (resume is tested bitwise)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor {'lm_head.weight'}" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def tied_head_saved_quietly():
+    """Accelerate's state saving without its shared-tensor warning for the tied head, which every checkpoint of
+    the GPT-2 recipe printed ("This should be OK, but check ..."); any other shared tensor is still reported."""
+    accelerate_logger, notice = logging.getLogger("accelerate.utils.other"), TiedHeadNotice()
+    accelerate_logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        accelerate_logger.removeFilter(notice)
+
+
 def save_checkpoint(accelerator: Accelerator, model, tokenizer, train_loader: ShardedTokenLoader | BatchPrefetcher,
                     step: int, settings: TrainSettings, resolved: Resolved, metrics: MetricsLog | None,
                     pusher: HubPusher | None, evaluated: bool = True) -> Path:
@@ -111,7 +133,8 @@ def save_checkpoint(accelerator: Accelerator, model, tokenizer, train_loader: Sh
         shutil.rmtree(temporary, ignore_errors=True)  # left over by a killed run
         temporary.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(temporary / "training_state"))
+    with tied_head_saved_quietly():
+        accelerator.save_state(str(temporary / "training_state"))
     write_json_atomic(temporary / f"loader_rank{accelerator.process_index}.json", train_loader.state_dict())
     # Under FSDP each process holds a shard of every weight: the whole ones are gathered on rank 0 (a collective).
     whole_weights = accelerator.get_state_dict(model) if accelerator.distributed_type == DistributedType.FSDP else None

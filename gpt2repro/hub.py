@@ -129,7 +129,7 @@ Recipe ({settings.recipe}): {schedule.total_batch_size:,} tokens per step, micro
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 model = AutoModelForCausalLM.from_pretrained("{repo}", trust_remote_code=True)
-tokenizer = AutoTokenizer.from_pretrained("{repo}")
+tokenizer = AutoTokenizer.from_pretrained("{repo}", trust_remote_code=True)
 ```
 """
     (folder / "README.md").write_text(card)

@@ -208,7 +208,7 @@ import json, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 folder = sys.argv[1]
 model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
-tokenizer = AutoTokenizer.from_pretrained(folder)
+tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)  # transformers 5.25 reads config.json
 prompt = tokenizer("Hello, I'm a language model,", return_tensors="pt")
 greedy = model.generate(**prompt, max_new_tokens=16, do_sample=False)
 torch.save(model.state_dict(), sys.argv[2])
@@ -226,6 +226,8 @@ def test_checkpoint_loads_with_automodel_in_a_fresh_process(accumulated_run, tmp
                              str(tmp_path / "sd.pt")], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
+    for stops_a_newcomer in ("Do you wish to run the custom code", "You are using a model of type", "Removed shared"):
+        assert stops_a_newcomer not in result.stdout + result.stderr, result.stderr[-3000:]
     loaded = json.loads(result.stdout.splitlines()[-1])
     assert loaded["class"] == "GPT2ReproForCausalLM"
     assert loaded["module"].startswith("transformers_modules")  # the code saved in the folder, not the checkout
