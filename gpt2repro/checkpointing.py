@@ -2,8 +2,8 @@
 folder inside each (gpt2repro.hub pushes it and writes its card)."""
 from __future__ import annotations
 
-import dataclasses
 import contextlib
+import dataclasses
 import json
 import logging
 import os
