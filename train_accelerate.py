@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from gpt2repro import checkpointing, memory_plan
 from gpt2repro.cli import run_command
 from gpt2repro.data_loader import BatchPrefetcher
-from gpt2repro.evaluation import RECIPE_VAL_TOKENS, ValidationData, run_evaluation
+from gpt2repro.evaluation import RECIPE_VAL_TOKENS, run_evaluation
 from gpt2repro.launch import (
     build_accelerator,
     check_fsdp_launch,
@@ -234,7 +234,8 @@ def train(settings: TrainSettings) -> Path | None:
     check_fsdp_launch(accelerator, settings.optim)
     resolved = resolve_launch(accelerator, settings, mixed_precision, compile)  # before any work: a bad batch stops it
     run = open_run(accelerator, settings)
-    resolved, grad_accum = replace(resolved, val_tokens=run.val_tokens), resolved.gradient_accumulation_steps
+    resolved = replace(resolved, val_tokens=run.validation.val_tokens)
+    tokenizer, grad_accum = get_tokenizer(), resolved.gradient_accumulation_steps
     model, optimizers, raw_model = prepare_model(accelerator, settings, resolved)
     start_step, start_evaluated = checkpointing.load_checkpoint(accelerator, run.resume_from, run.train_loader,
                                                                 schedule.max_steps)
@@ -248,7 +249,7 @@ def train(settings: TrainSettings) -> Path | None:
     # the batches used, not of those read ahead.
     train_batches = BatchPrefetcher(run.train_loader, pin_memory=accelerator.device.type == "cuda")
     checkpoints = checkpointing.RunCheckpoints(
-        functools.partial(checkpointing.save_checkpoint, accelerator, model, get_tokenizer(), train_batches,
+        functools.partial(checkpointing.save_checkpoint, accelerator, model, tokenizer, train_batches,
                           settings=settings, resolved=resolved, metrics=metrics),
         latest=run.resume_from if run.resume_from and checkpointing.in_run(run.resume_from, output_dir) else None,
         evaluated=start_evaluated)
@@ -256,7 +257,6 @@ def train(settings: TrainSettings) -> Path | None:
                     dynamic_ncols=True)
     signals = StopSignals(settings.checkpoint.signals())  # from here on Ctrl-C too is acted on at a step boundary
     stop_on_signal = functools.partial(stop_run, signals, checkpoints, run.pusher)
-    validation = ValidationData(settings.data.data_dir, settings.model.seq_len, run.val_tokens, settings.data.seed)
     flops_per_step = raw_model.flops_per_token(settings.model.seq_len) * schedule.total_batch_size
     peak_flops = settings.logging.peak_flops or peak_flops_per_device(accelerator.device, mixed_precision)
     step = start_step
@@ -272,7 +272,7 @@ def train(settings: TrainSettings) -> Path | None:
             # unless its checkpoint was written on a signal, before that eval.
             busy = False
             if (step % settings.eval.eval_every == 0 or last) and not (step == start_step and start_evaluated):
-                result = run_evaluation(accelerator, raw_model, get_tokenizer(), settings.eval, validation,
+                result = run_evaluation(accelerator, raw_model, tokenizer, settings.eval, run.validation,
                                         run.hellaswag_examples, None if last else signals)  # the last: signals moot
                 if result is None:  # a signal came during it: stop now, with this step's evaluation not done
                     stop_on_signal(signals.requested(accelerator), step, evaluated=False)

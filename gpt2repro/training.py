@@ -17,7 +17,7 @@ from transformers import PreTrainedModel
 from gpt2repro.checkpointing import RunCheckpoints, choose_resume_checkpoint, prune_checkpoints
 from gpt2repro.cli import check_writable_folder
 from gpt2repro.data_loader import BatchPrefetcher, ShardedTokenLoader, validation_batches
-from gpt2repro.evaluation import resolve_val_tokens
+from gpt2repro.evaluation import ValidationData, resolve_val_tokens
 from gpt2repro.hellaswag_data import load_hellaswag_for_training
 from gpt2repro.hub import HubPusher, start_hub_pusher
 from gpt2repro.launch import compile_kwargs
@@ -34,7 +34,7 @@ class RunStart:
     """What a run starts from, each part agreed by every rank before any compute."""
     resume_from: Path | None  # the checkpoint to resume from; None: a fresh start
     train_loader: ShardedTokenLoader
-    val_tokens: int  # --val_tokens, or the recipe's, or the whole val split where that is smaller
+    validation: ValidationData  # its val_tokens: --val_tokens, or the recipe's, or the whole val split if smaller
     pusher: HubPusher | None  # rank 0's; None without --push_to_hub
     hellaswag_examples: list | None  # None: not scored
 
@@ -68,7 +68,8 @@ def open_run(accelerator: Accelerator, settings: TrainSettings) -> RunStart:
     # and the network) and leave the others waiting in the scoring's collectives.
     hellaswag = decided_on_rank0(accelerator, lambda: load_hellaswag_for_training(settings.eval.hellaswag_file)
                                  if settings.eval.hellaswag else None)
-    return RunStart(resume_from, train_loader, val_tokens, pusher, hellaswag)
+    validation = ValidationData(data.data_dir, settings.model.seq_len, val_tokens, data.seed)
+    return RunStart(resume_from, train_loader, validation, pusher, hellaswag)
 
 
 def build_model(settings: TrainSettings, device: torch.device, world_size: int) -> tuple[GPT2ReproForCausalLM, list]:
