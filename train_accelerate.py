@@ -290,7 +290,7 @@ def train(settings: TrainSettings) -> Path | None:
             lr = set_learning_rates(optimizers, step, settings.optim, schedule)
             loss, grad_norm, stop_flags = train_step(model, optimizers, accelerator, train_batches, grad_accum,
                                                      settings.optim.grad_clip, signals.flags)
-            step_time = time.perf_counter() - start  # train_step's one read of the device waited for it
+            step_time = time.perf_counter() - start  # to train_step's device read; the update's GPU work ends next step
             log_train_step(accelerator, metrics, progress, step, loss=loss, lr=lr, grad_norm=grad_norm,
                            step_time=step_time, tokens_per_sec=schedule.total_batch_size / step_time,
                            mfu=flops_per_step / step_time / (peak_flops * world_size) if peak_flops else None)

@@ -132,6 +132,8 @@ def save_checkpoint(accelerator: Accelerator, model, tokenizer, train_loader: Sh
     if accelerator.is_main_process:
         shutil.rmtree(temporary, ignore_errors=True)  # left over by a killed run
         temporary.mkdir(parents=True)
+        if metrics is not None:  # the records up to this step on disk with it
+            metrics.flush()
     accelerator.wait_for_everyone()
     with tied_head_saved_quietly():
         accelerator.save_state(str(temporary / "training_state"))

@@ -20,6 +20,11 @@ class MetricsLog:
     A train record's step is the 0-based optimiser step it took; an eval record's step is the number of
     optimiser steps done when it ran. On resume from step s the file keeps only what the checkpoint had
     seen: train records before s and evals up to s.
+
+    The file stays open and records reach it at each evaluation and checkpoint (and at exit), not at every step: on a
+    shared filesystem each close is a flush that the other ranks would wait for at the next all-reduce. A run killed
+    outright loses the train records since its last evaluation or checkpoint, which a run resumed from that
+    checkpoint writes again.
     """
 
     def __init__(self, path: Path, resume_step: int | None):
@@ -35,11 +40,14 @@ class MetricsLog:
                        if r["step"] < resume_step or (r["type"] == "eval" and r["step"] == resume_step)]
         self.records = records
         write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+        self.file = open(path, "a")  # for the whole run (see above): closed with the log
 
     def append(self, record: dict) -> None:
         self.records.append(record)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self.file.write(json.dumps(record) + "\n")
+
+    def flush(self) -> None:
+        self.file.flush()
 
     def latest(self, record_type: str) -> dict | None:
         return next((r for r in reversed(self.records) if r["type"] == record_type), None)
@@ -78,6 +86,7 @@ def log_evaluation(accelerator: Accelerator, metrics: MetricsLog | None, step: i
     its numbers sent to the trackers."""
     if metrics is not None:
         metrics.append({"type": "eval", "step": step, **result})
+        metrics.flush()
         metrics.plot(plot)
         lines = [f"step {step}: val loss {result['val_loss']:.4f}"]
         if "hellaswag_acc_norm" in result:

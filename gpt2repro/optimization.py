@@ -42,11 +42,17 @@ class ShardedAdamW(ZeroRedundancyOptimizer):
     it, so a run resumes on any number of processes, and with or without sharding."""
 
     def __init__(self, groups: list[dict], **adamw_options: Any):
+        # Not parameters_as_bucket_view (one broadcast per process instead of one per parameter): it makes every
+        # parameter a view of one flat buffer, and Accelerate's safetensors save keeps one tensor per storage, dropping
+        # the rest as "shared" (checked; the 2-process test's saved weights then differed from plain AdamW's).
         super().__init__(groups, optimizer_class=torch.optim.AdamW, **adamw_options)
 
     def state_dict(self) -> dict[str, Any]:
         self.consolidate_state_dict(to=0)
         if self.rank == 0:
+            device = self.optim.param_groups[0]["params"][0].device
+            if device.type == "cuda":  # consolidation copies the shards to the host with non_blocking=True
+                torch.cuda.synchronize(device)
             whole = super().state_dict()
             self._all_state_dicts = []  # the gathered copies: host memory the size of the whole state until next time
             return whole

@@ -124,8 +124,11 @@ def resolve_launch(accelerator: Accelerator, settings: TrainSettings, mixed_prec
     grad_accum = gradient_accumulation_steps(schedule.total_batch_size, schedule.micro_batch_size,
                                              settings.model.seq_len, accelerator.num_processes,
                                              accelerator.gradient_accumulation_steps)
-    return Resolved(mixed_precision, compile, accelerator.distributed_type == DistributedType.FSDP,
-                    accelerator.num_processes, grad_accum)
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if compile == "on" and not fsdp and accelerator.num_processes > 1 and compile_kwargs()["mode"] == "reduce-overhead":
+        raise TrainingError("accelerate launch --dynamo_mode reduce-overhead (CUDA graphs) is not supported with "
+                            "compiled DDP: launch with --dynamo_mode default or max-autotune-no-cudagraphs")
+    return Resolved(mixed_precision, compile, fsdp, accelerator.num_processes, grad_accum)
 
 
 def gradient_accumulation_steps(total_batch_size: int, micro_batch_size: int, seq_len: int, world_size: int,
@@ -160,7 +163,8 @@ def train_step(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], 
     device = accelerator.device
     step_loss = torch.zeros((), device=device)
     for micro_step in range(grad_accum):
-        x, y = batches.next_batch()  # (B, T) each, pinned on CUDA, so the copy really runs beside the compute
+        x, y = batches.next_batch()  # (B, T) each, pinned on CUDA: the copy does not wait for the host (it is queued
+        # on the compute stream, in order with the kernels, so it does not run beside them)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         # DDP all-reduces gradients on the last micro-step only; the choice is made before the forward.
         last_micro_step = micro_step == grad_accum - 1

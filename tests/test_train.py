@@ -7,10 +7,12 @@ import copy
 import math
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from accelerate.utils import DistributedType
 from huggingface_hub import HfApi
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -20,6 +22,7 @@ from configuration_gpt2repro import GPT2ReproConfig
 from gpt2repro import hellaswag_data, launch, optimization, training
 from gpt2repro.data_loader import BatchPrefetcher, ShardedTokenLoader
 from gpt2repro.hellaswag_data import HellaSwagUnavailable
+from gpt2repro.metrics_log import MetricsLog
 from gpt2repro.run_control import TrainingError
 from gpt2repro.shards import list_shards, open_shard
 from modeling_gpt2repro import GPT2ReproForCausalLM
@@ -405,3 +408,21 @@ def test_push_to_hub_without_token_fails_before_training(tiny_data, tmp_path, ca
     assert err.strip() == ("error: --push_to_hub needs a Hugging Face token and a reachable Hub (run `hf auth login` "
                            "or set HF_TOKEN): Invalid user token.")
     assert hub.uploads == [] and not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_metrics_reach_the_file_at_evaluations_and_checkpoints_not_every_step(tmp_path):
+    metrics = MetricsLog(tmp_path / "metrics.jsonl", None)
+    metrics.append({"type": "train", "step": 0, "loss": 10.0})
+    assert (tmp_path / "metrics.jsonl").read_text() == ""  # no file write per step
+    metrics.flush()  # what an evaluation and a checkpoint do
+    assert records(tmp_path, "train") == [{"type": "train", "step": 0, "loss": 10.0}]
+
+
+def test_reduce_overhead_under_compiled_ddp_is_refused_in_one_line(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_DYNAMO_MODE", "reduce-overhead")
+    settings = train_accelerate.parse_args(["--total_batch_size", "1024", "--micro_batch_size", "1",
+                                            "--seq_len", "512"])
+    ddp = SimpleNamespace(distributed_type=DistributedType.MULTI_GPU, num_processes=2, gradient_accumulation_steps=1)
+    with pytest.raises(TrainingError, match="--dynamo_mode reduce-overhead .* not supported with compiled DDP"):
+        training.resolve_launch(ddp, settings, "bf16", "on")
+    assert training.resolve_launch(ddp, settings, "bf16", "off").gradient_accumulation_steps == 1  # eager: allowed
