@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 from dataclasses import dataclass
 
@@ -51,6 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "for a launch's processes, run it under the launch or set WORLD_SIZE")
     group.add_argument("--device_memory", type=parse_bytes,
                        help="one device's memory for --dry_run, e.g. 80GB or 24GiB; unset: the GPU's, if any")
+    group.add_argument("--write_bandwidth", type=parse_bytes, default="1GB",
+                       help="bytes per second one process writes a checkpoint at, for --dry_run's preemption time")
 
 
 def parse_bytes(text: str) -> int:
@@ -196,7 +199,33 @@ def detected_device_memory() -> int | None:
     return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
 
 
-def describe(run: PlannedRun, world_size: int, device_memory: int | None) -> str:
+def checkpoint_bytes(model: GPT2ReproForCausalLM, run: PlannedRun, world_size: int) -> int:
+    """What the busiest process (rank 0) writes for one checkpoint, preemption's included: the weights (fp32) and the
+    optimiser state, whole (DDP and --shard_optimizer consolidate them on rank 0) or its FSDP share, plus the hf/
+    folder's weights (fp32, gathered on rank 0 under FSDP). The tokenizer (3.6 MB) and the few-KB files are left out."""
+    parameters = sum(p.numel() for p in model.parameters())
+    if run.fsdp:
+        share = sum(fsdp_share(p, world_size) for p in model.parameters())
+        return 4 * share + 8 * share + 4 * len(list(model.parameters())) + 4 * parameters
+    return 4 * parameters + optimizer_state_bytes(model, run) + 4 * parameters
+
+
+def preemption_lines(model: GPT2ReproForCausalLM, run: PlannedRun, world_size: int, write_bandwidth: int) -> list[str]:
+    """The preemption checkpoint against the launcher's grace: torchrun (which accelerate launch runs) kills the
+    workers TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (30) after it forwards the signal."""
+    written = checkpoint_bytes(model, run, world_size)
+    seconds, grace = written / write_bandwidth, int(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30"))
+    lines = [f"preemption checkpoint: {written / GB:.2f} GB written by the busiest process (rank 0), {seconds:.1f} s "
+             f"at {write_bandwidth / GB:g} GB/s (--write_bandwidth); the launcher's grace is {grace} s "
+             f"(TORCH_ELASTIC_SHUTDOWN_TIMEOUT)"]
+    if seconds > grace:
+        lines.append(f"warning: a preemption checkpoint would not finish within the grace: the job is killed "
+                     f"{grace} s after the signal, mid-write (the previous checkpoint survives, the steps since are "
+                     f"lost); raise TORCH_ELASTIC_SHUTDOWN_TIMEOUT, and the scheduler's own grace with it")
+    return lines
+
+
+def describe(run: PlannedRun, world_size: int, device_memory: int | None, write_bandwidth: int) -> str:
     """The plan as printed by --dry_run: the run, each part's bytes per process, and the verdict with a remedy."""
     model = model_on_meta(run)
     parameters = sum(p.numel() for p in model.parameters())
@@ -217,6 +246,7 @@ def describe(run: PlannedRun, world_size: int, device_memory: int | None) -> str
     lines += [f"  {name:32} {size / GB:8.2f} GB" for name, size in parts.items()]
     total = sum(parts.values())
     lines.append(f"  {'total':32} {total / GB:8.2f} GB")
+    lines += preemption_lines(model, run, world_size, write_bandwidth)
     device_memory = device_memory or detected_device_memory()
     if device_memory is None:
         lines.append("fit: unknown: no GPU here; pass --device_memory (e.g. 80GB) for a verdict")
@@ -270,4 +300,5 @@ def remedies(run: PlannedRun, world_size: int, usable: float) -> list[str]:
 def print_plan(settings: TrainSettings, resolved: Resolved) -> None:
     """--dry_run: the plan, printed once per launch."""
     if is_rank0():
-        print(describe(planned_run(settings, resolved), resolved.world_size, settings.plan.device_memory))
+        print(describe(planned_run(settings, resolved), resolved.world_size, settings.plan.device_memory,
+                       settings.plan.write_bandwidth))

@@ -4,6 +4,7 @@ until the process-group timeout (30 minutes by default), so every outcome here i
 """
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +38,20 @@ def parse_signals(text: str) -> list[signal.Signals]:
         if found[-1] == signal.SIGINT:
             raise ValueError(f"SIGINT is Ctrl-C, which always saves and stops the run (exit {EXIT_INTERRUPTED})")
     return found
+
+
+def unforwarded_signals(signals: list[signal.Signals]) -> list[signal.Signals]:
+    """Of `signals`, those that never reach this process because the torchrun launcher that started it (accelerate
+    launch runs one) forwards only TORCHELASTIC_SIGNALS_TO_HANDLE's (its default: SIGTERM, SIGINT, SIGHUP, SIGQUIT)
+    and dies of the others. None outside torchrun."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return []
+    return [s for s in signals if s.name not in {name.strip() for name in torchrun_forwarded().split(",")}]
+
+
+def torchrun_forwarded() -> str:
+    """The signals a torchrun launcher forwards to its workers (it sets this variable for them)."""
+    return os.environ.get("TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT")
 
 
 EXIT_PREEMPTED = 75  # sysexits.h's EX_TEMPFAIL, a temporary failure: the same command with --resume_from_checkpoint

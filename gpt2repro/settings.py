@@ -126,6 +126,7 @@ class LoggingSettings:
 class PlanSettings:
     dry_run: bool
     device_memory: int | None  # bytes
+    write_bandwidth: int  # bytes per second
 
 
 GROUPS = {"data": DataSettings, "model": ModelSettings, "schedule": ScheduleSettings, "optim": OptimizerSettings,

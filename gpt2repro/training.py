@@ -23,7 +23,14 @@ from gpt2repro.hub import HubPusher, start_hub_pusher
 from gpt2repro.launch import compile_kwargs
 from gpt2repro.optimization import configure_muon, configure_optimizer, peak_lr
 from gpt2repro.recipes import EMBEDDED_CORPUS_PRESETS
-from gpt2repro.run_control import StopSignals, TrainingError, checked_on_every_rank, decided_on_rank0
+from gpt2repro.run_control import (
+    StopSignals,
+    TrainingError,
+    checked_on_every_rank,
+    decided_on_rank0,
+    torchrun_forwarded,
+    unforwarded_signals,
+)
 from gpt2repro.settings import Resolved, TrainSettings
 from gpt2repro.shard_writing import prepare_embedded_corpus
 from modeling_gpt2repro import GPT2ReproForCausalLM
@@ -216,7 +223,11 @@ def describe_start(settings: TrainSettings, resolved: Resolved, precision_line: 
             f"{schedule.micro_batch_size} x {settings.model.seq_len} per step = {schedule.total_batch_size:,} tokens | "
             f"mixed precision {resolved.mixed_precision} | compile {resolved.compile}"
             + (f" | resuming at step {start_step} from {resume_from}" if resume_from else "")
-            + "\npeak LR: " + ", ".join(f"{name} {lr:g}" for name, lr in peak_lrs.items()))
+            + "\npeak LR: " + ", ".join(f"{name} {lr:g}" for name, lr in peak_lrs.items())
+            + "".join(f"\nwarning: {s.name} (--save_on_signals) never reaches this process: the torchrun launcher "
+                      f"that started it forwards only {torchrun_forwarded()} and dies of "
+                      f"{s.name}; launch with PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,{s.name}"
+                      for s in unforwarded_signals(settings.checkpoint.signals())))
 
 
 def stop_run(signals: StopSignals, checkpoints: RunCheckpoints, pusher: HubPusher | None, summed_flags: list[float],

@@ -115,6 +115,8 @@ def test_readme_launch_line_trains_evaluates_and_checkpoints(line, tiny_data, tm
     assert f"{processes} process(es) on cpu" in stdout, stdout
     if gpu:
         assert "mixed precision bf16 | compile on" in stdout, stdout
+    if config["num_processes"] > 1:  # torchrun does not forward SIGUSR1, one of --save_on_signals' defaults
+        assert "warning: SIGUSR1 (--save_on_signals) never reaches this process" in stdout, stdout
     assert "done: model folder" in stdout
     train, evals = records(output_dir, "train"), records(output_dir, "eval")
     assert [r["step"] for r in train] == [0, 1] and all(math.isfinite(r["loss"]) for r in train)

@@ -442,3 +442,16 @@ def test_fsdp2_refuses_what_cannot_work_with_it_in_one_line(workspace, tmp_path,
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode != 0 and line in result.stderr, result.stderr[-3000:]
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_signals_torchrun_does_not_forward_are_named(monkeypatch):
+    """torchrun (accelerate launch) forwards only TORCHELASTIC_SIGNALS_TO_HANDLE's signals to its workers and dies of
+    the others: a --save_on_signals signal outside that list would never reach the run."""
+    wanted = run_control.parse_signals("SIGTERM,SIGUSR1")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    assert run_control.unforwarded_signals(wanted) == []  # not under torchrun: every signal reaches the process
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    monkeypatch.delenv("TORCHELASTIC_SIGNALS_TO_HANDLE", raising=False)
+    assert run_control.unforwarded_signals(wanted) == [signal.SIGUSR1]  # torch's default list
+    monkeypatch.setenv("TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
+    assert run_control.unforwarded_signals(wanted) == []
