@@ -206,12 +206,26 @@ def build_accelerator(mixed_precision: str, compile: str, report_to: str, ddp_ti
     dynamo = TorchDynamoPlugin(backend="no")
     accelerator = Accelerator(mixed_precision=mixed_precision, project_dir=project_dir,
                               log_with=None if report_to == "none" else report_to, dynamo_plugin=dynamo,
-                              kwargs_handlers=[process_group])
+                              fsdp_plugin=fsdp_plugin() if fsdp_launch() else None, kwargs_handlers=[process_group])
     if accelerator.device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # fp32 matmuls outside autocast run as TF32 (~3x on A100)
     elif accelerator.device.type == "cpu":
         pin_cpu_allocator()
     return accelerator, mixed_precision, compile, precision_line
+
+
+def fsdp_plugin():
+    """The FSDP launch's plugin (the rest from its config, through the FSDP_* environment) with the recipe's
+    numerics, which Accelerate's own for bf16 (bf16 weights and bf16 gradient reduction) are not: weights kept and
+    gathered in fp32 and cast by autocast for the matmuls as under DDP, the residual stream fp32, gradients
+    reduce-scattered and accumulated over micro-steps in fp32 (benchmarks/bench_fsdp_precision.py measures the
+    choice). None where accelerate is too old for FSDP2 (check_fsdp_launch refuses the launch)."""
+    if Version(accelerate.__version__) < FSDP_ACCELERATE:
+        return None
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return FullyShardedDataParallelPlugin(mixed_precision_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32))
 
 
 FSDP_ACCELERATE = Version("1.16")  # its FSDP2 path is what tests/test_train_cluster.py runs

@@ -124,12 +124,13 @@ def fsdp_share(param: torch.Tensor, processes: int) -> int:
     return -(-rows // processes) * (param.numel() // rows)
 
 
-def fsdp_gathered_bytes(model: GPT2ReproForCausalLM, mixed_precision: str) -> int:
-    """The weights FSDP2 holds whole at the peak of a step: the root's (not in a block) and two blocks'."""
+def fsdp_gathered_bytes(model: GPT2ReproForCausalLM) -> int:
+    """The weights FSDP2 holds whole at the peak of a step: the root's (not in a block) and two blocks', in fp32 (the
+    recipe's policy gathers fp32 weights; autocast makes the bf16 copies, counted apart)."""
     in_blocks = {id(p) for p in model.transformer.h.parameters()}
     root = sum(p.numel() for p in model.parameters() if id(p) not in in_blocks)
     block = sum(p.numel() for p in model.transformer.h[0].parameters())
-    return (root + 2 * block) * (2 if mixed_precision == "bf16" else 4)
+    return (root + 2 * block) * 4
 
 
 def block_bytes_per_token(config: GPT2ReproConfig, mixed_precision: str) -> int:
@@ -173,11 +174,14 @@ def plan(run: PlannedRun, world_size: int, micro_batch_size: int | None = None) 
     block_matrices = sum(p.numel() for p in model.transformer.h.parameters() if p.dim() == 2)
     if run.fsdp:
         share = sum(fsdp_share(p, world_size) for p in model.parameters())
+        accumulating = run.total_batch_size > micro_batch_size * run.seq_len * world_size
         return {
             "weights (fp32, FSDP share)": 4 * share,
             "gradients (fp32, FSDP share)": 4 * share,
+            # with accumulation FSDP keeps every gradient whole (fp32) between micro-steps, reduce-scattered at the last
+            "whole gradients, accumulating": 4 * parameters if accumulating else 0,
             "optimiser state (FSDP share)": 8 * share + 4 * len(list(model.parameters())),
-            "weights gathered by FSDP": fsdp_gathered_bytes(model, run.mixed_precision),
+            "weights gathered by FSDP": fsdp_gathered_bytes(model),
             "bf16 weight copies (autocast)": 2 * block_matrices if run.mixed_precision == "bf16" else 0,
             "activations": activation_bytes(model, run, micro_batch_size, run.gradient_checkpointing),
             "loss (chunked)": loss_bytes(model, run, micro_batch_size),

@@ -176,7 +176,8 @@ def train_step(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], 
         # DDP all-reduces gradients on the last micro-step only; the choice is made before the forward.
         last_micro_step = micro_step == grad_accum - 1
         with contextlib.nullcontext() if last_micro_step else accelerator.no_sync(model):
-            loss = model(input_ids=x, shift_labels=y, return_logits=False).loss
+            with accelerator.autocast():  # Accelerate wraps DDP's forward in it, not FSDP2's (its policy casts there)
+                loss = model(input_ids=x, shift_labels=y, return_logits=False).loss
             loss = loss / grad_accum  # the step's loss is the mean over its micro-batches, not their sum
             step_loss += loss.detach()
             accelerator.backward(loss)
