@@ -238,7 +238,7 @@ def train(settings: TrainSettings) -> Path | None:
     tokenizer, grad_accum = get_tokenizer(), resolved.gradient_accumulation_steps
     model, optimizers, raw_model = prepare_model(accelerator, settings, resolved)
     start_step, start_evaluated = checkpointing.load_checkpoint(accelerator, run.resume_from, run.train_loader,
-                                                                schedule.max_steps)
+                                                                schedule.max_steps, settings.optim.shard_optimizer)
     metrics = MetricsLog(output_dir / "metrics.jsonl", start_step if run.resume_from else None) if is_main else None
     if settings.logging.report_to != "none":
         accelerator.init_trackers("gpt2repro", config={"settings": settings.flags(), "resolved": asdict(resolved)})

@@ -283,10 +283,12 @@ def check_resume(model: ModelSettings, max_steps: int, resume_from: Path | None,
 
 
 def load_checkpoint(accelerator: Accelerator, checkpoint: Path | None, train_loader: ShardedTokenLoader,
-                    max_steps: int) -> tuple[int, bool]:
+                    max_steps: int, sharded_optimizer: bool = False) -> tuple[int, bool]:
     """Restore the weights, optimiser, RNG states and this rank's data position from `checkpoint`; returns (its step,
     whether that step's evaluation was done), or (0, False) for a fresh start (None). A damaged file is one
-    TrainingError naming it."""
+    TrainingError naming it. `sharded_optimizer`: the whole optimiser state the checkpoint holds is read into host
+    memory, from which each process keeps its share, rather than onto every GPU (Accelerate's choice with several
+    processes: ~12.5 GB more per GPU at 1558M, where sharding was chosen to make the run fit)."""
     if checkpoint is None:
         return 0, False
     trainer_state = json.loads((checkpoint / "trainer_state.json").read_text())
@@ -296,7 +298,8 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path | None, train_loa
                    f"has {accelerator.num_processes}: the run continues from the same weights, optimiser state and "
                    f"data position, but is no longer bitwise the run it would have been")
     try:
-        accelerator.load_state(str(checkpoint / "training_state"))
+        accelerator.load_state(str(checkpoint / "training_state"), **({"map_location": "cpu"} if sharded_optimizer
+                                                                       else {}))
     except Exception as error:  # whatever torch, safetensors or pickle raise on a damaged file
         raise TrainingError(f"cannot load {checkpoint / 'training_state'}: {first_line(error)}") from None
     loader_file = checkpoint / f"loader_rank{accelerator.process_index}.json"

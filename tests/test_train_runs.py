@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from test_model import BLOCK_OUR_MODULES
 
 import train_accelerate
 from configuration_gpt2repro import GPT2ReproConfig
-from gpt2repro import memory_plan
+from gpt2repro import checkpointing, memory_plan
 from gpt2repro.optimization import get_lr
 from gpt2repro.settings import Resolved
 from modeling_gpt2repro import GPT2ReproForCausalLM
@@ -259,3 +260,16 @@ def test_checkpoint_loads_with_automodel_in_a_fresh_process(accumulated_run, tmp
     prompt = torch.tensor([loaded["ids"]])
     assert loaded["greedy"] == model.to_gpt2().generate(prompt, max_new_tokens=16, do_sample=False,
                                                         pad_token_id=50256)[0].tolist()
+
+
+def test_a_sharded_optimizer_reads_the_whole_state_into_host_memory(accumulated_run):
+    """With --shard_optimizer, Accelerate's load_state is asked to read the checkpoint to the CPU, from which each
+    process keeps its share; without it (several processes) Accelerate would put the whole state on every GPU. On a
+    CPU both places are host memory, so this checks what is asked, not the memory."""
+    checkpoint, asked = accumulated_run / "checkpoints" / "step_000008", []
+    loader = SimpleNamespace(load_state_dict=lambda state: None)
+    accelerator = SimpleNamespace(is_main_process=False, num_processes=1, process_index=0,
+                                  load_state=lambda folder, **kwargs: asked.append(kwargs))
+    for sharded in (True, False):
+        assert checkpointing.load_checkpoint(accelerator, checkpoint, loader, MAX_STEPS, sharded) == (8, True)
+    assert asked == [{"map_location": "cpu"}, {}]
