@@ -216,16 +216,18 @@ def checkpoint_bytes(model: GPT2ReproForCausalLM, run: PlannedRun, world_size: i
 
 def preemption_lines(model: GPT2ReproForCausalLM, run: PlannedRun, world_size: int, write_bandwidth: int) -> list[str]:
     """The preemption checkpoint against the launcher's grace: torchrun (which accelerate launch runs) kills the
-    workers TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (30) after it forwards the signal."""
+    workers its --shutdown_timeout after it forwards the signal (PET_SHUTDOWN_TIMEOUT, else
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT, else 30 s: torch/distributed/run.py and launcher/api.py)."""
     written = checkpoint_bytes(model, run, world_size)
-    seconds, grace = written / write_bandwidth, int(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30"))
+    grace = int(os.environ.get("PET_SHUTDOWN_TIMEOUT") or os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT") or 30)
+    seconds = written / write_bandwidth
     lines = [f"preemption checkpoint: {written / GB:.2f} GB written by the busiest process (rank 0), {seconds:.1f} s "
              f"at {write_bandwidth / GB:g} GB/s (--write_bandwidth); the launcher's grace is {grace} s "
-             f"(TORCH_ELASTIC_SHUTDOWN_TIMEOUT)"]
+             f"(PET_SHUTDOWN_TIMEOUT)"]
     if seconds > grace:
         lines.append(f"warning: a preemption checkpoint would not finish within the grace: the job is killed "
                      f"{grace} s after the signal, mid-write (the previous checkpoint survives, the steps since are "
-                     f"lost); raise TORCH_ELASTIC_SHUTDOWN_TIMEOUT, and the scheduler's own grace with it")
+                     f"lost); raise PET_SHUTDOWN_TIMEOUT, and the scheduler's own grace with it")
     return lines
 
 
