@@ -38,7 +38,7 @@ from gpt2repro.launch import (
     peak_flops_per_device,
     resolve_compile,
 )
-from gpt2repro.metrics_log import MetricsLog, log_evaluation, log_train_step
+from gpt2repro.metrics_log import MetricsLog, log_evaluation, log_train_step, tracker_config
 from gpt2repro.optimization import set_learning_rates
 from gpt2repro.recipes import PRESETS, RECIPES, as_flags
 from gpt2repro.run_control import EXIT_PREEMPTED, StopSignals, TrainingInterrupted, parse_signals, where_to_continue
@@ -46,6 +46,7 @@ from gpt2repro.settings import Resolved, TrainSettings
 from gpt2repro.shards import ShardFormatError
 from gpt2repro.tokenizer import get_tokenizer
 from gpt2repro.training import (
+    close_run,
     describe_start,
     finish_run,
     gradient_accumulation_steps,
@@ -241,7 +242,7 @@ def train(settings: TrainSettings) -> Path | None:
                                                                 schedule.max_steps, settings.optim.shard_optimizer)
     metrics = MetricsLog(output_dir / "metrics.jsonl", start_step if run.resume_from else None) if is_main else None
     if settings.logging.report_to != "none":
-        accelerator.init_trackers("gpt2repro", config={"settings": settings.flags(), "resolved": asdict(resolved)})
+        accelerator.init_trackers("gpt2repro", config=tracker_config(settings.flags(), asdict(resolved)))
     if is_main:
         tqdm.write(describe_start(settings, resolved, precision_line, raw_model, optimizers, run.resume_from,
                                   start_step))
@@ -299,9 +300,7 @@ def train(settings: TrainSettings) -> Path | None:
     except KeyboardInterrupt:  # a second Ctrl-C, or one after the loop: one line naming where to continue
         raise TrainingInterrupted(step, checkpointing.latest_checkpoint(output_dir)) from None
     finally:
-        train_batches.close()
-        progress.close()  # ends the bar's line, so that an error message gets a line of its own
-        signals.close()
+        close_run(train_batches, progress, signals, metrics)
     if is_main and checkpoints.latest is not None:
         tqdm.write(f"done: model folder {checkpoints.latest / 'hf'}")
     return checkpoints.latest

@@ -7,7 +7,7 @@ model (GPT2ReproForCausalLM, small), a small DDP bucket cap so that the model ha
 
 The variants:
     eager                             plain DDP, no compile.
-    compiled inside DDP (ours)        train_accelerate.compile_for_training: the model's forward compiled (fullgraph)
+    compiled inside DDP (ours)        gpt2repro.training.compile_for_training: the model's forward compiled (fullgraph)
                                       before DDP wraps it, DDP's forward eager; dynamo compiles while DDP's forward
                                       runs, so its DDPOptimizer splits the graph at DDP's bucket boundaries.
     compiled whole (no DDPOptimizer)  the same with torch._dynamo.config.optimize_ddp = False: one graph, whose one
@@ -58,8 +58,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from configuration_gpt2repro import GPT2ReproConfig  # noqa: E402
 from gpt2repro.launch import compile_kwargs  # noqa: E402
+from gpt2repro.training import compile_for_training  # noqa: E402
 from modeling_gpt2repro import GPT2ReproForCausalLM  # noqa: E402
-from train_accelerate import compile_for_training  # noqa: E402
 
 VARIANTS = ("eager", "compiled inside DDP (ours)", "compiled whole (no DDPOptimizer)", "compiled around DDP")
 

@@ -202,7 +202,7 @@ def build_accelerator(mixed_precision: str, compile: str, report_to: str, ddp_ti
     # Accelerate compiles nothing: it would compile around its DDP or FSDP wrapper. Dynamo cannot trace DDP's forward
     # whole (a logger call breaks it: an error under fullgraph, which crashed every multi-GPU launch at step 0), and
     # FSDP's plain module, which evaluation runs, would lose its FSDP root. The training script compiles the model's
-    # (under FSDP each Block's) forward inside the wrapper instead (train_accelerate.compile_for_training).
+    # (under FSDP each Block's) forward inside the wrapper instead (gpt2repro.training.compile_for_training).
     dynamo = TorchDynamoPlugin(backend="no")
     accelerator = Accelerator(mixed_precision=mixed_precision, project_dir=project_dir,
                               log_with=None if report_to == "none" else report_to, dynamo_plugin=dynamo,
@@ -219,8 +219,9 @@ def fsdp_plugin():
     numerics, which Accelerate's own for bf16 (bf16 weights and bf16 gradient reduction) are not: weights kept and
     gathered in fp32 and cast by autocast for the matmuls as under DDP, the residual stream fp32, gradients
     reduce-scattered and accumulated over micro-steps in fp32 (benchmarks/bench_fsdp_precision.py measures the
-    choice). None where accelerate is too old for FSDP2 (check_fsdp_launch refuses the launch)."""
-    if Version(accelerate.__version__) < FSDP_ACCELERATE:
+    choice). None where the launch is not FSDP2 or accelerate is too old for it: check_fsdp_launch refuses those in
+    one line (FSDP1's plugin would reject the FSDP2 policy with a traceback first)."""
+    if Version(accelerate.__version__) < FSDP_ACCELERATE or os.environ.get("FSDP_VERSION", "1") != "2":
         return None
     from accelerate.utils import FullyShardedDataParallelPlugin
     from torch.distributed.fsdp import MixedPrecisionPolicy

@@ -40,7 +40,7 @@ class MetricsLog:
                        if r["step"] < resume_step or (r["type"] == "eval" and r["step"] == resume_step)]
         self.records = records
         write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
-        self.file = open(path, "a")  # for the whole run (see above): closed with the log
+        self.file = open(path, "a")  # for the whole run (see above)
 
     def append(self, record: dict) -> None:
         self.records.append(record)
@@ -48,6 +48,10 @@ class MetricsLog:
 
     def flush(self) -> None:
         self.file.flush()
+
+    def close(self) -> None:
+        """At the end of the run, whatever ended it: a stop on an error keeps the records that led to it."""
+        self.file.close()
 
     def latest(self, record_type: str) -> dict | None:
         return next((r for r in reversed(self.records) if r["type"] == record_type), None)
@@ -79,6 +83,14 @@ class MetricsLog:
         with atomic_write(path, "wb") as f:
             fig.savefig(f, format="png", dpi=100)
         plt.close(fig)
+
+
+def tracker_config(settings: dict, resolved: dict) -> dict[str, int | float | str | bool]:
+    """The run's settings and what the launch resolved as the flat scalars trackers take (TensorBoard's hparams
+    refuse lists, nested dicts and None): lists joined, unset values left out, resolved ones prefixed."""
+    flat = {**settings, **{f"resolved_{key}": value for key, value in resolved.items()}}
+    return {key: ",".join(map(str, value)) if isinstance(value, list | tuple) else value
+            for key, value in flat.items() if value is not None}
 
 
 def log_evaluation(accelerator: Accelerator, metrics: MetricsLog | None, step: int, result: dict, plot: Path) -> None:

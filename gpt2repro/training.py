@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from gpt2repro.checkpointing import RunCheckpoints, choose_resume_checkpoint, prune_checkpoints
@@ -21,6 +22,7 @@ from gpt2repro.evaluation import ValidationData, resolve_val_tokens
 from gpt2repro.hellaswag_data import load_hellaswag_for_training
 from gpt2repro.hub import HubPusher, start_hub_pusher
 from gpt2repro.launch import compile_kwargs
+from gpt2repro.metrics_log import MetricsLog
 from gpt2repro.optimization import configure_muon, configure_optimizer, peak_lr
 from gpt2repro.recipes import EMBEDDED_CORPUS_PRESETS
 from gpt2repro.run_control import (
@@ -53,8 +55,9 @@ def open_run(accelerator: Accelerator, settings: TrainSettings) -> RunStart:
     checked_on_every_rank(accelerator, lambda: check_writable_folder(output_dir, "--output_dir"))
     resume_from = decided_on_rank0(accelerator, lambda: choose_resume_checkpoint(
         settings.checkpoint.resume_from_checkpoint, output_dir, settings.model, settings.schedule.max_steps))
-    if settings.preset in EMBEDDED_CORPUS_PRESETS and not any(Path(data.data_dir).glob("*train*")):
-        decided_on_rank0(accelerator, lambda: prepare_embedded_corpus(Path(data.data_dir)))
+    if settings.preset in EMBEDDED_CORPUS_PRESETS:  # every rank joins; rank 0 alone looks and prepares
+        decided_on_rank0(accelerator, lambda: None if any(Path(data.data_dir).glob("*train*"))
+                         else prepare_embedded_corpus(Path(data.data_dir)))
 
     def open_data() -> tuple[ShardedTokenLoader, int]:  # on every rank: a node without the shards stops them all
         try:
@@ -250,3 +253,13 @@ def finish_run(accelerator: Accelerator, pusher: HubPusher | None, output_dir: P
         pusher.finish()
         prune_checkpoints(output_dir, keep_checkpoints, None)
     accelerator.end_training()
+
+
+def close_run(batches: BatchPrefetcher, progress: tqdm, signals: StopSignals, metrics: MetricsLog | None) -> None:
+    """Whatever ended the run: the reading thread stopped, the bar's line ended (an error message gets a line of its
+    own), the signals' handlers restored, and the metrics' last records written."""
+    batches.close()
+    progress.close()
+    signals.close()
+    if metrics is not None:
+        metrics.close()

@@ -61,3 +61,16 @@ def test_gpu_peak_flops_follow_the_name_and_precision(device_name, bf16_peak, tf
     for precision, tflops in (("bf16", bf16_peak), ("no", tf32_peak)):
         peak = launch.peak_flops_per_device(cuda, precision)
         assert peak == (None if tflops is None else pytest.approx(tflops * 1e12, rel=2e-3)), precision
+
+
+def test_fsdp_plugin_is_the_recipes_policy_for_fsdp2_only(monkeypatch):
+    """FSDP2 launches get fp32 gradient reduction (weights fp32 under autocast); an FSDP1 config gets no plugin of
+    ours, so that check_fsdp_launch refuses it in one line rather than Accelerate's plugin with a traceback."""
+    if launch.Version(launch.accelerate.__version__) < launch.FSDP_ACCELERATE:
+        assert launch.fsdp_plugin() is None
+        return
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    assert launch.fsdp_plugin() is None
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    policy = launch.fsdp_plugin().mixed_precision_policy
+    assert policy.param_dtype is None and policy.reduce_dtype == torch.float32

@@ -22,7 +22,7 @@ from configuration_gpt2repro import GPT2ReproConfig
 from gpt2repro import hellaswag_data, launch, optimization, training
 from gpt2repro.data_loader import BatchPrefetcher, ShardedTokenLoader
 from gpt2repro.hellaswag_data import HellaSwagUnavailable
-from gpt2repro.metrics_log import MetricsLog
+from gpt2repro.metrics_log import MetricsLog, tracker_config
 from gpt2repro.run_control import TrainingError
 from gpt2repro.shards import list_shards, open_shard
 from modeling_gpt2repro import GPT2ReproForCausalLM
@@ -426,3 +426,21 @@ def test_reduce_overhead_under_compiled_ddp_is_refused_in_one_line(monkeypatch):
     with pytest.raises(TrainingError, match="--dynamo_mode reduce-overhead .* not supported with compiled DDP"):
         training.resolve_launch(ddp, settings, "bf16", "on")
     assert training.resolve_launch(ddp, settings, "bf16", "off").gradient_accumulation_steps == 1  # eager: allowed
+
+
+def test_a_stop_on_an_error_keeps_the_records_that_led_to_it(tiny_data, tmp_path, capsys, fresh_accelerate):
+    data_dir, _ = tiny_data
+    status, _, err = run_main(train_accelerate.main, TINY_RUN + [
+        "--data_dir", str(data_dir), "--output_dir", str(tmp_path), "--micro_batch_size", "8", "--max_lr", "1e30",
+        "--warmup_steps", "1", "--checkpoint_every", "100", "--eval_every", "100", "--no-hellaswag",
+        "--num_samples", "0"], capsys)  # step 0 trains, step 1 is not finite; no evaluation or checkpoint after 0
+    assert status == 1 and "is not finite" in err
+    assert [r["step"] for r in records(tmp_path, "train")] == [0]
+
+
+def test_tracker_config_is_flat_scalars():
+    settings = train_accelerate.parse_args(["--preset", "cpu-demo"])
+    config = tracker_config(settings.flags(), {"mixed_precision": "bf16", "val_tokens": None})
+    assert all(isinstance(value, int | float | str | bool) for value in config.values())
+    assert config["save_on_signals"] == "SIGTERM,SIGUSR1" and config["resolved_mixed_precision"] == "bf16"
+    assert "resolved_val_tokens" not in config and "hub_model_id" not in config
