@@ -37,12 +37,19 @@ def last_train_step(output_dir: Path) -> int:
     return max(steps, default=-1)
 
 
+def metrics_file_id(output_dir: Path) -> int | None:
+    metrics = output_dir / "metrics.jsonl"
+    return metrics.stat().st_ino if metrics.exists() else None
+
+
 def wait_for_moment(output_dir: Path, process: subprocess.Popen, moment: str, rng: random.Random) -> bool:
     """Wait until training runs, then for `moment`: 'checkpoint' (a checkpoint being written: its temporary folder
     exists) or 'random' (a random delay, landing in a step or an evaluation). False: the run got too near its end."""
-    start_step = last_train_step(output_dir)
+    previous = metrics_file_id(output_dir)
     deadline = time.monotonic() + 120
-    while last_train_step(output_dir) <= start_step:  # a step of this process, so the loop has started
+    # Each run writes metrics.jsonl anew (atomically: a new file) just before its loop; its records reach it at
+    # evaluations and checkpoints, so the file, not its last record, says that the loop has started.
+    while metrics_file_id(output_dir) in (None, previous):
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
         time.sleep(0.01)
     if moment == "checkpoint":
@@ -53,7 +60,7 @@ def wait_for_moment(output_dir: Path, process: subprocess.Popen, moment: str, rn
             time.sleep(0.002)
     else:
         time.sleep(rng.uniform(0, 0.8))
-    return last_train_step(output_dir) < STEPS - 3 and process.poll() is None
+    return last_train_step(output_dir) < STEPS - 5 and process.poll() is None  # records lag by up to 2 steps
 
 
 @pytest.fixture(scope="module")
