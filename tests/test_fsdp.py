@@ -6,7 +6,6 @@ checkpoint (torch.distributed.checkpoint) restores weights and optimiser state e
 of the weights that --dry_run plans."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,7 @@ from torch.distributed.fsdp import fully_shard
 from gpt2repro import memory_plan
 from gpt2repro.optimization import configure_optimizer
 from modeling_gpt2repro import GPT2ReproForCausalLM
-from train_helpers import free_port
+from train_helpers import free_port, gloo_worker
 
 BATCH, ROWS_PER_PROCESS = 4, 2  # (B, T) = (4, 16): 2 rows on each of the 2 processes
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -61,10 +60,7 @@ def sharded(options: dict, mesh, scramble: bool = False) -> tuple[GPT2ReproForCa
 
 
 def fsdp_worker(rank: int, port: int, options: dict, folder: Path) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
+    with gloo_worker(rank, port):
         mesh = init_device_mesh("cpu", (2,))
         model, optimizer = sharded(options, mesh)
         assert all(isinstance(p, torch.distributed.tensor.DTensor) for p in model.parameters())
@@ -91,9 +87,6 @@ def fsdp_worker(rank: int, port: int, options: dict, folder: Path) -> None:
                   "local_elements": sum(p.to_local().numel() for p in model.parameters())}
         if rank == 0:
             torch.save(result, folder / "result.pt")
-        dist.barrier()  # no process leaves while the other still receives its last gather: gloo would abort it
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("recipe", ["gpt2", "speedrun"])

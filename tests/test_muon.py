@@ -2,15 +2,13 @@
 each part alone, and sharding the work over 2 gloo processes changes no bit."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from gpt2repro.muon import Muon
-from train_helpers import free_port
+from train_helpers import free_port, gloo_worker
 
 SHAPES = [(96, 32), (32, 32), (128, 32), (32, 128), (48, 16)]  # the first one fused q|k|v of width 32
 
@@ -76,10 +74,7 @@ def muon(params: list[torch.nn.Parameter], shard_state: bool = False) -> Muon:
 def sharded_worker(rank: int, port: int, queue, shard_state: bool) -> None:
     """3 steps, the whole state gathered (as a checkpoint is written), then 2 more steps of an optimiser that loads
     it (as every process of a resumed run does)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
+    with gloo_worker(rank, port):
         params = matrices()
         optimizer = muon(params, shard_state)
         train(optimizer, params)
@@ -94,9 +89,6 @@ def sharded_worker(rank: int, port: int, queue, shard_state: bool) -> None:
         train(resumed, params, steps=2, first=3)
         queue.put((rank, optimizer.owners(), held, held_on_resume, gathered,
                    [p.detach().numpy().copy() for p in params]))
-        dist.barrier()  # no process leaves while the other still receives a broadcast: gloo would abort it
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("shard_state", [False, True], ids=["momentum_everywhere", "momentum_sharded"])

@@ -72,6 +72,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def gloo_worker(rank: int, port: int, world_size: int = 2):
+    """The body of a torch.multiprocessing worker in a gloo process group of `world_size` on this machine. On success
+    every process passes a last barrier (none leaves while a peer still receives: gloo aborts it), the group is torn
+    down and the process ends at once, skipping the interpreter's and C++'s exit-time teardown, where gloo's
+    threads once aborted a finished worker ("terminate called without an active exception", SIGABRT: 1 CI run in
+    ~30). An error propagates as usual: torch.multiprocessing reports its traceback."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def training_command(args: list[str], processes: int = 1, script: str = SCRIPT) -> tuple[list[str], dict]:
     """The command line and environment of a CPU run of `script` (train_accelerate.py or a wrapper of it): plain
     python, or `accelerate launch` with gloo DDP."""
