@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import json
 import os
 import time
 from dataclasses import asdict, replace
@@ -28,7 +29,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from gpt2repro import checkpointing, memory_plan
-from gpt2repro.cli import run_command
+from gpt2repro.cli import CommandError, run_command
 from gpt2repro.data_loader import BatchPrefetcher
 from gpt2repro.evaluation import RECIPE_VAL_TOKENS, run_evaluation
 from gpt2repro.launch import (
@@ -188,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "job fails")
     ckpt.add_argument("--push_to_hub", action="store_true", help="upload each checkpoint's hf/ in the background")
     ckpt.add_argument("--hub_model_id", help="Hub repository for --push_to_hub, e.g. user/gpt2-124m-repro")
+    ckpt.add_argument("--export_hf", metavar="CHECKPOINT",
+                      help="write the hf/ model folder of a checkpoint (a preemption checkpoint has none) from its "
+                           "training state, with the settings it was trained with, in one process, and exit")
     memory_plan.add_arguments(parser)
     return parser
 
@@ -239,7 +243,8 @@ def train(settings: TrainSettings) -> Path | None:
     tokenizer, grad_accum = get_tokenizer(), resolved.gradient_accumulation_steps
     model, optimizers, raw_model = prepare_model(accelerator, settings, resolved)
     start_step, start_evaluated = checkpointing.load_checkpoint(accelerator, run.resume_from, run.train_loader,
-                                                                schedule.max_steps, settings.optim.shard_optimizer)
+                                                                schedule.max_steps, raw_model, optimizers,
+                                                                settings.optim.shard_optimizer)
     metrics = MetricsLog(output_dir / "metrics.jsonl", start_step if run.resume_from else None) if is_main else None
     if settings.logging.report_to != "none":
         accelerator.init_trackers("gpt2repro", config=tracker_config(settings.flags(), asdict(resolved)))
@@ -250,7 +255,7 @@ def train(settings: TrainSettings) -> Path | None:
     # the batches used, not of those read ahead.
     train_batches = BatchPrefetcher(run.train_loader, pin_memory=accelerator.device.type == "cuda")
     checkpoints = checkpointing.RunCheckpoints(
-        functools.partial(checkpointing.save_checkpoint, accelerator, model, tokenizer, train_batches,
+        functools.partial(checkpointing.save_checkpoint, accelerator, model, optimizers, tokenizer, train_batches,
                           settings=settings, resolved=resolved, metrics=metrics),
         latest=run.resume_from if run.resume_from and checkpointing.in_run(run.resume_from, output_dir) else None,
         evaluated=start_evaluated)
@@ -319,10 +324,34 @@ def plan(settings: TrainSettings) -> None:
     memory_plan.print_plan(settings, resolved)
 
 
+def export_hf(checkpoint: Path) -> None:
+    """--export_hf: the checkpoint's hf/ folder, with the settings of its run (flags added since take their
+    defaults)."""
+    problem = checkpointing.checkpoint_problem(checkpoint)
+    if problem is not None:
+        raise CommandError(f"cannot export {checkpoint}: {problem}")
+    trained = json.loads((checkpoint / "trainer_state.json").read_text()).get("settings")
+    if trained is None:
+        raise CommandError(f"{checkpoint} was written before 2026-12-06, when every checkpoint had its hf/ folder: "
+                           f"use {checkpoint / 'hf'}")
+    settings = TrainSettings.from_flags({**parse_args([]).flags(), **trained})
+    folder = checkpointing.export_model_folder(checkpoint, settings, get_tokenizer())
+    print(f"model folder {folder} written")
+
+
+def run(settings: TrainSettings) -> None:
+    if settings.plan.dry_run:
+        plan(settings)
+    elif settings.checkpoint.export_hf:
+        export_hf(Path(settings.checkpoint.export_hf))
+    else:
+        train(settings)
+
+
 def main(argv: list[str] | None = None) -> None:
     settings = parse_args(argv)
     # Each rank prints its own error: a shard can turn out corrupt mid-run on one rank only.
-    run_command(lambda: plan(settings) if settings.plan.dry_run else train(settings), errors=(ShardFormatError,),
+    run_command(lambda: run(settings), errors=(ShardFormatError,),
                 errors_on_every_rank=True,
                 on_ctrl_c=lambda: where_to_continue(checkpointing.latest_checkpoint(Path(settings.data.output_dir))))
 

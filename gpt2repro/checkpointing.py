@@ -16,15 +16,17 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers.utils import logging as transformers_logging
 
 from configuration_gpt2repro import GPT2ReproConfig
+from gpt2repro import sharded_checkpoint
 from gpt2repro.atomic_files import fsync_folder, fsync_tree, write_json_atomic
-from gpt2repro.cli import first_line
+from gpt2repro.cli import CommandError, first_line
 from gpt2repro.data_loader import BatchPrefetcher, ShardedTokenLoader
 from gpt2repro.hub import HubPusher, write_model_card
-from gpt2repro.metrics_log import MetricsLog
+from gpt2repro.metrics_log import MetricsLog, records_up_to
 from gpt2repro.run_control import TrainingError
 from gpt2repro.settings import ModelSettings, Resolved, TrainSettings
 from gpt2repro.shards import file_sha256
@@ -55,26 +57,28 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 class RunCheckpoints:
     """The newest checkpoint this run wrote or resumed from (`latest`; None: none yet), and whether its step's
     evaluation was done when it was written (a run resumed from it does the evaluation otherwise). `save` writes one:
-    save_checkpoint with all but the step, pusher and evaluated bound."""
+    save_checkpoint with all but the step, pusher, evaluated and model_folder bound."""
 
     def __init__(self, save: Callable[..., Path], latest: Path | None, evaluated: bool):
         self._save, self.latest, self.evaluated = save, latest, evaluated
 
-    def save(self, step: int, pusher: HubPusher | None, evaluated: bool = True) -> Path:
-        self.latest, self.evaluated = self._save(step, pusher=pusher, evaluated=evaluated), evaluated
+    def save(self, step: int, pusher: HubPusher | None, evaluated: bool = True, model_folder: bool = True) -> Path:
+        self.latest = self._save(step, pusher=pusher, evaluated=evaluated, model_folder=model_folder)
+        self.evaluated = evaluated
         return self.latest
 
     def at(self, step: int, evaluated: bool) -> Path:
-        """A checkpoint of `step` for a run that stops there: the latest if it is of this step and knows of its
-        evaluation (a resume would evaluate and log it again otherwise), else a new one, not pushed."""
+        """A checkpoint of `step` for a run that stops there (a signal): the latest if it is of this step and knows of
+        its evaluation (a resume would evaluate and log it again otherwise), else a new one of the training state
+        alone, not pushed."""
         current = self.latest is not None and self.latest.name == f"{CHECKPOINT_PREFIX}{step:06d}"
         if current and (self.evaluated or not evaluated):
             return self.latest
-        return self.save(step, pusher=None, evaluated=evaluated)
+        return self.save(step, pusher=None, evaluated=evaluated, model_folder=False)
 
 
 def save_hf_folder(model: GPT2ReproForCausalLM, tokenizer, folder: Path, settings: TrainSettings, resolved: Resolved,
-                   step: int, tokens_seen: int, metrics: MetricsLog) -> None:
+                   step: int, tokens_seen: int, records: list[dict]) -> None:
     """A folder `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` loads: weights, config with
     auto_map, the model code, tokenizer, generation config and a model card."""
     model.generation_config.update(do_sample=True, top_k=settings.eval.top_k,
@@ -87,13 +91,16 @@ def save_hf_folder(model: GPT2ReproForCausalLM, tokenizer, folder: Path, setting
         if bar_was_enabled:
             transformers_logging.enable_progress_bar()
     tokenizer.save_pretrained(folder)
-    write_model_card(folder, settings, resolved, step, tokens_seen, metrics)
+    write_model_card(folder, settings, resolved, step, tokens_seen, records)
 
 
 def plain_model(config: GPT2ReproConfig, weights: dict[str, torch.Tensor]) -> GPT2ReproForCausalLM:
-    """A GPT2ReproForCausalLM holding `weights` themselves (no copy, no initialisation), its head tied again."""
+    """A GPT2ReproForCausalLM holding `weights` themselves (no copy, no initialisation), its head tied again (the head
+    may be left out of `weights` where it is tied)."""
     with torch.device("meta"):
         model = GPT2ReproForCausalLM(config)
+    if config.tie_word_embeddings:
+        weights = {**weights, "lm_head.weight": weights["transformer.wte.weight"]}
     model.load_state_dict(weights, assign=True)
     model.tie_weights()
     return model
@@ -119,12 +126,17 @@ def tied_head_saved_quietly():
         accelerate_logger.removeFilter(notice)
 
 
-def save_checkpoint(accelerator: Accelerator, model, tokenizer, train_loader: ShardedTokenLoader | BatchPrefetcher,
-                    step: int, settings: TrainSettings, resolved: Resolved, metrics: MetricsLog | None,
-                    pusher: HubPusher | None, evaluated: bool = True) -> Path:
-    """Write checkpoints/step_NNNNNN/ = training_state/ (Accelerate's state: weights, optimiser, RNG of every rank),
-    loader_rank{r}.json, trainer_state.json and hf/ (the model folder). Everything goes to a temporary folder
-    first and is renamed into place, then older checkpoints beyond --keep_checkpoints are removed.
+def save_checkpoint(accelerator: Accelerator, model, optimizers: list[torch.optim.Optimizer], tokenizer,
+                    train_loader: ShardedTokenLoader | BatchPrefetcher, step: int, settings: TrainSettings,
+                    resolved: Resolved, metrics: MetricsLog | None, pusher: HubPusher | None, evaluated: bool = True,
+                    model_folder: bool = True) -> Path:
+    """Write checkpoints/step_NNNNNN/ = the training state (weights, optimiser state), loader_rank{r}.json,
+    trainer_state.json and, with `model_folder`, hf/ (the model folder, from the whole weights). Everything goes to a
+    temporary folder first and is renamed into place, then older checkpoints beyond --keep_checkpoints are removed.
+
+    The training state of one process is Accelerate's (training_state/); of several, distributed_state/: each process
+    writes its own share, in parallel (gpt2repro.sharded_checkpoint). A preemption checkpoint has no `model_folder`:
+    it must finish within the launcher's grace, and the next regular checkpoint or `--export_hf` writes one.
     `evaluated`: whether step's evaluation (if one is due) is done; a run resumed from here does it otherwise."""
     root = Path(settings.data.output_dir) / "checkpoints"
     final = root / f"{CHECKPOINT_PREFIX}{step:06d}"
@@ -135,11 +147,16 @@ def save_checkpoint(accelerator: Accelerator, model, tokenizer, train_loader: Sh
         if metrics is not None:  # the records up to this step on disk with it
             metrics.flush()
     accelerator.wait_for_everyone()
-    with tied_head_saved_quietly():
-        accelerator.save_state(str(temporary / "training_state"))
+    if accelerator.num_processes > 1:
+        sharded_checkpoint.save(temporary / sharded_checkpoint.STATE_FOLDER, accelerator.unwrap_model(model),
+                                optimizers, with_optimizers=step > 0)  # no optimiser state before the first step
+    else:
+        with tied_head_saved_quietly():
+            accelerator.save_state(str(temporary / "training_state"))
     write_json_atomic(temporary / f"loader_rank{accelerator.process_index}.json", train_loader.state_dict())
     # Under FSDP each process holds a shard of every weight: the whole ones are gathered on rank 0 (a collective).
-    whole_weights = accelerator.get_state_dict(model) if accelerator.distributed_type == DistributedType.FSDP else None
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    whole_weights = accelerator.get_state_dict(model) if model_folder and fsdp else None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         tokens_seen = step * settings.schedule.total_batch_size
@@ -147,19 +164,46 @@ def save_checkpoint(accelerator: Accelerator, model, tokenizer, train_loader: Sh
                           {"step": step, "tokens_seen": tokens_seen, "world_size": accelerator.num_processes,
                            "evaluated": evaluated, "settings": settings.flags(),
                            "resolved": dataclasses.asdict(resolved), "files": describe_checkpoint_files(temporary)})
-        unwrapped = accelerator.unwrap_model(model)
-        if whole_weights is not None:  # FSDP made the model a subclass of its own: save a plain one
-            unwrapped = plain_model(unwrapped.config, whole_weights)
-        save_hf_folder(unwrapped, tokenizer, temporary / "hf", settings, resolved, step, tokens_seen, metrics)
+        if model_folder:
+            unwrapped = accelerator.unwrap_model(model)
+            if whole_weights is not None:  # FSDP made the model a subclass of its own: save a plain one
+                unwrapped = plain_model(unwrapped.config, whole_weights)
+            save_hf_folder(unwrapped, tokenizer, temporary / "hf", settings, resolved, step, tokens_seen,
+                           metrics.records)
         fsync_tree(temporary)  # all of it on disk before the rename says it is whole (~1 s per GB)
         if final.exists():  # written before by a run this one resumed from an earlier checkpoint of
             shutil.rmtree(final)
         os.replace(temporary, final)
         fsync_folder(root)
         prune_checkpoints(Path(settings.data.output_dir), settings.checkpoint.keep_checkpoints, pusher)
-        if pusher is not None:
+        if pusher is not None and model_folder:
             pusher.push(final / "hf", f"step {step}: {tokens_seen:,} tokens")
     accelerator.wait_for_everyone()
+    return final
+
+
+def export_model_folder(checkpoint: Path, settings: TrainSettings, tokenizer) -> Path:
+    """Write `checkpoint`'s hf/ folder (a preemption checkpoint has none) from its training state, whatever the number
+    of processes that wrote it, in this process alone; `settings`: those it was trained with (checkpoint_problem has
+    found it whole). Returns the folder."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    sharded = [checkpoint / sharded_checkpoint.STATE_FOLDER, checkpoint / "training_state" / "pytorch_model_fsdp_0"]
+    whole = checkpoint / "training_state" / "model.safetensors"
+    try:
+        sharded_state = next((folder for folder in sharded if folder.is_dir()), None)
+        weights = sharded_checkpoint.whole_weights(sharded_state) if sharded_state else load_file(whole)
+    except Exception as error:  # whatever DCP or safetensors raise on a damaged or missing file
+        raise CommandError(f"cannot read the weights of {checkpoint}: {first_line(error)}") from None
+    step, output_dir = state["step"], checkpoint.parent.parent
+    temporary, final = checkpoint / "tmp_hf", checkpoint / "hf"
+    shutil.rmtree(temporary, ignore_errors=True)
+    save_hf_folder(plain_model(settings.model.config(), weights), tokenizer, temporary, settings,
+                   Resolved(**state["resolved"]), step, state["tokens_seen"],
+                   records_up_to(output_dir / "metrics.jsonl", step))
+    fsync_tree(temporary)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(temporary, final)
+    fsync_folder(checkpoint)
     return final
 
 
@@ -169,9 +213,11 @@ CHECKSUMMED_FILE_BYTES = 1 << 20
 
 
 def describe_checkpoint_files(folder: Path) -> dict[str, dict]:
-    """{relative path: {"bytes", "sha256" for small files}} of what a resume reads: training_state/ and the loaders."""
+    """{relative path: {"bytes", "sha256" for small files}} of what a resume reads: the training state and the
+    loaders' positions."""
     described = {}
-    for path in sorted([*folder.glob("training_state/**/*"), *folder.glob("loader_rank*.json")]):
+    state_files = [*folder.glob("training_state/**/*"), *folder.glob(f"{sharded_checkpoint.STATE_FOLDER}/*")]
+    for path in sorted([*state_files, *folder.glob("loader_rank*.json")]):
         if path.is_file():
             size = path.stat().st_size
             described[str(path.relative_to(folder))] = (
@@ -283,12 +329,15 @@ def check_resume(model: ModelSettings, max_steps: int, resume_from: Path | None,
 
 
 def load_checkpoint(accelerator: Accelerator, checkpoint: Path | None, train_loader: ShardedTokenLoader,
-                    max_steps: int, sharded_optimizer: bool = False) -> tuple[int, bool]:
-    """Restore the weights, optimiser, RNG states and this rank's data position from `checkpoint`; returns (its step,
-    whether that step's evaluation was done), or (0, False) for a fresh start (None). A damaged file is one
-    TrainingError naming it. `sharded_optimizer`: the whole optimiser state the checkpoint holds is read into host
-    memory, from which each process keeps its share, rather than onto every GPU (Accelerate's choice with several
-    processes: ~12.5 GB more per GPU at 1558M, where sharding was chosen to make the run fit)."""
+                    max_steps: int, model: GPT2ReproForCausalLM, optimizers: list[torch.optim.Optimizer],
+                    sharded_optimizer: bool = False) -> tuple[int, bool]:
+    """Restore the weights, optimiser state and this rank's data position from `checkpoint` into `model` (the
+    unwrapped module) and `optimizers`; returns (its step, whether that step's evaluation was done), or (0, False) for a
+    fresh start (None). A damaged file is one TrainingError naming it. A distributed_state/ is read share by share
+    (each process reads what it holds, on any number of processes). Accelerate's training_state/ (one process's, and
+    every checkpoint before 2026-12-06) holds the whole state; with `sharded_optimizer` it is read into host memory,
+    from which each process keeps its share, rather than onto every GPU (Accelerate's choice with several processes:
+    ~12.5 GB more per GPU at 1558M, where sharding was chosen to make the run fit)."""
     if checkpoint is None:
         return 0, False
     trainer_state = json.loads((checkpoint / "trainer_state.json").read_text())
@@ -297,11 +346,15 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path | None, train_loa
         tqdm.write(f"notice: {checkpoint} was written by {trainer_state['world_size']} processes and this launch "
                    f"has {accelerator.num_processes}: the run continues from the same weights, optimiser state and "
                    f"data position, but is no longer bitwise the run it would have been")
+    sharded = checkpoint / sharded_checkpoint.STATE_FOLDER
+    state = sharded if sharded.is_dir() else checkpoint / "training_state"
     try:
-        accelerator.load_state(str(checkpoint / "training_state"), **({"map_location": "cpu"} if sharded_optimizer
-                                                                       else {}))
-    except Exception as error:  # whatever torch, safetensors or pickle raise on a damaged file
-        raise TrainingError(f"cannot load {checkpoint / 'training_state'}: {first_line(error)}") from None
+        if sharded.is_dir():
+            sharded_checkpoint.load(sharded, model, optimizers, with_optimizers=trainer_state["step"] > 0)
+        else:
+            accelerator.load_state(str(state), **({"map_location": "cpu"} if sharded_optimizer else {}))
+    except Exception as error:  # whatever torch, DCP, safetensors or pickle raise on a damaged file
+        raise TrainingError(f"cannot load {state}: {first_line(error)}") from None
     loader_file = checkpoint / f"loader_rank{accelerator.process_index}.json"
     if not loader_file.exists():  # a rank the checkpoint did not have: every rank saved the same window index
         loader_file = checkpoint / "loader_rank0.json"

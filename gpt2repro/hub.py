@@ -8,7 +8,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from gpt2repro.cli import first_line
-from gpt2repro.metrics_log import GPT2_124M_HELLASWAG, GPT2_124M_VAL_LOSS, GPT3_124M_HELLASWAG, MetricsLog
+from gpt2repro.metrics_log import GPT2_124M_HELLASWAG, GPT2_124M_VAL_LOSS, GPT3_124M_HELLASWAG, latest_record
 from gpt2repro.run_control import TrainingError, decided_on_rank0
 from gpt2repro.settings import Resolved, TrainSettings
 
@@ -78,10 +78,11 @@ def start_hub_pusher(accelerator: Accelerator, repo_id: str | None) -> HubPusher
 
 
 def write_model_card(folder: Path, settings: TrainSettings, resolved: Resolved, step: int, tokens_seen: int,
-                     metrics: MetricsLog) -> None:
-    """The folder's README.md: what was trained, on what, how far, with its latest losses and HellaSwag."""
+                     records: list[dict]) -> None:
+    """The folder's README.md: what was trained, on what, how far, with its latest losses and HellaSwag (from
+    `records`, metrics.jsonl's up to `step`)."""
     model, schedule, optim = settings.model, settings.schedule, settings.optim
-    last_train, last_eval = metrics.latest("train"), metrics.latest("eval")
+    last_train, last_eval = latest_record(records, "train"), latest_record(records, "eval")
     rows = [("optimiser steps", f"{step}"), ("tokens seen", f"{tokens_seen:,}")]
     if last_train:
         rows.append(("train loss (last step)", f"{last_train['loss']:.4f}"))

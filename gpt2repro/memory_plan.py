@@ -204,14 +204,19 @@ def detected_device_memory() -> int | None:
 
 
 def checkpoint_bytes(model: GPT2ReproForCausalLM, run: PlannedRun, world_size: int) -> int:
-    """What the busiest process (rank 0) writes for one checkpoint, preemption's included: the weights (fp32) and the
-    optimiser state, whole (DDP and --shard_optimizer consolidate them on rank 0) or its FSDP share, plus the hf/
-    folder's weights (fp32, gathered on rank 0 under FSDP). The tokenizer (3.6 MB) and the few-KB files are left out."""
-    parameters = sum(p.numel() for p in model.parameters())
+    """What the busiest process writes for a preemption checkpoint: the training state (fp32 weights and the optimiser
+    state), no hf/ folder. One process writes all of it. Several write their shares in parallel
+    (gpt2repro.sharded_checkpoint): under FSDP each its shard; under DDP, DCP spreads the whole state over them (each
+    tensor once, greedily by size, --shard_optimizer's shares where they are), so the busiest writes at most the average
+    share plus the largest tensor. The few-KB files are left out."""
+    parameters = list(model.parameters())
     if run.fsdp:
-        share = sum(fsdp_share(p, world_size) for p in model.parameters())
-        return 4 * share + 8 * share + 4 * len(list(model.parameters())) + 4 * parameters
-    return 4 * parameters + optimizer_state_bytes(model, run) + 4 * parameters
+        share = sum(fsdp_share(p, world_size) for p in parameters)
+        return 4 * share + 8 * share + 4 * len(parameters)
+    whole = 4 * sum(p.numel() for p in parameters) + optimizer_state_bytes(model, run)
+    if world_size == 1:
+        return whole
+    return whole // world_size + 4 * max(p.numel() for p in parameters)
 
 
 def preemption_lines(model: GPT2ReproForCausalLM, run: PlannedRun, world_size: int, write_bandwidth: int) -> list[str]:
@@ -221,7 +226,7 @@ def preemption_lines(model: GPT2ReproForCausalLM, run: PlannedRun, world_size: i
     written = checkpoint_bytes(model, run, world_size)
     grace = int(os.environ.get("PET_SHUTDOWN_TIMEOUT") or os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT") or 30)
     seconds = written / write_bandwidth
-    lines = [f"preemption checkpoint: {written / GB:.2f} GB written by the busiest process (rank 0), {seconds:.1f} s "
+    lines = [f"preemption checkpoint: {written / GB:.2f} GB written by the busiest process, {seconds:.1f} s "
              f"at {write_bandwidth / GB:g} GB/s (--write_bandwidth); the launcher's grace is {grace} s "
              f"(PET_SHUTDOWN_TIMEOUT)"]
     if seconds > grace:

@@ -14,6 +14,22 @@ GPT2_124M_HELLASWAG = 0.2955
 GPT3_124M_HELLASWAG = 0.337
 
 
+def records_up_to(path: Path, step: int) -> list[dict]:
+    """The records of `path` that a checkpoint of `step` has seen: train records before it, evaluations up to it."""
+    records = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # the last line of a killed run may be cut short
+                continue
+    return [r for r in records if r["step"] < step or (r["type"] == "eval" and r["step"] == step)]
+
+
+def latest_record(records: list[dict], record_type: str) -> dict | None:
+    return next((r for r in reversed(records) if r["type"] == record_type), None)
+
+
 class MetricsLog:
     """metrics.jsonl: one JSON object per line, {"type": "train"|"eval", "step": ..., ...}; main process only.
 
@@ -29,17 +45,8 @@ class MetricsLog:
 
     def __init__(self, path: Path, resume_step: int | None):
         self.path = path
-        records = []
-        if resume_step is not None and path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:  # the last line of a killed run may be cut short
-                    continue
-            records = [r for r in records
-                       if r["step"] < resume_step or (r["type"] == "eval" and r["step"] == resume_step)]
-        self.records = records
-        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+        self.records = [] if resume_step is None else records_up_to(path, resume_step)
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in self.records))
         self.file = open(path, "a")  # for the whole run (see above)
 
     def append(self, record: dict) -> None:
@@ -52,9 +59,6 @@ class MetricsLog:
     def close(self) -> None:
         """At the end of the run, whatever ended it: a stop on an error keeps the records that led to it."""
         self.file.close()
-
-    def latest(self, record_type: str) -> dict | None:
-        return next((r for r in reversed(self.records) if r["type"] == record_type), None)
 
     def plot(self, path: Path) -> None:
         """Train and val loss against GPT-2 124M's val loss; HellaSwag against GPT-2 and GPT-3 124M."""

@@ -111,6 +111,7 @@ class CheckpointSettings:
     save_on_signals: tuple[str, ...]  # signal names, e.g. ("SIGTERM", "SIGUSR1")
     push_to_hub: bool
     hub_model_id: str | None
+    export_hf: str | None  # a checkpoint folder: write its hf/ and exit
 
     def signals(self) -> list[signal.Signals]:
         return [signal.Signals[name] for name in self.save_on_signals]

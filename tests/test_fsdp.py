@@ -2,8 +2,9 @@
 over gloo, each block and then the whole model sharded, the tied embedding included. Accelerate turns FSDP into DDP
 on a CPU, so this is the part of that path that a CPU can show: the loss and the gradients equal the unsharded model's
 on the whole batch, the project's AdamW steps the sharded (DTensor) parameters as it steps plain ones, and a sharded
-checkpoint (torch.distributed.checkpoint) restores weights and optimiser state exactly; each process holds the share
-of the weights that --dry_run plans."""
+checkpoint (gpt2repro.sharded_checkpoint) restores weights and optimiser state exactly, shard by shard into a fresh
+sharded model and optimiser, and whole into a plain one in one process; each process holds the share of the weights
+that --dry_run plans."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,20 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 from test_speedrun import OPTIONS, model_with
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from gpt2repro import memory_plan
+from gpt2repro import memory_plan, sharded_checkpoint
 from gpt2repro.optimization import configure_optimizer
 from modeling_gpt2repro import GPT2ReproForCausalLM
 from train_helpers import free_port, gloo_worker
@@ -72,14 +66,9 @@ def fsdp_worker(rank: int, port: int, options: dict, folder: Path) -> None:
         dist.all_reduce(mean_loss)
         grads = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
         optimizer.step()
-        dcp.save({"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)},
-                 checkpoint_id=folder / "checkpoint")
-        restored, restored_optimizer = sharded(options, mesh, scramble=True)
-        state = {"model": get_model_state_dict(restored), "optimizer": get_optimizer_state_dict(restored,
-                                                                                             restored_optimizer)}
-        dcp.load(state, checkpoint_id=folder / "checkpoint")
-        set_model_state_dict(restored, state["model"])
-        set_optimizer_state_dict(restored, restored_optimizer, state["optimizer"])
+        sharded_checkpoint.save(folder / "checkpoint", model, [optimizer], with_optimizers=True)
+        restored, restored_optimizer = sharded(options, mesh, scramble=True)  # no optimiser state yet
+        sharded_checkpoint.load(folder / "checkpoint", restored, [restored_optimizer], with_optimizers=True)
         result = {"loss": mean_loss / 2, "grads": grads, "weights": get_model_state_dict(model, options=FULL),
                   "restored": get_model_state_dict(restored, options=FULL),
                   "optimizer": get_optimizer_state_dict(model, optimizer, options=FULL),
@@ -120,6 +109,13 @@ def test_sharded_model_trains_and_checkpoints_as_the_whole_one(tmp_path, recipe)
     assert saved.keys() == restored.keys() == named.keys()
     for name, moments in saved.items():  # ... and the optimiser state
         assert all(torch.equal(value, restored[name][key]) for key, value in moments.items()), name
+    # one process (no process group) reads the 2 processes' shards whole into a plain model and AdamW
+    plain = model_with(options)
+    plain_optimizer = adamw(plain)
+    sharded_checkpoint.load(tmp_path / "checkpoint", plain, [plain_optimizer], with_optimizers=True)
+    assert all(torch.equal(value, weights[name]) for name, value in plain.state_dict().items())
+    for param_name, param in plain.named_parameters():
+        assert all(torch.equal(value, saved[param_name][key]) for key, value in plain_optimizer.state[param].items())
     # rank 0 holds the larger chunk of each parameter's rows: what --dry_run plans under FSDP
     assert result["local_elements"] == sum(memory_plan.fsdp_share(p, 2) for p in model.parameters())
     reloaded = GPT2ReproForCausalLM(model.config)

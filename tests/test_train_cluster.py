@@ -16,12 +16,15 @@ import pytest
 import torch
 import yaml
 from packaging.version import Version
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 import train_accelerate
 from gpt2repro import evaluation, launch, run_control
 from train_helpers import (
     REPO,
     TINY_RUN,
+    distributed_state,
     final_weights,
     records,
     run_main,
@@ -55,7 +58,7 @@ def wait_for_train_step(output_dir: Path, step: int, process: subprocess.Popen, 
 
 
 @pytest.mark.parametrize("processes", [1, 2])
-def test_sigterm_saves_a_checkpoint_and_resume_is_exact(workspace, processes):
+def test_sigterm_saves_a_checkpoint_and_resume_is_exact(workspace, processes, capsys):
     root, args, _ = workspace
     micro = ["--micro_batch_size", str(8 // processes), "--no-hellaswag"] + QUIET
     reference = root / f"uninterrupted_{processes}"
@@ -76,6 +79,15 @@ def test_sigterm_saves_a_checkpoint_and_resume_is_exact(workspace, processes):
         assert process.returncode == run_control.EXIT_PREEMPTED and "Traceback" not in err
     checkpoint = output_dir / "checkpoints" / f"step_{step:06d}"
     assert f"checkpoint {checkpoint} written" in lines[0] and (checkpoint / "trainer_state.json").is_file()
+    # the training state alone, for the grace (unless the step's regular checkpoint came first); --export_hf writes
+    # its model folder from it, in one process
+    assert (checkpoint / "hf").exists() == (step % 4 == 0)
+    status, out, err = run_main(train_accelerate.main, ["--export_hf", str(checkpoint)], capsys)
+    assert status == 0 and out == f"model folder {checkpoint / 'hf'} written\n", err
+    exported = AutoModelForCausalLM.from_pretrained(checkpoint / "hf", trust_remote_code=True).state_dict()
+    trained = (distributed_state(checkpoint, output_dir / "state.pt")["model"] if processes == 2
+               else load_file(checkpoint / "training_state" / "model.safetensors"))
+    assert all(torch.equal(exported[name], value) for name, value in trained.items())
 
     run_training(args + micro + ["--output_dir", str(output_dir), "--resume_from_checkpoint", "latest"],
                  processes=processes)
@@ -308,7 +320,8 @@ def test_a_signal_stops_at_the_end_of_its_step_or_within_an_evaluation_and_the_c
 def test_shard_optimizer_gives_the_same_weights_and_resumes_on_any_world_size(workspace, tmp_path, recipe):
     """2 processes with the optimiser state split (ZeRO-1: AdamW's moments by parameter, Muon's momentum by matrix)
     and without: the same weights, bit for bit (each update is computed once, by the same arithmetic). The sharded
-    run's checkpoint holds the whole state; it resumes exactly on 2 processes, and on 1 process (with a notice) to
+    run's checkpoint is its processes' shares, together the plain run's whole state; it resumes exactly on 2
+    processes, and on 1 process (with a notice) to
     weights equal up to float summation order. The speedrun's are compared by their losses and gradient norms: Adam
     turns a gradient entry that is 0 in one summation order and float noise in the other into a whole LR step
     (embeddings' LR 0.6), so some of its rows differ by up to 1.5 (measured on an AVX-512 CPU) while the losses
@@ -321,17 +334,23 @@ def test_shard_optimizer_gives_the_same_weights_and_resumes_on_any_world_size(wo
     sharded = final_weights(tmp_path / "sharded", STEPS)
     assert all(torch.equal(w, sharded[name]) for name, w in final_weights(tmp_path / "plain", STEPS).items())
     checkpoint = tmp_path / "sharded" / "checkpoints" / "step_000004"
-    saved = [torch.load(folder / "checkpoints" / "step_000004" / "training_state" / "optimizer.bin", weights_only=False)
-             for folder in (tmp_path / "plain", tmp_path / "sharded")]
-    assert saved[0]["state"].keys() == saved[1]["state"].keys()  # the whole state, gathered: not rank 0's share
-    for index, moments in saved[0]["state"].items():
-        assert all(torch.equal(value, saved[1]["state"][index][key]) for key, value in moments.items()), index
+    folders = [tmp_path / run / "checkpoints" / "step_000004" for run in ("plain", "sharded")]
+    for folder in folders:  # each process wrote its own share, and each tensor once (DCP's save plans deduplicated)
+        files = sorted(p.name for p in (folder / "distributed_state").glob("*.distcp"))
+        assert files == ["__0_0.distcp", "__1_0.distcp"] and not (folder / "training_state").exists()
+    plain_bytes, sharded_bytes = (sum(p.stat().st_size for p in (f / "distributed_state").iterdir()) for f in folders)
+    assert sharded_bytes == pytest.approx(plain_bytes, rel=0.01)
+    saved = [distributed_state(folder, tmp_path / f"state_{n}.pt") for n, folder in enumerate(folders)]
+    # the shares make the whole: a state for every weight (the tied head is the embedding's)
+    assert saved[0]["optimizer"].keys() == saved[1]["optimizer"].keys() == saved[0]["model"].keys()
+    for name, moments in saved[0]["optimizer"].items():
+        assert all(torch.equal(value, saved[1]["optimizer"][name][key]) for key, value in moments.items()), name
     run_training(run + ["--output_dir", str(tmp_path / "resumed_2"), "--shard_optimizer", "--resume_from_checkpoint",
                         str(checkpoint)], processes=2)
     assert all(torch.equal(w, sharded[name]) for name, w in final_weights(tmp_path / "resumed_2", STEPS).items())
     one_process = args + ["--micro_batch_size", "8"] + QUIET + ["--no-hellaswag"]
-    resumed = run_training(one_process + ["--output_dir", str(tmp_path / "resumed_1"), "--resume_from_checkpoint",
-                                          str(checkpoint)])
+    resumed = run_training(one_process + ["--output_dir", str(tmp_path / "resumed_1"), "--checkpoint_every", "2",
+                                          "--resume_from_checkpoint", str(checkpoint)])
     assert "was written by 2 processes and this launch has 1" in resumed.stdout
     if recipe == "gpt2":
         for name, w in final_weights(tmp_path / "resumed_1", STEPS).items():
@@ -340,6 +359,13 @@ def test_shard_optimizer_gives_the_same_weights_and_resumes_on_any_world_size(wo
     assert [r["step"] for r in resumed_train] == [r["step"] for r in sharded_train] == list(range(4, STEPS))
     assert [r["loss"] for r in resumed_train] == pytest.approx([r["loss"] for r in sharded_train], rel=1e-5)
     assert [r["grad_norm"] for r in resumed_train] == pytest.approx([r["grad_norm"] for r in sharded_train], rel=1e-3)
+    # a whole-state checkpoint (one process's: every checkpoint's format before 2026-12-06) resumed on 2 processes with
+    # the state split: each keeps its share of what it reads
+    run_training(run + ["--output_dir", str(tmp_path / "from_one"), "--shard_optimizer", "--resume_from_checkpoint",
+                        str(tmp_path / "resumed_1" / "checkpoints" / "step_000006")], processes=2)
+    from_one, one_train = records(tmp_path / "from_one", "train"), records(tmp_path / "resumed_1", "train")[2:]
+    assert [r["step"] for r in from_one] == [r["step"] for r in one_train] == [6, 7]
+    assert [r["loss"] for r in from_one] == pytest.approx([r["loss"] for r in one_train], rel=1e-5)
 
 
 FSDP_REFUSED = Version(accelerate.__version__) < launch.FSDP_ACCELERATE
@@ -392,7 +418,8 @@ def test_fsdp2_trains_as_ddp_does_and_resumes_exactly(workspace, tmp_path):
     run_wrapper(FSDP_ON_CPU, tmp_path / "fsdp_on_cpu.py", run + ["--output_dir", str(tmp_path / "fsdp")], **env)
     run_training(run + ["--output_dir", str(tmp_path / "ddp")], processes=2)
     checkpoint = tmp_path / "fsdp" / "checkpoints" / "step_000004"
-    assert (checkpoint / "training_state" / "pytorch_model_fsdp_0").is_dir()  # sharded, not DDP's one file
+    files = sorted(p.name for p in (checkpoint / "distributed_state").glob("*.distcp"))
+    assert files == ["__0_0.distcp", "__1_0.distcp"]  # each process wrote its own shard
     run_wrapper(FSDP_ON_CPU, tmp_path / "fsdp_on_cpu.py", run + ["--output_dir", str(tmp_path / "resumed"),
                                                                    "--resume_from_checkpoint", str(checkpoint)], **env)
     # --compile on: each Block compiled inside its FSDP module (inductor), evaluation and sampling eager
@@ -423,7 +450,6 @@ def test_fsdp2_trains_as_ddp_does_and_resumes_exactly(workspace, tmp_path):
         [without_timing(r) for r in fsdp if r["step"] >= 4]
     hf = tmp_path / "fsdp" / "checkpoints" / "step_000008" / "hf"
     assert sorted(path.name for path in hf.glob("*.py")) == ["configuration_gpt2repro.py", "modeling_gpt2repro.py"]
-    from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(hf, trust_remote_code=True)
     assert all(torch.equal(model.state_dict()[name], value) for name, value in weights.items())
 

@@ -186,14 +186,15 @@ def test_ddp_syncs_gradients_once_per_optimizer_step(workspace, tmp_path):
 
 
 def test_planned_checkpoint_bytes_are_what_a_checkpoint_writes(workspace, accumulated_run):
-    """--dry_run's preemption figure against the files of a real checkpoint: its weights (training state and hf/)
-    and optimiser state, within 0.1% (the tokenizer and the few-KB files are left out of the plan)."""
+    """--dry_run's preemption figure against the files of a real checkpoint's training state (a preemption checkpoint
+    has no hf/): its weights and optimiser state, within 0.1% (the few-KB files are left out of the plan)."""
     _, args = workspace
     settings = train_accelerate.parse_args(args + ["--micro_batch_size", "2"])
     run = memory_plan.planned_run(settings, Resolved("no", "off", False, 1, 4))
     planned = memory_plan.checkpoint_bytes(memory_plan.model_on_meta(run), run, world_size=1)
     checkpoint = accumulated_run / "checkpoints" / "step_000012"
-    written = sum(p.stat().st_size for p in checkpoint.rglob("*") if p.suffix in (".safetensors", ".bin"))
+    written = sum(p.stat().st_size for p in (checkpoint / "training_state").rglob("*") if p.suffix in (".safetensors",
+                                                                                                   ".bin"))
     assert planned == pytest.approx(written, rel=1e-3)
 
 
@@ -263,13 +264,14 @@ def test_checkpoint_loads_with_automodel_in_a_fresh_process(accumulated_run, tmp
 
 
 def test_a_sharded_optimizer_reads_the_whole_state_into_host_memory(accumulated_run):
-    """With --shard_optimizer, Accelerate's load_state is asked to read the checkpoint to the CPU, from which each
-    process keeps its share; without it (several processes) Accelerate would put the whole state on every GPU. On a
-    CPU both places are host memory, so this checks what is asked, not the memory."""
+    """From a whole-state checkpoint (one process's, or any before 2026-12-06) with --shard_optimizer, Accelerate's
+    load_state is asked to read it to the CPU, from which each process keeps its share; without it (several processes)
+    Accelerate would put the whole state on every GPU. On a CPU both places are host memory, so this checks what is
+    asked, not the memory."""
     checkpoint, asked = accumulated_run / "checkpoints" / "step_000008", []
     loader = SimpleNamespace(load_state_dict=lambda state: None)
     accelerator = SimpleNamespace(is_main_process=False, num_processes=1, process_index=0,
                                   load_state=lambda folder, **kwargs: asked.append(kwargs))
     for sharded in (True, False):
-        assert checkpointing.load_checkpoint(accelerator, checkpoint, loader, MAX_STEPS, sharded) == (8, True)
+        assert checkpointing.load_checkpoint(accelerator, checkpoint, loader, MAX_STEPS, None, [], sharded) == (8, True)
     assert asked == [{"map_location": "cpu"}, {}]

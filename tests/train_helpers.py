@@ -136,6 +136,15 @@ def final_weights(output_dir: Path, step: int) -> dict[str, torch.Tensor]:
     return load_file(output_dir / "checkpoints" / f"step_{step:06d}" / "hf" / "model.safetensors")
 
 
+def distributed_state(checkpoint: Path, scratch: Path) -> dict:
+    """A multi-process checkpoint's training state, whole ({"model": ..., "optimizer": {parameter name: state}}), read
+    in this process through torch's own converter (written to `scratch`)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(checkpoint / "distributed_state", scratch)
+    return torch.load(scratch, weights_only=False)
+
+
 @contextlib.contextmanager
 def fresh_accelerate_state():
     """An in-process run of a command builds its own Accelerator: Accelerate's process-wide singletons are cleared
