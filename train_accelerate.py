@@ -9,11 +9,12 @@ micro-batches of (micro_batch_size, seq_len) and DDP averages the gradients once
 The learning rate is set by hand before each optimiser step, so it follows the schedule on any number of
 processes. Every `--eval_every` steps: validation loss over a fixed number of tokens, HellaSwag when its data
 is there, and samples from `generate`. Every `--checkpoint_every` steps and at the end: the full training
-state (for `--resume_from_checkpoint`) and a Hugging Face model folder, written to a temporary folder and
-renamed into place, so a killed run never leaves a half-written checkpoint behind. This file parses the flags into
-settings (gpt2repro/settings.py) and holds the loop; the package holds the pieces: gpt2repro/training.py (the run's
-start, the model, one step), optimization.py (optimisers, LR schedule), launch.py (the Accelerator, precision,
-compile), checkpointing.py and hub.py, evaluation.py, metrics_log.py, run_control.py (errors, Ctrl-C, preemption).
+state (for `--resume_from_checkpoint`; each process writes its share) and a Hugging Face model folder, written to a
+temporary folder and renamed into place, so a killed run never leaves a half-written checkpoint behind. This file
+parses the flags into settings (gpt2repro/settings.py) and holds the loop; the package holds the pieces:
+gpt2repro/training.py (the run's start, the model, one step), optimization.py (optimisers, LR schedule), launch.py
+(the Accelerator, precision, compile), checkpointing.py and sharded_checkpoint.py, hub.py, evaluation.py,
+metrics_log.py, run_control.py (errors, Ctrl-C, preemption).
 """
 from __future__ import annotations
 

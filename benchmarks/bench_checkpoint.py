@@ -48,7 +48,7 @@ def worker(model_name: str, rounds: int, folder: Path) -> None:
     from accelerate import Accelerator
 
     import train_accelerate
-    from gpt2repro import sharded_checkpoint, training
+    from gpt2repro import checkpointing, sharded_checkpoint, training
 
     torch.set_num_threads(1)
     accelerator = Accelerator(cpu=True)
@@ -61,7 +61,8 @@ def worker(model_name: str, rounds: int, folder: Path) -> None:
         sharded_checkpoint.initialise_state(optimizer)
 
     def whole_save(path: Path) -> None:
-        accelerator.save_state(str(path))
+        with checkpointing.tied_head_saved_quietly():
+            accelerator.save_state(str(path))
 
     def whole_load(path: Path) -> None:
         accelerator.load_state(str(path), map_location="cpu")

@@ -10,9 +10,11 @@ torch.optim.Muon orthogonalises every parameter whole, on every process. Two thi
   gradients are the same on every process after DDP's all-reduce, so by default the momentum buffers (cheap,
   elementwise) are kept on all of them and stay equal. With `shard_state` (--shard_optimizer) only the owner keeps a
   matrix's buffer, ~1/N of the state per process, as ZeRO-1 does for AdamW; the weights are the same bits either way.
-  A checkpoint holds the whole state (gathered on rank 0), so a run resumes on any number of processes, with or
-  without sharding. (Its parameter groups differ from torch's Muon's, so a speedrun checkpoint written with
-  torch.optim.Muon, before 2026-12-03, does not resume; its hf/ model folder loads as ever.)
+  A run's checkpoint holds the buffers by matrix name, each written by a process that keeps it
+  (gpt2repro.sharded_checkpoint), so a run resumes on any number of processes, with or without sharding;
+  `state_dict()` is the whole state all the same (gathered on rank 0). (Its parameter groups differ from torch's
+  Muon's, so a speedrun checkpoint written with torch.optim.Muon, before 2026-12-03, does not resume; its hf/ model
+  folder loads as ever.)
 """
 from __future__ import annotations
 
@@ -100,7 +102,7 @@ class Muon(torch.optim.Muon):
 
     def state_dict(self) -> dict[str, Any]:
         """The whole state, as an unsharded Muon's. With `shard_state` a collective (every process calls it, as
-        Accelerate's save_state does): rank 0 receives each buffer from its owner and returns the whole state; the
+        Accelerate's prepare() does): rank 0 receives each buffer from its owner and returns the whole state; the
         others return the groups without a state (only rank 0's is written)."""
         if not self.shard_state:
             return super().state_dict()

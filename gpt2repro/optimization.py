@@ -37,9 +37,11 @@ class ShardedAdamW(ZeroRedundancyOptimizer):
     larger models): each process keeps the two moments of its share of the parameters, updates that share and
     broadcasts it. The update is AdamW's, elementwise, so the weights are those of plain AdamW.
 
-    A checkpoint holds the whole state, as plain AdamW's does: `state_dict()` gathers it on rank 0 (a collective:
-    every process calls it, as Accelerate's save_state does), and `load_state_dict()` keeps this process's share of
-    it, so a run resumes on any number of processes, and with or without sharding."""
+    A run's checkpoint holds each process's share (gpt2repro.sharded_checkpoint writes the inner AdamW's state by
+    parameter name), so a run resumes on any number of processes, with or without sharding. `state_dict()` is the
+    whole state all the same, as plain AdamW's (a collective gathering it on rank 0: every process calls it, as
+    Accelerate's prepare() does), and `load_state_dict()` keeps this process's share of a whole state (one process's
+    checkpoints, and those of several before 2026-12-06)."""
 
     def __init__(self, groups: list[dict], **adamw_options: Any):
         # Not parameters_as_bucket_view (one broadcast per process instead of one per parameter): it makes every
