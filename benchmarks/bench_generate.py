@@ -4,7 +4,7 @@ One measurement = `model.generate` of exactly 128 new tokens (greedy, min_new_to
 16-token prompt, for the 124M model with random weights (GPT2LMHeadModel's, imported into ours with `from_gpt2`).
 Both models run in this process under the same allocator, threads and dtype, interleaved call by call (the machine
 is shared and noisy), at batch 1 and batch 8, in float32 and in the `auto` dtype (bf16 only where the hardware has
-it natively: `hardware.resolve_dtype`; where auto is float32 it is not run twice). Both must generate the same
+it natively: `gpt2repro.launch.resolve_dtype`; where auto is float32 it is not run twice). Both must generate the same
 tokens (float32: an error otherwise; bf16: a note, since the two models may round differently).
 
 Prints the median tokens/s of each model (prompt processing included), their ratio, and the memory-bandwidth

@@ -7,7 +7,7 @@ eager and torch.compile'd, steps interleaved across the variants, medians report
 
 MFU uses each model's training FLOPs per token (6 per parameter that multiplies, plus attention) against
 train_accelerate's peak: the datasheet bf16 figure on A100/H100, on CPU threads x clock x FMA FLOPs per
-cycle (32 on AVX2). The allocator is pinned (hardware.pin_cpu_allocator) for both models alike.
+cycle (32 on AVX2). The allocator is pinned (gpt2repro.launch.pin_cpu_allocator) for both models alike.
 """
 from __future__ import annotations
 
@@ -22,10 +22,9 @@ from accelerate import Accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import optimizers  # noqa: E402
-
 from configuration_gpt2repro import GPT2ReproConfig  # noqa: E402
 from gpt2repro.launch import accelerate_device, peak_flops_per_device, pin_cpu_allocator, resolve_mixed_precision  # noqa: E402
+from gpt2repro.optimization import configure_optimizer  # noqa: E402
 from modeling_gpt2repro import GPT2ReproForCausalLM, training_flops_per_token  # noqa: E402
 
 
@@ -87,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         for compiled in compile_modes:
             torch.manual_seed(args.seed)
             model, loss_fn = build()
-            optimizer = optimizers.configure_optimizer(model, 0.1, (0.9, 0.95), 1e-8, device.type)
+            optimizer = configure_optimizer(model, 0.1, (0.9, 0.95), 1e-8, device.type)
             model, optimizer = accelerator.prepare(model, optimizer)
             step_model = torch.compile(model) if compiled else model
             label = f"{name} ({'compiled' if compiled else 'eager'})"

@@ -29,10 +29,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-import optimizers  # noqa: E402
 from bench_train import build_gpt2repro, build_transformers_gpt2, flops_per_token  # noqa: E402
 
 from gpt2repro.launch import peak_flops_per_device  # noqa: E402
+from gpt2repro.optimization import configure_optimizer  # noqa: E402
 
 
 def time_training_step(build, compiled: bool, batch_size: int, seq_len: int, steps: int) -> dict:
@@ -41,7 +41,7 @@ def time_training_step(build, compiled: bool, batch_size: int, seq_len: int, ste
     device = torch.device("cuda")
     model, loss_fn = build()
     model.to(device)
-    optimizer = optimizers.configure_optimizer(model, 0.1, (0.9, 0.95), 1e-8, device.type)
+    optimizer = configure_optimizer(model, 0.1, (0.9, 0.95), 1e-8, device.type)
     step_model = torch.compile(model) if compiled else model
     x = torch.randint(0, 50257, (batch_size, seq_len), device=device)  # (B, T)
     y = torch.randint(0, 50257, (batch_size, seq_len), device=device)
