@@ -333,8 +333,8 @@ def export_hf(checkpoint: Path) -> None:
         raise CommandError(f"cannot export {checkpoint}: {problem}")
     trained = json.loads((checkpoint / "trainer_state.json").read_text()).get("settings")
     if trained is None:
-        raise CommandError(f"{checkpoint} was written before 2026-12-06, when every checkpoint had its hf/ folder: "
-                           f"use {checkpoint / 'hf'}")
+        raise CommandError(f"{checkpoint} was written by an earlier version, which gave every checkpoint its hf/ "
+                           f"folder: use {checkpoint / 'hf'}")
     settings = TrainSettings.from_flags({**parse_args([]).flags(), **trained})
     folder = checkpointing.export_model_folder(checkpoint, settings, get_tokenizer())
     print(f"model folder {folder} written")

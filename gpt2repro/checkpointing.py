@@ -335,7 +335,7 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path | None, train_loa
     unwrapped module) and `optimizers`; returns (its step, whether that step's evaluation was done), or (0, False) for a
     fresh start (None). A damaged file is one TrainingError naming it. A distributed_state/ is read share by share
     (each process reads what it holds, on any number of processes). Accelerate's training_state/ (one process's, and
-    every checkpoint before 2026-12-06) holds the whole state; with `sharded_optimizer` it is read into host memory,
+    every checkpoint of earlier versions) holds the whole state; with `sharded_optimizer` it is read into host memory,
     from which each process keeps its share, rather than onto every GPU (Accelerate's choice with several processes:
     ~12.5 GB more per GPU at 1558M, where sharding was chosen to make the run fit)."""
     if checkpoint is None:

@@ -41,7 +41,7 @@ class ShardedAdamW(ZeroRedundancyOptimizer):
     parameter name), so a run resumes on any number of processes, with or without sharding. `state_dict()` is the
     whole state all the same, as plain AdamW's (a collective gathering it on rank 0: every process calls it, as
     Accelerate's prepare() does), and `load_state_dict()` keeps this process's share of a whole state (one process's
-    checkpoints, and those of several before 2026-12-06)."""
+    checkpoints, and those of several written by earlier versions)."""
 
     def __init__(self, groups: list[dict], **adamw_options: Any):
         # Not parameters_as_bucket_view (one broadcast per process instead of one per parameter): it makes every

@@ -1,6 +1,6 @@
 """gpt2repro.sharded_checkpoint on 2 gloo processes with --shard_optimizer (ZeRO's AdamW): resuming reads each
 process's share only, so its peak host memory stays below that of reading the whole state (what Accelerate's
-load_state does with a checkpoint written before 2026-12-06), and both give the same state."""
+load_state does with a checkpoint of an earlier version), and both give the same state."""
 from __future__ import annotations
 
 import json
@@ -35,7 +35,7 @@ def resume_worker(rank: int, port: int, folder: Path) -> None:
         for state in holder.state.values():  # a state that is not zeros, so that a wrong read shows
             for value in state.values():
                 value.normal_()
-        whole = optimizer.state_dict()  # gathered on rank 0: the file a checkpoint before 2026-12-06 held
+        whole = optimizer.state_dict()  # gathered on rank 0: the file a checkpoint of an earlier version held
         if rank == 0:
             torch.save({"model": model.state_dict(), "optimizer": whole}, folder / "whole.pt")
         sharded_checkpoint.save(folder / "sharded", model, [optimizer], with_optimizers=True)

@@ -359,8 +359,8 @@ def test_shard_optimizer_gives_the_same_weights_and_resumes_on_any_world_size(wo
     assert [r["step"] for r in resumed_train] == [r["step"] for r in sharded_train] == list(range(4, STEPS))
     assert [r["loss"] for r in resumed_train] == pytest.approx([r["loss"] for r in sharded_train], rel=1e-5)
     assert [r["grad_norm"] for r in resumed_train] == pytest.approx([r["grad_norm"] for r in sharded_train], rel=1e-3)
-    # a whole-state checkpoint (one process's: every checkpoint's format before 2026-12-06) resumed on 2 processes with
-    # the state split: each keeps its share of what it reads
+    # a whole-state checkpoint (one process's: every checkpoint's format in earlier versions) resumed on 2 processes
+    # with the state split: each keeps its share of what it reads
     run_training(run + ["--output_dir", str(tmp_path / "from_one"), "--shard_optimizer", "--resume_from_checkpoint",
                         str(tmp_path / "resumed_1" / "checkpoints" / "step_000006")], processes=2)
     from_one, one_train = records(tmp_path / "from_one", "train"), records(tmp_path / "resumed_1", "train")[2:]

@@ -264,7 +264,7 @@ def test_checkpoint_loads_with_automodel_in_a_fresh_process(accumulated_run, tmp
 
 
 def test_a_sharded_optimizer_reads_the_whole_state_into_host_memory(accumulated_run):
-    """From a whole-state checkpoint (one process's, or any before 2026-12-06) with --shard_optimizer, Accelerate's
+    """From a whole-state checkpoint (one process's, or any of an earlier version) with --shard_optimizer, Accelerate's
     load_state is asked to read it to the CPU, from which each process keeps its share; without it (several processes)
     Accelerate would put the whole state on every GPU. On a CPU both places are host memory, so this checks what is
     asked, not the memory."""
