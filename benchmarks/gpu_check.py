@@ -1,13 +1,22 @@
-"""The GPU path in one command (about 8 minutes on one H100/H200; not part of CI, which has no GPU):
+"""The GPU path in one command, the whole one-GPU journey (about 8 minutes on one H100/H200; not part of CI, which has
+no GPU):
 
 1. GPT-2 124M training steps at B x T = 16 x 1024, bf16: gpt2repro eager and compiled, transformers' GPT2LMHeadModel
    compiled (bench_train.py's step): tokens/s, MFU against gpt2repro/launch.py's datasheet peak, peak memory,
    compile time.
 2. 30 optimiser steps of `train_accelerate.py --preset gpt2-124m` and of `--preset speedrun-124m` on the embedded corpus
-   (prepared on the way, ~1M tokens): the exit status, the first and last losses, and the samples it printed.
-3. On a machine with 2 GPUs or more, the gpt2-124m run again through the README's DDP launch line
+   (prepared on the way, ~1M tokens), with the evaluation at the end (val loss, HellaSwag, samples) and its
+   checkpoint; then each run resumed from that checkpoint for 10 steps more: the exit statuses, the losses, the
+   samples it printed.
+3. The gpt2-124m run's hf/ folder loaded with AutoModelForCausalLM on the GPU: greedy generation with the dynamic
+   cache, transformers' StaticCache, and the StaticCache with the decoding step compiled: tokens/s and whether the
+   tokens agree; then `eval_hellaswag.py` on it.
+4. On a machine with 2 GPUs or more, the gpt2-124m run again through the README's DDP launch line
    (accelerate_configs/8gpu_ddp_bf16.yaml with --num_processes 2): compiled DDP, as `auto` runs it. With one GPU the
    table says it could not run.
+
+The device machine reaches no network, so HellaSwag is 40 made-up examples in its schema (`synthetic_hellaswag`):
+they check the scoring path on CUDA, not the model's knowledge.
 
     python benchmarks/gpu_check.py --output_dir $OUT       # gpu_check.md and gpu_check.json go there
 
@@ -17,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import subprocess
 import sys
@@ -29,6 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from bench_generate import cache_kwargs  # noqa: E402
 from bench_train import build_gpt2repro, build_transformers_gpt2, flops_per_token  # noqa: E402
 
 from gpt2repro.launch import peak_flops_per_device  # noqa: E402
@@ -68,28 +79,85 @@ def time_training_step(build, compiled: bool, batch_size: int, seq_len: int, ste
     return result
 
 
-def run_preset(preset: str, data_dir: Path, output_dir: Path, steps: int, processes: int = 1) -> dict:
-    """`steps` optimiser steps of a GPU preset on the embedded corpus, on one GPU or `processes` through the README's
-    DDP launch line; its exit status, losses and samples."""
+def synthetic_hellaswag(path: Path, count: int = 40) -> Path:
+    """`count` HellaSwag examples in the original jsonl schema, made up of random words (see the module's note)."""
+    rng = random.Random(0)
+    words = "a the man woman dog ball kitchen street water runs jumps cooks reads throws slowly quickly away".split()
+    with open(path, "w") as f:
+        for i in range(count):
+            ctx_a, ctx_b = " ".join(rng.choices(words, k=12)).capitalize() + ".", rng.choice(words).capitalize()
+            endings = [" ".join(rng.choices(words, k=rng.randint(3, 9))) + "." for _ in range(4)]
+            f.write(json.dumps({"ind": i, "activity_label": "Synthetic", "ctx_a": ctx_a, "ctx_b": ctx_b,
+                                "ctx": f"{ctx_a} {ctx_b}", "split": "val", "split_type": "indomain", "label": i % 4,
+                                "source_id": f"synthetic~{i}", "endings": endings}) + "\n")
+    return path
+
+
+def run_preset(preset: str, data_dir: Path, hellaswag_file: Path, output_dir: Path, steps: int, processes: int = 1,
+               resume: bool = False) -> dict:
+    """`steps` optimiser steps of a GPU preset on the embedded corpus, evaluated and checkpointed at the end, on one
+    GPU or `processes` through the README's DDP launch line; with `resume`, 10 steps more from that checkpoint. Its
+    exit status, the losses of the steps it trained, and the last evaluation."""
     launcher = [] if processes == 1 else ["-m", "accelerate.commands.launch", "--config_file",
                                           str(REPO / "accelerate_configs" / "8gpu_ddp_bf16.yaml"), "--num_processes",
                                           str(processes)]
+    max_steps = steps + 10 if resume else steps
     command = [sys.executable, *launcher, str(REPO / "train_accelerate.py"), "--preset", preset,
-               "--data_dir", str(data_dir), "--output_dir", str(output_dir), "--max_steps", str(steps),
+               "--data_dir", str(data_dir), "--output_dir", str(output_dir), "--max_steps", str(max_steps),
                "--eval_every", str(steps), "--checkpoint_every", str(steps), "--val_tokens", str(2**16),
-               "--no-hellaswag"]
+               "--hellaswag_file", str(hellaswag_file), *(["--resume_from_checkpoint", "latest"] if resume else [])]
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     metrics = output_dir / "metrics.jsonl"
     records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
-    train = [r for r in records if r["type"] == "train"]
+    first_step = steps if resume else 0
+    train = [r for r in records if r["type"] == "train" and r["step"] >= first_step]
     evals = [r for r in records if r["type"] == "eval"]
     return {"exit_status": result.returncode, "seconds": seconds, "steps": len(train),
             "first_loss": train[0]["loss"] if train else None, "last_loss": train[-1]["loss"] if train else None,
             "val_losses": [r["val_loss"] for r in evals], "samples": evals[-1].get("samples", []) if evals else [],
+            "hellaswag_acc_norm": evals[-1].get("hellaswag_acc_norm") if evals else None,
             "tokens_per_sec": statistics.median(r["tokens_per_sec"] for r in train[5:]) if len(train) > 5 else None,
             "mfu": statistics.median(r.get("mfu", 0.0) for r in train[5:]) if len(train) > 5 else None,
+            "stderr_tail": result.stderr[-2000:] if result.returncode else ""}
+
+
+def generation_on_gpu(folder: Path, new_tokens: int = 128, reps: int = 3) -> dict:
+    """Greedy generation of `new_tokens` after GPT-2's "Hello, I'm a language model," by the hf/ folder in `folder`,
+    loaded as users load it, in bf16 on the GPU: per KV cache (bench_generate.py's variants) the median tokens/s, the
+    first call's seconds (compilation included) and whether its tokens are the dynamic cache's."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.bfloat16).cuda().eval()
+    prompt = torch.tensor([[15496, 11, 314, 1101, 257, 3303, 2746, 11]], device="cuda")
+    kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, "pad_token_id": 50256,
+              "attention_mask": torch.ones_like(prompt)}
+    results, reference = {}, None
+    for cache in ("dynamic", "static", "static_compiled"):
+        times = []
+        for _ in range(reps + 1):  # the first call warms up (and compiles)
+            start = time.perf_counter()
+            tokens = model.generate(prompt, **kwargs, **cache_kwargs(cache))
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        reference = tokens if reference is None else reference
+        results[cache] = {"tokens_per_sec": new_tokens / statistics.median(times[1:]), "first_call_s": times[0],
+                          "same_tokens": torch.equal(tokens, reference)}
+    del model
+    torch.cuda.empty_cache()
+    return results
+
+
+def hellaswag_on_gpu(folder: Path, hellaswag_file: Path, output: Path) -> dict:
+    """`eval_hellaswag.py` on the hf/ folder in `folder` (the GPU, auto dtype): its exit status, accuracy and time."""
+    command = [sys.executable, str(REPO / "eval_hellaswag.py"), "--model", str(folder), "--data_file",
+               str(hellaswag_file), "--output_json", str(output)]
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True)
+    report = json.loads(output.read_text()) if result.returncode == 0 else {}
+    return {"exit_status": result.returncode, "seconds": time.perf_counter() - start,
+            "acc_norm": report.get("acc_norm"), "count": report.get("count"),
             "stderr_tail": result.stderr[-2000:] if result.returncode else ""}
 
 
@@ -115,15 +183,22 @@ def main(argv: list[str] | None = None) -> None:
         report["steps"][label] = time_training_step(build, compiled, args.batch_size, args.seq_len, args.steps)
         print(label, report["steps"][label], flush=True)
 
-    data_dir = output_dir / "kjv"
+    data_dir, hellaswag_file = output_dir / "kjv", synthetic_hellaswag(output_dir / "hellaswag_synthetic.jsonl")
     subprocess.run([sys.executable, str(REPO / "prepare_data.py"), "--dataset", "embedded", "--output_dir",
                     str(data_dir)], check=True, capture_output=True)
     for preset in ("gpt2-124m", "speedrun-124m"):
-        report["presets"][preset] = run_preset(preset, data_dir, output_dir / preset, args.preset_steps)
-        print(preset, {k: v for k, v in report["presets"][preset].items() if k != "samples"}, flush=True)
+        for label, resume in ((preset, False), (f"{preset}, resumed for 10 steps", True)):
+            report["presets"][label] = run_preset(preset, data_dir, hellaswag_file, output_dir / preset,
+                                                  args.preset_steps, resume=resume)
+            print(label, {k: v for k, v in report["presets"][label].items() if k != "samples"}, flush=True)
+    hf = output_dir / "gpt2-124m" / "checkpoints" / f"step_{args.preset_steps + 10:06d}" / "hf"
+    if hf.is_dir():
+        report["generation"] = generation_on_gpu(hf)
+        report["eval_hellaswag"] = hellaswag_on_gpu(hf, hellaswag_file, output_dir / "hellaswag.json")
+        print("generation", report["generation"], "\neval_hellaswag", report["eval_hellaswag"], flush=True)
     ddp_label = "gpt2-124m, 2 GPUs (8gpu_ddp_bf16.yaml, --num_processes 2)"
     if torch.cuda.device_count() >= 2:
-        report["presets"][ddp_label] = run_preset("gpt2-124m", data_dir, output_dir / "gpt2-124m-ddp",
+        report["presets"][ddp_label] = run_preset("gpt2-124m", data_dir, hellaswag_file, output_dir / "gpt2-124m-ddp",
                                                   args.preset_steps, processes=2)
         print(ddp_label, {k: v for k, v in report["presets"][ddp_label].items() if k != "samples"}, flush=True)
 
@@ -135,15 +210,26 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(f"| {label} | {r['tokens_per_sec']:,.0f} | {mfu} | {r['peak_memory_gib']:.1f} GiB "
                      f"| {r['first_step_s']:.1f} s |")
     lines += ["", f"| preset, {args.preset_steps} steps on the embedded corpus | exit | loss first -> last | val loss "
-                  f"| tokens/s | MFU | wall-clock |", "|---|---|---|---|---|---|---|"]
+                  f"| HellaSwag (synthetic) | tokens/s | MFU | wall-clock |", "|---|---|---|---|---|---|---|---|"]
     for preset, r in report["presets"].items():
         losses = f"{r['first_loss']:.3f} -> {r['last_loss']:.3f}" if r["last_loss"] is not None else "none"
         throughput = f"{r['tokens_per_sec']:,.0f}" if r["tokens_per_sec"] else "n/a"
         mfu = f"{r['mfu']:.1%}" if r["mfu"] else "n/a"
-        lines.append(f"| {preset} | {r['exit_status']} | {losses} | {r['val_losses']} | {throughput} | {mfu} "
-                     f"| {r['seconds']:.0f} s |")
+        hellaswag = f"{r['hellaswag_acc_norm']:.3f}" if r["hellaswag_acc_norm"] is not None else "n/a"
+        lines.append(f"| {preset} | {r['exit_status']} | {losses} | {r['val_losses']} | {hellaswag} | {throughput} "
+                     f"| {mfu} | {r['seconds']:.0f} s |")
     if ddp_label not in report["presets"]:
-        lines.append(f"| {ddp_label} | not run: this machine has {torch.cuda.device_count()} GPU | | | | | |")
+        lines.append(f"| {ddp_label} | not run: this machine has {torch.cuda.device_count()} GPU | | | | | | |")
+    if "generation" in report:
+        lines += ["", "| gpt2-124m hf/ folder, greedy, 128 new tokens, bf16 | tokens/s | first call | tokens as "
+                      "dynamic's |", "|---|---|---|---|"]
+        lines += [f"| generate, {cache} cache | {g['tokens_per_sec']:,.0f} | {g['first_call_s']:.1f} s | "
+                  f"{'yes' if g['same_tokens'] else 'NO'} |" for cache, g in report["generation"].items()]
+        h = report["eval_hellaswag"]
+        lines += ["", f"eval_hellaswag.py on the gpt2-124m hf/ folder: exit {h['exit_status']}, acc_norm "
+                      f"{h['acc_norm']} over {h['count']} synthetic examples, {h['seconds']:.0f} s", h["stderr_tail"]]
+    else:
+        lines += ["", f"no hf/ folder at {hf}: generation and eval_hellaswag.py not run"]
     for preset, r in report["presets"].items():
         lines += ["", *(f"{preset} sample: {text!r}" for text in r["samples"]), r["stderr_tail"]]
     table = "\n".join(lines)
