@@ -166,6 +166,13 @@ def loss_bytes(model: GPT2ReproForCausalLM, run: PlannedRun, micro_batch_size: i
     return 4 * vocab * width + rows * vocab * (4 + matmul_bytes) + head_copy
 
 
+def fsdp_state_bytes(model: torch.nn.Module, world_size: int) -> tuple[int, int]:
+    """(fp32 weights, AdamW state) of the busiest process under FSDP: its rows of every parameter, their two moments,
+    and a 4-byte step per tensor."""
+    share = sum(fsdp_share(p, world_size) for p in model.parameters())
+    return 4 * share, 8 * share + 4 * len(list(model.parameters()))
+
+
 def plan(run: PlannedRun, world_size: int, micro_batch_size: int | None = None) -> dict[str, int]:
     """Bytes per process, by part, with the settings in `run`, at their micro-batch unless another is given."""
     micro_batch_size = run.micro_batch_size if micro_batch_size is None else micro_batch_size
@@ -173,14 +180,14 @@ def plan(run: PlannedRun, world_size: int, micro_batch_size: int | None = None) 
     parameters = sum(p.numel() for p in model.parameters())
     block_matrices = sum(p.numel() for p in model.transformer.h.parameters() if p.dim() == 2)
     if run.fsdp:
-        share = sum(fsdp_share(p, world_size) for p in model.parameters())
+        weights, optimizer_state = fsdp_state_bytes(model, world_size)
         accumulating = run.total_batch_size > micro_batch_size * run.seq_len * world_size
         return {
-            "weights (fp32, FSDP share)": 4 * share,
-            "gradients (fp32, FSDP share)": 4 * share,
+            "weights (fp32, FSDP share)": weights,
+            "gradients (fp32, FSDP share)": weights,
             # with accumulation FSDP keeps every gradient whole (fp32) between micro-steps, reduce-scattered at the last
             "whole gradients, accumulating": 4 * parameters if accumulating else 0,
-            "optimiser state (FSDP share)": 8 * share + 4 * len(list(model.parameters())),
+            "optimiser state (FSDP share)": optimizer_state,
             "weights gathered by FSDP": fsdp_gathered_bytes(model),
             "bf16 weight copies (autocast)": 2 * block_matrices if run.mixed_precision == "bf16" else 0,
             "activations": activation_bytes(model, run, micro_batch_size, run.gradient_checkpointing),
@@ -211,8 +218,7 @@ def checkpoint_bytes(model: GPT2ReproForCausalLM, run: PlannedRun, world_size: i
     share plus the largest tensor. The few-KB files are left out."""
     parameters = list(model.parameters())
     if run.fsdp:
-        share = sum(fsdp_share(p, world_size) for p in parameters)
-        return 4 * share + 8 * share + 4 * len(parameters)
+        return sum(fsdp_state_bytes(model, world_size))
     whole = 4 * sum(p.numel() for p in parameters) + optimizer_state_bytes(model, run)
     if world_size == 1:
         return whole
