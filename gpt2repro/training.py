@@ -206,13 +206,14 @@ def prepare_model(accelerator: Accelerator, settings: TrainSettings,
     """The model and optimisers as Accelerate prepared them (DDP or FSDP), compiled as `resolved` says, and the plain
     module beside them that evaluation, sampling and saving use."""
     model, optimizers = build_model(settings, accelerator.device, accelerator.num_processes)
-    if resolved.compile == "on" and not resolved.fsdp:  # before DDP wraps it: see compile_for_training
-        compile_for_training(model, compile_kwargs())
+    compiling = compile_kwargs() if resolved.compile == "on" else None
+    if compiling and not resolved.fsdp:  # before DDP wraps it: see compile_for_training
+        compile_for_training(model, compiling)
     model, *optimizers = accelerator.prepare(model, *optimizers)
     raw_model = accelerator.unwrap_model(model)
-    if resolved.compile == "on" and resolved.fsdp:  # inside the FSDP modules prepare made
+    if compiling and resolved.fsdp:  # inside the FSDP modules prepare made
         for block in raw_model.transformer.h:
-            compile_for_training(block, compile_kwargs())
+            compile_for_training(block, compiling)
     return model, optimizers, raw_model
 
 
