@@ -308,7 +308,7 @@ def train(settings: TrainSettings) -> Path | None:
     finally:
         close_run(train_batches, progress, signals, metrics)
     if is_main and checkpoints.latest is not None:
-        tqdm.write(f"done: model folder {checkpoints.latest / 'hf'}")
+        tqdm.write(checkpointing.model_folder_line(checkpoints.latest))
     return checkpoints.latest
 
 

@@ -78,8 +78,8 @@ def cache_kwargs(cache: str) -> dict:
     """generate()'s arguments for one KV cache variant of --caches."""
     if cache == "dynamic":
         return {}
-    if cache == "static":
-        return {"cache_implementation": "static"}
+    if cache == "static":  # generate() would compile a static cache's step by itself on a GPU (transformers 5.x)
+        return {"cache_implementation": "static", "disable_compile": True}
     compile_config = CompileConfig(fullgraph=True)  # a graph break in the decoding step is an error, not a slowdown
     compile_config._compile_all_devices = True  # transformers compiles on accelerators only unless told
     return {"cache_implementation": "static", "compile_config": compile_config}

@@ -1,5 +1,5 @@
-"""The GPU path in one command, the whole one-GPU journey (about 8 minutes on one H100/H200; not part of CI, which has
-no GPU):
+"""The GPU path in one command, the whole one-GPU journey (about 10 minutes on one H100/H200, estimated from earlier
+runs of its parts; not part of CI, which has no GPU):
 
 1. GPT-2 124M training steps at B x T = 16 x 1024, bf16: gpt2repro eager and compiled, transformers' GPT2LMHeadModel
    compiled (bench_train.py's step): tokens/s, MFU against gpt2repro/launch.py's datasheet peak, peak memory,
@@ -9,8 +9,8 @@ no GPU):
    checkpoint; then each run resumed from that checkpoint for 10 steps more: the exit statuses, the losses, the
    samples it printed.
 3. The gpt2-124m run's hf/ folder loaded with AutoModelForCausalLM on the GPU: greedy generation with the dynamic
-   cache, transformers' StaticCache, and the StaticCache with the decoding step compiled: tokens/s and whether the
-   tokens agree; then `eval_hellaswag.py` on it.
+   cache, transformers' StaticCache (generate's own compile turned off), and the StaticCache with the decoding step
+   compiled whole: tokens/s and whether the tokens agree; then `eval_hellaswag.py` on it.
 4. On a machine with 2 GPUs or more, the gpt2-124m run again through the README's DDP launch line
    (accelerate_configs/8gpu_ddp_bf16.yaml with --num_processes 2): compiled DDP, as `auto` runs it. With one GPU the
    table says it could not run.

@@ -182,6 +182,14 @@ def save_checkpoint(accelerator: Accelerator, model, optimizers: list[torch.opti
     return final
 
 
+def model_folder_line(checkpoint: Path) -> str:
+    """A finished run's last line: its model folder, or how to write one where the checkpoint has none (a run resumed
+    from a preemption checkpoint already at --max_steps)."""
+    if (checkpoint / "hf").is_dir():
+        return f"done: model folder {checkpoint / 'hf'}"
+    return f"done: {checkpoint} holds the training state alone; write its model folder with --export_hf {checkpoint}"
+
+
 def export_model_folder(checkpoint: Path, settings: TrainSettings, tokenizer) -> Path:
     """Write `checkpoint`'s hf/ folder (a preemption checkpoint has none) from its training state, whatever the number
     of processes that wrote it, in this process alone; `settings`: those it was trained with (checkpoint_problem has
@@ -195,15 +203,20 @@ def export_model_folder(checkpoint: Path, settings: TrainSettings, tokenizer) ->
     except Exception as error:  # whatever DCP or safetensors raise on a damaged or missing file
         raise CommandError(f"cannot read the weights of {checkpoint}: {first_line(error)}") from None
     step, output_dir = state["step"], checkpoint.parent.parent
-    temporary, final = checkpoint / "tmp_hf", checkpoint / "hf"
-    shutil.rmtree(temporary, ignore_errors=True)
-    save_hf_folder(plain_model(settings.model.config(), weights), tokenizer, temporary, settings,
-                   Resolved(**state["resolved"]), step, state["tokens_seen"],
-                   records_up_to(output_dir / "metrics.jsonl", step))
-    fsync_tree(temporary)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(temporary, final)
-    fsync_folder(checkpoint)
+    temporary, final, old = checkpoint / "tmp_hf", checkpoint / "hf", checkpoint / "old_hf"
+    try:
+        shutil.rmtree(temporary, ignore_errors=True)
+        save_hf_folder(plain_model(settings.model.config(), weights), tokenizer, temporary, settings,
+                       Resolved(**state["resolved"]), step, state["tokens_seen"],
+                       records_up_to(output_dir / "metrics.jsonl", step))
+        fsync_tree(temporary)
+        if final.exists():  # set aside, not deleted, until the new one is in place
+            os.replace(final, old)
+        os.replace(temporary, final)
+        fsync_folder(checkpoint)
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as error:
+        raise CommandError(f"cannot write {final}: {first_line(error)}") from None
     return final
 
 

@@ -213,16 +213,20 @@ def detected_device_memory() -> int | None:
 def checkpoint_bytes(model: GPT2ReproForCausalLM, run: PlannedRun, world_size: int) -> int:
     """What the busiest process writes for a preemption checkpoint: the training state (fp32 weights and the optimiser
     state), no hf/ folder. One process writes all of it. Several write their shares in parallel
-    (gpt2repro.sharded_checkpoint): under FSDP each its shard; under DDP, DCP spreads the whole state over them (each
-    tensor once, greedily by size, --shard_optimizer's shares where they are), so the busiest writes at most the average
-    share plus the largest tensor. The few-KB files are left out."""
+    (gpt2repro.sharded_checkpoint): under FSDP each its shard; under DDP, DCP writes each tensor that every process
+    holds once, handing them out greedily by size, so the busiest writes at most the average share plus the largest
+    tensor; with --shard_optimizer, to its share of the weights that way each adds the optimiser state it keeps alone
+    (ZeRO's split is greedy too: at most the average plus the largest parameter's moments). The few-KB files are
+    left out."""
     parameters = list(model.parameters())
     if run.fsdp:
         return sum(fsdp_state_bytes(model, world_size))
-    whole = 4 * sum(p.numel() for p in parameters) + optimizer_state_bytes(model, run)
+    weights, largest = 4 * sum(p.numel() for p in parameters), 4 * max(p.numel() for p in parameters)
     if world_size == 1:
-        return whole
-    return whole // world_size + 4 * max(p.numel() for p in parameters)
+        return weights + optimizer_state_bytes(model, run)
+    if run.shard_optimizer:
+        return weights // world_size + largest + optimizer_state_bytes(model, run, world_size) + 2 * largest
+    return (weights + optimizer_state_bytes(model, run)) // world_size + largest
 
 
 def preemption_lines(model: GPT2ReproForCausalLM, run: PlannedRun, world_size: int, write_bandwidth: int) -> list[str]:

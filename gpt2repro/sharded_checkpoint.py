@@ -6,8 +6,11 @@ What each process holds, and so writes and reads:
   writes each tensor once, spreading them over the processes (its save plans are deduplicated by size).
 - --shard_optimizer: the optimiser state of this process's parameters only (ZeRO's AdamW) or matrices (Muon's).
 - FSDP: this process's shard of every weight and of its optimiser state (DTensors; DCP reshards them on load).
-Nothing is gathered on one process, so a checkpoint's time and memory are ~1/N of the whole state per process. The
-tensors handed to DCP are the live weights and optimiser state themselves: a load writes into them in place.
+Nothing is gathered on one process: each writes ~1/N of the whole state. On resume each reads what it holds (under
+DDP without --shard_optimizer, the whole state; with it, the whole weights and its optimiser share). The tensors handed
+to DCP are the live weights and optimiser state themselves: a load writes into them in place. Only the state tensors
+are kept: the optimisers' hyperparameters (betas, eps, weight decay, momentum) come from the flags of the resumed
+run, as its learning rates do.
 
 No random-number state is kept: training draws none (no dropout; the data order comes from --seed and the epoch, and
 evaluation's samples from a seed of their own)."""
@@ -54,8 +57,8 @@ def initialise_state(optimizer: torch.optim.Optimizer) -> None:
 def training_state(model: GPT2ReproForCausalLM, optimizers: list[torch.optim.Optimizer],
                    with_optimizers: bool) -> dict[str, dict]:
     """{"model": {weight name: tensor}, "optimizer": {parameter name: {"exp_avg": ..., ...}}}: this process's live
-    tensors, the tied head once (it is the embedding matrix). `model` is the module itself (under DDP the wrapped one,
-    under FSDP the sharded one); optimisers hold disjoint parameters, so the parameter's name keys its state."""
+    tensors, the tied head once (it is the embedding matrix). `model` is the unwrapped module (under FSDP the sharded
+    one); optimisers hold disjoint parameters, so the parameter's name keys its state."""
     weights = model.state_dict()
     if model.config.tie_word_embeddings:
         weights.pop("lm_head.weight")
