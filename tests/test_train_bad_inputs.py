@@ -211,3 +211,27 @@ def test_ctrl_c_is_one_line_naming_how_to_continue(finished_run, tmp_path):
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: interrupted at step ") and "--resume_from_checkpoint latest" in last
     assert str(output_dir / "checkpoints") in last
+
+
+def test_export_hf_refuses_what_it_cannot_export_in_one_line(run_copy, capsys):
+    """--export_hf of no checkpoint, and of one written by an earlier version (its trainer_state.json keeps the flags
+    as "args"; every such checkpoint has its hf/ folder): one line each, nothing written."""
+    run, _ = run_copy
+    status, _, err = run_main(train_accelerate.main, ["--export_hf", str(run)], capsys)
+    assert_refused(status, err, f"cannot export {run}: it has no trainer_state.json (not a checkpoint folder)")
+    checkpoint = run / "checkpoints" / "step_000004"
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state["args"] = state.pop("settings")
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    before = tree_checksums(run)
+    status, _, err = run_main(train_accelerate.main, ["--export_hf", str(checkpoint)], capsys)
+    assert_refused(status, err, f"{checkpoint} was written by an earlier version", f"use {checkpoint / 'hf'}")
+    assert tree_checksums(run) == before
+
+
+def test_a_run_ending_on_a_checkpoint_without_its_model_folder_says_how_to_write_one(tmp_path):
+    (tmp_path / "hf").mkdir()
+    assert checkpointing.model_folder_line(tmp_path) == f"done: model folder {tmp_path / 'hf'}"
+    (tmp_path / "hf").rmdir()
+    assert checkpointing.model_folder_line(tmp_path) == (f"done: {tmp_path} holds the training state alone; write its "
+                                                         f"model folder with --export_hf {tmp_path}")
