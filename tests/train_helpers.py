@@ -76,9 +76,9 @@ def free_port() -> int:
 def gloo_worker(rank: int, port: int, world_size: int = 2):
     """The body of a torch.multiprocessing worker in a gloo process group of `world_size` on this machine. On success
     every process passes a last barrier (none leaves while a peer still receives: gloo aborts it), the group is torn
-    down and the process ends at once, skipping the interpreter's and C++'s exit-time teardown, where gloo's
-    threads once aborted a finished worker ("terminate called without an active exception", SIGABRT: 1 CI run in
-    ~30). An error propagates as usual: torch.multiprocessing reports its traceback."""
+    down and the process ends at once, skipping the interpreter's and C++'s exit-time teardown, where a finished
+    worker once aborted in CI ("terminate called without an active exception", SIGABRT). An error propagates as
+    usual: torch.multiprocessing reports its traceback."""
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
