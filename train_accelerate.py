@@ -33,6 +33,7 @@ from gpt2repro import checkpointing, memory_plan
 from gpt2repro.cli import CommandError, run_command
 from gpt2repro.data_loader import BatchPrefetcher
 from gpt2repro.evaluation import RECIPE_VAL_TOKENS, run_evaluation
+from gpt2repro.hub import HUB_STRATEGIES
 from gpt2repro.launch import (
     build_accelerator,
     check_fsdp_launch,
@@ -178,9 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     ckpt = parser.add_argument_group("checkpoints and the Hub")
     ckpt.add_argument("--checkpoint_every", type=int, default=1000, help="steps between checkpoints (+ one at the end)")
     ckpt.add_argument("--keep_checkpoints", type=int, default=2, help="keep only the newest N checkpoints")
-    ckpt.add_argument("--resume_from_checkpoint", metavar="latest|PATH",
-                      help="continue a run exactly: 'latest' in --output_dir (a fresh start when there is none) "
-                           "or a checkpoint folder")
+    ckpt.add_argument("--resume_from_checkpoint", metavar="latest|PATH|OWNER/NAME[@REVISION]",
+                      help="continue a run exactly: 'latest' in --output_dir (a fresh start when there is none), "
+                           "a checkpoint folder, or a Hub repository's last-checkpoint/ (pushed with --hub_strategy "
+                           "checkpoint) at a revision: a branch, a step's tag (step_001000) or a commit")
     ckpt.add_argument("--save_on_signals", default="SIGTERM,SIGUSR1",
                       help="signals on which every process finishes its step, a checkpoint is written and the run "
                            f"exits with status {EXIT_PREEMPTED} (clusters send SIGTERM to preempt; SLURM's "
@@ -188,8 +190,16 @@ def build_parser() -> argparse.ArgumentParser:
     ckpt.add_argument("--ddp_timeout", type=int, default=1800,
                       help="seconds a process waits in a collective (e.g. for rank 0 writing a checkpoint) before the "
                            "job fails")
-    ckpt.add_argument("--push_to_hub", action="store_true", help="upload each checkpoint's hf/ in the background")
+    ckpt.add_argument("--push_to_hub", action="store_true",
+                      help="upload checkpoints in the background, each tagged step_NNNNNN (see --hub_strategy)")
     ckpt.add_argument("--hub_model_id", help="Hub repository for --push_to_hub, e.g. user/gpt2-124m-repro")
+    ckpt.add_argument("--hub_strategy", choices=HUB_STRATEGIES,
+                      help="what --push_to_hub uploads, as transformers' Trainer: 'end' the final model; 'every_save' "
+                           "(default) the model at every checkpoint; 'checkpoint' also the training state, to "
+                           "last-checkpoint/, which --resume_from_checkpoint OWNER/NAME resumes from; "
+                           "'all_checkpoints' also every step's state, to checkpoints/step_NNNNNN/")
+    ckpt.add_argument("--hub_private_repo", action="store_true",
+                      help="create the --hub_model_id repository private (an existing one keeps its visibility)")
     ckpt.add_argument("--export_hf", metavar="CHECKPOINT",
                       help="write the hf/ model folder of a checkpoint (a preemption checkpoint has none) from its "
                            "training state, with the settings it was trained with, in one process, and exit")
@@ -228,6 +238,10 @@ def parse_args(argv: list[str] | None = None) -> TrainSettings:
         parser.error(f"--cooldown_frac must be between 0 and 1, got {flags['cooldown_frac']}")
     if flags["push_to_hub"] and not flags["hub_model_id"]:
         parser.error("--push_to_hub needs --hub_model_id (e.g. your-name/gpt2-124m-repro)")
+    for name in ("hub_strategy", "hub_private_repo"):
+        if flags[name] and not flags["push_to_hub"]:
+            parser.error(f"--{name} is for --push_to_hub, which is not set")
+    flags["hub_strategy"] = flags["hub_strategy"] or "every_save"
     return TrainSettings.from_flags(flags)
 
 

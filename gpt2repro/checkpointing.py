@@ -177,7 +177,7 @@ def save_checkpoint(accelerator: Accelerator, model, optimizers: list[torch.opti
         fsync_folder(root)
         prune_checkpoints(Path(settings.data.output_dir), settings.checkpoint.keep_checkpoints, pusher)
         if pusher is not None and model_folder:
-            pusher.push(final / "hf", f"step {step}: {tokens_seen:,} tokens")
+            pusher.push(final, f"step {step}: {tokens_seen:,} tokens", last=step == settings.schedule.max_steps)
     accelerator.wait_for_everyone()
     return final
 
@@ -265,9 +265,9 @@ def prune_checkpoints(output_dir: Path, keep: int, pusher: HubPusher | None) -> 
     upload slower than the process-group timeout would abort the job)."""
     for old in list_checkpoints(output_dir)[:-keep]:
         if pusher is not None:
-            if pusher.busy(old / "hf"):
+            if pusher.busy(old):
                 continue
-            for failure in pusher.wait(old / "hf"):  # done: only collects its outcome
+            for failure in pusher.wait(old):  # done: only collects its outcome
                 tqdm.write(f"warning: {failure}")
         shutil.rmtree(old)
 

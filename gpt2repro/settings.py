@@ -111,6 +111,8 @@ class CheckpointSettings:
     save_on_signals: tuple[str, ...]  # signal names, e.g. ("SIGTERM", "SIGUSR1")
     push_to_hub: bool
     hub_model_id: str | None
+    hub_strategy: str  # one of gpt2repro.hub.HUB_STRATEGIES
+    hub_private_repo: bool
     export_hf: str | None  # a checkpoint folder: write its hf/ and exit
 
     def signals(self) -> list[signal.Signals]:

@@ -20,7 +20,7 @@ from gpt2repro.cli import check_writable_folder
 from gpt2repro.data_loader import BatchPrefetcher, ShardedTokenLoader, validation_batches
 from gpt2repro.evaluation import ValidationData, resolve_val_tokens
 from gpt2repro.hellaswag_data import load_hellaswag_for_training
-from gpt2repro.hub import HubPusher, start_hub_pusher
+from gpt2repro.hub import HubPusher, fetch_checkpoint, hub_reference, start_hub_pusher
 from gpt2repro.launch import compile_kwargs
 from gpt2repro.metrics_log import MetricsLog
 from gpt2repro.optimization import configure_muon, configure_optimizer, peak_lr
@@ -53,8 +53,14 @@ def open_run(accelerator: Accelerator, settings: TrainSettings) -> RunStart:
     Hub pusher and HellaSwag's examples; a preset's own corpus prepared the first time (by rank 0, the others wait)."""
     data, output_dir, is_main = settings.data, Path(settings.data.output_dir), accelerator.is_main_process
     checked_on_every_rank(accelerator, lambda: check_writable_folder(output_dir, "--output_dir"))
+    resume_value, on_hub = settings.checkpoint.resume_from_checkpoint, hub_reference(
+        settings.checkpoint.resume_from_checkpoint)
+    if on_hub:  # a checkpoint pushed to the Hub: each node's copy of it, checked below as a local one is
+        resume_value = str(fetch_checkpoint(accelerator, *on_hub))
     resume_from = decided_on_rank0(accelerator, lambda: choose_resume_checkpoint(
-        settings.checkpoint.resume_from_checkpoint, output_dir, settings.model, settings.schedule.max_steps))
+        resume_value, output_dir, settings.model, settings.schedule.max_steps))
+    if on_hub:
+        resume_from = Path(resume_value)  # rank 0 decided on its node's copy; this process reads its own
     if settings.preset in EMBEDDED_CORPUS_PRESETS:  # every rank joins; rank 0 alone looks and prepares
         decided_on_rank0(accelerator, lambda: None if any(Path(data.data_dir).glob("*train*"))
                          else prepare_embedded_corpus(Path(data.data_dir)))
@@ -72,8 +78,7 @@ def open_run(accelerator: Accelerator, settings: TrainSettings) -> RunStart:
             raise TrainingError(str(error)) from None
 
     train_loader, val_tokens = checked_on_every_rank(accelerator, open_data)
-    checkpoint = settings.checkpoint
-    pusher = start_hub_pusher(accelerator, checkpoint.hub_model_id if checkpoint.push_to_hub else None)
+    pusher = start_hub_pusher(accelerator, settings.checkpoint)
     # Every rank scores its share of what rank 0 found: ranks deciding alone could disagree (a node without the file
     # and the network) and leave the others waiting in the scoring's collectives.
     hellaswag = decided_on_rank0(accelerator, lambda: load_hellaswag_for_training(settings.eval.hellaswag_file)

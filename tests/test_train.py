@@ -1,19 +1,16 @@
 """train_accelerate.py in-process: the recipe's numbers, one training step against a hand-written reference
-(torch's cross_entropy, clip_grad_norm_ and AdamW), user errors, non-finite stop, and pushes to the Hub with the
-Hugging Face client calls replaced."""
+(torch's cross_entropy, clip_grad_norm_ and AdamW), user errors and non-finite stop
+(the Hub's pushes: test_hub.py)."""
 from __future__ import annotations
 
 import copy
 import math
-import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from accelerate.utils import DistributedType
-from huggingface_hub import HfApi
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -341,73 +338,6 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_data, tmp_path
     kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert kept == [f"step_{trained_steps:06d}"]  # the checkpoint before the failing step, none after
     assert "weights not updated: continue from the newest checkpoint with --resume_from_checkpoint latest" in err
-
-
-class FakeHub:
-    """Stands in for the Hub: records HfApi calls; each upload copies the folder's file names."""
-
-    def __init__(self, tmp_path, whoami_error=None):
-        self.calls, self.uploads, self.whoami_error = [], [], whoami_error
-        self.output_dir, self.checkpoints = tmp_path, tmp_path / "checkpoints"
-
-    def whoami(self, *args, **kwargs):
-        self.calls.append(("whoami", (self.output_dir / "metrics.jsonl").exists()))
-        if self.whoami_error:
-            raise self.whoami_error
-        return {"name": "tester"}
-
-    def create_repo(self, repo_id, **kwargs):
-        self.calls.append(("create_repo", repo_id))
-
-    def upload_folder(self, *, repo_id, folder_path, commit_message, **kwargs):
-        files = sorted(p.name for p in Path(folder_path).iterdir())
-        started = time.monotonic()
-        if not self.uploads:  # the first upload lasts until training has written the next checkpoint
-            while not (self.checkpoints / "step_000002").exists() and time.monotonic() - started < 60:
-                time.sleep(0.05)
-        self.uploads.append((repo_id, folder_path, commit_message, files,
-                             (self.checkpoints / "step_000002").exists()))
-
-
-def install_fake_hub(monkeypatch, hub: FakeHub) -> None:
-    for name in ("whoami", "create_repo", "upload_folder"):
-        method = getattr(hub, name)
-        monkeypatch.setattr(HfApi, name, lambda self, *a, _f=method, **k: _f(*a, **k))
-
-
-def test_push_to_hub_uploads_every_checkpoint_in_the_background(tiny_data, tmp_path, capsys, monkeypatch,
-                                                                fresh_accelerate):
-    data_dir, _ = tiny_data
-    hub = FakeHub(tmp_path)
-    install_fake_hub(monkeypatch, hub)
-    status, _, err = run_main(train_accelerate.main, TINY_MODEL + [
-        "--data_dir", str(data_dir), "--output_dir", str(tmp_path), "--micro_batch_size", "8",
-        "--total_batch_size", "256", "--max_steps", "2", "--checkpoint_every", "1", "--keep_checkpoints", "1",
-        "--eval_every", "100", "--val_tokens", "100", "--mixed_precision", "no", "--no-hellaswag",
-        "--num_samples", "0", "--push_to_hub", "--hub_model_id", "tester/tiny-gpt2repro"], capsys)
-    assert status == 0, err
-    # Checked before step 0 (no metrics yet), then one upload per checkpoint, in order.
-    assert hub.calls == [("whoami", False), ("create_repo", "tester/tiny-gpt2repro")]
-    assert [(u[0], u[1], u[2].split(":")[0]) for u in hub.uploads] == [
-        ("tester/tiny-gpt2repro", str(tmp_path / "checkpoints" / f"step_00000{s}" / "hf"), f"step {s}") for s in (1, 2)]
-    assert hub.uploads[0][4], "training waited for the first upload instead of going on to step 2"
-    for upload in hub.uploads:
-        assert {"config.json", "model.safetensors", "modeling_gpt2repro.py", "tokenizer.json", "README.md",
-                "generation_config.json"} <= set(upload[3])
-    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_000002"]  # pruned after its upload
-
-
-def test_push_to_hub_without_token_fails_before_training(tiny_data, tmp_path, capsys, monkeypatch, fresh_accelerate):
-    data_dir, _ = tiny_data
-    hub = FakeHub(tmp_path, whoami_error=OSError("Invalid user token.\nmore detail"))
-    install_fake_hub(monkeypatch, hub)
-    status, _, err = run_main(train_accelerate.main, TINY_RUN + [
-        "--data_dir", str(data_dir), "--output_dir", str(tmp_path), "--micro_batch_size", "8",
-        "--push_to_hub", "--hub_model_id", "tester/tiny-gpt2repro"], capsys)
-    assert status == 1
-    assert err.strip() == ("error: --push_to_hub needs a Hugging Face token and a reachable Hub (run `hf auth login` "
-                           "or set HF_TOKEN): Invalid user token.")
-    assert hub.uploads == [] and not (tmp_path / "metrics.jsonl").exists()
 
 
 def test_metrics_reach_the_file_at_evaluations_and_checkpoints_not_every_step(tmp_path):

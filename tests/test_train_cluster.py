@@ -112,17 +112,18 @@ SLOW_HUB = """
 import json, os, sys, time
 from pathlib import Path
 import huggingface_hub
+sys.path.insert(0, os.environ["TESTS"])
+from hub_standin import HubStandIn
 
-class SlowHub:  # stands in for HfApi: no upload finishes before the run's last checkpoint exists
-    def __init__(self, *args, **kwargs): pass
-    def whoami(self, *args, **kwargs): return {"name": "tester"}
-    def create_repo(self, *args, **kwargs): pass
-    def upload_folder(self, *, repo_id, folder_path, commit_message, **kwargs):
+class SlowHub(HubStandIn):  # no upload finishes before the run's last checkpoint exists
+    def create_commit(self, repo_id, operations, **kwargs):
         release, deadline = Path(os.environ["UPLOADS_END_WHEN"]), time.monotonic() + 120
         while not release.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
+        checkpoint = next(Path(o.path_or_fileobj).parent.parent for o in operations if o.path_in_repo == "config.json")
         with open(sys.argv[1], "a") as log:
-            log.write(json.dumps({"folder": folder_path, "there_when_done": Path(folder_path).is_dir()}) + "\\n")
+            log.write(json.dumps({"folder": str(checkpoint), "there_when_done": checkpoint.is_dir()}) + "\\n")
+        return super().create_commit(repo_id, operations, **kwargs)
 
 huggingface_hub.HfApi = SlowHub
 import train_accelerate
@@ -139,9 +140,10 @@ def test_a_slow_upload_never_blocks_a_barrier(workspace, tmp_path):
                        "--checkpoint_every", "2", "--keep_checkpoints", "1", "--ddp_timeout", "5", "--push_to_hub",
                        "--hub_model_id", "tester/tiny", "--no-hellaswag", "--num_samples", "0", "--eval_every", "100"]
     run_wrapper(SLOW_HUB, tmp_path / "slow_hub.py", [str(log), *run_args],
-                UPLOADS_END_WHEN=str(output_dir / "checkpoints" / "step_000006"))
+                UPLOADS_END_WHEN=str(output_dir / "checkpoints" / "step_000006"), STANDIN_HUB=str(tmp_path / "hub"),
+                TESTS=str(REPO / "tests"))
     uploads = [json.loads(line) for line in log.read_text().splitlines()]
-    assert [Path(u["folder"]).parent.name for u in uploads] == ["step_000002", "step_000004", "step_000006"]
+    assert [Path(u["folder"]).name for u in uploads] == ["step_000002", "step_000004", "step_000006"]
     assert all(u["there_when_done"] for u in uploads)  # no folder was deleted while it uploaded
     assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == ["step_000006"]  # pruned at the end
 
