@@ -28,6 +28,9 @@ class GPT2ReproConfig(PreTrainedConfig):
         mlp_activation: "gelu_tanh" or "relu2" (ReLU squared).
         norm: "layernorm" (gain and bias) or "rmsnorm" (no parameters).
         tie_word_embeddings: the head shares wte's matrix; untied, the head starts at zero.
+        padded_lm_head: an untied head has `padded_vocab_size` rows (training's kernel-friendly matmul) or, False,
+            `vocab_size` rows: how `save_pretrained` stores it, because serving engines (vLLM) build their own head
+            with that many rows and load ours into it. The outputs are the same: the padded logits are masked.
         logit_softcap: None, or c for logits c * tanh(logits / c), in the loss and in generation alike.
         zero_init_residual: each block's two residual projections start at zero (the block starts as the identity).
         bias: the four matmuls of each block have biases (GPT-2) or not (the speedrun's).
@@ -61,6 +64,7 @@ class GPT2ReproConfig(PreTrainedConfig):
     eos_token_id: int | list[int] | None = 50256
     pad_token_id: int | None = None
     tie_word_embeddings: bool = True
+    padded_lm_head: bool = True
     position_embedding: str = "learned"
     rope_theta: float | int = 10000.0
     qk_norm: bool = False
@@ -73,6 +77,11 @@ class GPT2ReproConfig(PreTrainedConfig):
     @property
     def padded_vocab_size(self) -> int:
         return -(-self.vocab_size // self.vocab_pad_multiple) * self.vocab_pad_multiple
+
+    @property
+    def lm_head_rows(self) -> int:
+        """The head's rows: wte's padded ones when tied (it is wte), else as `padded_lm_head` says."""
+        return self.padded_vocab_size if self.tie_word_embeddings or self.padded_lm_head else self.vocab_size
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs) -> "GPT2ReproConfig":

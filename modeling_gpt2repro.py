@@ -9,6 +9,7 @@ the four matmul weights in nn.Linear (out, in) layout, so nanoGPT/build-nanogpt 
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 
@@ -351,14 +352,14 @@ class GPT2ReproPreTrainedModel(PreTrainedModel):
         return wte
 
     def _resized_rows(self, module: nn.Embedding | nn.Linear, old_num_tokens: int, mean_resizing: bool) -> nn.Module:
-        """A copy of `module` (wte, or an untied lm_head) with `padded_vocab_size` rows: min(old, new) rows kept, added
-        real rows initialised, padding rows zero."""
+        """A copy of `module` (wte, or an untied lm_head) with its rows for the new size (wte `padded_vocab_size`, the
+        head `config.lm_head_rows`): min(old, new) rows kept, added real rows initialised, padding rows zero."""
         old = module.weight.detach()
-        new_num_tokens, padded, width = self.config.vocab_size, self.config.padded_vocab_size, old.shape[1]
+        new_num_tokens, width = self.config.vocab_size, old.shape[1]
         if isinstance(module, nn.Embedding):
-            resized = nn.Embedding(padded, width, device=old.device, dtype=old.dtype)
+            resized = nn.Embedding(self.config.padded_vocab_size, width, device=old.device, dtype=old.dtype)
         else:
-            resized = nn.Linear(width, padded, bias=False, device=old.device, dtype=old.dtype)
+            resized = nn.Linear(width, self.config.lm_head_rows, bias=False, device=old.device, dtype=old.dtype)
         weight = resized.weight.data.zero_()
         kept = min(old_num_tokens, new_num_tokens)
         weight[:kept] = old[:kept]
@@ -492,8 +493,24 @@ class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
         base_model = {"AutoModel": "modeling_gpt2repro.GPT2ReproModel"}
         config.auto_map = {**base_model, **(getattr(config, "auto_map", None) or {})}  # a loaded config's entries win
         self.transformer = GPT2ReproModel(config)
-        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.lm_head_rows, bias=False)
         self.post_init()
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' save_pretrained, an untied head stored at `vocab_size` rows (config.padded_lm_head False): a
+        serving engine builds its head with that many rows and vLLM's loader asserts the stored one has as many.
+        The padded rows never reach an output, so the folder loads back to a model with the same outputs."""
+        if self.config.tie_word_embeddings or self.config.lm_head_rows == self.config.vocab_size:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        config = copy.deepcopy(self.config)
+        config.padded_lm_head = False
+        with torch.device("meta"):
+            served = type(self)(config)
+        weights = self.state_dict()  # shared with this model, not copied; the head's first rows are a view
+        weights["lm_head.weight"] = weights["lm_head.weight"][: config.vocab_size]
+        served.load_state_dict(weights, assign=True)
+        served.generation_config = copy.deepcopy(self.generation_config)
+        return served.save_pretrained(save_directory, *args, **kwargs)
 
     @can_return_tuple
     def forward(

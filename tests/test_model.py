@@ -9,6 +9,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, pipeline
 from transformers.cache_utils import DynamicCache
@@ -413,6 +414,35 @@ def test_resize_token_embeddings_keeps_the_padding_and_round_trips(tmp_path, tie
     model.resize_token_embeddings(50)  # shrinking keeps the first rows
     assert model.transformer.wte.weight.shape == (64, 32) and \
         torch.equal(model.transformer.wte.weight[:50], old_rows[:50])
+
+
+def test_an_untied_head_is_saved_at_vocab_size_rows_and_loads_back_to_the_same_model(tmp_path):
+    """Serving engines build their head with config.vocab_size rows, and vLLM's loader asserts the stored one has as
+    many (test_serve_vllm.py serves the speedrun's untied head); training keeps its padded head."""
+    torch.manual_seed(0)
+    config = GPT2ReproConfig(n_layer=2, n_head=2, n_embd=64, n_positions=32, tie_word_embeddings=False,
+                             logit_softcap=15.0)
+    model = GPT2ReproForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.3)  # an untied head starts at zero
+    model.save_pretrained(tmp_path)
+    stored = load_file(tmp_path / "model.safetensors")
+    assert stored["lm_head.weight"].shape == (50257, 64) and stored["transformer.wte.weight"].shape == (50304, 64)
+    assert torch.equal(stored["lm_head.weight"], model.lm_head.weight[:50257])
+    assert model.lm_head.weight.shape == (50304, 64) and model.config.padded_lm_head  # the saved model unchanged
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    assert not loaded.config.padded_lm_head and loaded.lm_head.weight.shape == (50257, 64)
+    x = torch.randint(0, 50257, (2, 16))
+    with torch.no_grad():
+        ours, back = model(x, labels=x), loaded(x, labels=x)
+        torch.testing.assert_close(back.logits, ours.logits, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(back.loss, ours.loss, rtol=1e-6, atol=0)
+        torch.testing.assert_close(loaded(x, labels=x, return_logits=False).loss,  # the chunked training loss
+                                   model(x, labels=x, return_logits=False).loss, rtol=1e-6, atol=0)
+        assert torch.equal(loaded.generate(x[:1, :4], max_new_tokens=8, do_sample=False),
+                           model.generate(x[:1, :4], max_new_tokens=8, do_sample=False))
+    loaded.save_pretrained(tmp_path / "again")
+    assert load_file(tmp_path / "again" / "model.safetensors")["lm_head.weight"].shape == (50257, 64)
 
 
 def test_resize_matches_gpt2_on_the_kept_tokens(tiny_gpt2):

@@ -102,23 +102,16 @@ CASES = {
     # our checkpoint, our code: vLLM's transformers backend builds GPT2ReproModel through the auto_map
     "gpt2": ({}, False, ["--trust-remote-code"]),
     # the speedrun's rotary, QK-norm, ReLU², RMSNorm, no biases and logit soft-cap (vLLM reads
-    # final_logit_softcapping), with the head tied: see the next case
+    # final_logit_softcapping), with the head tied (the embedding, which vLLM keeps at its stored 50304 rows)
     "speedrun-tied-head": ({**SPEEDRUN, "tie_word_embeddings": True}, False, ["--trust-remote-code"]),
+    # untied, as the recipe trains it: save_pretrained stores the head at vocab_size rows, as many as the head vLLM
+    # builds (its loader asserts that)
     "speedrun": (SPEEDRUN, False, ["--trust-remote-code"]),
 }
 
 
 @pytest.mark.timeout(2 * SERVER_START_S)
-@pytest.mark.parametrize("case", [
-    *list(CASES)[:3],
-    pytest.param("speedrun", marks=pytest.mark.xfail(
-        strict=True, raises=RuntimeError,
-        reason="vLLM 0.32's transformers backend builds its own LM head with config.vocab_size (50257) rows "
-               "(vllm/model_executor/models/transformers/causal.py) and its loader asserts the checkpoint's head has "
-               "as many (vocab_parallel_embedding.py: `assert loaded_weight.shape[output_dim] == "
-               "self.org_vocab_size`); an untied head is stored padded to 50304. Tied, the head is the embedding, "
-               "which vLLM keeps at its stored 50304 rows.")),
-])
+@pytest.mark.parametrize("case", list(CASES))
 def test_vllm_serves_greedy_completions_equal_to_ours(case, tmp_path):
     options, export, flags = CASES[case]
     model = checkpoint(tmp_path / "hf", options, export)
