@@ -182,11 +182,13 @@ tokenizer = AutoTokenizer.from_pretrained("{repo}", trust_remote_code=True)
 
 
 def training_dataset(data_dir: str) -> str | None:
-    """The Hub dataset the shards were made from, as prepare_data.py recorded it (None: local files, or unrecorded)."""
+    """The Hub dataset the shards were made from, as prepare_data.py recorded it (None: local files, the embedded
+    corpus, or unrecorded)."""
     try:
-        return json.loads((Path(data_dir) / MANIFEST_NAME).read_text())["source"].get("dataset")
+        dataset = json.loads((Path(data_dir) / MANIFEST_NAME).read_text())["source"].get("dataset")
     except (OSError, ValueError, KeyError, AttributeError):
         return None
+    return dataset if isinstance(dataset, str) and "/" in dataset else None  # "embedded" is no Hub dataset
 
 
 def card_metadata(settings: TrainSettings, resolved: Resolved, tokens_seen: int, last_eval: dict | None):

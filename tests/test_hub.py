@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import train_accelerate
+from gpt2repro import hub as gpt2repro_hub
 from hub_standin import HubStandIn
 from train_helpers import (
     REPO,
@@ -160,6 +161,7 @@ sys.path.insert(0, sys.argv[1])
 from hub_standin import HubStandIn
 huggingface_hub.HfApi = HubStandIn
 import train_accelerate
+from gpt2repro import hub as gpt2repro_hub
 train_accelerate.main(sys.argv[2:])
 """
 
@@ -195,3 +197,13 @@ def test_a_two_process_run_resumes_from_its_pushed_checkpoint_exactly(tiny_data,
     weights, expected = final_weights(resumed, 8), final_weights(pushed, 8)
     assert all(torch.equal(weights[name], expected[name]) for name in expected)
     assert os.path.samefile(hub.tree(REPO_ID, "main"), hub.tree(REPO_ID, "step_000008"))
+
+
+def test_the_card_names_the_hub_dataset_the_shards_were_made_from(tmp_path):
+    assert gpt2repro_hub.training_dataset(str(tmp_path)) is None  # no manifest: local shards of unknown origin
+    (tmp_path / "manifest.json").write_text(json.dumps(
+        {"source": {"dataset": "HuggingFaceFW/fineweb-edu", "config": "sample-10BT"}, "shards": []}))
+    assert gpt2repro_hub.training_dataset(str(tmp_path)) == "HuggingFaceFW/fineweb-edu"
+    for source in ({"data_files": ["corpus.jsonl"]}, {"dataset": "embedded"}):
+        (tmp_path / "manifest.json").write_text(json.dumps({"source": source, "shards": []}))
+        assert gpt2repro_hub.training_dataset(str(tmp_path)) is None
