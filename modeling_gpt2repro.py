@@ -9,7 +9,6 @@ the four matmul weights in nn.Linear (out, in) layout, so nanoGPT/build-nanogpt 
 """
 from __future__ import annotations
 
-import copy
 import math
 import os
 
@@ -496,21 +495,24 @@ class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.n_embd, config.lm_head_rows, bias=False)
         self.post_init()
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
+    def save_pretrained(self, save_directory, is_main_process: bool = True, state_dict: dict | None = None, **kwargs):
         """transformers' save_pretrained, an untied head stored at `vocab_size` rows (config.padded_lm_head False): a
         serving engine builds its head with that many rows and vLLM's loader asserts the stored one has as many.
-        The padded rows never reach an output, so the folder loads back to a model with the same outputs."""
-        if self.config.tie_word_embeddings or self.config.lm_head_rows == self.config.vocab_size:
-            return super().save_pretrained(save_directory, *args, **kwargs)
-        config = copy.deepcopy(self.config)
-        config.padded_lm_head = False
-        with torch.device("meta"):
-            served = type(self)(config)
-        weights = self.state_dict()  # shared with this model, not copied; the head's first rows are a view
-        weights["lm_head.weight"] = weights["lm_head.weight"][: config.vocab_size]
-        served.load_state_dict(weights, assign=True)
-        served.generation_config = copy.deepcopy(self.generation_config)
-        return served.save_pretrained(save_directory, *args, **kwargs)
+        The padded rows never reach an output, so the folder loads back to a model with the same outputs. A head
+        that is not a plain tensor (an FSDP2 shard), or a model with adapters or quantised, is saved as it is."""
+        state_dict = self.state_dict() if state_dict is None else dict(state_dict)
+        head = state_dict.get("lm_head.weight")
+        plain = not getattr(self, "_hf_peft_config_loaded", False) and getattr(self, "hf_quantizer", None) is None
+        cut = (plain and not self.config.tie_word_embeddings and type(head) is torch.Tensor
+               and head.shape[0] > self.config.vocab_size)
+        if not cut:
+            return super().save_pretrained(save_directory, is_main_process, state_dict, **kwargs)
+        state_dict["lm_head.weight"] = head[: self.config.vocab_size]  # a view: nothing copied
+        self.config.padded_lm_head = False  # for the config.json written with it
+        try:
+            return super().save_pretrained(save_directory, is_main_process, state_dict, **kwargs)
+        finally:
+            self.config.padded_lm_head = True
 
     @can_return_tuple
     def forward(

@@ -182,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     ckpt.add_argument("--resume_from_checkpoint", metavar="latest|PATH|OWNER/NAME[@REVISION]",
                       help="continue a run exactly: 'latest' in --output_dir (a fresh start when there is none), "
                            "a checkpoint folder, or a Hub repository's last-checkpoint/ (pushed with --hub_strategy "
-                           "checkpoint) at a revision: a branch, a step's tag (step_001000) or a commit")
+                           "checkpoint or all_checkpoints) at a revision: a branch, a step's tag (step_001000) or a "
+                           "commit; the other processes wait for the download within --ddp_timeout")
     ckpt.add_argument("--save_on_signals", default="SIGTERM,SIGUSR1",
                       help="signals on which every process finishes its step, a checkpoint is written and the run "
                            f"exits with status {EXIT_PREEMPTED} (clusters send SIGTERM to preempt; SLURM's "
@@ -194,9 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="upload checkpoints in the background, each tagged step_NNNNNN (see --hub_strategy)")
     ckpt.add_argument("--hub_model_id", help="Hub repository for --push_to_hub, e.g. user/gpt2-124m-repro")
     ckpt.add_argument("--hub_strategy", choices=HUB_STRATEGIES,
-                      help="what --push_to_hub uploads, as transformers' Trainer: 'end' the final model; 'every_save' "
-                           "(default) the model at every checkpoint; 'checkpoint' also the training state, to "
-                           "last-checkpoint/, which --resume_from_checkpoint OWNER/NAME resumes from; "
+                      help="what --push_to_hub uploads, modelled on transformers' Trainer: 'end' the final model; "
+                           "'every_save' (default) the model at every checkpoint; 'checkpoint' also the training "
+                           "state, to last-checkpoint/, which --resume_from_checkpoint OWNER/NAME resumes from; "
                            "'all_checkpoints' also every step's state, to checkpoints/step_NNNNNN/")
     ckpt.add_argument("--hub_private_repo", action="store_true",
                       help="create the --hub_model_id repository private (an existing one keeps its visibility)")

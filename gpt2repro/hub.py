@@ -16,9 +16,10 @@ from gpt2repro.run_control import TrainingError, checked_on_every_rank, decided_
 from gpt2repro.settings import CheckpointSettings, Resolved, TrainSettings
 from gpt2repro.shards import MANIFEST_NAME
 
-# Trainer's meanings: `end` pushes the final model alone; `every_save` the model of every checkpoint; `checkpoint` also
-# the training state, to last-checkpoint/ (replaced at each push); `all_checkpoints` also keeps every step's training
-# state, in checkpoints/step_NNNNNN/ as in --output_dir.
+# Modelled on transformers' Trainer: `end` pushes the final model alone; `every_save` the model of every checkpoint;
+# `checkpoint` also the training state, to last-checkpoint/ (replaced at each push); `all_checkpoints` also keeps every
+# step's training state, in checkpoints/step_NNNNNN/ as in --output_dir (Trainer's puts them at the top, with no
+# last-checkpoint/).
 HUB_STRATEGIES = ("end", "every_save", "checkpoint", "all_checkpoints")
 LAST_CHECKPOINT = "last-checkpoint"
 HELLASWAG_DATASET = "Rowan/hellaswag"
@@ -29,8 +30,9 @@ class HubPusher:
     one commit (the model folder at the top, the training state beside it as `strategy` says), then tagged with the
     checkpoint's name (step_NNNNNN), so `from_pretrained(repo, revision="step_001000")` loads that step for good.
 
-    The constructor checks the token and that the Hub is reachable (whoami, create_repo), so a long run fails before
-    step 0 rather than at its end. Upload failures are reported, not fatal.
+    The constructor checks the token, that the Hub is reachable and that the token may write to the repository
+    (whoami, create_repo, auth_check), so a long run fails before step 0 rather than at its end. Upload failures are
+    reported, not fatal.
     """
 
     def __init__(self, repo_id: str, strategy: str = "every_save", private: bool | None = None):
@@ -46,8 +48,11 @@ class HubPusher:
             ) from None
         try:
             self.api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+            # create_repo accepts a repository that exists and can be read: writing is checked on its own
+            self.api.auth_check(repo_id, write=True)
         except Exception as error:
-            raise TrainingError(f"cannot create or access the Hub repository {repo_id}: {first_line(error)}") from None
+            raise TrainingError(f"cannot create or write to the Hub repository {repo_id}: {first_line(error)}") \
+                from None
         self.executor = ThreadPoolExecutor(max_workers=1)  # uploads run in order, one at a time
         self.uploads: dict[Path, Future] = {}
 
@@ -69,7 +74,8 @@ class HubPusher:
             files |= {f"checkpoints/{checkpoint.name}/{name}": path for name, path in state.items()}
         files = {name: path for name, path in files.items() if path.is_file()}
         # last-checkpoint/ is this step's state alone: a file of the previous one not written now (another number of
-        # processes, another format) goes
+        # processes, another format) goes; with `end` or `every_save`, so does one an earlier run pushed: it would
+        # no longer match the model beside it
         stale = [name for name in self.api.list_repo_files(self.repo_id)
                  if name.startswith(f"{LAST_CHECKPOINT}/") and name not in files]
         operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in files.items()]

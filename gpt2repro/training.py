@@ -53,8 +53,9 @@ def open_run(accelerator: Accelerator, settings: TrainSettings) -> RunStart:
     Hub pusher and HellaSwag's examples; a preset's own corpus prepared the first time (by rank 0, the others wait)."""
     data, output_dir, is_main = settings.data, Path(settings.data.output_dir), accelerator.is_main_process
     checked_on_every_rank(accelerator, lambda: check_writable_folder(output_dir, "--output_dir"))
-    resume_value, on_hub = settings.checkpoint.resume_from_checkpoint, hub_reference(
-        settings.checkpoint.resume_from_checkpoint)
+    resume_value = settings.checkpoint.resume_from_checkpoint
+    # rank 0's reading: a relative path that exists on one node only must not send the ranks different ways
+    on_hub = decided_on_rank0(accelerator, lambda: hub_reference(resume_value))
     if on_hub:  # a checkpoint pushed to the Hub: each node's copy of it, checked below as a local one is
         resume_value = str(fetch_checkpoint(accelerator, *on_hub))
     resume_from = decided_on_rank0(accelerator, lambda: choose_resume_checkpoint(

@@ -51,6 +51,9 @@ class HubStandIn:
         (repository / "refs").mkdir(parents=True, exist_ok=True)
         return f"https://huggingface.co/{repo_id}"
 
+    def auth_check(self, repo_id: str, *, write=False, **kwargs) -> None:
+        self.calls.append(("auth_check", repo_id, write))
+
     def list_repo_files(self, repo_id: str, *, revision=None, **kwargs) -> list[str]:
         tree = self.tree(repo_id, revision or "main")
         return sorted(str(p.relative_to(tree)) for p in tree.rglob("*") if p.is_file()) if tree.is_dir() else []

@@ -61,7 +61,7 @@ def test_each_hub_strategy_pushes_in_the_background_and_tags_every_step(tiny_dat
         "--num_samples", "0", "--push_to_hub", "--hub_model_id", REPO_ID, "--hub_private_repo",
         *(["--hub_strategy", strategy] if strategy != "every_save" else [])], capsys)  # every_save: the default
     assert status == 0, err
-    assert hub.calls[:2] == [("whoami",), ("create_repo", REPO_ID, True)]
+    assert hub.calls[:3] == [("whoami",), ("create_repo", REPO_ID, True), ("auth_check", REPO_ID, True)]
     pushed = [1, 2] if strategy != "end" else [2]
     commits = hub.commits(REPO_ID)
     assert [c["message"] for c in commits] == [f"step {s}: {256 * s} tokens" for s in pushed]

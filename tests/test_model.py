@@ -443,6 +443,9 @@ def test_an_untied_head_is_saved_at_vocab_size_rows_and_loads_back_to_the_same_m
                            model.generate(x[:1, :4], max_new_tokens=8, do_sample=False))
     loaded.save_pretrained(tmp_path / "again")
     assert load_file(tmp_path / "again" / "model.safetensors")["lm_head.weight"].shape == (50257, 64)
+    model.save_pretrained(tmp_path / "given", state_dict=model.state_dict())  # as transformers' Trainer saves
+    assert load_file(tmp_path / "given" / "model.safetensors")["lm_head.weight"].shape == (50257, 64)
+    assert not AutoModelForCausalLM.from_pretrained(tmp_path / "given", trust_remote_code=True).config.padded_lm_head
 
 
 def test_resize_matches_gpt2_on_the_kept_tokens(tiny_gpt2):
