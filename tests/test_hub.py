@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import huggingface_hub
@@ -27,8 +26,8 @@ from train_helpers import (
     records,
     run_main,
     run_training,
+    run_wrapper,
     the_error_line,
-    training_command,
 )
 
 REPO_ID = "tester/tiny-gpt2repro"
@@ -155,14 +154,13 @@ def test_hub_flags_without_push_to_hub_are_refused(capsys, flag):
 
 
 PUSHING_RUN = """
-import sys
+import os, sys
 import huggingface_hub
-sys.path.insert(0, sys.argv[1])
+sys.path.insert(0, os.environ["TESTS"])
 from hub_standin import HubStandIn
 huggingface_hub.HfApi = HubStandIn
 import train_accelerate
-from gpt2repro import hub as gpt2repro_hub
-train_accelerate.main(sys.argv[2:])
+train_accelerate.main(sys.argv[1:])
 """
 
 
@@ -171,14 +169,9 @@ def test_a_two_process_run_resumes_from_its_pushed_checkpoint_exactly(tiny_data,
     args = TINY_RUN + ["--data_dir", str(data_dir), "--micro_batch_size", "4", "--max_steps", "8",
                        "--eval_every", "4", "--hellaswag_file", str(hellaswag_file), "--num_samples", "0"]
     pushed, store = tmp_path / "pushed", tmp_path / "hub"
-    script = tmp_path / "pushing_run.py"
-    script.write_text(PUSHING_RUN)
-    command, env = training_command([str(REPO / "tests"), *args, "--output_dir", str(pushed), "--push_to_hub",
-                                     "--hub_model_id", REPO_ID, "--hub_strategy", "checkpoint"], processes=2,
-                                    script=str(script))
-    env.update(PYTHONPATH=str(REPO), STANDIN_HUB=str(store), HF_HUB_CACHE=str(store))
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_wrapper(PUSHING_RUN, tmp_path / "pushing_run.py", args + [
+        "--output_dir", str(pushed), "--push_to_hub", "--hub_model_id", REPO_ID, "--hub_strategy", "checkpoint"],
+        STANDIN_HUB=str(store), TESTS=str(REPO / "tests"))
     hub = HubStandIn(store)
     step_4 = hub.tree(REPO_ID, "step_000004") / "last-checkpoint"
     assert {p.name for p in (step_4 / "distributed_state").iterdir()} >= {"__0_0.distcp", "__1_0.distcp"}

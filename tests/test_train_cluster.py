@@ -1,6 +1,7 @@
 """What only shows on clusters, reproduced with 1 and 2 CPU processes (gloo) and a short process-group timeout:
 preemption by SIGTERM saves and resumes exactly, a slow Hub upload never blocks rank 0 inside a barrier, and
-HellaSwag is decided on rank 0 for every rank."""
+HellaSwag is decided on rank 0 for every rank. (The optimiser state and the model split among processes:
+test_train_sharded.py.)"""
 from __future__ import annotations
 
 import json
@@ -11,16 +12,13 @@ import sys
 import time
 from pathlib import Path
 
-import accelerate
 import pytest
 import torch
-import yaml
-from packaging.version import Version
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import train_accelerate
-from gpt2repro import evaluation, launch, run_control
+from gpt2repro import evaluation, run_control
 from train_helpers import (
     REPO,
     TINY_RUN,
@@ -29,7 +27,9 @@ from train_helpers import (
     records,
     run_main,
     run_training,
+    run_wrapper,
     training_command,
+    without_timing,
 )
 
 STEPS = 8
@@ -40,10 +40,6 @@ QUIET = ["--max_steps", str(STEPS), "--num_samples", "0", "--eval_every", "100",
 def workspace(tiny_data):
     data_dir, hellaswag_file = tiny_data
     return data_dir.parent, TINY_RUN + ["--data_dir", str(data_dir)], hellaswag_file
-
-
-def without_timing(record: dict) -> dict:
-    return {k: v for k, v in record.items() if k not in ("step_time", "tokens_per_sec", "mfu")}
 
 
 def wait_for_train_step(output_dir: Path, step: int, process: subprocess.Popen, timeout: float = 120) -> None:
@@ -96,16 +92,6 @@ def test_sigterm_saves_a_checkpoint_and_resume_is_exact(workspace, processes, ca
     assert records(output_dir, "eval") == records(reference, "eval")
     weights, expected = final_weights(output_dir, STEPS), final_weights(reference, STEPS)
     assert all(torch.equal(weights[name], expected[name]) for name in expected)
-
-
-def run_wrapper(source: str, path: Path, args: list[str], **env: str) -> None:
-    """Writes `source` (a script that patches something, then calls train_accelerate.main) to `path` and runs it as 2
-    gloo processes with the repository importable; the run must succeed."""
-    path.write_text(source)
-    command, run_env = training_command(args, processes=2, script=str(path))
-    run_env.update(PYTHONPATH=str(REPO), **env)
-    result = subprocess.run(command, env=run_env, capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stderr[-4000:]
 
 
 SLOW_HUB = """
@@ -316,183 +302,6 @@ def test_a_signal_stops_at_the_end_of_its_step_or_within_an_evaluation_and_the_c
     assert all(torch.equal(straight[name], chained[name]) for name in straight)
     assert [without_timing(r) for r in records(tmp_path / "chain", "eval")] == \
         [without_timing(r) for r in records(tmp_path / "straight", "eval")]
-
-
-@pytest.mark.parametrize("recipe", ["gpt2", "speedrun"])
-def test_shard_optimizer_gives_the_same_weights_and_resumes_on_any_world_size(workspace, tmp_path, recipe):
-    """2 processes with the optimiser state split (ZeRO-1: AdamW's moments by parameter, Muon's momentum by matrix)
-    and without: the same weights, bit for bit (each update is computed once, by the same arithmetic). The sharded
-    run's checkpoint is its processes' shares, together the plain run's whole state; it resumes exactly on 2
-    processes, and on 1 process (with a notice) to
-    weights equal up to float summation order. The speedrun's are compared by their losses and gradient norms: Adam
-    turns a gradient entry that is 0 in one summation order and float noise in the other into a whole LR step
-    (embeddings' LR 0.6), so some of its rows differ by up to 1.5 (measured on an AVX-512 CPU) while the losses
-    agree to 3e-6."""
-    root, args, _ = workspace
-    args = args + ["--recipe", recipe]
-    run = args + ["--micro_batch_size", "4"] + QUIET + ["--no-hellaswag"]
-    run_training(run + ["--output_dir", str(tmp_path / "plain")], processes=2)
-    run_training(run + ["--output_dir", str(tmp_path / "sharded"), "--shard_optimizer"], processes=2)
-    sharded = final_weights(tmp_path / "sharded", STEPS)
-    assert all(torch.equal(w, sharded[name]) for name, w in final_weights(tmp_path / "plain", STEPS).items())
-    checkpoint = tmp_path / "sharded" / "checkpoints" / "step_000004"
-    folders = [tmp_path / run / "checkpoints" / "step_000004" for run in ("plain", "sharded")]
-    for folder in folders:  # each process wrote its own share, and each tensor once (DCP's save plans deduplicated)
-        files = sorted(p.name for p in (folder / "distributed_state").glob("*.distcp"))
-        assert files == ["__0_0.distcp", "__1_0.distcp"] and not (folder / "training_state").exists()
-    plain_bytes, sharded_bytes = (sum(p.stat().st_size for p in (f / "distributed_state").iterdir()) for f in folders)
-    assert sharded_bytes == pytest.approx(plain_bytes, rel=0.01)
-    saved = [distributed_state(folder, tmp_path / f"state_{n}.pt") for n, folder in enumerate(folders)]
-    # the shares make the whole: a state for every weight (the tied head is the embedding's)
-    assert saved[0]["optimizer"].keys() == saved[1]["optimizer"].keys() == saved[0]["model"].keys()
-    for name, moments in saved[0]["optimizer"].items():
-        assert all(torch.equal(value, saved[1]["optimizer"][name][key]) for key, value in moments.items()), name
-    run_training(run + ["--output_dir", str(tmp_path / "resumed_2"), "--shard_optimizer", "--resume_from_checkpoint",
-                        str(checkpoint)], processes=2)
-    assert all(torch.equal(w, sharded[name]) for name, w in final_weights(tmp_path / "resumed_2", STEPS).items())
-    one_process = args + ["--micro_batch_size", "8"] + QUIET + ["--no-hellaswag"]
-    resumed = run_training(one_process + ["--output_dir", str(tmp_path / "resumed_1"), "--checkpoint_every", "2",
-                                          "--resume_from_checkpoint", str(checkpoint)])
-    assert "was written by 2 processes and this launch has 1" in resumed.stdout
-    if recipe == "gpt2":
-        for name, w in final_weights(tmp_path / "resumed_1", STEPS).items():
-            torch.testing.assert_close(w, sharded[name], rtol=0, atol=1e-5, msg=name)
-    resumed_train, sharded_train = records(tmp_path / "resumed_1", "train"), records(tmp_path / "sharded", "train")[4:]
-    assert [r["step"] for r in resumed_train] == [r["step"] for r in sharded_train] == list(range(4, STEPS))
-    assert [r["loss"] for r in resumed_train] == pytest.approx([r["loss"] for r in sharded_train], rel=1e-5)
-    assert [r["grad_norm"] for r in resumed_train] == pytest.approx([r["grad_norm"] for r in sharded_train], rel=1e-3)
-    # a whole-state checkpoint (one process's: every checkpoint's format in earlier versions) resumed on 2 processes
-    # with the state split: each keeps its share of what it reads
-    run_training(run + ["--output_dir", str(tmp_path / "from_one"), "--shard_optimizer", "--resume_from_checkpoint",
-                        str(tmp_path / "resumed_1" / "checkpoints" / "step_000006")], processes=2)
-    from_one, one_train = records(tmp_path / "from_one", "train"), records(tmp_path / "resumed_1", "train")[2:]
-    assert [r["step"] for r in from_one] == [r["step"] for r in one_train] == [6, 7]
-    assert [r["loss"] for r in from_one] == pytest.approx([r["loss"] for r in one_train], rel=1e-5)
-
-
-FSDP_REFUSED = Version(accelerate.__version__) < launch.FSDP_ACCELERATE
-FSDP_ON_CPU = """
-import accelerate
-from accelerate.state import AcceleratorState, PartialState
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
-import train_accelerate
-
-accelerator_init = accelerate.Accelerator.__init__
-
-
-def init_as_on_gpus(self, *args, **kwargs):  # what Accelerate does with an FSDP config on GPUs (accelerate/state.py)
-    accelerator_init(self, *args, **kwargs)
-    for state in (PartialState._shared_state, AcceleratorState._shared_state):
-        state["distributed_type"] = DistributedType.FSDP
-    plugin = kwargs.get("fsdp_plugin") or FullyShardedDataParallelPlugin()  # the rest from the FSDP_* environment
-    if self.mixed_precision != "no":
-        plugin.set_mixed_precision(self.mixed_precision)  # keeps a policy the plugin was given
-    AcceleratorState._shared_state["fsdp_plugin"] = plugin
-
-
-accelerate.Accelerator.__init__ = init_as_on_gpus
-train_accelerate.main()
-"""
-
-
-def fsdp_launch_environment() -> dict[str, str]:
-    """The environment `accelerate launch --config_file accelerate_configs/fsdp2_8gpu.yaml` gives each process."""
-    config = yaml.safe_load((REPO / "accelerate_configs" / "fsdp2_8gpu.yaml").read_text())
-    assert config["distributed_type"] == "FSDP"
-    env = {"ACCELERATE_USE_FSDP": "true"}
-    for key, value in config["fsdp_config"].items():
-        env[key.upper().replace("_LAYER_CLS_", "_CLS_")] = str(value).lower() if isinstance(value, bool) else str(value)
-    return env
-
-
-@pytest.mark.skipif(FSDP_REFUSED, reason=f"FSDP needs accelerate >= {launch.FSDP_ACCELERATE}")
-def test_fsdp2_trains_as_ddp_does_and_resumes_exactly(workspace, tmp_path):
-    """Accelerate under accelerate_configs/fsdp2_8gpu.yaml, on 2 CPU processes (Accelerate turns FSDP into DDP on a
-    CPU; the wrapper makes it take its GPU path): with 2 micro-steps per step, evaluations (val, HellaSwag, samples:
-    every forward is a collective under FSDP) and sharded checkpoints, it trains as DDP does (float summation order
-    apart), resumes bitwise, and each hf/ folder is the whole model, loadable. With --compile on (the Blocks compiled
-    inside FSDP) it trains as eager FSDP does and evaluates and samples alike."""
-    root, args, hellaswag_file = workspace
-    run = args + ["--micro_batch_size", "2", "--max_steps", "8", "--eval_every", "4", "--num_samples", "2",
-                  "--hellaswag_file", str(hellaswag_file)]
-    env = fsdp_launch_environment()
-    run_wrapper(FSDP_ON_CPU, tmp_path / "fsdp_on_cpu.py", run + ["--output_dir", str(tmp_path / "fsdp")], **env)
-    run_training(run + ["--output_dir", str(tmp_path / "ddp")], processes=2)
-    checkpoint = tmp_path / "fsdp" / "checkpoints" / "step_000004"
-    files = sorted(p.name for p in (checkpoint / "distributed_state").glob("*.distcp"))
-    assert files == ["__0_0.distcp", "__1_0.distcp"]  # each process wrote its own shard
-    run_wrapper(FSDP_ON_CPU, tmp_path / "fsdp_on_cpu.py", run + ["--output_dir", str(tmp_path / "resumed"),
-                                                                   "--resume_from_checkpoint", str(checkpoint)], **env)
-    # --compile on: each Block compiled inside its FSDP module (inductor), evaluation and sampling eager
-    run_wrapper(FSDP_ON_CPU, tmp_path / "fsdp_on_cpu.py", run + ["--output_dir", str(tmp_path / "compiled"),
-                                                                   "--compile", "on"], **env)
-
-    fsdp, ddp = records(tmp_path / "fsdp", "train"), records(tmp_path / "ddp", "train")
-    assert [r["step"] for r in fsdp] == list(range(8))
-    for a, b in zip(fsdp, ddp, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"],
-                                                                                                 rel=1e-4)
-    for a, b in zip(records(tmp_path / "compiled", "train"), fsdp, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
-    evals = records(tmp_path / "fsdp", "eval")
-    assert [r["step"] for r in evals] == [0, 4, 8] and all(len(r["samples"]) == 2 for r in evals)
-    for a, b in zip(records(tmp_path / "compiled", "eval"), evals, strict=True):
-        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4) and len(a["samples"]) == 2
-    for a, b in zip(evals, records(tmp_path / "ddp", "eval"), strict=True):
-        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
-        assert a["hellaswag_count"] == b["hellaswag_count"] == 3
-    weights, expected = final_weights(tmp_path / "fsdp", 8), final_weights(tmp_path / "ddp", 8)
-    assert weights.keys() == expected.keys()
-    for name, value in expected.items():
-        torch.testing.assert_close(weights[name], value, rtol=0, atol=1e-5, msg=name)
-    resumed = final_weights(tmp_path / "resumed", 8)
-    assert all(torch.equal(resumed[name], value) for name, value in weights.items())
-    assert [without_timing(r) for r in records(tmp_path / "resumed", "train")] == \
-        [without_timing(r) for r in fsdp if r["step"] >= 4]
-    hf = tmp_path / "fsdp" / "checkpoints" / "step_000008" / "hf"
-    assert sorted(path.name for path in hf.glob("*.py")) == ["configuration_gpt2repro.py", "modeling_gpt2repro.py"]
-    model = AutoModelForCausalLM.from_pretrained(hf, trust_remote_code=True)
-    assert all(torch.equal(model.state_dict()[name], value) for name, value in weights.items())
-
-
-@pytest.mark.skipif(FSDP_REFUSED, reason=f"FSDP needs accelerate >= {launch.FSDP_ACCELERATE}")
-def test_fsdp2_under_bf16_autocast_trains_as_ddp_does(workspace, tmp_path):
-    """bf16 autocast, 2 micro-steps per step: FSDP with the recipe's policy (fp32 weights under autocast, gradients
-    reduced and accumulated in fp32) trains as DDP does. Measured here over these 6 steps: gaps in the loss of 4e-6 on
-    average (1.9e-5 at most) with the recipe's policy, 5.9e-5 on average with Accelerate's default (bf16 weights and
-    reduction); over 60 steps of a larger model benchmarks/bench_fsdp_precision.py puts the first at the float-order
-    floor (one process against two) and the second 20x above it."""
-    root, args, _ = workspace
-    run = args + ["--micro_batch_size", "2", "--max_steps", "6", "--eval_every", "6", "--checkpoint_every", "6",
-                  "--no-hellaswag", "--num_samples", "0", "--mixed_precision", "bf16"]
-    run_wrapper(FSDP_ON_CPU, tmp_path / "fsdp_on_cpu.py", run + ["--output_dir", str(tmp_path / "fsdp")],
-                **fsdp_launch_environment())
-    run_training(run + ["--output_dir", str(tmp_path / "ddp")], processes=2)
-    fsdp, ddp = records(tmp_path / "fsdp", "train"), records(tmp_path / "ddp", "train")
-    gaps = [abs(a["loss"] - b["loss"]) for a, b in zip(fsdp, ddp, strict=True)]
-    assert len(gaps) == 6 and sum(gaps) / len(gaps) < 2e-5 and max(gaps) < 1e-4, gaps
-    assert records(tmp_path / "fsdp", "eval")[-1]["val_loss"] == pytest.approx(
-        records(tmp_path / "ddp", "eval")[-1]["val_loss"], abs=1e-4)
-
-
-@pytest.mark.parametrize("flags, line", [
-    (["--recipe", "speedrun"], "error: Muon orthogonalises whole matrices and FSDP splits each one among the"),
-    (["--shard_optimizer"], "error: FSDP already splits the optimiser state with the parameters: drop"),
-], ids=["muon", "shard_optimizer"])
-def test_fsdp2_refuses_what_cannot_work_with_it_in_one_line(workspace, tmp_path, flags, line):
-    """Each before any work; with an accelerate too old for FSDP2, that comes first."""
-    root, args, _ = workspace
-    if FSDP_REFUSED:
-        line = f"error: FSDP needs accelerate >= {launch.FSDP_ACCELERATE}"
-    script = tmp_path / "fsdp_on_cpu.py"
-    script.write_text(FSDP_ON_CPU)
-    command, env = training_command(args + ["--output_dir", str(tmp_path / "out"), "--micro_batch_size", "4", *flags],
-                                    processes=2, script=str(script))
-    env.update(PYTHONPATH=str(REPO), **fsdp_launch_environment())
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
-    assert result.returncode != 0 and line in result.stderr, result.stderr[-3000:]
-    assert not (tmp_path / "out" / "checkpoints").exists()
 
 
 def test_signals_torchrun_does_not_forward_are_named(monkeypatch):

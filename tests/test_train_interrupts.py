@@ -1,6 +1,6 @@
-"""Ctrl-C at random moments of a run (inside a step, an evaluation, a checkpoint write), on an idle and on a loaded
-machine: every time one line and exit 130 within seconds, and the run continued with `--resume_from_checkpoint latest`
-after each interruption ends with the weights and records of a run never interrupted."""
+"""Ctrl-C at random moments of a run (inside a step, an evaluation, a checkpoint write), on an idle and then on a
+loaded machine: every time one line and exit 130 within seconds, and the run continued with `--resume_from_checkpoint
+latest` after each interruption ends with the weights and records of a run never interrupted."""
 from __future__ import annotations
 
 import json
@@ -14,20 +14,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_helpers import TINY_RUN, final_weights, records, run_training, training_command
+from train_helpers import TINY_RUN, final_weights, records, run_training, training_command, without_timing
 
 STEPS = 16
 # Frequent evaluations (val, HellaSwag, samples) and checkpoints, so that random moments land in them too.
 RUN = TINY_RUN + ["--micro_batch_size", "8", "--max_steps", str(STEPS), "--eval_every", "2", "--checkpoint_every",
                   "3", "--keep_checkpoints", "2", "--num_samples", "2", "--sample_tokens", "4"]
-INTERRUPTIONS = 5
+# Where each Ctrl-C lands: after a random delay (in a step or an evaluation) or while a checkpoint is written; from the
+# fourth on, with a busy loop beside, where a slow exit shows.
+MOMENTS = ["random", "random", "checkpoint", "random", "checkpoint"]
+LOADED_FROM = 3
 # From Ctrl-C to the exit: 0.3-3 s measured on 2 cores with a busy loop beside, up to 6 s with a training run and a
 # pip install beside the suite; a hang (the bug this guards against) never ends
 EXIT_WITHIN_S = 15
-
-
-def without_timing(record: dict) -> dict:
-    return {k: v for k, v in record.items() if k not in ("step_time", "tokens_per_sec", "mfu")}
 
 
 def last_train_step(output_dir: Path) -> int:
@@ -72,20 +71,19 @@ def workspace(tiny_data):
     return root, args
 
 
-@pytest.mark.parametrize("loaded", [False, True], ids=["idle", "loaded"])
-def test_ctrl_c_at_random_moments_stops_at_once_and_resumes_exactly(workspace, loaded):
+def test_ctrl_c_at_random_moments_stops_at_once_and_resumes_exactly(workspace):
     root, args = workspace
-    output_dir = root / f"interrupted_{'loaded' if loaded else 'idle'}"
-    rng = random.Random(1 + loaded)
-    # A busy loop on a core of this 2-core machine: a slow exit shows
-    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if loaded else None
-    exits, moments = [], []
+    output_dir = root / "interrupted"
+    rng = random.Random(1)
+    exits, moments, busy = [], [], None
     try:
         command, env = training_command(args + ["--output_dir", str(output_dir), "--resume_from_checkpoint", "latest"])
         while True:
+            if len(exits) == LOADED_FROM and busy is None:  # a busy loop on a core of this 2-core machine
+                busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
             process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            moment = "checkpoint" if len(exits) % 3 == 2 else "random"
-            if len(exits) >= INTERRUPTIONS or not wait_for_moment(output_dir, process, moment, rng):
+            moment = MOMENTS[len(exits)] if len(exits) < len(MOMENTS) else "random"
+            if len(exits) >= len(MOMENTS) or not wait_for_moment(output_dir, process, moment, rng):
                 _, err = process.communicate(timeout=300)  # the rest of the run, uninterrupted
                 assert process.returncode == 0, err[-3000:]
                 break
@@ -98,7 +96,7 @@ def test_ctrl_c_at_random_moments_stops_at_once_and_resumes_exactly(workspace, l
                 raise AssertionError(f"no exit 60 s after Ctrl-C ({moment}): {process.communicate()[1][-3000:]}") \
                     from None
             exits.append(time.monotonic() - sent)
-            moments.append(moment)
+            moments.append(f"{moment}{' (loaded)' if busy else ''}")
             last = err.strip().splitlines()[-1]
             assert process.returncode == 130 and "Traceback" not in err, err[-3000:]
             assert last.startswith("error: interrupted at step ") and "--resume_from_checkpoint latest" in last, \
@@ -108,7 +106,7 @@ def test_ctrl_c_at_random_moments_stops_at_once_and_resumes_exactly(workspace, l
     finally:
         if busy is not None:
             busy.kill()
-    assert len(exits) == INTERRUPTIONS, moments
+    assert len(exits) == len(MOMENTS), moments
     slowest = max(exits)
     print(f"{len(exits)} interruptions, exit after: "
           f"{', '.join(f'{moment} {seconds:.2f} s' for moment, seconds in zip(moments, exits, strict=True))}")

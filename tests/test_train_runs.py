@@ -30,6 +30,7 @@ from train_helpers import (
     records,
     run_training,
     training_command,
+    without_timing,
 )
 
 MAX_STEPS = 12
@@ -48,10 +49,6 @@ def accumulated_run(workspace):
     root, args = workspace
     run_training(args + ["--output_dir", str(root / "accumulated"), "--micro_batch_size", "2"])
     return root / "accumulated"
-
-
-def without_timing(record: dict) -> dict:
-    return {k: v for k, v in record.items() if k not in TIMING_KEYS}
 
 
 def assert_runs_close(run, reference, rel: float = 1e-5):

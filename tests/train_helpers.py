@@ -119,6 +119,22 @@ def run_training(args: list[str], processes: int = 1, cwd: Path | None = None,
     return result
 
 
+def run_wrapper(source: str, path: Path, args: list[str], **env: str) -> subprocess.CompletedProcess:
+    """Writes `source` (a script that patches something, then calls train_accelerate.main) to `path` and runs it as 2
+    gloo processes with the repository importable; the run must succeed."""
+    path.write_text(source)
+    command, run_env = training_command(args, processes=2, script=str(path))
+    run_env.update(PYTHONPATH=str(REPO), **env)
+    result = subprocess.run(command, env=run_env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def without_timing(record: dict) -> dict:
+    """A metrics record without its wall-clock figures, the only fields two runs of the same steps may differ in."""
+    return {k: v for k, v in record.items() if k not in ("step_time", "tokens_per_sec", "mfu")}
+
+
 # dynamo's log of every graph break (torch._logging), one "[__graph_breaks]" line each: compiled runs must have none
 GRAPH_BREAK_LOG = {"TORCH_LOGS": "graph_breaks"}
 
