@@ -1,5 +1,8 @@
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -7,6 +10,12 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+# The model code that trust_remote_code loads is copied into this cache: the suite's own, so that processes of
+# different tests (pytest-xdist's workers and their subprocesses) never write a module another is importing.
+os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix="gpt2repro_tests_modules_")
+atexit.register(shutil.rmtree, os.environ["HF_MODULES_CACHE"], ignore_errors=True)
+if "PYTEST_XDIST_WORKER" in os.environ:  # one thread per worker: two workers' threads would share 2 cores
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture

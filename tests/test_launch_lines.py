@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_train_cluster import FSDP_ON_CPU, FSDP_REFUSED
+from test_train_sharded import FSDP_ON_CPU, FSDP_REFUSED
 
 from train_helpers import REPO, free_port, graph_breaks, records
 

@@ -117,19 +117,28 @@ FSDP_LAUNCH = {"ACCELERATE_USE_FSDP": "true"}  # what accelerate launch sets und
      {}),
     ("gpt2-1558m", 8, "80GB", "fit: yes", "activation checkpointing off, FSDP", FSDP_LAUNCH),
 ])
-def test_dry_run_plans_without_data_and_names_the_flags_that_fit(tmp_path, preset, processes, device_memory, verdict,
-                                                                 remedy, launch):
-    result = subprocess.run([sys.executable, str(REPO / "train_accelerate.py"), "--preset", preset, "--dry_run",
-                             "--device_memory", device_memory, "--data_dir", str(tmp_path / "no_data")],
-                            capture_output=True, text=True, timeout=120, env={"WORLD_SIZE": str(processes),
-                                                                               "PATH": "/usr/bin:/bin", **launch})
-    assert result.returncode == 0 and result.stderr == "", result.stderr[-3000:]
-    assert f"{processes} process(es)" in result.stdout and verdict in result.stdout, result.stdout
-    assert remedy is None or remedy in result.stdout, result.stdout
+def test_dry_run_plans_without_data_and_names_the_flags_that_fit(tmp_path, capsys, monkeypatch, preset, processes,
+                                                                 device_memory, verdict, remedy, launch):
+    for name, value in {"WORLD_SIZE": str(processes), **launch}.items():  # what the launcher gives each process
+        monkeypatch.setenv(name, value)
+    status, out, err = run_main(train_accelerate.main, ["--preset", preset, "--dry_run", "--device_memory",
+                                                        device_memory, "--data_dir", str(tmp_path / "no_data")], capsys)
+    assert status == 0 and err == "", err[-3000:]
+    assert f"{processes} process(es)" in out and verdict in out, out
+    assert remedy is None or remedy in out, out
     assert not (tmp_path / "no_data").exists() and not any(tmp_path.iterdir())
     if (preset, processes, launch) == ("gpt2-1558m", 8, {}):  # each process its share of the 18.7 GB state
-        assert "preemption checkpoint: 2.66 GB written by the busiest process, 2.7 s at 1 GB/s" \
-            in result.stdout, result.stdout
+        assert "preemption checkpoint: 2.66 GB written by the busiest process, 2.7 s at 1 GB/s" in out, out
+
+
+def test_dry_run_is_a_plain_command_that_prints_nothing_else(tmp_path):
+    """In a process of its own, as users run it: the plan on stdout, nothing on stderr (no library's warning), no
+    GPU, data or network needed."""
+    result = subprocess.run([sys.executable, str(REPO / "train_accelerate.py"), "--preset", "gpt2-124m", "--dry_run",
+                             "--data_dir", str(tmp_path / "no_data")], capture_output=True, text=True, timeout=120,
+                            env={"WORLD_SIZE": "8", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0 and result.stderr == "", result.stderr[-3000:]
+    assert "8 process(es)" in result.stdout and "fit:" in result.stdout and not (tmp_path / "no_data").exists()
 
 
 def test_a_preemption_checkpoint_over_the_grace_is_a_warning(capsys, monkeypatch):
