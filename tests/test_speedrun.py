@@ -18,7 +18,16 @@ from configuration_gpt2repro import GPT2ReproConfig
 from gpt2repro.optimization import configure_muon, get_lr, peak_lr
 from gpt2repro.recipes import PRESETS, as_flags
 from modeling_gpt2repro import GPT2ReproForCausalLM, apply_rotary, rotary_cos_sin
-from train_helpers import GRAPH_BREAK_LOG, TINY_RUN, final_weights, graph_breaks, records, run_main, run_training
+from train_helpers import (
+    GRAPH_BREAK_LOG,
+    TINY_RUN,
+    final_weights,
+    graph_breaks,
+    records,
+    run_main,
+    run_training,
+    train_here,
+)
 
 TINY = dict(n_layer=2, n_head=4, n_embd=64, n_positions=64)
 OPTIONS = {  # one option at a time, then all of them as the speedrun recipe sets them
@@ -329,7 +338,7 @@ def test_speedrun_on_two_processes_equals_one_with_twice_the_accumulation(speedr
     root, args = speedrun_workspace
     args = args + ["--micro_batch_size", "2", "--muon_lr", "0.002", "--embed_lr", "0.005", "--head_lr", "0.001",
                    "--adamw_lr", "0.001"]  # the last value given wins: 4 micro-steps on 1 process, 2 on 2
-    run_training(args + ["--output_dir", str(root / "one")])
+    train_here(args + ["--output_dir", str(root / "one")])
     run_training(args + ["--output_dir", str(root / "two")], processes=2)
     compiled = run_training(args + ["--output_dir", str(root / "compiled"), "--compile", "on"], processes=2,
                             env=GRAPH_BREAK_LOG)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_helpers import TINY_RUN, final_weights, records, run_training, training_command, without_timing
+from train_helpers import TINY_RUN, final_weights, records, train_here, training_command, without_timing
 
 STEPS = 16
 # Frequent evaluations (val, HellaSwag, samples) and checkpoints, so that random moments land in them too.
@@ -67,7 +67,7 @@ def workspace(tiny_data):
     data_dir, hellaswag_file = tiny_data
     root = data_dir.parent
     args = RUN + ["--data_dir", str(data_dir), "--hellaswag_file", str(hellaswag_file)]
-    run_training(args + ["--output_dir", str(root / "uninterrupted")])
+    train_here(args + ["--output_dir", str(root / "uninterrupted")])
     return root, args
 
 

@@ -29,6 +29,7 @@ from train_helpers import (
     graph_breaks,
     records,
     run_training,
+    train_here,
     training_command,
     without_timing,
 )
@@ -47,7 +48,7 @@ def workspace(tiny_data):
 def accumulated_run(workspace):
     """One process, micro-batch 2: 4 accumulation steps of 2 x 32 per 256-token step."""
     root, args = workspace
-    run_training(args + ["--output_dir", str(root / "accumulated"), "--micro_batch_size", "2"])
+    train_here(args + ["--output_dir", str(root / "accumulated"), "--micro_batch_size", "2"])
     return root / "accumulated"
 
 
@@ -85,7 +86,7 @@ def test_run_outputs(accumulated_run):
 
 def test_accumulation_equals_one_big_batch(workspace, accumulated_run):
     root, args = workspace
-    run_training(args + ["--output_dir", str(root / "big_batch"), "--micro_batch_size", "8", "--num_samples", "0"])
+    train_here(args + ["--output_dir", str(root / "big_batch"), "--micro_batch_size", "8", "--num_samples", "0"])
     assert_runs_close(root / "big_batch", accumulated_run)
 
 
@@ -209,7 +210,7 @@ def test_resume_after_kill_equals_uninterrupted_run(workspace, accumulated_run):
     assert process.wait() == -signal.SIGKILL
     assert not (output_dir / "checkpoints" / "step_000012").exists()
 
-    run_training(run_args + ["--resume_from_checkpoint", "latest"])
+    train_here(run_args + ["--resume_from_checkpoint", "latest"])
     resumed, uninterrupted = records(output_dir, "train"), records(accumulated_run, "train")
     assert list(map(without_timing, resumed)) == list(map(without_timing, uninterrupted))  # bitwise: floats as repr
     assert records(output_dir, "eval") == records(accumulated_run, "eval")

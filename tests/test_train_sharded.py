@@ -21,6 +21,7 @@ from train_helpers import (
     records,
     run_training,
     run_wrapper,
+    train_here,
     training_command,
     without_timing,
 )
@@ -68,9 +69,9 @@ def test_shard_optimizer_gives_the_same_weights_and_resumes_on_any_world_size(wo
                         str(checkpoint)], processes=2)
     assert all(torch.equal(w, sharded[name]) for name, w in final_weights(tmp_path / "resumed_2", STEPS).items())
     one_process = args + ["--micro_batch_size", "8"] + QUIET + ["--no-hellaswag"]
-    resumed = run_training(one_process + ["--output_dir", str(tmp_path / "resumed_1"), "--checkpoint_every", "2",
-                                          "--resume_from_checkpoint", str(checkpoint)])
-    assert "was written by 2 processes and this launch has 1" in resumed.stdout
+    resumed = train_here(one_process + ["--output_dir", str(tmp_path / "resumed_1"), "--checkpoint_every", "2",
+                                        "--resume_from_checkpoint", str(checkpoint)])
+    assert "was written by 2 processes and this launch has 1" in resumed
     if recipe == "gpt2":
         for name, w in final_weights(tmp_path / "resumed_1", STEPS).items():
             torch.testing.assert_close(w, sharded[name], rtol=0, atol=1e-5, msg=name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import socket
@@ -107,6 +108,20 @@ def training_command(args: list[str], processes: int = 1, script: str = SCRIPT) 
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                 "--main_process_port", str(free_port())]
     return [*launcher, script, *args], env
+
+
+def train_here(args: list[str]) -> str:
+    """A one-process run of train_accelerate.py in this process, where a process of its own would prove nothing more
+    (a reference run, a resume): no interpreter to start, nothing to import. It must succeed; returns its stdout."""
+    import train_accelerate
+
+    out, err = io.StringIO(), io.StringIO()
+    with fresh_accelerate_state(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            train_accelerate.main(args)
+        except SystemExit as exit_:
+            raise AssertionError(f"the run exited {exit_.code}: {err.getvalue()[-3000:]}") from None
+    return out.getvalue()
 
 
 def run_training(args: list[str], processes: int = 1, cwd: Path | None = None,
