@@ -52,3 +52,13 @@ def tiny_data(tmp_path_factory):
     from train_helpers import write_tiny_data
 
     return write_tiny_data(tmp_path_factory.mktemp("tiny_data"))
+
+
+@pytest.fixture(scope="module")
+def cluster_workspace(tiny_data):
+    """(the module's folder, the tiny run's flags with its data, the HellaSwag file): the 1- and 2-process runs of
+    test_train_cluster.py and test_train_sharded.py."""
+    from train_helpers import TINY_RUN
+
+    data_dir, hellaswag_file = tiny_data
+    return data_dir.parent, TINY_RUN + ["--data_dir", str(data_dir)], hellaswag_file

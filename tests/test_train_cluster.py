@@ -20,8 +20,9 @@ from transformers import AutoModelForCausalLM
 import train_accelerate
 from gpt2repro import evaluation, run_control
 from train_helpers import (
+    QUIET,
+    QUIET_STEPS,
     REPO,
-    TINY_RUN,
     distributed_state,
     final_weights,
     records,
@@ -32,15 +33,6 @@ from train_helpers import (
     training_command,
     without_timing,
 )
-
-STEPS = 8
-QUIET = ["--max_steps", str(STEPS), "--num_samples", "0", "--eval_every", "100", "--checkpoint_every", "4"]
-
-
-@pytest.fixture(scope="module")
-def workspace(tiny_data):
-    data_dir, hellaswag_file = tiny_data
-    return data_dir.parent, TINY_RUN + ["--data_dir", str(data_dir)], hellaswag_file
 
 
 def wait_for_train_step(output_dir: Path, step: int, process: subprocess.Popen, timeout: float = 120) -> None:
@@ -55,8 +47,8 @@ def wait_for_train_step(output_dir: Path, step: int, process: subprocess.Popen, 
 
 
 @pytest.mark.parametrize("processes", [1, 2])
-def test_sigterm_saves_a_checkpoint_and_resume_is_exact(workspace, processes, capsys):
-    root, args, _ = workspace
+def test_sigterm_saves_a_checkpoint_and_resume_is_exact(cluster_workspace, processes, capsys):
+    root, args, _ = cluster_workspace
     micro = ["--micro_batch_size", str(8 // processes), "--no-hellaswag"] + QUIET
     reference = root / f"uninterrupted_{processes}"
     reference_args = args + micro + ["--output_dir", str(reference)]
@@ -75,7 +67,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_is_exact(workspace, processes, ca
     lines = [line for line in err.splitlines() if line.startswith("preempted by SIGTERM at step ")]
     assert len(lines) == 1, err[-3000:]
     step = int(lines[0].split("at step ")[1].split(":")[0])
-    assert 0 < step < STEPS
+    assert 0 < step < QUIET_STEPS
     if processes == 1:  # (accelerate's launcher reports the SIGTERM it got itself, with a traceback of its own)
         assert process.returncode == run_control.EXIT_PREEMPTED and "Traceback" not in err
     checkpoint = output_dir / "checkpoints" / f"step_{step:06d}"
@@ -98,7 +90,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_is_exact(workspace, processes, ca
     assert list(map(without_timing, records(output_dir, "train"))) == \
         list(map(without_timing, records(reference, "train")))
     assert records(output_dir, "eval") == records(reference, "eval")
-    weights, expected = final_weights(output_dir, STEPS), final_weights(reference, STEPS)
+    weights, expected = final_weights(output_dir, QUIET_STEPS), final_weights(reference, QUIET_STEPS)
     assert all(torch.equal(weights[name], expected[name]) for name in expected)
 
 
@@ -125,10 +117,10 @@ train_accelerate.main(sys.argv[2:])
 """
 
 
-def test_a_slow_upload_never_blocks_a_barrier(workspace, tmp_path):
+def test_a_slow_upload_never_blocks_a_barrier(cluster_workspace, tmp_path):
     # Before the fix, rank 0 waited for step 2's upload when pruning it at step 4, while rank 1 waited in the
     # checkpoint's barrier: with uploads this slow, the barrier timed out (--ddp_timeout 5) and the job died.
-    root, args, _ = workspace
+    root, args, _ = cluster_workspace
     output_dir, log = tmp_path / "out", tmp_path / "uploads.jsonl"
     run_args = args + ["--output_dir", str(output_dir), "--micro_batch_size", "4", "--max_steps", "6",
                        "--checkpoint_every", "2", "--keep_checkpoints", "1", "--ddp_timeout", "5", "--push_to_hub",
@@ -155,8 +147,8 @@ train_accelerate.main(sys.argv[1:])
 """
 
 
-def test_hellaswag_that_only_rank0_can_read_is_scored_by_all(workspace, tmp_path):
-    root, args, hellaswag_file = workspace
+def test_hellaswag_that_only_rank0_can_read_is_scored_by_all(cluster_workspace, tmp_path):
+    root, args, hellaswag_file = cluster_workspace
     output_dir = tmp_path / "out"
     run_args = args + ["--output_dir", str(output_dir), "--micro_batch_size", "4", "--max_steps", "2",
                        "--eval_every", "2", "--hellaswag_file", str(hellaswag_file), "--num_samples", "0",
@@ -182,8 +174,8 @@ finally:
 """
 
 
-def test_shards_missing_on_one_rank_stop_every_rank_with_the_same_line(workspace, tmp_path):
-    root, args, _ = workspace
+def test_shards_missing_on_one_rank_stop_every_rank_with_the_same_line(cluster_workspace, tmp_path):
+    root, args, _ = cluster_workspace
     (tmp_path / "empty").mkdir()
     script = tmp_path / "rank1_without_shards.py"
     script.write_text(RANK1_WITHOUT_SHARDS)
@@ -260,14 +252,14 @@ def signal_during(monkeypatch, name: str, calls: set[int], sig: signal.Signals =
     monkeypatch.setattr(module, name, with_signal)
 
 
-def test_a_signal_stops_at_the_end_of_its_step_or_within_an_evaluation_and_the_chain_is_exact(workspace, tmp_path,
-                                                                                             capsys, monkeypatch):
+def test_a_signal_stops_at_the_end_of_its_step_or_within_an_evaluation_and_the_chain_is_exact(
+        cluster_workspace, tmp_path, capsys, monkeypatch):
     """SIGTERM during step 2 stops the run after that step (a checkpoint at step 3, its evaluation not done). The
     resumed run is signalled at the second validation batch of that evaluation and stops there, not at its end: still
     not evaluated. The next resume evaluates step 3 and is signalled after it (while it is logged): its checkpoint says
     it is done, and the last resume finishes without evaluating step 3 again. A signal during the last step lets the
     run finish. The chain's weights and records equal an uninterrupted run's."""
-    root, args, _ = workspace
+    root, args, _ = cluster_workspace
     run = args + ["--micro_batch_size", "8", "--max_steps", "6", "--eval_every", "3", "--checkpoint_every", "100",
                   "--no-hellaswag", "--num_samples", "0", "--eval_batch_size", "1"]
     chain = run + ["--output_dir", str(tmp_path / "chain"), "--resume_from_checkpoint", "latest"]

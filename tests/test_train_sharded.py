@@ -14,8 +14,9 @@ from transformers import AutoModelForCausalLM
 
 from gpt2repro import launch
 from train_helpers import (
+    QUIET,
+    QUIET_STEPS,
     REPO,
-    TINY_RUN,
     distributed_state,
     final_weights,
     records,
@@ -26,18 +27,9 @@ from train_helpers import (
     without_timing,
 )
 
-STEPS = 8
-QUIET = ["--max_steps", str(STEPS), "--num_samples", "0", "--eval_every", "100", "--checkpoint_every", "4"]
-
-
-@pytest.fixture(scope="module")
-def workspace(tiny_data):
-    data_dir, hellaswag_file = tiny_data
-    return data_dir.parent, TINY_RUN + ["--data_dir", str(data_dir)], hellaswag_file
-
 
 @pytest.mark.parametrize("recipe", ["gpt2", "speedrun"])
-def test_shard_optimizer_gives_the_same_weights_and_resumes_on_any_world_size(workspace, tmp_path, recipe):
+def test_shard_optimizer_gives_the_same_weights_and_resumes_on_any_world_size(cluster_workspace, tmp_path, recipe):
     """2 processes with the optimiser state split (ZeRO-1: AdamW's moments by parameter, Muon's momentum by matrix)
     and without: the same weights, bit for bit (each update is computed once, by the same arithmetic). The sharded
     run's checkpoint is its processes' shares, together the plain run's whole state; it resumes exactly on 2
@@ -46,13 +38,13 @@ def test_shard_optimizer_gives_the_same_weights_and_resumes_on_any_world_size(wo
     turns a gradient entry that is 0 in one summation order and float noise in the other into a whole LR step
     (embeddings' LR 0.6), so some of its rows differ by up to 1.5 (measured on an AVX-512 CPU) while the losses
     agree to 3e-6."""
-    root, args, _ = workspace
+    root, args, _ = cluster_workspace
     args = args + ["--recipe", recipe]
     run = args + ["--micro_batch_size", "4"] + QUIET + ["--no-hellaswag"]
     run_training(run + ["--output_dir", str(tmp_path / "plain")], processes=2)
     run_training(run + ["--output_dir", str(tmp_path / "sharded"), "--shard_optimizer"], processes=2)
-    sharded = final_weights(tmp_path / "sharded", STEPS)
-    assert all(torch.equal(w, sharded[name]) for name, w in final_weights(tmp_path / "plain", STEPS).items())
+    sharded = final_weights(tmp_path / "sharded", QUIET_STEPS)
+    assert all(torch.equal(w, sharded[name]) for name, w in final_weights(tmp_path / "plain", QUIET_STEPS).items())
     checkpoint = tmp_path / "sharded" / "checkpoints" / "step_000004"
     folders = [tmp_path / run / "checkpoints" / "step_000004" for run in ("plain", "sharded")]
     for folder in folders:  # each process wrote its own share, and each tensor once (DCP's save plans deduplicated)
@@ -67,16 +59,16 @@ def test_shard_optimizer_gives_the_same_weights_and_resumes_on_any_world_size(wo
         assert all(torch.equal(value, saved[1]["optimizer"][name][key]) for key, value in moments.items()), name
     run_training(run + ["--output_dir", str(tmp_path / "resumed_2"), "--shard_optimizer", "--resume_from_checkpoint",
                         str(checkpoint)], processes=2)
-    assert all(torch.equal(w, sharded[name]) for name, w in final_weights(tmp_path / "resumed_2", STEPS).items())
+    assert all(torch.equal(w, sharded[name]) for name, w in final_weights(tmp_path / "resumed_2", QUIET_STEPS).items())
     one_process = args + ["--micro_batch_size", "8"] + QUIET + ["--no-hellaswag"]
     resumed = train_here(one_process + ["--output_dir", str(tmp_path / "resumed_1"), "--checkpoint_every", "2",
                                         "--resume_from_checkpoint", str(checkpoint)])
     assert "was written by 2 processes and this launch has 1" in resumed
     if recipe == "gpt2":
-        for name, w in final_weights(tmp_path / "resumed_1", STEPS).items():
+        for name, w in final_weights(tmp_path / "resumed_1", QUIET_STEPS).items():
             torch.testing.assert_close(w, sharded[name], rtol=0, atol=1e-5, msg=name)
     resumed_train, sharded_train = records(tmp_path / "resumed_1", "train"), records(tmp_path / "sharded", "train")[4:]
-    assert [r["step"] for r in resumed_train] == [r["step"] for r in sharded_train] == list(range(4, STEPS))
+    assert [r["step"] for r in resumed_train] == [r["step"] for r in sharded_train] == list(range(4, QUIET_STEPS))
     assert [r["loss"] for r in resumed_train] == pytest.approx([r["loss"] for r in sharded_train], rel=1e-5)
     assert [r["grad_norm"] for r in resumed_train] == pytest.approx([r["grad_norm"] for r in sharded_train], rel=1e-3)
     # a whole-state checkpoint (one process's: every checkpoint's format in earlier versions) resumed on 2 processes
@@ -125,18 +117,19 @@ def fsdp_launch_environment() -> dict[str, str]:
 
 
 @pytest.mark.skipif(FSDP_REFUSED, reason=f"FSDP needs accelerate >= {launch.FSDP_ACCELERATE}")
-def test_fsdp2_trains_as_ddp_does_and_resumes_exactly(workspace, tmp_path):
+def test_fsdp2_trains_as_the_unsharded_model_does_and_resumes_exactly(cluster_workspace, tmp_path):
     """Accelerate under accelerate_configs/fsdp2_8gpu.yaml, on 2 CPU processes (Accelerate turns FSDP into DDP on a
     CPU; the wrapper makes it take its GPU path): with 2 micro-steps per step, evaluations (val, HellaSwag, samples:
-    every forward is a collective under FSDP) and sharded checkpoints, it trains as DDP does (float summation order
-    apart), resumes bitwise, and each hf/ folder is the whole model, loadable. With --compile on (the Blocks compiled
-    inside FSDP) it trains as eager FSDP does and evaluates and samples alike."""
-    root, args, hellaswag_file = workspace
+    every forward is a collective under FSDP) and sharded checkpoints, it trains as the unsharded model does on one
+    process with 4 micro-steps (float summation order apart; DDP does too: test_train_runs.py), resumes bitwise, and
+    each hf/ folder is the whole model, loadable. With --compile on (the Blocks compiled inside FSDP) it trains as
+    eager FSDP does and evaluates and samples alike."""
+    root, args, hellaswag_file = cluster_workspace
     run = args + ["--micro_batch_size", "2", "--max_steps", "8", "--eval_every", "4", "--num_samples", "2",
                   "--hellaswag_file", str(hellaswag_file)]
     env = fsdp_launch_environment()
     run_wrapper(FSDP_ON_CPU, tmp_path / "fsdp_on_cpu.py", run + ["--output_dir", str(tmp_path / "fsdp")], **env)
-    run_training(run + ["--output_dir", str(tmp_path / "ddp")], processes=2)
+    train_here(run + ["--output_dir", str(tmp_path / "one")])  # the unsharded model: 4 micro-steps, in this process
     checkpoint = tmp_path / "fsdp" / "checkpoints" / "step_000004"
     files = sorted(p.name for p in (checkpoint / "distributed_state").glob("*.distcp"))
     assert files == ["__0_0.distcp", "__1_0.distcp"]  # each process wrote its own shard
@@ -146,9 +139,9 @@ def test_fsdp2_trains_as_ddp_does_and_resumes_exactly(workspace, tmp_path):
     run_wrapper(FSDP_ON_CPU, tmp_path / "fsdp_on_cpu.py", run + ["--output_dir", str(tmp_path / "compiled"),
                                                                    "--compile", "on"], **env)
 
-    fsdp, ddp = records(tmp_path / "fsdp", "train"), records(tmp_path / "ddp", "train")
+    fsdp, one = records(tmp_path / "fsdp", "train"), records(tmp_path / "one", "train")
     assert [r["step"] for r in fsdp] == list(range(8))
-    for a, b in zip(fsdp, ddp, strict=True):
+    for a, b in zip(fsdp, one, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"],
                                                                                                  rel=1e-4)
     for a, b in zip(records(tmp_path / "compiled", "train"), fsdp, strict=True):
@@ -157,10 +150,10 @@ def test_fsdp2_trains_as_ddp_does_and_resumes_exactly(workspace, tmp_path):
     assert [r["step"] for r in evals] == [0, 4, 8] and all(len(r["samples"]) == 2 for r in evals)
     for a, b in zip(records(tmp_path / "compiled", "eval"), evals, strict=True):
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4) and len(a["samples"]) == 2
-    for a, b in zip(evals, records(tmp_path / "ddp", "eval"), strict=True):
+    for a, b in zip(evals, records(tmp_path / "one", "eval"), strict=True):
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
         assert a["hellaswag_count"] == b["hellaswag_count"] == 3
-    weights, expected = final_weights(tmp_path / "fsdp", 8), final_weights(tmp_path / "ddp", 8)
+    weights, expected = final_weights(tmp_path / "fsdp", 8), final_weights(tmp_path / "one", 8)
     assert weights.keys() == expected.keys()
     for name, value in expected.items():
         torch.testing.assert_close(weights[name], value, rtol=0, atol=1e-5, msg=name)
@@ -175,13 +168,13 @@ def test_fsdp2_trains_as_ddp_does_and_resumes_exactly(workspace, tmp_path):
 
 
 @pytest.mark.skipif(FSDP_REFUSED, reason=f"FSDP needs accelerate >= {launch.FSDP_ACCELERATE}")
-def test_fsdp2_under_bf16_autocast_trains_as_ddp_does(workspace, tmp_path):
+def test_fsdp2_under_bf16_autocast_trains_as_ddp_does(cluster_workspace, tmp_path):
     """bf16 autocast, 2 micro-steps per step: FSDP with the recipe's policy (fp32 weights under autocast, gradients
     reduced and accumulated in fp32) trains as DDP does. Measured here over these 6 steps: gaps in the loss of 4e-6 on
     average (1.9e-5 at most) with the recipe's policy, 5.9e-5 on average with Accelerate's default (bf16 weights and
     reduction); over 60 steps of a larger model benchmarks/bench_fsdp_precision.py puts the first at the float-order
     floor (one process against two) and the second 20x above it."""
-    root, args, _ = workspace
+    root, args, _ = cluster_workspace
     run = args + ["--micro_batch_size", "2", "--max_steps", "6", "--eval_every", "6", "--checkpoint_every", "6",
                   "--no-hellaswag", "--num_samples", "0", "--mixed_precision", "bf16"]
     run_wrapper(FSDP_ON_CPU, tmp_path / "fsdp_on_cpu.py", run + ["--output_dir", str(tmp_path / "fsdp")],
@@ -198,9 +191,9 @@ def test_fsdp2_under_bf16_autocast_trains_as_ddp_does(workspace, tmp_path):
     (["--recipe", "speedrun"], "error: Muon orthogonalises whole matrices and FSDP splits each one among the"),
     (["--shard_optimizer"], "error: FSDP already splits the optimiser state with the parameters: drop"),
 ], ids=["muon", "shard_optimizer"])
-def test_fsdp2_refuses_what_cannot_work_with_it_in_one_line(workspace, tmp_path, flags, line):
+def test_fsdp2_refuses_what_cannot_work_with_it_in_one_line(cluster_workspace, tmp_path, flags, line):
     """Each before any work; with an accelerate too old for FSDP2, that comes first."""
-    root, args, _ = workspace
+    root, args, _ = cluster_workspace
     if FSDP_REFUSED:
         line = f"error: FSDP needs accelerate >= {launch.FSDP_ACCELERATE}"
     script = tmp_path / "fsdp_on_cpu.py"

@@ -31,6 +31,9 @@ TINY_RUN = TINY_MODEL + [
     "--mixed_precision", "no", "--seed", str(SEED), "--hellaswag_limit", "3",
 ]
 VAL_TOKENS, TRAIN_TOKENS = 4000, 20000
+# 8 steps without evaluations or samples, checkpoints at 4 and 8: the multi-process runs that compare weights
+QUIET_STEPS = 8
+QUIET = ["--max_steps", str(QUIET_STEPS), "--num_samples", "0", "--eval_every", "100", "--checkpoint_every", "4"]
 
 
 def write_tiny_data(folder: Path) -> tuple[Path, Path]:
