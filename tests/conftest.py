@@ -62,3 +62,19 @@ def cluster_workspace(tiny_data):
 
     data_dir, hellaswag_file = tiny_data
     return data_dir.parent, TINY_RUN + ["--data_dir", str(data_dir)], hellaswag_file
+
+
+@pytest.fixture(autouse=True)
+def auto_classes_restored():
+    """transformers' Auto registries after each test as they were before it: loading a folder with trust_remote_code
+    in this process registers the folder's own copy of our classes (transformers 5.4 for AutoConfig too), which a
+    later test in the same process would otherwise get from AutoConfig.for_model("gpt2repro")."""
+    from transformers.models.auto import configuration_auto, modeling_auto
+
+    mappings = [configuration_auto.CONFIG_MAPPING, modeling_auto.MODEL_MAPPING,
+                modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING]
+    saved = [dict(mapping._extra_content) for mapping in mappings]
+    yield
+    for mapping, content in zip(mappings, saved, strict=True):
+        mapping._extra_content.clear()
+        mapping._extra_content.update(content)
