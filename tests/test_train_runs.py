@@ -23,12 +23,12 @@ from gpt2repro.settings import Resolved
 from modeling_gpt2repro import GPT2ReproForCausalLM
 from train_helpers import (
     GRAPH_BREAK_LOG,
-    REPO,
     TINY_RUN,
     final_weights,
     graph_breaks,
     records,
     run_training,
+    run_wrapper,
     train_here,
     training_command,
     without_timing,
@@ -90,47 +90,6 @@ def test_accumulation_equals_one_big_batch(workspace, accumulated_run):
     assert_runs_close(root / "big_batch", accumulated_run)
 
 
-def test_two_processes_equal_one_with_twice_the_accumulation(workspace, accumulated_run):
-    root, args = workspace
-    result = run_training(args + ["--output_dir", str(root / "ddp"), "--micro_batch_size", "2"], processes=2)
-    assert "2 process(es) on cpu | 2 micro-steps of 2 x 32" in result.stdout
-    assert_runs_close(root / "ddp", accumulated_run)
-    ddp_samples = [r["samples"] for r in records(root / "ddp", "eval")]
-    assert ddp_samples[0] == records(accumulated_run, "eval")[0]["samples"]  # same seed, same initial weights
-
-
-@pytest.mark.parametrize("micro_batch_size", [2, 4], ids=["2_micro_steps", "1_micro_step"])
-def test_compiled_ddp_equals_eager_and_resumes_exactly(workspace, accumulated_run, micro_batch_size):
-    """--compile on with 2 processes, as `auto` resolves it on GPUs: the model's forward compiled whole inside DDP
-    (the README's multi-GPU launch crashed at step 0 when DDP's wrapper was compiled under fullgraph). It trains as
-    the eager run does (1e-4) with and without accumulation, evaluates, scores HellaSwag and samples eager beside it,
-    and dynamo logs no graph break anywhere. With accumulation, a compiled run resumed on 2 processes from the step-8
-    checkpoint ends with the uninterrupted compiled run's records and weights, bit for bit."""
-    root, args = workspace
-    output_dir = root / f"compiled_ddp_{micro_batch_size}"
-    run = args + ["--micro_batch_size", str(micro_batch_size), "--compile", "on"]
-    result = run_training(run + ["--output_dir", str(output_dir)], processes=2, env=GRAPH_BREAK_LOG)
-    micro_steps = 8 // micro_batch_size // 2
-    assert f"2 process(es) on cpu | {micro_steps} micro-steps of {micro_batch_size} x 32" in result.stdout
-    assert "compile on" in result.stdout
-    assert graph_breaks(result.stderr) == []
-    assert_runs_close(output_dir, accumulated_run, rel=1e-4)
-    evals, evals_eager = records(output_dir, "eval"), records(accumulated_run, "eval")
-    assert all(r["hellaswag_count"] == 3 for r in evals)
-    assert evals[0]["samples"] == evals_eager[0]["samples"]  # the same initial weights, sampled eager
-    if micro_steps == 1:
-        return
-    resumed_dir = root / "compiled_ddp_resumed"
-    result = run_training(run + ["--output_dir", str(resumed_dir), "--resume_from_checkpoint",
-                                 str(output_dir / "checkpoints" / "step_000008")], processes=2, env=GRAPH_BREAK_LOG)
-    assert graph_breaks(result.stderr) == []
-    assert list(map(without_timing, records(resumed_dir, "train"))) == \
-        [without_timing(r) for r in records(output_dir, "train") if r["step"] >= 8]
-    assert records(resumed_dir, "eval") == [r for r in evals if r["step"] > 8]
-    weights, reference = final_weights(resumed_dir, MAX_STEPS), final_weights(output_dir, MAX_STEPS)
-    assert all(torch.equal(weights[name], reference[name]) for name in reference)
-
-
 # train_accelerate.main with a DDP communication hook that counts gradient all-reduces (the hook sees each
 # bucket; a backward that syncs ends with the last bucket) between optimiser steps; writes them per rank.
 COUNT_GRADIENT_SYNCS = """
@@ -166,21 +125,51 @@ with open(f"{sys.argv[1]}.rank{os.environ['RANK']}", "w") as f:
 """
 
 
-def test_ddp_syncs_gradients_once_per_optimizer_step(workspace, tmp_path):
-    """Averaging is linear, so syncing every micro-step gives the same weights: count the all-reduces instead."""
+def test_two_processes_equal_one_with_twice_the_accumulation_and_sync_once_per_step(workspace, accumulated_run):
+    """2 processes, 2 micro-steps each, against 1 with 4. Averaging is linear, so syncing every micro-step would give
+    the same weights: the gradient all-reduces are counted instead, one per optimiser step."""
     root, args = workspace
-    wrapper = tmp_path / "count_gradient_syncs.py"
-    wrapper.write_text(COUNT_GRADIENT_SYNCS)
-    steps = 3
-    run_args = args + ["--output_dir", str(tmp_path / "out"), "--micro_batch_size", "2", "--max_steps", str(steps),
-                       "--eval_every", "100", "--checkpoint_every", "100", "--no-hellaswag", "--num_samples", "0"]
-    command, env = training_command([str(tmp_path / "syncs"), *run_args], processes=2, script=str(wrapper))
-    env["PYTHONPATH"] = str(REPO)  # the wrapper lives in tmp_path and imports train_accelerate from the checkout
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "2 micro-steps of 2 x 32" in result.stdout  # accumulation is on: one micro-step must skip the sync
+    syncs = root / "ddp_syncs"
+    result = run_wrapper(COUNT_GRADIENT_SYNCS, root / "count_gradient_syncs.py",
+                         [str(syncs), *args, "--output_dir", str(root / "ddp"), "--micro_batch_size", "2"])
+    assert "2 process(es) on cpu | 2 micro-steps of 2 x 32" in result.stdout
+    assert_runs_close(root / "ddp", accumulated_run)
+    ddp_samples = [r["samples"] for r in records(root / "ddp", "eval")]
+    assert ddp_samples[0] == records(accumulated_run, "eval")[0]["samples"]  # same seed, same initial weights
     for rank in (0, 1):
-        assert json.loads((tmp_path / f"syncs.rank{rank}").read_text()) == [1] * steps
+        assert json.loads(syncs.with_suffix(f".rank{rank}").read_text()) == [1] * MAX_STEPS
+
+
+@pytest.mark.parametrize("micro_batch_size", [2, 4], ids=["2_micro_steps", "1_micro_step"])
+def test_compiled_ddp_equals_eager_and_resumes_exactly(workspace, accumulated_run, micro_batch_size):
+    """--compile on with 2 processes, as `auto` resolves it on GPUs: the model's forward compiled whole inside DDP
+    (the README's multi-GPU launch crashed at step 0 when DDP's wrapper was compiled under fullgraph). It trains as
+    the eager run does (1e-4) with and without accumulation, evaluates, scores HellaSwag and samples eager beside it,
+    and dynamo logs no graph break anywhere. With accumulation, a compiled run resumed on 2 processes from the step-8
+    checkpoint ends with the uninterrupted compiled run's records and weights, bit for bit."""
+    root, args = workspace
+    output_dir = root / f"compiled_ddp_{micro_batch_size}"
+    run = args + ["--micro_batch_size", str(micro_batch_size), "--compile", "on"]
+    result = run_training(run + ["--output_dir", str(output_dir)], processes=2, env=GRAPH_BREAK_LOG)
+    micro_steps = 8 // micro_batch_size // 2
+    assert f"2 process(es) on cpu | {micro_steps} micro-steps of {micro_batch_size} x 32" in result.stdout
+    assert "compile on" in result.stdout
+    assert graph_breaks(result.stderr) == []
+    assert_runs_close(output_dir, accumulated_run, rel=1e-4)
+    evals, evals_eager = records(output_dir, "eval"), records(accumulated_run, "eval")
+    assert all(r["hellaswag_count"] == 3 for r in evals)
+    assert evals[0]["samples"] == evals_eager[0]["samples"]  # the same initial weights, sampled eager
+    if micro_steps == 1:
+        return
+    resumed_dir = root / "compiled_ddp_resumed"
+    result = run_training(run + ["--output_dir", str(resumed_dir), "--resume_from_checkpoint",
+                                 str(output_dir / "checkpoints" / "step_000008")], processes=2, env=GRAPH_BREAK_LOG)
+    assert graph_breaks(result.stderr) == []
+    assert list(map(without_timing, records(resumed_dir, "train"))) == \
+        [without_timing(r) for r in records(output_dir, "train") if r["step"] >= 8]
+    assert records(resumed_dir, "eval") == [r for r in evals if r["step"] > 8]
+    weights, reference = final_weights(resumed_dir, MAX_STEPS), final_weights(output_dir, MAX_STEPS)
+    assert all(torch.equal(weights[name], reference[name]) for name in reference)
 
 
 def test_planned_checkpoint_bytes_are_what_a_checkpoint_writes(workspace, accumulated_run):

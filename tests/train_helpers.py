@@ -98,18 +98,23 @@ def gloo_worker(rank: int, port: int, world_size: int = 2):
     os._exit(0)
 
 
-def training_command(args: list[str], processes: int = 1, script: str = SCRIPT) -> tuple[list[str], dict]:
+def training_command(args: list[str], processes: int = 1, script: str = SCRIPT,
+                     forked: bool = False) -> tuple[list[str], dict]:
     """The command line and environment of a CPU run of `script` (train_accelerate.py or a wrapper of it): plain
-    python, or `accelerate launch` with gloo DDP."""
+    python, or `accelerate launch` with gloo DDP; `forked`: its processes forked from one that has imported the
+    project (tests/forked_launch.py), for a test of what they compute rather than of the launch."""
     # One thread per process: tiny ops are dominated by thread hand-offs, and a second thread of a busy machine
     # makes every op wait for it (measured: 78 ms vs 181 ms per tiny forward + backward).
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     if processes == 1:
         return [sys.executable, script, *args], env
     env.update(ACCELERATE_USE_CPU="true")
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--main_process_port", str(free_port())]
+    if forked:
+        env.update(PYTHONPATH=str(REPO))
+    launcher = [sys.executable, *([str(REPO / "tests" / "forked_launch.py")] if forked else
+                                  ["-m", "accelerate.commands.launch"]),
+                "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
+                "--dynamo_backend", "no", "--main_process_port", str(free_port())]
     return [*launcher, script, *args], env
 
 
@@ -129,8 +134,9 @@ def train_here(args: list[str]) -> str:
 
 def run_training(args: list[str], processes: int = 1, cwd: Path | None = None,
                  env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """A CPU run of train_accelerate.py (see training_command), with `env` added to its environment; it must succeed."""
-    command, run_env = training_command(args, processes)
+    """A CPU run of train_accelerate.py (see training_command; several processes forked), with `env` added to its
+    environment; it must succeed."""
+    command, run_env = training_command(args, processes, forked=True)
     run_env.update(env or {})
     result = subprocess.run(command, env=run_env, cwd=cwd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -139,9 +145,9 @@ def run_training(args: list[str], processes: int = 1, cwd: Path | None = None,
 
 def run_wrapper(source: str, path: Path, args: list[str], **env: str) -> subprocess.CompletedProcess:
     """Writes `source` (a script that patches something, then calls train_accelerate.main) to `path` and runs it as 2
-    gloo processes with the repository importable; the run must succeed."""
+    gloo processes (forked, see training_command) with the repository importable; the run must succeed."""
     path.write_text(source)
-    command, run_env = training_command(args, processes=2, script=str(path))
+    command, run_env = training_command(args, processes=2, script=str(path), forked=True)
     run_env.update(PYTHONPATH=str(REPO), **env)
     result = subprocess.run(command, env=run_env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-4000:]
