@@ -69,7 +69,7 @@ class MetricsLog:
         hellaswag = [r for r in evals if "hellaswag_acc_norm" in r]
         fig = Figure(figsize=(14, 5))
         # fixed margins: tight_layout measured every label each time, twice the drawing's own cost
-        fig.subplots_adjust(left=0.05, right=0.99, bottom=0.1, top=0.93, wspace=0.15)
+        fig.subplots_adjust(left=0.065, right=0.99, bottom=0.1, top=0.93, wspace=0.15)
         ax_loss, ax_hs = fig.subplots(1, 2, sharex=True)
         ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], lw=0.8, label="train loss")
         ax_loss.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val loss")

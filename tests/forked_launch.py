@@ -19,10 +19,14 @@ import signal
 import socket
 import sys
 
+# imported once, here, before the processes are forked (the point of this launcher), with what rank 0 imports when it
+# first scores HellaSwag (evaluate) and draws loss.png (matplotlib)
+import evaluate  # noqa: F401
+import matplotlib.figure  # noqa: F401
 import torch.distributed.run
 from accelerate.commands.launch import launch_command, launch_command_parser
 
-import train_accelerate  # noqa: F401  imported once, here, before the processes are forked: the point of this launcher
+import train_accelerate  # noqa: F401
 
 
 def run_forked(args: argparse.Namespace) -> None:

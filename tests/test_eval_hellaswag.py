@@ -33,7 +33,7 @@ from gpt2repro.hellaswag_data import (
 from gpt2repro.hellaswag_run import check_report_path
 from gpt2repro.tokenizer import get_tiktoken_encoding, get_tokenizer
 from modeling_gpt2repro import GPT2ReproForCausalLM
-from train_helpers import free_port, run_main
+from train_helpers import free_port, run_main, training_command
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "eval_hellaswag.py"
@@ -712,15 +712,9 @@ def test_two_processes_give_the_same_totals_as_one(tmp_path, model, model_dir, t
     """9 examples over 2 processes: shares of 5 and 4, each scored once, gathered once."""
     data_file = write_hub_parquet(tmp_path / "val.parquet", make_records(9))
     output = tmp_path / "out" / "result.json"
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    accelerate = Path(sys.executable).with_name("accelerate")
-    out = subprocess.run(
-        [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-         str(SCRIPT), "--model", str(model_dir), "--data_file", str(data_file), "--batch_size", "2",
-         "--output_json", str(output)],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
+    command, env = training_command(["--model", str(model_dir), "--data_file", str(data_file), "--batch_size", "2",
+                                     "--output_json", str(output)], processes=2, script=str(SCRIPT), forked=True)
+    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("HellaSwag completion (9 examples") == 1  # printed by the main process only
     two = json.loads(output.read_text())

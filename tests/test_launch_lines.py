@@ -78,8 +78,7 @@ def stand_in(line: str, tmp_path: Path, extra: list[str]) -> list[tuple[list[str
     if config["num_processes"] > 1:
         launcher += ["--num_processes", "2", "--main_process_port", str(free_port())]
     if config["distributed_type"] == "FSDP":  # Accelerate on a CPU would run the FSDP config as DDP
-        script = str(tmp_path / "fsdp_on_cpu.py")
-        Path(script).write_text(FSDP_ON_CPU)
+        script = str(FSDP_ON_CPU)
     script_args = [script, *words[words.index("train_accelerate.py") + 1:], *extra]
     if config.get("num_machines", 1) == 1:
         return [([*launcher, *script_args], env)]

@@ -3,15 +3,15 @@ run's weights and resumes on any world size; FSDP2 through Accelerate's GPU path
 bf16 autocast, resumes bitwise, and refuses what cannot work with it in one line."""
 from __future__ import annotations
 
-import subprocess
-
 import accelerate
+import fsdp_on_cpu
 import pytest
 import torch
 import yaml
 from packaging.version import Version
 from transformers import AutoModelForCausalLM
 
+import train_accelerate
 from gpt2repro import launch
 from train_helpers import (
     QUIET,
@@ -20,10 +20,11 @@ from train_helpers import (
     distributed_state,
     final_weights,
     records,
+    run_main,
+    run_script,
     run_training,
-    run_wrapper,
+    the_error_line,
     train_here,
-    training_command,
     without_timing,
 )
 
@@ -81,29 +82,7 @@ def test_shard_optimizer_gives_the_same_weights_and_resumes_on_any_world_size(cl
 
 
 FSDP_REFUSED = Version(accelerate.__version__) < launch.FSDP_ACCELERATE
-FSDP_ON_CPU = """
-import accelerate
-from accelerate.state import AcceleratorState, PartialState
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
-import train_accelerate
-
-accelerator_init = accelerate.Accelerator.__init__
-
-
-def init_as_on_gpus(self, *args, **kwargs):  # what Accelerate does with an FSDP config on GPUs (accelerate/state.py)
-    accelerator_init(self, *args, **kwargs)
-    for state in (PartialState._shared_state, AcceleratorState._shared_state):
-        state["distributed_type"] = DistributedType.FSDP
-    plugin = kwargs.get("fsdp_plugin") or FullyShardedDataParallelPlugin()  # the rest from the FSDP_* environment
-    if self.mixed_precision != "no":
-        plugin.set_mixed_precision(self.mixed_precision)  # keeps a policy the plugin was given
-    AcceleratorState._shared_state["fsdp_plugin"] = plugin
-
-
-accelerate.Accelerator.__init__ = init_as_on_gpus
-train_accelerate.main()
-"""
+FSDP_ON_CPU = REPO / "tests" / "fsdp_on_cpu.py"
 
 
 def fsdp_launch_environment() -> dict[str, str]:
@@ -128,16 +107,15 @@ def test_fsdp2_trains_as_the_unsharded_model_does_and_resumes_exactly(cluster_wo
     run = args + ["--micro_batch_size", "2", "--max_steps", "8", "--eval_every", "4", "--num_samples", "2",
                   "--hellaswag_file", str(hellaswag_file)]
     env = fsdp_launch_environment()
-    run_wrapper(FSDP_ON_CPU, tmp_path / "fsdp_on_cpu.py", run + ["--output_dir", str(tmp_path / "fsdp")], **env)
+    run_script(FSDP_ON_CPU, run + ["--output_dir", str(tmp_path / "fsdp")], **env)
     train_here(run + ["--output_dir", str(tmp_path / "one")])  # the unsharded model: 4 micro-steps, in this process
     checkpoint = tmp_path / "fsdp" / "checkpoints" / "step_000004"
     files = sorted(p.name for p in (checkpoint / "distributed_state").glob("*.distcp"))
     assert files == ["__0_0.distcp", "__1_0.distcp"]  # each process wrote its own shard
-    run_wrapper(FSDP_ON_CPU, tmp_path / "fsdp_on_cpu.py", run + ["--output_dir", str(tmp_path / "resumed"),
-                                                                   "--resume_from_checkpoint", str(checkpoint)], **env)
+    resume = ["--resume_from_checkpoint", str(checkpoint)]
+    run_script(FSDP_ON_CPU, run + ["--output_dir", str(tmp_path / "resumed"), *resume], **env)
     # --compile on: each Block compiled inside its FSDP module (inductor), evaluation and sampling eager
-    run_wrapper(FSDP_ON_CPU, tmp_path / "fsdp_on_cpu.py", run + ["--output_dir", str(tmp_path / "compiled"),
-                                                                   "--compile", "on"], **env)
+    run_script(FSDP_ON_CPU, run + ["--output_dir", str(tmp_path / "compiled"), "--compile", "on"], **env)
 
     fsdp, one = records(tmp_path / "fsdp", "train"), records(tmp_path / "one", "train")
     assert [r["step"] for r in fsdp] == list(range(8))
@@ -177,8 +155,7 @@ def test_fsdp2_under_bf16_autocast_trains_as_ddp_does(cluster_workspace, tmp_pat
     root, args, _ = cluster_workspace
     run = args + ["--micro_batch_size", "2", "--max_steps", "6", "--eval_every", "6", "--checkpoint_every", "6",
                   "--no-hellaswag", "--num_samples", "0", "--mixed_precision", "bf16"]
-    run_wrapper(FSDP_ON_CPU, tmp_path / "fsdp_on_cpu.py", run + ["--output_dir", str(tmp_path / "fsdp")],
-                **fsdp_launch_environment())
+    run_script(FSDP_ON_CPU, run + ["--output_dir", str(tmp_path / "fsdp")], **fsdp_launch_environment())
     run_training(run + ["--output_dir", str(tmp_path / "ddp")], processes=2)
     fsdp, ddp = records(tmp_path / "fsdp", "train"), records(tmp_path / "ddp", "train")
     gaps = [abs(a["loss"] - b["loss"]) for a, b in zip(fsdp, ddp, strict=True)]
@@ -191,16 +168,17 @@ def test_fsdp2_under_bf16_autocast_trains_as_ddp_does(cluster_workspace, tmp_pat
     (["--recipe", "speedrun"], "error: Muon orthogonalises whole matrices and FSDP splits each one among the"),
     (["--shard_optimizer"], "error: FSDP already splits the optimiser state with the parameters: drop"),
 ], ids=["muon", "shard_optimizer"])
-def test_fsdp2_refuses_what_cannot_work_with_it_in_one_line(cluster_workspace, tmp_path, flags, line):
-    """Each before any work; with an accelerate too old for FSDP2, that comes first."""
+def test_fsdp2_refuses_what_cannot_work_with_it_in_one_line(cluster_workspace, tmp_path, flags, line, monkeypatch,
+                                                            capsys, fresh_accelerate):
+    """Each before any work; with an accelerate too old for FSDP2, that comes first. In this process: each process
+    decides alone, from its own state."""
     root, args, _ = cluster_workspace
     if FSDP_REFUSED:
         line = f"error: FSDP needs accelerate >= {launch.FSDP_ACCELERATE}"
-    script = tmp_path / "fsdp_on_cpu.py"
-    script.write_text(FSDP_ON_CPU)
-    command, env = training_command(args + ["--output_dir", str(tmp_path / "out"), "--micro_batch_size", "4", *flags],
-                                    processes=2, script=str(script))
-    env.update(PYTHONPATH=str(REPO), **fsdp_launch_environment())
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
-    assert result.returncode != 0 and line in result.stderr, result.stderr[-3000:]
+    for key, value in fsdp_launch_environment().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(accelerate.Accelerator, "__init__", fsdp_on_cpu.init_as_on_gpus)
+    status, _, err = run_main(train_accelerate.main, args + ["--output_dir", str(tmp_path / "out"),
+                                                             "--micro_batch_size", "8", *flags], capsys)
+    assert status == 1 and the_error_line(err).startswith(line), err[-3000:]
     assert not (tmp_path / "out" / "checkpoints").exists()

@@ -143,15 +143,20 @@ def run_training(args: list[str], processes: int = 1, cwd: Path | None = None,
     return result
 
 
-def run_wrapper(source: str, path: Path, args: list[str], **env: str) -> subprocess.CompletedProcess:
-    """Writes `source` (a script that patches something, then calls train_accelerate.main) to `path` and runs it as 2
-    gloo processes (forked, see training_command) with the repository importable; the run must succeed."""
-    path.write_text(source)
-    command, run_env = training_command(args, processes=2, script=str(path), forked=True)
-    run_env.update(PYTHONPATH=str(REPO), **env)
+def run_script(script: Path, args: list[str], **env: str) -> subprocess.CompletedProcess:
+    """`script` (one that patches something, then calls train_accelerate.main) run as 2 gloo processes (forked, see
+    training_command) with the repository importable and `env` added; the run must succeed."""
+    command, run_env = training_command(args, processes=2, script=str(script), forked=True)
+    run_env.update(env)
     result = subprocess.run(command, env=run_env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
+
+
+def run_wrapper(source: str, path: Path, args: list[str], **env: str) -> subprocess.CompletedProcess:
+    """run_script of `source`, written to `path` first."""
+    path.write_text(source)
+    return run_script(path, args, **env)
 
 
 def without_timing(record: dict) -> dict:
