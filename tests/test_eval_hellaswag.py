@@ -33,7 +33,7 @@ from gpt2repro.hellaswag_data import (
 from gpt2repro.hellaswag_run import check_report_path
 from gpt2repro.tokenizer import get_tiktoken_encoding, get_tokenizer
 from modeling_gpt2repro import GPT2ReproForCausalLM
-from train_helpers import free_port, run_main, training_command
+from train_helpers import free_port, run_launch, run_main, training_command
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "eval_hellaswag.py"
@@ -714,7 +714,7 @@ def test_two_processes_give_the_same_totals_as_one(tmp_path, model, model_dir, t
     output = tmp_path / "out" / "result.json"
     command, env = training_command(["--model", str(model_dir), "--data_file", str(data_file), "--batch_size", "2",
                                      "--output_json", str(output)], processes=2, script=str(SCRIPT), forked=True)
-    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    out = run_launch(command, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("HellaSwag completion (9 examples") == 1  # printed by the main process only
     two = json.loads(output.read_text())
