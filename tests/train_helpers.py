@@ -135,9 +135,9 @@ def train_here(args: list[str]) -> str:
     return out.getvalue()
 
 
-# Read by the tests' wrapper scripts or by Accelerate's FSDP plugin when a run starts, never at import: launches whose
-# environments differ in these alone share a server
-READ_AT_RUN_TIME = ("ACCELERATE_USE_FSDP", "FSDP_", "STANDIN_HUB", "TESTS", "UPLOADS_END_WHEN")
+# Read by the tests' wrapper scripts or by Accelerate's FSDP plugin when a run starts, never at import, or by nothing
+# (pytest's name of the running test): launches whose environments differ in these alone share a server
+READ_AT_RUN_TIME = ("ACCELERATE_USE_FSDP", "FSDP_", "STANDIN_HUB", "TESTS", "UPLOADS_END_WHEN", "PYTEST_CURRENT_TEST")
 
 
 class LaunchServer:
@@ -154,25 +154,39 @@ class LaunchServer:
 
     def run(self, argv: list[str], env: dict[str, str], cwd: Path | None,
             timeout: float) -> subprocess.CompletedProcess:
+        """The launch `forked_launch.py ARGV`, its output captured as text. Whatever stops the wait (its timeout,
+        pytest-timeout's alarm, Ctrl-C) kills the launch and this server, which must not be used again."""
         with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
             request = json.dumps({"argv": argv, "env": env, "cwd": str(cwd or os.getcwd())}).encode()
-            socket.send_fds(self.connection, [request], [stdout.fileno(), stderr.fileno()])
-            self.connection.settimeout(120)  # a new server's first launch waits for its imports
-            pid = json.loads(self.connection.recv(4096))["pid"]
-            self.connection.settimeout(timeout)
+            launch = None
             try:
-                status = json.loads(self.connection.recv(4096))["status"]
-            except TimeoutError:
-                os.killpg(pid, signal.SIGKILL)
-                self.connection.settimeout(None)
-                self.connection.recv(4096)
-                raise subprocess.TimeoutExpired(argv, timeout) from None
+                socket.send_fds(self.connection, [request], [stdout.fileno(), stderr.fileno()])
+                self.connection.settimeout(120)  # a new server's first launch waits for its imports
+                launch = self.reply()["pid"]
+                self.connection.settimeout(timeout)
+                status = self.reply()["status"]
+            except BaseException as stop:
+                if launch is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(launch, signal.SIGKILL)
+                self.close(kill=True)
+                if isinstance(stop, TimeoutError):
+                    raise subprocess.TimeoutExpired(argv, timeout) from None
+                raise
             stdout.seek(0)
             stderr.seek(0)
             return subprocess.CompletedProcess(argv, status, stdout.read().decode(), stderr.read().decode())
 
-    def close(self) -> None:
+    def reply(self) -> dict:
+        message = self.connection.recv(4096)
+        if not message:
+            raise RuntimeError(f"the launch server ended (exit status {self.process.poll()})")
+        return json.loads(message)
+
+    def close(self, kill: bool = False) -> None:
         self.connection.close()  # the server returns when its end closes
+        if kill:
+            self.process.kill()
         self.process.wait(timeout=60)
 
 
@@ -181,15 +195,17 @@ LAUNCH_SERVERS: dict[tuple[tuple[str, str], ...], LaunchServer] = {}
 atexit.register(lambda: [server.close() for server in LAUNCH_SERVERS.values()])
 
 
-def run_launch(command: list[str], env: dict[str, str], cwd: Path | None = None, timeout: float = 300,
-               **_: object) -> subprocess.CompletedProcess:
-    """A forked launch (training_command(..., forked=True)) as subprocess.run(command, ..., capture_output=True,
-    text=True) runs it, served by this test process's launch server for its environment (one started if none)."""
+def run_launch(command: list[str], env: dict[str, str], cwd: Path | None = None,
+               timeout: float = 240) -> subprocess.CompletedProcess:
+    """A forked launch (training_command(..., forked=True)), its output captured as text, served by this test
+    process's launch server for its environment (one started if none). Within pytest-timeout's 300 s by default."""
     key = tuple(sorted((k, v) for k, v in env.items() if not k.startswith(READ_AT_RUN_TIME)))
-    LAUNCH_SERVERS[key] = LAUNCH_SERVERS.pop(key, None) or LaunchServer(env)
+    server = LAUNCH_SERVERS.pop(key, None) or LaunchServer(env)
+    result = server.run(command[2:], env, cwd, timeout)  # a server that failed to serve is closed and not kept
+    LAUNCH_SERVERS[key] = server
     while len(LAUNCH_SERVERS) > 3:
         LAUNCH_SERVERS.pop(next(iter(LAUNCH_SERVERS))).close()
-    return LAUNCH_SERVERS[key].run(command[2:], env, cwd, timeout)
+    return result
 
 
 def run_training(args: list[str], processes: int = 1, cwd: Path | None = None,
@@ -198,8 +214,10 @@ def run_training(args: list[str], processes: int = 1, cwd: Path | None = None,
     environment; it must succeed."""
     command, run_env = training_command(args, processes, forked=True)
     run_env.update(env or {})
-    run = run_launch if processes > 1 else subprocess.run
-    result = run(command, env=run_env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    if processes > 1:
+        result = run_launch(command, run_env, cwd)
+    else:
+        result = subprocess.run(command, env=run_env, cwd=cwd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
@@ -209,7 +227,7 @@ def run_script(script: Path, args: list[str], **env: str) -> subprocess.Complete
     training_command) with the repository importable and `env` added; the run must succeed."""
     command, run_env = training_command(args, processes=2, script=str(script), forked=True)
     run_env.update(env)
-    result = run_launch(command, env=run_env, capture_output=True, text=True, timeout=180)
+    result = run_launch(command, run_env, timeout=180)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
