@@ -1,16 +1,17 @@
 """`accelerate launch` for the tests whose subject is what the processes compute, not how they were started.
 
     python tests/forked_launch.py [accelerate launch options] SCRIPT [SCRIPT ARGS]
-    python tests/forked_launch.py --serve FD      (a launch server: see `serve`; train_helpers.run_launch starts it)
+    python tests/forked_launch.py --serve FD      (a launch server: see `serve`; train_helpers.start_forked starts it)
 
 Accelerate's own launch command runs as usual (its flags, its configuration, the environment it gives each process)
 up to where it hands over to torchrun. There, instead of torchrun's agent starting a fresh interpreter per process,
 each importing torch, transformers and the project anew (~3 s of CPU each; a 2-process launch costs ~11 s of CPU in
 all, measured on 2 cores), the processes are forked from this one, which has imported them already (~7 s in all). Each
 gets the environment torchrun gives a worker on one machine, and unbuffered output, as torchrun's `python -u`. What
-torchrun's agent itself does (its store, forwarding signals, restarts) is left out: the tests of signals, failures and
-the README's launch lines run `accelerate launch` itself. All processes of a launch share this interpreter's hash seed
-(under torchrun each has its own).
+torchrun's agent itself does (its store, forwarding signals, restarts) is left out: the tests of signals sent to a
+launch, of failures and the README's launch lines run `accelerate launch` itself. All processes of a launch share this
+interpreter's hash seed (under torchrun each has its own). The launch server also runs plain `python SCRIPT ARGS`
+commands, forked the same way (one process, no launcher).
 """
 from __future__ import annotations
 
@@ -93,7 +94,7 @@ def fork(child: Callable[..., None], *args: object) -> int:
 
 def run_rank(rank: int, world_size: int, master_addr: str, master_port: str, args: argparse.Namespace) -> None:
     """In a forked child: torchrun's worker environment for `rank` on one machine (its agent's store aside: rank 0
-    hosts the store), unbuffered output as under `python -u`, then the script."""
+    hosts the store), then the script as under torchrun's `python -u`."""
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
         GROUP_RANK="0", GROUP_WORLD_SIZE="1", ROLE_NAME="default", ROLE_RANK=str(rank), ROLE_WORLD_SIZE=str(world_size),
@@ -102,12 +103,17 @@ def run_rank(rank: int, world_size: int, master_addr: str, master_port: str, arg
         TORCHELASTIC_SIGNALS_TO_HANDLE=args.signals_to_handle,
     )
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    run_as_main(args.training_script, args.training_script_args)
+
+
+def run_as_main(script: str, script_args: list[str]) -> None:
+    """In a forked child: the script as `python -u SCRIPT ARGS` runs it (unbuffered output), then exit."""
     for name, fd in (("stdout", 1), ("stderr", 2)):
         stream = getattr(sys, name)
         setattr(sys, name, io.TextIOWrapper(open(fd, "wb", buffering=0, closefd=False), encoding=stream.encoding,
                                             errors=stream.errors, write_through=True))
-    script = os.path.abspath(args.training_script)
-    sys.argv = [script, *args.training_script_args]
+    script = os.path.abspath(script)
+    sys.argv = [script, *script_args]
     sys.path[0] = os.path.dirname(script)  # as for `python SCRIPT`
     runpy.run_path(script, run_name="__main__")
     sys.exit(0)
@@ -120,7 +126,8 @@ def launch(argv: list[str]) -> None:
 
 def run_request(connection: socket.socket, fds: list[int], request: dict) -> None:
     """In a forked child of the server: the requester's output files, folder, environment and arguments, then the
-    launch. Its processes form a group of their own, for the requester to stop on a timeout."""
+    launch, or for a plain request (argv: SCRIPT ARGS) the script as `python -u` runs it in this process. Its
+    processes form a group of their own, for the requester to signal or to stop on a timeout."""
     connection.close()
     os.setpgid(0, 0)
     for fd, target in zip(fds, (1, 2), strict=True):
@@ -129,16 +136,18 @@ def run_request(connection: socket.socket, fds: list[int], request: dict) -> Non
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
+    if request["plain"]:
+        run_as_main(request["argv"][0], request["argv"][1:])
     sys.argv = [sys.argv[0], *request["argv"]]
     launch(request["argv"])
 
 
 def serve(connection: socket.socket) -> None:
-    """A launch server: each request on `connection` (a JSON message {"argv", "env", "cwd"} with the stdout and
-    stderr file descriptors attached) is a launch run by a child forked from this process, which has imported
-    everything already; its pid is sent back, then its exit status. One launch at a time; returns when the other end
-    closes. The requester sends only launches whose environment differs from this process's in what is read at run
-    time (train_helpers.run_launch): what the libraries read at import is this process's."""
+    """A launch server: each request on `connection` (a JSON message {"argv", "env", "cwd", "plain"} with the stdout
+    and stderr file descriptors attached) is a launch (or a plain script run) by a child forked from this process,
+    which has imported everything already; its pid is sent back, then its exit status. One launch at a time; returns
+    when the other end closes. The requester sends only launches whose environment differs from this process's in
+    what is read at run time (train_helpers.start_forked): what the libraries read at import is this process's."""
     while True:
         message, fds, _, _ = socket.recv_fds(connection, 1 << 20, 2)
         if not message:

@@ -42,6 +42,12 @@ def config_of(line: str) -> dict:
     return yaml.safe_load((REPO / shlex.split(line)[shlex.split(line).index("--config_file") + 1]).read_text())
 
 
+def runs_on_cpu(line: str) -> bool:
+    """A CPU line: its config says so (one process), or the line puts Accelerate's multi-GPU launcher on the CPU
+    (ACCELERATE_USE_CPU=true before it: the 2-process gloo line)."""
+    return config_of(line).get("use_cpu", False) or "ACCELERATE_USE_CPU=true" in shlex.split(line)
+
+
 def line_id(line: str) -> str:
     words = shlex.split(line)
     return Path(words[words.index("--config_file") + 1]).stem
@@ -73,7 +79,7 @@ def stand_in(line: str, tmp_path: Path, extra: list[str]) -> list[tuple[list[str
     config = config_of(line)
     launcher = [sys.executable, "-m", "accelerate.commands.launch", *words[2:words.index("train_accelerate.py")]]
     script = str(REPO / "train_accelerate.py")
-    if not config.get("use_cpu", False):  # the GPUs: CPU processes, as many as the config asks for, at most 2
+    if not runs_on_cpu(line):  # the GPUs: CPU processes, as many as the config asks for, at most 2
         env["ACCELERATE_USE_CPU"] = "true"
     if config["num_processes"] > 1:
         launcher += ["--num_processes", "2", "--main_process_port", str(free_port())]
@@ -95,7 +101,7 @@ def test_readme_launch_line_trains_evaluates_and_checkpoints(line, tiny_data, tm
         pytest.skip("FSDP needs a newer accelerate")
     data_dir, hellaswag_file = tiny_data
     config, output_dir = config_of(line), tmp_path / "run"
-    gpu = not config.get("use_cpu", False)
+    gpu = not runs_on_cpu(line)
     # what `auto` resolves on GPUs (FSDP: eager, its compiled Blocks not measured on a GPU yet: compiled here, to check
     # them too); a CPU line keeps its `auto`s, as its users get them
     extra = shrunk(data_dir, hellaswag_file, output_dir) + (["--compile", "on", "--mixed_precision", "bf16"] if gpu
@@ -114,6 +120,8 @@ def test_readme_launch_line_trains_evaluates_and_checkpoints(line, tiny_data, tm
     assert f"{processes} process(es) on cpu" in stdout, stdout
     if gpu:
         assert "mixed precision bf16 | compile on" in stdout, stdout
+    else:  # `--compile auto` on a CPU
+        assert "compile off" in stdout, stdout
     if config["num_processes"] > 1:  # torchrun does not forward SIGUSR1, one of --save_on_signals' defaults
         assert "warning: SIGUSR1 (--save_on_signals) never reaches this process" in stdout, stdout
     assert "done: model folder" in stdout

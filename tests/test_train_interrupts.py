@@ -1,6 +1,8 @@
 """Ctrl-C at random moments of a run (inside a step, an evaluation, a checkpoint write), on an idle and then on a
 loaded machine: every time one line and exit 130 within seconds, and the run continued with `--resume_from_checkpoint
-latest` after each interruption ends with the weights and records of a run never interrupted."""
+latest` after each interruption ends with the weights and records of a run never interrupted. Each run is a process
+forked from one that has imported the project (train_helpers.start_forked), where it gets its Ctrl-C and exits as
+`python train_accelerate.py` does; test_train_bad_inputs.py's Ctrl-C goes to a fresh `python train_accelerate.py`."""
 from __future__ import annotations
 
 import json
@@ -14,7 +16,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_helpers import TINY_RUN, final_weights, records, train_here, training_command, without_timing
+from train_helpers import (
+    TINY_RUN,
+    ServedProcess,
+    final_weights,
+    records,
+    start_forked,
+    train_here,
+    training_command,
+    without_timing,
+)
 
 STEPS = 16
 # Frequent evaluations (val, HellaSwag, samples) and checkpoints, so that random moments land in them too.
@@ -41,7 +52,7 @@ def metrics_file_id(output_dir: Path) -> int | None:
     return metrics.stat().st_ino if metrics.exists() else None
 
 
-def wait_for_moment(output_dir: Path, process: subprocess.Popen, moment: str, rng: random.Random) -> bool:
+def wait_for_moment(output_dir: Path, process: ServedProcess, moment: str, rng: random.Random) -> bool:
     """Wait until training runs, then for `moment`: 'checkpoint' (a checkpoint being written: its temporary folder
     exists) or 'random' (a random delay, landing in a step or an evaluation). False: the run got too near its end."""
     previous = metrics_file_id(output_dir)
@@ -77,11 +88,14 @@ def test_ctrl_c_at_random_moments_stops_at_once_and_resumes_exactly(workspace):
     rng = random.Random(1)
     exits, moments, busy = [], [], None
     try:
-        command, env = training_command(args + ["--output_dir", str(output_dir), "--resume_from_checkpoint", "latest"])
+        command, env = training_command(args + ["--output_dir", str(output_dir), "--resume_from_checkpoint", "latest"],
+                                        forked=True)
         while True:
             if len(exits) == LOADED_FROM and busy is None:  # a busy loop on a core of this 2-core machine
                 busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-            process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            if len(exits) == len(MOMENTS):  # the rest of the run, uninterrupted, needs no load beside it
+                busy.kill()
+            process = start_forked(command, env)
             moment = MOMENTS[len(exits)] if len(exits) < len(MOMENTS) else "random"
             if len(exits) >= len(MOMENTS) or not wait_for_moment(output_dir, process, moment, rng):
                 _, err = process.communicate(timeout=300)  # the rest of the run, uninterrupted
@@ -91,8 +105,7 @@ def test_ctrl_c_at_random_moments_stops_at_once_and_resumes_exactly(workspace):
             sent = time.monotonic()
             try:
                 _, err = process.communicate(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            except subprocess.TimeoutExpired:  # (the process is killed)
                 raise AssertionError(f"no exit 60 s after Ctrl-C ({moment}): {process.communicate()[1][-3000:]}") \
                     from None
             exits.append(time.monotonic() - sent)

@@ -29,6 +29,7 @@ from train_helpers import (
     records,
     run_training,
     run_wrapper,
+    start_forked,
     train_here,
     training_command,
     without_timing,
@@ -187,9 +188,7 @@ def test_resume_after_kill_equals_uninterrupted_run(workspace, accumulated_run):
     root, args = workspace
     output_dir = root / "killed"
     run_args = args + ["--output_dir", str(output_dir), "--micro_batch_size", "2"]
-    command, env = training_command(run_args)
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+    process = start_forked(*training_command(run_args, forked=True))  # in a process group of its own
     deadline = time.monotonic() + 120
     while not (output_dir / "checkpoints" / "step_000004").exists() and time.monotonic() < deadline:
         time.sleep(0.01)

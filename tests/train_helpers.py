@@ -25,6 +25,7 @@ from gpt2repro.shards import shard_name, write_shard
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = str(REPO / "train_accelerate.py")
+FORKED_LAUNCH = REPO / "tests" / "forked_launch.py"
 SEED = 1234
 # A tiny GPT (2 layers, width 64, T = 32) in fp32; 12 steps of 256 tokens, evals at 0/6/12, checkpoints at 4/8/12.
 TINY_MODEL = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--seq_len", "32"]
@@ -104,17 +105,18 @@ def gloo_worker(rank: int, port: int, world_size: int = 2):
 def training_command(args: list[str], processes: int = 1, script: str = SCRIPT,
                      forked: bool = False) -> tuple[list[str], dict]:
     """The command line and environment of a CPU run of `script` (train_accelerate.py or a wrapper of it): plain
-    python, or `accelerate launch` with gloo DDP; `forked`: its processes forked from one that has imported the
-    project (tests/forked_launch.py), for a test of what they compute rather than of the launch."""
+    python, or `accelerate launch` with gloo DDP; `forked`: for start_forked, which forks its processes from one that
+    has imported the project (tests/forked_launch.py), for a test of what they compute or how they end rather than
+    of how they start."""
     # One thread per process: tiny ops are dominated by thread hand-offs, and a second thread of a busy machine
     # makes every op wait for it (measured: 78 ms vs 181 ms per tiny forward + backward).
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    if forked:  # the launch server imports the project
+        env.update(PYTHONPATH=str(REPO))
     if processes == 1:
         return [sys.executable, script, *args], env
     env.update(ACCELERATE_USE_CPU="true")
-    if forked:
-        env.update(PYTHONPATH=str(REPO))
-    launcher = [sys.executable, *([str(REPO / "tests" / "forked_launch.py")] if forked else
+    launcher = [sys.executable, *([str(FORKED_LAUNCH)] if forked else
                                   ["-m", "accelerate.commands.launch"]),
                 "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
                 "--dynamo_backend", "no", "--main_process_port", str(free_port())]
@@ -143,39 +145,14 @@ READ_AT_RUN_TIME = ("ACCELERATE_USE_FSDP", "FSDP_", "STANDIN_HUB", "TESTS", "UPL
 class LaunchServer:
     """tests/forked_launch.py --serve, started by this test process with a launch's environment (what the libraries
     read at import): each launch it serves is forked from it, with no interpreter to start and nothing to import
-    (~3.7 s of CPU saved per launch after its first)."""
+    (~3.7 s of CPU saved per launch after its first). One launch at a time."""
 
     def __init__(self, env: dict[str, str]):
         self.connection, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.process = subprocess.Popen([sys.executable, str(REPO / "tests" / "forked_launch.py"), "--serve",
-                                         str(theirs.fileno())], env=env, pass_fds=[theirs.fileno()],
-                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        self.process = subprocess.Popen([sys.executable, str(FORKED_LAUNCH), "--serve", str(theirs.fileno())], env=env,
+                                        pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL)
         theirs.close()
-
-    def run(self, argv: list[str], env: dict[str, str], cwd: Path | None,
-            timeout: float) -> subprocess.CompletedProcess:
-        """The launch `forked_launch.py ARGV`, its output captured as text. Whatever stops the wait (its timeout,
-        pytest-timeout's alarm, Ctrl-C) kills the launch and this server, which must not be used again."""
-        with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
-            request = json.dumps({"argv": argv, "env": env, "cwd": str(cwd or os.getcwd())}).encode()
-            launch = None
-            try:
-                socket.send_fds(self.connection, [request], [stdout.fileno(), stderr.fileno()])
-                self.connection.settimeout(120)  # a new server's first launch waits for its imports
-                launch = self.reply()["pid"]
-                self.connection.settimeout(timeout)
-                status = self.reply()["status"]
-            except BaseException as stop:
-                if launch is not None:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(launch, signal.SIGKILL)
-                self.close(kill=True)
-                if isinstance(stop, TimeoutError):
-                    raise subprocess.TimeoutExpired(argv, timeout) from None
-                raise
-            stdout.seek(0)
-            stderr.seek(0)
-            return subprocess.CompletedProcess(argv, status, stdout.read().decode(), stderr.read().decode())
 
     def reply(self) -> dict:
         message = self.connection.recv(4096)
@@ -190,46 +167,110 @@ class LaunchServer:
         self.process.wait(timeout=60)
 
 
+class ServedProcess:
+    """A launch, or a plain `python SCRIPT ARGS` run, forked by a launch server, watched as a subprocess.Popen is:
+    pid (its process group's too), poll, send_signal, communicate. Its output goes to files, read as text at the end.
+    Whatever stops a wait for it (a timeout, pytest-timeout's alarm, Ctrl-C) kills its group and the server."""
+
+    def __init__(self, server: LaunchServer, argv: list[str], env: dict[str, str], cwd: Path | None, plain: bool,
+                 on_end: Callable[[], None]):
+        self.server, self.args, self.on_end, self.returncode = server, argv, on_end, None
+        self.stdout, self.stderr = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+        request = json.dumps({"argv": argv, "env": env, "cwd": str(cwd or os.getcwd()), "plain": plain}).encode()
+        self.pid = None
+        self.wait_for(lambda: socket.send_fds(server.connection, [request], [self.stdout.fileno(),
+                                                                              self.stderr.fileno()]), None)
+        self.pid = self.wait_for(lambda: server.reply()["pid"], 120)  # a new server's first waits for its imports
+
+    def wait_for(self, call: Callable[[], object], timeout: float | None) -> object:
+        try:
+            self.server.connection.settimeout(timeout)
+            return call()
+        except BlockingIOError:  # poll's: no status yet
+            raise
+        except BaseException as stop:
+            if self.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.pid, signal.SIGKILL)
+            self.server.close(kill=True)
+            self.returncode = -signal.SIGKILL
+            if isinstance(stop, TimeoutError):
+                raise subprocess.TimeoutExpired(self.args, timeout) from None
+            raise
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            with contextlib.suppress(BlockingIOError):
+                self.wait_for(self.ended, 0)
+        return self.returncode
+
+    def ended(self) -> None:
+        self.returncode = self.server.reply()["status"]
+        self.on_end()
+
+    def send_signal(self, signum: int) -> None:
+        os.kill(self.pid, signum)
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            self.wait_for(self.ended, timeout)
+        return self.returncode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        self.wait(timeout)
+        outputs = []
+        for file in (self.stdout, self.stderr):
+            file.seek(0)
+            outputs.append(file.read().decode())
+            file.close()
+        return outputs[0], outputs[1]
+
+
 # This test process's servers, by the environment they import with, the most recently used last; at most 3 kept
 LAUNCH_SERVERS: dict[tuple[tuple[str, str], ...], LaunchServer] = {}
 atexit.register(lambda: [server.close() for server in LAUNCH_SERVERS.values()])
 
 
-def run_launch(command: list[str], env: dict[str, str], cwd: Path | None = None,
-               timeout: float = 240) -> subprocess.CompletedProcess:
-    """A forked launch (training_command(..., forked=True)), its output captured as text, served by this test
-    process's launch server for its environment (one started if none). Within pytest-timeout's 300 s by default."""
+def start_forked(command: list[str], env: dict[str, str], cwd: Path | None = None) -> ServedProcess:
+    """training_command(..., forked=True)'s command (a launch, or plain python on one process), forked by this test
+    process's launch server for its environment (one started if none). The server is kept for the next command once
+    this one has ended; one that failed to serve is closed and dropped."""
     key = tuple(sorted((k, v) for k, v in env.items() if not k.startswith(READ_AT_RUN_TIME)))
     server = LAUNCH_SERVERS.pop(key, None) or LaunchServer(env)
-    result = server.run(command[2:], env, cwd, timeout)  # a server that failed to serve is closed and not kept
-    LAUNCH_SERVERS[key] = server
-    while len(LAUNCH_SERVERS) > 3:
-        LAUNCH_SERVERS.pop(next(iter(LAUNCH_SERVERS))).close()
-    return result
+
+    def keep_server() -> None:
+        LAUNCH_SERVERS[key] = server
+        while len(LAUNCH_SERVERS) > 3:
+            LAUNCH_SERVERS.pop(next(iter(LAUNCH_SERVERS))).close()
+
+    plain = command[1] != str(FORKED_LAUNCH)
+    return ServedProcess(server, command[1 if plain else 2:], env, cwd, plain, keep_server)
 
 
-def run_training(args: list[str], processes: int = 1, cwd: Path | None = None,
-                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """A CPU run of train_accelerate.py (see training_command; several processes forked), with `env` added to its
-    environment; it must succeed."""
-    command, run_env = training_command(args, processes, forked=True)
+def run_launch(command: list[str], env: dict[str, str], cwd: Path | None = None,
+               timeout: float = 240) -> subprocess.CompletedProcess:
+    """start_forked's command run to its end, its output captured as text. Within pytest-timeout's 300 s by
+    default."""
+    process = start_forked(command, env, cwd)
+    stdout, stderr = process.communicate(timeout)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def run_training(args: list[str], processes: int = 1, cwd: Path | None = None, env: dict[str, str] | None = None,
+                 script: str = SCRIPT) -> subprocess.CompletedProcess:
+    """A CPU run of `script` (train_accelerate.py or a wrapper of it, see training_command), forked by a launch server
+    (start_forked), with `env` added to its environment; it must succeed."""
+    command, run_env = training_command(args, processes, script, forked=True)
     run_env.update(env or {})
-    if processes > 1:
-        result = run_launch(command, run_env, cwd)
-    else:
-        result = subprocess.run(command, env=run_env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    result = run_launch(command, run_env, cwd)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
 
 def run_script(script: Path, args: list[str], **env: str) -> subprocess.CompletedProcess:
-    """`script` (one that patches something, then calls train_accelerate.main) run as 2 gloo processes (forked, see
-    training_command) with the repository importable and `env` added; the run must succeed."""
-    command, run_env = training_command(args, processes=2, script=str(script), forked=True)
-    run_env.update(env)
-    result = run_launch(command, run_env, timeout=180)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result
+    """`script` (one that patches something, then calls train_accelerate.main) run on 2 gloo processes (run_training)
+    with `env` added."""
+    return run_training(args, processes=2, env=env, script=str(script))
 
 
 def run_wrapper(source: str, path: Path, args: list[str], **env: str) -> subprocess.CompletedProcess:
