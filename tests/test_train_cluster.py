@@ -304,6 +304,24 @@ def test_a_signal_stops_at_the_end_of_its_step_or_within_an_evaluation_and_the_c
         [without_timing(r) for r in records(tmp_path / "straight", "eval")]
 
 
+def test_a_signal_during_hellaswag_stops_the_evaluation_before_its_samples(cluster_workspace, tmp_path, capsys,
+                                                                           monkeypatch):
+    """SIGTERM while step 0's HellaSwag is scored: the run stops when it is scored, without drawing the samples, and
+    its checkpoint says that step 0 was not evaluated."""
+    root, args, hellaswag_file = cluster_workspace
+    output_dir = tmp_path / "run"
+    signal_during(monkeypatch, "hellaswag_scores", {0}, module=evaluation)
+    sampled = []
+    monkeypatch.setattr(evaluation, "samples", lambda *args, **kwargs: sampled.append(args))
+    status, _, err = run_main(train_accelerate.main, args + ["--micro_batch_size", "8", "--max_steps", "2",
+                                                             "--hellaswag_file", str(hellaswag_file),
+                                                             "--output_dir", str(output_dir)], capsys)
+    assert status == run_control.EXIT_PREEMPTED and "preempted by SIGTERM at step 0:" in err, err[-2000:]
+    assert sampled == [] and records(output_dir, "eval") == []
+    state = json.loads((output_dir / "checkpoints" / "step_000000" / "trainer_state.json").read_text())
+    assert state["evaluated"] is False
+
+
 def test_signals_torchrun_does_not_forward_are_named(monkeypatch):
     """torchrun (accelerate launch) forwards only TORCHELASTIC_SIGNALS_TO_HANDLE's signals to its workers and dies of
     the others: a --save_on_signals signal outside that list would never reach the run."""
